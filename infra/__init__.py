@@ -1,0 +1,1 @@
+"""zae_celery.infra: CloudFormation assets for the engine's DynamoDB table."""

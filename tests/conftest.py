@@ -1,0 +1,119 @@
+"""Session-wide local servers and the parametrized DynamoDB endpoint fixture.
+
+Every server binds 127.0.0.1 on a free port and is stopped by its PID when the session
+ends (also on failure or Ctrl-C). A server that cannot start fails the test in CI
+(``CI=true``) and skips it with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from zae_celery.local import (
+    LocalServer,
+    ServerUnavailable,
+    dynamodb_local,
+    moto_server,
+    redis_server,
+    reset_moto,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+# boto3 needs credentials and a region; local endpoints accept anything.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+
+def unavailable(reason: str) -> None:
+    """Fail in CI, skip elsewhere: a missing endpoint must never pass silently in CI."""
+    if IN_CI:
+        pytest.fail(f"required test server unavailable in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+class _Servers:
+    """Start each server the first time a test asks for it; stop them all at session end."""
+
+    def __init__(self, stack: contextlib.ExitStack, logs: Path, cache: Path) -> None:
+        self._stack = stack
+        self._factories = {
+            "moto": lambda: moto_server(log_dir=logs),
+            "dynamodb-local": lambda: dynamodb_local(cache_dir=cache, log_dir=logs),
+            "redis": lambda: redis_server(log_dir=logs),
+        }
+        self._started: dict[str, LocalServer] = {}
+        self._errors: dict[str, str] = {}
+
+    def get(self, name: str) -> LocalServer:
+        if name not in self._started and name not in self._errors:
+            try:
+                self._started[name] = self._stack.enter_context(self._factories[name]())
+            except ServerUnavailable as exc:
+                self._errors[name] = str(exc)
+        if name in self._errors:
+            unavailable(f"{name}: {self._errors[name]}")
+        return self._started[name]
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Servers]:
+    """The session's local servers, started on demand and stopped by PID at the end."""
+    logs = tmp_path_factory.mktemp("server-logs")
+    cache = Path(os.environ.get("ZAE_CACHE_DIR", REPO / ".cache"))
+    with contextlib.ExitStack() as stack:
+        yield _Servers(stack, logs, cache)
+
+
+@pytest.fixture(scope="session")
+def moto(servers: _Servers) -> LocalServer:
+    """A moto server (HTTP) shared by the session."""
+    return servers.get("moto")
+
+
+@pytest.fixture(scope="session")
+def ddb_local(servers: _Servers) -> LocalServer:
+    """Amazon's DynamoDB Local (Java) shared by the session."""
+    return servers.get("dynamodb-local")
+
+
+@pytest.fixture(scope="session")
+def redis(servers: _Servers) -> LocalServer:
+    """A private redis-server for broker tests."""
+    return servers.get("redis")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A DynamoDB endpoint under test and a table name of the test's own."""
+
+    kind: str
+    url: str
+    table_name: str
+
+
+@pytest.fixture(params=["moto", "dynamodb-local"])
+def endpoint(request: pytest.FixtureRequest) -> Endpoint:
+    """One test, run against both moto server and DynamoDB Local, with a fresh table name."""
+    server: LocalServer = request.getfixturevalue(
+        "moto" if request.param == "moto" else "ddb_local"
+    )
+    return Endpoint(request.param, server.url, f"zae-test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def clean_moto(moto: LocalServer) -> Iterator[LocalServer]:
+    """A moto server wiped before and after the test."""
+    reset_moto(moto.url)
+    yield moto
+    reset_moto(moto.url)

