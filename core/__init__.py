@@ -1,0 +1,34 @@
+"""zae_celery.core: global token buckets in DynamoDB (no Celery imports here).
+
+>>> from zae_celery.core import Limit, RateLimiter
+"""
+
+from .aio import AsyncLease, AsyncRateLimiter
+from .errors import (
+    IncompatibleSchema,
+    LimitStatus,
+    RateLimiterUnavailable,
+    RateLimitExceeded,
+    RequestExceedsBurst,
+    TableNotFound,
+    ValidationError,
+    ZaeError,
+)
+from .limiter import Lease, RateLimiter
+from .limits import Limit
+
+__all__ = [
+    "AsyncLease",
+    "AsyncRateLimiter",
+    "IncompatibleSchema",
+    "Lease",
+    "Limit",
+    "LimitStatus",
+    "RateLimitExceeded",
+    "RateLimiter",
+    "RateLimiterUnavailable",
+    "RequestExceedsBurst",
+    "TableNotFound",
+    "ValidationError",
+    "ZaeError",
+]

@@ -1,0 +1,144 @@
+"""Pure token-bucket math (GCRA in integer virtual time). No I/O.
+
+A limit refilling ``A`` tokens every ``P`` ms is stored as one integer, its *theoretical
+arrival time* (TAT) on a scaled clock where 1 ms is ``A`` units and 1 token costs ``P``
+units. Every operation is then exact integer arithmetic, without drift:
+
+* ``now``  = now_ms · A
+* ``tau``  = burst · P             (how far the TAT may run ahead of now)
+* a request of n tokens moves TAT to ``max(TAT, now) + n·P`` and is allowed
+  when that is at most ``now + tau`` (or ``now + tau + horizon`` for a reservation)
+* tokens available = ``(now + tau - TAT) / P``, at most ``burst``; negative is debt.
+
+The refill clamp (``max``) cannot be written in a DynamoDB update expression, so the
+engine writes one of two shapes, each guarded by a condition that says which applies:
+FRESH (``TAT <= now``: set it to ``now + cost``) or QUEUE (``TAT > now``: add ``cost``).
+A wrong guess fails the condition and DynamoDB returns the current item, so the next
+attempt is exact; in steady state the guess from the last response is right and a
+grant costs one write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .limits import Limit
+
+__all__ = ["Shape", "available", "cost", "now_units", "retry_after_ms", "start_ms", "tau"]
+
+
+class Shape(Enum):
+    """How one limit's attribute is written."""
+
+    CHECK = "check"  # cost 0: only a condition, no write
+    FRESH = "fresh"  # TAT <= now: SET TAT = now + cost
+    QUEUE = "queue"  # now < TAT <= bound: ADD cost
+    EXACT = "exact"  # TAT == known value: SET known' + cost
+    REFUND = "refund"  # ADD a negative amount, unconditionally
+
+
+def now_units(limit: Limit, now_ms: int) -> int:
+    """``now`` on the limit's scaled clock."""
+    return now_ms * limit.refill_amount
+
+
+def tau(limit: Limit) -> int:
+    """How far the TAT may run ahead of now: the burst, in scaled units."""
+    return limit.burst * limit.refill_period_ms
+
+
+def cost(limit: Limit, tokens: int) -> int:
+    """``tokens`` in scaled units."""
+    return tokens * limit.refill_period_ms
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def available(limit: Limit, tat: int | None, now_ms: int) -> float:
+    """Tokens available now (at most ``burst``; negative while in debt)."""
+    if tat is None:
+        return float(limit.burst)
+    free = now_units(limit, now_ms) + tau(limit) - tat
+    return min(float(limit.burst), free / limit.refill_period_ms)
+
+
+def earliest_ms(limit: Limit, tat: int | None, tokens: int) -> int:
+    """The first millisecond at which ``tokens`` fit, given the stored TAT."""
+    if tat is None:
+        return 0
+    return _ceil_div(tat + cost(limit, tokens) - tau(limit), limit.refill_amount)
+
+
+def retry_after_ms(limit: Limit, tat: int | None, tokens: int, now_ms: int) -> int:
+    """Milliseconds until ``tokens`` would be granted (0: now), if nothing else consumes."""
+    return max(0, earliest_ms(limit, tat, tokens) - now_ms)
+
+
+def start_ms(limit: Limit, new_tat: int | None, now_ms: int) -> int:
+    """When a request that left the TAT at ``new_tat`` may start (0 tokens more)."""
+    return max(now_ms, earliest_ms(limit, new_tat, 0))
+
+
+def next_tat(limit: Limit, tat: int | None, tokens: int, now_ms: int) -> int:
+    """The TAT after granting ``tokens`` at ``now_ms``."""
+    base = now_units(limit, now_ms)
+    if tat is not None and tat > base:
+        base = tat
+    return base + cost(limit, tokens)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What to write for one limit: the shape and the values its condition uses."""
+
+    limit: Limit
+    tokens: int
+    shape: Shape
+    now: int  # scaled now
+    amount: int  # scaled amount added (QUEUE/REFUND) or the new value (FRESH/EXACT)
+    bound: int | None = None  # QUEUE/CHECK: TAT may be at most this
+    expected: int | None = None  # EXACT: the TAT it must still have
+
+
+def plan(
+    limit: Limit,
+    tokens: int,
+    now_ms: int,
+    horizon_ms: int,
+    guess: int | None,
+    known: bool = False,
+) -> Step:
+    """Choose the write for ``tokens`` of ``limit``.
+
+    ``guess`` is the last TAT seen for this attribute (None: never seen or absent);
+    ``known`` says it is exact (just read), so an EXACT write can be used.
+    """
+    now = now_units(limit, now_ms)
+    bound = now + tau(limit) + now_units(limit, horizon_ms) - cost(limit, tokens)
+    if tokens == 0:
+        return Step(limit, 0, Shape.CHECK, now, 0, bound=bound)
+    if known:
+        return Step(
+            limit,
+            tokens,
+            Shape.EXACT,
+            now,
+            next_tat(limit, guess, tokens, now_ms),
+            expected=guess,
+        )
+    if guess is not None and guess > now:
+        return Step(limit, tokens, Shape.QUEUE, now, cost(limit, tokens), bound=bound)
+    return Step(limit, tokens, Shape.FRESH, now, now + cost(limit, tokens))
+
+
+def plan_adjust(limit: Limit, tokens: int, now_ms: int, guess: int | None) -> Step:
+    """Write for an adjustment: debt is allowed, so no upper bound; refunds need no case."""
+    if tokens < 0:
+        return Step(limit, tokens, Shape.REFUND, now_units(limit, now_ms), cost(limit, tokens))
+    step = plan(limit, tokens, now_ms, 0, guess)
+    if step.shape is Shape.QUEUE:
+        return Step(limit, tokens, Shape.QUEUE, step.now, step.amount, bound=None)
+    return step

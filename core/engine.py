@@ -1,0 +1,739 @@
+"""Every decision of the limiter, written once, as generators that yield requests.
+
+Each operation is a generator (a *flow*) that yields :class:`~.requests.Call` objects
+and receives :class:`~.requests.Reply` objects. The sync limiter (boto3) and the async
+limiter (aioboto3) only run these flows: they send each call and hand back the reply
+(the sans-I/O style), so both make identical decisions for identical inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeVar
+
+from . import bucket
+from .bucket import Step
+from .errors import (
+    IncompatibleSchema,
+    LimitStatus,
+    RateLimiterUnavailable,
+    RateLimitExceeded,
+    RequestExceedsBurst,
+    TableNotFound,
+    ValidationError,
+)
+from .limits import MAX_TOKENS, Limit, check_limit_name, check_tokens
+from .requests import Call, Reply, Write, build_write, failed_items
+from .schema import (
+    ANY_RESOURCE,
+    ENTITY_SK,
+    LIMITS_PREFIX,
+    META_KEY,
+    SCHEMA_VERSION,
+    TTL_ATTRIBUTE,
+    bucket_key,
+    check_id,
+    entity_pk,
+    limits_sk,
+    number,
+)
+
+__all__ = ["Clock", "Engine", "Flow", "LeaseState", "OnUnavailable", "Target"]
+
+log = logging.getLogger("zae_celery.core")
+
+T = TypeVar("T")
+Flow = Generator[Call, Reply, T]
+Clock = Callable[[], float]
+OnUnavailable = Literal["closed", "open"]
+Item = dict[str, Any]
+
+THROTTLED = {
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "ServiceUnavailable",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One bucket item to consume from: an (entity, resource) with its limits."""
+
+    entity_id: str
+    resource: str
+    limits: tuple[Limit, ...]
+    consume: Mapping[str, int]
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """The bucket item's key."""
+        return bucket_key(self.entity_id, self.resource)
+
+    def limit(self, name: str) -> Limit | None:
+        """The limit called ``name``, if this target has one."""
+        return next((lim for lim in self.limits if lim.name == name), None)
+
+
+@dataclass
+class LeaseState:
+    """What a granted request holds: the targets it consumed from and the running totals."""
+
+    targets: tuple[Target, ...]
+    consumed: dict[str, int]
+    granted_ms: int
+    start_ms: int
+    unchecked: bool = False
+    closed: bool = False
+
+    @property
+    def wait(self) -> float:
+        """Seconds from the grant until the caller may start (0 unless reserved ahead)."""
+        return max(0, self.start_ms - self.granted_ms) / 1000
+
+    @property
+    def start_at(self) -> float:
+        """The clock time (seconds) at which the caller may start."""
+        return self.start_ms / 1000
+
+
+@dataclass
+class _Cached:
+    value: Any
+    expires: float
+
+
+@dataclass
+class EntityConfig:
+    """An entity's stored record: parent, cascade flag and stored limits per resource."""
+
+    entity_id: str
+    exists: bool = False
+    parent_id: str | None = None
+    cascade: bool = False
+    limits: dict[str, tuple[Limit, ...]] = field(default_factory=dict)
+
+    def limits_for(self, resource: str) -> tuple[Limit, ...]:
+        """Stored limits that apply to ``resource`` (its own over the entity-wide ones)."""
+        merged = {lim.name: lim for lim in self.limits.get(ANY_RESOURCE, ())}
+        merged.update({lim.name: lim for lim in self.limits.get(resource, ())})
+        return tuple(merged.values())
+
+
+def _merge(code: Sequence[Limit], stored: Sequence[Limit]) -> tuple[Limit, ...]:
+    merged = {lim.name: lim for lim in code}
+    merged.update({lim.name: lim for lim in stored})
+    return tuple(merged.values())
+
+
+def _check_limits(limits: Any) -> tuple[Limit, ...]:
+    if isinstance(limits, Limit) or not isinstance(limits, Iterable):
+        raise ValidationError("limits", "must be a list of Limit", "[Limit.per_minute(...), ...]")
+    result = tuple(limits)
+    names = set()
+    for lim in result:
+        if not isinstance(lim, Limit):
+            raise ValidationError("limits", f"{lim!r} is not a Limit", "Limit objects")
+        if lim.name in names:
+            raise ValidationError("limits", f"limit name {lim.name!r} appears twice", "unique")
+        names.add(lim.name)
+    return result
+
+
+def _check_amounts(field: str, amounts: Any, *, negative: bool) -> dict[str, int]:
+    if not isinstance(amounts, Mapping):
+        raise ValidationError(field, "must be a mapping of limit name to tokens", "{'rpm': 1}")
+    result: dict[str, int] = {}
+    for name, value in amounts.items():
+        check_limit_name(f"{field}[{name!r}]", name)
+        if negative:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValidationError(f"{field}.{name}", "must be an integer number of tokens")
+            if abs(value) > MAX_TOKENS:
+                raise ValidationError(f"{field}.{name}", f"{value} is out of range")
+        else:
+            check_tokens(f"{field}.{name}", value, minimum=0)
+        result[name] = value
+    return result
+
+
+class Engine:
+    """Limiter state shared by the sync and async front ends, and their flows."""
+
+    def __init__(
+        self,
+        table_name: str,
+        *,
+        clock: Clock = time.time,
+        on_unavailable: OnUnavailable = "closed",
+        stored_config: bool = True,
+        config_ttl: float = 60.0,
+        max_attempts: int = 8,
+    ) -> None:
+        if not isinstance(table_name, str) or not 3 <= len(table_name) <= 255:
+            raise ValidationError("table_name", f"{table_name!r}", "a DynamoDB table name")
+        if on_unavailable not in ("closed", "open"):
+            raise ValidationError("on_unavailable", f"{on_unavailable!r}", "'closed' or 'open'")
+        if not isinstance(config_ttl, (int, float)) or not 0 <= config_ttl < math.inf:
+            raise ValidationError("config_ttl", f"{config_ttl!r}", "seconds >= 0")
+        self.table_name = table_name
+        self.clock = clock
+        self.on_unavailable: OnUnavailable = on_unavailable
+        self.stored_config = stored_config
+        self.config_ttl = float(config_ttl)
+        self.max_attempts = max_attempts
+        self.unavailable_grants = 0
+        self._schema_ok = False
+        self._lock = threading.Lock()
+        self._tats: dict[tuple[str, str, str], int | None] = {}
+        self._configs: dict[str, _Cached] = {}
+
+    # -- time and caches ----------------------------------------------------------------
+    def now_ms(self) -> int:
+        """The injected clock, in integer milliseconds."""
+        return math.floor(self.clock() * 1000)
+
+    def _guess(self, target: Target, limit: Limit) -> int | None:
+        return self._tats.get((target.entity_id, target.resource, limit.key))
+
+    def _remember(self, target: Target, item: Item | None) -> None:
+        for lim in target.limits:
+            self._tats[(target.entity_id, target.resource, lim.key)] = number(
+                (item or {}).get(lim.key)
+            )
+
+    def forget_config(self, entity_id: str | None = None) -> None:
+        """Drop cached stored limits and entity records (all, or one entity's)."""
+        with self._lock:
+            if entity_id is None:
+                self._configs.clear()
+            else:
+                self._configs.pop(entity_id, None)
+
+    # -- errors ---------------------------------------------------------------------------
+    def raise_for(self, reply: Reply) -> None:
+        """Turn an unexpected error reply into the engine's error."""
+        if reply.ok:
+            return
+        if reply.code == "ResourceNotFoundException":
+            raise TableNotFound(
+                f"table {self.table_name!r} does not exist: create it with "
+                "'zae-celery create-table' (local) or deploy the stack"
+            )
+        if reply.code in THROTTLED:
+            raise RateLimiterUnavailable(f"DynamoDB throttled the request: {reply.code}")
+        raise RateLimiterUnavailable(f"DynamoDB error {reply.code}: {reply.message}")
+
+    # -- schema ---------------------------------------------------------------------------
+    def ensure_schema(self) -> Flow[None]:
+        """Check (once per limiter) that the table speaks this engine's schema version."""
+        if self._schema_ok:
+            return
+        reply = yield Call(
+            "get_item", {"TableName": self.table_name, "Key": META_KEY, "ConsistentRead": True}
+        )
+        self.raise_for(reply)
+        found = number((reply.data.get("Item") or {}).get("version"))
+        if found is None:
+            # A table made by the CloudFormation stack: stamp it.
+            yield from self._stamp_schema()
+        elif found != SCHEMA_VERSION:
+            raise IncompatibleSchema(
+                f"table {self.table_name!r} has schema version {found}; this zae-celery "
+                f"speaks version {SCHEMA_VERSION}. Upgrade zae-celery or use another table."
+            )
+        self._schema_ok = True
+
+    def _stamp_schema(self) -> Flow[None]:
+        reply = yield Call(
+            "put_item",
+            {
+                "TableName": self.table_name,
+                "Item": {**META_KEY, "version": {"N": str(SCHEMA_VERSION)}},
+                "ConditionExpression": "attribute_not_exists(PK)",
+            },
+        )
+        if reply.code != "ConditionalCheckFailedException":
+            self.raise_for(reply)
+
+    def create_table(self) -> Flow[bool]:
+        """Create the table (on-demand, TTL on ``ttl``) and stamp its schema version.
+
+        Returns False when it already existed (its schema version is then checked).
+        """
+        reply = yield Call(
+            "create_table",
+            {
+                "TableName": self.table_name,
+                "AttributeDefinitions": [
+                    {"AttributeName": "PK", "AttributeType": "S"},
+                    {"AttributeName": "SK", "AttributeType": "S"},
+                ],
+                "KeySchema": [
+                    {"AttributeName": "PK", "KeyType": "HASH"},
+                    {"AttributeName": "SK", "KeyType": "RANGE"},
+                ],
+                "BillingMode": "PAY_PER_REQUEST",
+            },
+        )
+        created = reply.ok
+        if not created and reply.code != "ResourceInUseException":
+            self.raise_for(reply)
+        for _ in range(600):
+            desc = yield Call("describe_table", {"TableName": self.table_name})
+            self.raise_for(desc)
+            if desc.data["Table"]["TableStatus"] == "ACTIVE":
+                break
+            yield Call("sleep", {"seconds": 0.1})
+        else:
+            raise RateLimiterUnavailable(f"table {self.table_name!r} did not become ACTIVE")
+        if created:
+            ttl = yield Call(
+                "update_time_to_live",
+                {
+                    "TableName": self.table_name,
+                    "TimeToLiveSpecification": {"Enabled": True, "AttributeName": TTL_ATTRIBUTE},
+                },
+            )
+            self.raise_for(ttl)
+            yield from self._stamp_schema()
+        yield from self.ensure_schema()
+        return created
+
+    def delete_table(self) -> Flow[None]:
+        """Delete the table (local endpoints, tests)."""
+        reply = yield Call("delete_table", {"TableName": self.table_name})
+        self.raise_for(reply)
+        self._schema_ok = False
+
+    # -- stored configuration ---------------------------------------------------------------
+    def entity_config(self, entity_id: str, *, fresh: bool = False) -> Flow[EntityConfig]:
+        """An entity's record and stored limits (one Query, cached for ``config_ttl``)."""
+        now = self.clock()
+        cached = self._configs.get(entity_id)
+        if cached is not None and cached.expires > now and not fresh:
+            config: EntityConfig = cached.value
+            return config
+        reply = yield Call(
+            "query",
+            {
+                "TableName": self.table_name,
+                "KeyConditionExpression": "PK = :pk AND begins_with(SK, :meta)",
+                "ExpressionAttributeValues": {
+                    ":pk": {"S": entity_pk(entity_id)},
+                    ":meta": {"S": "#"},
+                },
+                "ConsistentRead": True,
+            },
+        )
+        self.raise_for(reply)
+        config = EntityConfig(entity_id)
+        for item in reply.data.get("Items", []):
+            sk = item["SK"]["S"]
+            if sk == ENTITY_SK:
+                config.exists = True
+                config.parent_id = item.get("parent", {}).get("S")
+                config.cascade = bool(item.get("cascade", {}).get("BOOL", False))
+            elif sk.startswith(LIMITS_PREFIX):
+                config.limits[sk[len(LIMITS_PREFIX) :]] = tuple(
+                    Limit.from_dict({k: _plain(v) for k, v in entry["M"].items()})
+                    for entry in item["limits"]["L"]
+                )
+        with self._lock:
+            self._configs[entity_id] = _Cached(config, now + self.config_ttl)
+        return config
+
+    def create_entity(
+        self, entity_id: str, parent_id: str | None = None, cascade: bool = False
+    ) -> Flow[None]:
+        """Create or replace an entity record (``parent_id``; ``cascade`` to the parent)."""
+        check_id("entity_id", entity_id)
+        if parent_id is not None:
+            check_id("parent_id", parent_id)
+            if parent_id == entity_id:
+                raise ValidationError("parent_id", "an entity cannot be its own parent")
+        if not isinstance(cascade, bool):
+            raise ValidationError("cascade", "must be True or False")
+        if cascade and parent_id is None:
+            raise ValidationError("cascade", "cascade needs a parent_id")
+        yield from self.ensure_schema()
+        item: Item = {
+            "PK": {"S": entity_pk(entity_id)},
+            "SK": {"S": ENTITY_SK},
+            "cascade": {"BOOL": cascade},
+        }
+        if parent_id is not None:
+            item["parent"] = {"S": parent_id}
+        reply = yield Call("put_item", {"TableName": self.table_name, "Item": item})
+        self.raise_for(reply)
+        self.forget_config(entity_id)
+
+    def set_limits(
+        self, entity_id: str, limits: Sequence[Limit], resource: str | None = None
+    ) -> Flow[None]:
+        """Store limits for an entity (one resource, or every resource when None)."""
+        check_id("entity_id", entity_id)
+        if resource is not None:
+            check_id("resource", resource)
+        checked = _check_limits(limits)
+        if not checked:
+            raise ValidationError("limits", "is empty", "at least one Limit (or delete_limits)")
+        yield from self.ensure_schema()
+        entries = [
+            {"M": {k: ({"S": v} if isinstance(v, str) else {"N": str(v)}) for k, v in d.items()}}
+            for d in (lim.to_dict() for lim in checked)
+        ]
+        reply = yield Call(
+            "put_item",
+            {
+                "TableName": self.table_name,
+                "Item": {
+                    "PK": {"S": entity_pk(entity_id)},
+                    "SK": {"S": limits_sk(resource)},
+                    "limits": {"L": entries},
+                },
+            },
+        )
+        self.raise_for(reply)
+        self.forget_config(entity_id)
+
+    def get_limits(self, entity_id: str, resource: str | None = None) -> Flow[list[Limit]]:
+        """The limits stored for an entity and resource (``None``: entity-wide), or []."""
+        check_id("entity_id", entity_id)
+        if resource is not None:
+            check_id("resource", resource)
+        yield from self.ensure_schema()
+        config = yield from self.entity_config(entity_id, fresh=True)
+        return list(config.limits.get(ANY_RESOURCE if resource is None else resource, ()))
+
+    def delete_limits(self, entity_id: str, resource: str | None = None) -> Flow[None]:
+        """Delete the limits stored for an entity and resource."""
+        check_id("entity_id", entity_id)
+        if resource is not None:
+            check_id("resource", resource)
+        yield from self.ensure_schema()
+        reply = yield Call(
+            "delete_item",
+            {
+                "TableName": self.table_name,
+                "Key": {"PK": {"S": entity_pk(entity_id)}, "SK": {"S": limits_sk(resource)}},
+            },
+        )
+        self.raise_for(reply)
+        self.forget_config(entity_id)
+
+    # -- targets --------------------------------------------------------------------------
+    def targets(
+        self,
+        entity_id: str,
+        resource: str,
+        consume: Mapping[str, int],
+        limits: Sequence[Limit],
+    ) -> Flow[tuple[Target, ...]]:
+        """Validate a request and resolve the buckets it touches (stored limits, cascade)."""
+        check_id("entity_id", entity_id)
+        check_id("resource", resource)
+        code_limits = _check_limits(limits)
+        amounts = _check_amounts("consume", consume, negative=False)
+        yield from self.ensure_schema()
+        own = code_limits
+        chain: list[tuple[str, tuple[Limit, ...]]] = []
+        if self.stored_config:
+            config = yield from self.entity_config(entity_id)
+            own = _merge(code_limits, config.limits_for(resource))
+            chain.append((entity_id, own))
+            if config.cascade and config.parent_id:
+                parent = yield from self.entity_config(config.parent_id)
+                chain.append((config.parent_id, _merge(code_limits, parent.limits_for(resource))))
+        else:
+            chain.append((entity_id, own))
+        if not own:
+            raise ValidationError(
+                "limits", f"no limits for {entity_id}/{resource}", "pass limits or store them"
+            )
+        names = {lim.name for lim in own}
+        for name in amounts:
+            if name not in names:
+                raise ValidationError(
+                    f"consume.{name}", "is not a limit of this request", ", ".join(sorted(names))
+                )
+        result = []
+        for ent, lims in chain:
+            for lim in lims:
+                tokens = amounts.get(lim.name, 0)
+                if tokens > lim.burst:
+                    raise RequestExceedsBurst(f"consume.{lim.name}", tokens, lim.burst)
+            mine = {lim.name: amounts.get(lim.name, 0) for lim in lims}
+            result.append(Target(ent, resource, lims, mine))
+        return tuple(result)
+
+    # -- acquire --------------------------------------------------------------------------
+    def acquire(
+        self,
+        entity_id: str,
+        resource: str,
+        consume: Mapping[str, int],
+        limits: Sequence[Limit],
+        horizon: float = 0.0,
+    ) -> Flow[LeaseState]:
+        """Grant ``consume`` now, or at a slot up to ``horizon`` seconds ahead, or refuse.
+
+        In ``open`` mode an unavailable store grants an unchecked lease and logs a warning.
+        """
+        horizon_ms = _horizon_ms(horizon)
+        try:
+            targets = yield from self.targets(entity_id, resource, consume, limits)
+            return (yield from self._consume(targets, horizon_ms))
+        except RateLimiterUnavailable as exc:
+            if self.on_unavailable == "closed":
+                raise
+            self.unavailable_grants += 1
+            log.warning(
+                "rate limiter unavailable, granting unchecked (on_unavailable=open, "
+                "unchecked grants so far: %d): %s",
+                self.unavailable_grants,
+                exc,
+            )
+            now = self.now_ms()
+            return LeaseState((), {}, now, now, unchecked=True)
+
+    def _consume(self, targets: tuple[Target, ...], horizon_ms: int) -> Flow[LeaseState]:
+        known: list[Item | None] | None = None
+        atomic_many = len(targets) > 1
+        for _ in range(self.max_attempts):
+            now_ms = self.now_ms()
+            exact = known is not None and atomic_many and horizon_ms > 0
+            # A transaction returns no new values: only EXACT writes tell where a
+            # reservation landed, so a first blind attempt asks for an immediate grant.
+            h = horizon_ms if (not atomic_many or exact) else 0
+            writes = [
+                Write(
+                    t.key,
+                    [
+                        bucket.plan(
+                            lim,
+                            t.consume[lim.name],
+                            now_ms,
+                            h,
+                            _tat(known[i], lim) if known is not None else self._guess(t, lim),
+                            known=exact,
+                        )
+                        for lim in t.limits
+                    ],
+                )
+                for i, t in enumerate(targets)
+            ]
+            ttl = self._ttl(now_ms, horizon_ms, None, targets)
+            reply = yield build_write(self.table_name, writes, ttl)
+            if reply.ok:
+                return self._granted(targets, writes, reply, now_ms)
+            current = failed_items(reply, len(targets))
+            if current is None:
+                self.raise_for(reply)
+                raise RateLimiterUnavailable(f"unexpected reply {reply.code}")
+            # Items whose condition held are not returned by a cancelled transaction: a
+            # refusal is decided on the returned ones alone; only a lost race reads more.
+            returned = [
+                (t, item) for t, item in zip(targets, current, strict=False) if item is not None
+            ]
+            for t, item in returned:
+                self._remember(t, item)
+            violations, passed = self.statuses(
+                [t for t, _ in returned], [item for _, item in returned], now_ms, horizon_ms
+            )
+            if violations:
+                raise RateLimitExceeded(violations, passed)
+            if len(returned) < len(targets):
+                current = yield from self._read(targets)
+            known = current
+        raise RateLimiterUnavailable(
+            f"gave up after {self.max_attempts} conditional writes lost to contention"
+        )
+
+    def _granted(
+        self, targets: tuple[Target, ...], writes: list[Write], reply: Reply, now_ms: int
+    ) -> LeaseState:
+        start = now_ms
+        if len(targets) == 1:
+            item = reply.data.get("Attributes", {})
+            self._remember(targets[0], item)
+            for lim in targets[0].limits:
+                start = max(start, bucket.start_ms(lim, number(item.get(lim.key)), now_ms))
+        else:
+            for t, w in zip(targets, writes, strict=False):
+                for step in w.steps:
+                    if step.shape in (bucket.Shape.FRESH, bucket.Shape.EXACT):
+                        self._tats[(t.entity_id, t.resource, step.limit.key)] = step.amount
+                        start = max(start, bucket.start_ms(step.limit, step.amount, now_ms))
+        consumed = {name: n for name, n in targets[0].consume.items()}
+        return LeaseState(targets, consumed, now_ms, start)
+
+    def _read(self, targets: Sequence[Target]) -> Flow[list[Item | None]]:
+        items: list[Item | None] = []
+        for t in targets:
+            reply = yield Call(
+                "get_item", {"TableName": self.table_name, "Key": t.key, "ConsistentRead": True}
+            )
+            self.raise_for(reply)
+            items.append(reply.data.get("Item") or {})
+        return items
+
+    def statuses(
+        self,
+        targets: Sequence[Target],
+        items: Sequence[Item | None],
+        now_ms: int,
+        horizon_ms: int = 0,
+    ) -> tuple[list[LimitStatus], list[LimitStatus]]:
+        """Every limit's status against the given items: (violations, passed)."""
+        violations, passed = [], []
+        for t, item in zip(targets, items, strict=False):
+            for lim in t.limits:
+                tat = _tat(item, lim)
+                tokens = t.consume.get(lim.name, 0)
+                wait = bucket.retry_after_ms(lim, tat, tokens, now_ms)
+                status = LimitStatus(
+                    t.entity_id,
+                    t.resource,
+                    lim.name,
+                    tokens,
+                    bucket.available(lim, tat, now_ms),
+                    lim.burst,
+                    wait / 1000,
+                )
+                if wait > horizon_ms:
+                    violations.append(status)
+                else:
+                    passed.append(replace(status, retry_after=0.0) if wait == 0 else status)
+        return violations, passed
+
+    # -- adjust ---------------------------------------------------------------------------
+    def adjust(self, lease: LeaseState, deltas: Mapping[str, int]) -> Flow[None]:
+        """Add (or refund) tokens to a granted lease. Debt is allowed; never refused."""
+        if lease.closed:
+            raise ValidationError("lease", "is already committed or rolled back")
+        if lease.unchecked or not lease.targets:
+            return
+        amounts = _check_amounts("adjust", deltas, negative=True)
+        own = lease.targets[0]
+        for name, delta in amounts.items():
+            if own.limit(name) is None:
+                raise ValidationError(
+                    f"adjust.{name}",
+                    "is not a limit of this lease",
+                    ", ".join(lim.name for lim in own.limits),
+                )
+            if lease.consumed.get(name, 0) + delta < 0:
+                raise ValidationError(
+                    f"adjust.{name}",
+                    f"would refund more than the {lease.consumed.get(name, 0)} consumed",
+                )
+        changes = {n: d for n, d in amounts.items() if d}
+        if not changes:
+            return
+        yield from self._change(lease.targets, changes)
+        for name, delta in changes.items():
+            lease.consumed[name] = lease.consumed.get(name, 0) + delta
+
+    def _change(self, targets: Sequence[Target], changes: Mapping[str, int]) -> Flow[None]:
+        known: list[Item | None] | None = None
+        for _ in range(self.max_attempts):
+            now_ms = self.now_ms()
+            writes = []
+            for i, t in enumerate(targets):
+                steps = [
+                    bucket.plan_adjust(
+                        lim,
+                        changes[lim.name],
+                        now_ms,
+                        _tat(known[i], lim) if known is not None else self._guess(t, lim),
+                    )
+                    for lim in t.limits
+                    if changes.get(lim.name)
+                ]
+                if steps:
+                    writes.append((t, Write(t.key, steps)))
+            reply = yield build_write(
+                self.table_name, [w for _, w in writes], self._ttl(now_ms, 0, changes, targets)
+            )
+            if reply.ok:
+                if len(writes) == 1:
+                    self._remember(writes[0][0], reply.data.get("Attributes"))
+                return
+            current = failed_items(reply, len(writes))
+            if current is None:
+                self.raise_for(reply)
+                raise RateLimiterUnavailable(f"unexpected reply {reply.code}")
+            if any(item is None for item in current):
+                current = yield from self._read([t for t, _ in writes])
+            for (t, _), item in zip(writes, current, strict=False):
+                self._remember(t, item)
+            known = current
+            targets = [t for t, _ in writes]
+        raise RateLimiterUnavailable(
+            f"gave up after {self.max_attempts} conditional writes lost to contention"
+        )
+
+    def release(self, lease: LeaseState) -> Flow[None]:
+        """Refund everything the lease consumed (rollback)."""
+        if lease.closed:
+            return
+        refund = {name: -n for name, n in lease.consumed.items() if n}
+        if refund and not lease.unchecked:
+            yield from self._change(lease.targets, refund)
+            lease.consumed = {name: 0 for name in lease.consumed}
+        lease.closed = True
+
+    # -- reading --------------------------------------------------------------------------
+    def available(
+        self, entity_id: str, resource: str, limits: Sequence[Limit]
+    ) -> Flow[dict[str, float]]:
+        """Tokens available now per limit name (negative: debt), without consuming."""
+        targets = yield from self.targets(entity_id, resource, {}, limits)
+        own = targets[0]
+        items = yield from self._read([own])
+        now_ms = self.now_ms()
+        return {lim.name: bucket.available(lim, _tat(items[0], lim), now_ms) for lim in own.limits}
+
+    def _ttl(
+        self,
+        now_ms: int,
+        horizon_ms: int,
+        extra: Mapping[str, int] | None = None,
+        targets: Sequence[Target] = (),
+    ) -> int:
+        # Items expire a day after they could last matter: the longest refill of a full
+        # bucket plus the horizon (and any debt being added) has passed by then.
+        longest = 0
+        for t in targets:
+            for lim in t.limits:
+                debt = max(0, (extra or {}).get(lim.name, 0))
+                longest = max(longest, (lim.burst + debt) * lim.refill_period_ms)
+        return (now_ms + horizon_ms + longest) // 1000 + 86_400
+
+
+def _tat(item: Item | None, limit: Limit) -> int | None:
+    return number((item or {}).get(limit.key))
+
+
+def _horizon_ms(horizon: Any) -> int:
+    if isinstance(horizon, bool) or not isinstance(horizon, (int, float)):
+        raise ValidationError("horizon", "must be a number of seconds")
+    if not math.isfinite(horizon) or horizon < 0 or horizon > 86_400:
+        raise ValidationError("horizon", f"{horizon!r}", "0..86400 seconds")
+    return math.floor(horizon * 1000)
+
+
+def _plain(value: dict[str, Any]) -> Any:
+    if "N" in value:
+        return int(value["N"])
+    return value.get("S")
+
+
+__all__ += ["EntityConfig", "Step"]

@@ -1,0 +1,104 @@
+"""Every error the engine raises derives from :class:`ZaeError`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = [
+    "IncompatibleSchema",
+    "LimitStatus",
+    "RateLimitExceeded",
+    "RateLimiterUnavailable",
+    "RequestExceedsBurst",
+    "TableNotFound",
+    "ValidationError",
+    "ZaeError",
+]
+
+
+class ZaeError(Exception):
+    """Base class of every error raised by zae-celery."""
+
+
+class ValidationError(ZaeError, ValueError):
+    """Bad input. ``field`` names the offending argument, ``allowed`` says what is accepted."""
+
+    def __init__(self, field: str, problem: str, allowed: str = "") -> None:
+        self.field = field
+        self.problem = problem
+        self.allowed = allowed
+        text = f"{field}: {problem}"
+        if allowed:
+            text += f" (allowed: {allowed})"
+        super().__init__(text)
+
+
+class RequestExceedsBurst(ValidationError):
+    """A request larger than a bucket's burst: it can never succeed, so no retry_after."""
+
+    def __init__(self, field: str, requested: int, burst: int) -> None:
+        self.requested = requested
+        self.burst = burst
+        super().__init__(
+            field,
+            f"requests {requested} tokens but the bucket holds at most {burst}; "
+            "it can never be granted",
+            f"at most {burst}, or raise the limit's burst",
+        )
+
+
+class RateLimiterUnavailable(ZaeError):
+    """The store could not answer (endpoint down, throttled beyond the retry budget, ...)."""
+
+
+class TableNotFound(RateLimiterUnavailable):
+    """The configured table does not exist."""
+
+
+class IncompatibleSchema(ZaeError):
+    """The table was written by an incompatible version of the engine."""
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    """The state of one limit at the moment of a decision.
+
+    ``available`` is in tokens (negative while the bucket is in debt); ``retry_after`` is
+    the number of seconds until ``requested`` would be granted (0 when it is now).
+    """
+
+    entity_id: str
+    resource: str
+    limit_name: str
+    requested: int
+    available: float
+    burst: int
+    retry_after: float
+
+    @property
+    def exceeded(self) -> bool:
+        """True when this limit refused the request."""
+        return self.retry_after > 0
+
+
+class RateLimitExceeded(ZaeError):
+    """The request was refused. ``retry_after`` seconds from now it would be granted,
+    if nothing else consumed in between. ``violations`` are the limits that refused,
+    ``passed`` the ones that would have granted.
+    """
+
+    def __init__(self, violations: list[LimitStatus], passed: list[LimitStatus]) -> None:
+        self.violations = violations
+        self.passed = passed
+        self.retry_after = max((v.retry_after for v in violations), default=0.0)
+        names = ", ".join(f"{v.entity_id}/{v.resource}/{v.limit_name}" for v in violations)
+        super().__init__(f"rate limit exceeded on {names}; retry after {self.retry_after:.3f} s")
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly description (for logs, task results, HTTP 429 bodies)."""
+        return {
+            "retry_after": self.retry_after,
+            "violations": [asdict(v) for v in self.violations],
+            "passed": [asdict(p) for p in self.passed],
+        }

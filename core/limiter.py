@@ -1,0 +1,225 @@
+"""The synchronous limiter (boto3): the hot path of Celery's prefork workers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .engine import Clock, Engine, Flow, OnUnavailable
+from .errors import ZaeError
+from .limits import Limit
+from .requests import Call, Reply
+from .transport import LeaseView, client_kwargs, reply_from
+
+__all__ = ["Lease", "RateLimiter"]
+
+T = TypeVar("T")
+
+
+def drive(flow: Flow[T], send: Callable[[Call], Reply]) -> T:
+    """Run a flow to its end, sending each call; engine errors are thrown back into it."""
+    reply: Reply | None = None
+    error: ZaeError | None = None
+    while True:
+        try:
+            call = flow.throw(error) if error is not None else flow.send(reply)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            reply, error = send(call), None
+        except ZaeError as exc:
+            reply, error = None, exc
+
+
+class Lease(LeaseView):
+    """A granted request. Use it as a context manager: leaving the block commits;
+    an exception inside it refunds the consumption (unless ``rollback_on_error=False``)."""
+
+    def __init__(self, limiter: RateLimiter, state: Any, rollback_on_error: bool = True) -> None:
+        super().__init__(state, rollback_on_error)
+        self._limiter = limiter
+
+    def adjust(self, **deltas: int) -> None:
+        """Add (positive) or refund (negative) tokens per limit; may go into debt.
+
+        One write per call that changes something; none when every delta is zero.
+        """
+        self._limiter._run(self._limiter.engine.adjust(self._state, deltas))
+
+    def commit(self) -> None:
+        """Keep what was consumed. Nothing is written."""
+        self._state.closed = True
+
+    def rollback(self) -> None:
+        """Refund everything consumed (one write)."""
+        self._limiter._run(self._limiter.engine.release(self._state))
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None and self.rollback_on_error and not self.closed:
+            self.rollback()
+        else:
+            self.commit()
+
+
+class RateLimiter:
+    """Global token buckets in a DynamoDB table (sync, boto3).
+
+    >>> limiter = RateLimiter("rate_limits", endpoint_url="http://127.0.0.1:8000")  # doctest: +SKIP
+    >>> with limiter.acquire("tenant-1", "gpt-4o", consume={"rpm": 1, "tpm": 500},
+    ...                      limits=[Limit.per_minute("rpm", 500),
+    ...                              Limit.per_minute("tpm", 90_000)]) as lease:
+    ...     reply = call_llm()
+    ...     lease.adjust(tpm=reply.usage.total_tokens - 500)
+
+    The boto3 client is created lazily, once per process (safe across ``fork``).
+    """
+
+    def __init__(
+        self,
+        table_name: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        on_unavailable: OnUnavailable = "closed",
+        clock: Clock = time.time,
+        stored_config: bool = True,
+        config_ttl: float = 60.0,
+        session: Any = None,
+    ) -> None:
+        self.engine = Engine(
+            table_name,
+            clock=clock,
+            on_unavailable=on_unavailable,
+            stored_config=stored_config,
+            config_ttl=config_ttl,
+        )
+        self._client_kwargs = client_kwargs(endpoint_url, region)
+        self._session = session
+        self._client: Any = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    @property
+    def table_name(self) -> str:
+        """The DynamoDB table."""
+        return self.engine.table_name
+
+    @property
+    def client(self) -> Any:
+        """The boto3 DynamoDB client of this process (created on first use)."""
+        if self._client is None or self._pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._pid != os.getpid():
+                    import boto3
+
+                    session = self._session or boto3.session.Session()
+                    try:
+                        self._client = session.client("dynamodb", **self._client_kwargs)
+                    except Exception as exc:
+                        reply_from(exc)
+                        raise
+                    self._pid = os.getpid()
+        return self._client
+
+    def _send(self, call: Call) -> Reply:
+        if call.op == "sleep":
+            time.sleep(call.kwargs["seconds"])
+            return Reply({})
+        try:
+            return Reply(getattr(self.client, call.op)(**call.kwargs))
+        except ZaeError:
+            raise
+        except Exception as exc:
+            return reply_from(exc)
+
+    def _run(self, flow: Flow[T]) -> T:
+        return drive(flow, self._send)
+
+    # -- requests -------------------------------------------------------------------------
+    def acquire(
+        self,
+        entity_id: str,
+        resource: str,
+        consume: Mapping[str, int] | None = None,
+        limits: Sequence[Limit] = (),
+        *,
+        horizon: float = 0.0,
+        rollback_on_error: bool = True,
+    ) -> Lease:
+        """Consume ``consume`` tokens from every limit now, or raise RateLimitExceeded.
+
+        With ``horizon`` > 0 a request short of tokens is granted at a future slot up to
+        ``horizon`` seconds ahead (see :meth:`reserve`).
+        """
+        state = self._run(self.engine.acquire(entity_id, resource, consume or {}, limits, horizon))
+        return Lease(self, state, rollback_on_error)
+
+    def reserve(
+        self,
+        entity_id: str,
+        resource: str,
+        consume: Mapping[str, int] | None = None,
+        limits: Sequence[Limit] = (),
+        *,
+        horizon: float = 60.0,
+        rollback_on_error: bool = True,
+    ) -> Lease:
+        """Take a place in line: consume now (into debt if need be) and return a lease whose
+        ``start_at``/``wait`` says when the caller may start. Beyond ``horizon`` seconds:
+        RateLimitExceeded, with nothing consumed."""
+        return self.acquire(
+            entity_id,
+            resource,
+            consume,
+            limits,
+            horizon=horizon,
+            rollback_on_error=rollback_on_error,
+        )
+
+    def available(
+        self, entity_id: str, resource: str, limits: Sequence[Limit] = ()
+    ) -> dict[str, float]:
+        """Tokens available now per limit (negative while in debt). One read."""
+        return self._run(self.engine.available(entity_id, resource, limits))
+
+    # -- entities and stored limits ---------------------------------------------------------
+    def create_entity(
+        self, entity_id: str, parent_id: str | None = None, cascade: bool = False
+    ) -> None:
+        """Create an entity, optionally under a parent whose buckets it also consumes."""
+        self._run(self.engine.create_entity(entity_id, parent_id, cascade))
+
+    def set_limits(
+        self, entity_id: str, limits: Sequence[Limit], resource: str | None = None
+    ) -> None:
+        """Store limits for an entity; they override same-named limits passed in code."""
+        self._run(self.engine.set_limits(entity_id, limits, resource))
+
+    def get_limits(self, entity_id: str, resource: str | None = None) -> list[Limit]:
+        """The stored limits of an entity and resource ([] if none)."""
+        return self._run(self.engine.get_limits(entity_id, resource))
+
+    def delete_limits(self, entity_id: str, resource: str | None = None) -> None:
+        """Delete stored limits of an entity and resource."""
+        self._run(self.engine.delete_limits(entity_id, resource))
+
+    # -- table ----------------------------------------------------------------------------
+    def create_table(self) -> bool:
+        """Create the table directly (local endpoints); False if it already existed."""
+        return self._run(self.engine.create_table())
+
+    def delete_table(self) -> None:
+        """Delete the table (local endpoints, tests)."""
+        self._run(self.engine.delete_table())

@@ -1,0 +1,78 @@
+"""The table's key schema and identifier rules (one table, one partition per entity).
+
+===================  ==================  ==========================================
+PK                   SK                  item
+===================  ==================  ==========================================
+``#META``            ``#SCHEMA``         schema version of the table
+``E#<entity>``       ``#ENTITY``         parent and cascade flag
+``E#<entity>``       ``#LIMITS#<res>``   stored limits (``*`` = every resource)
+``E#<entity>``       ``B#<resource>``    one bucket item: every limit of the pair
+===================  ==================  ==========================================
+
+Identifiers may not contain ``#`` (the separator) or ``*`` (the wildcard), so no id can
+address another entity's items.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import ValidationError
+
+__all__ = [
+    "ANY_RESOURCE",
+    "SCHEMA_VERSION",
+    "TTL_ATTRIBUTE",
+    "bucket_key",
+    "check_id",
+    "entity_pk",
+    "limits_sk",
+]
+
+SCHEMA_VERSION = 1
+"""Bumped on incompatible changes of the stored form; a client refuses other versions."""
+TTL_ATTRIBUTE = "ttl"
+ANY_RESOURCE = "*"
+META_KEY = {"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}}
+ENTITY_SK = "#ENTITY"
+LIMITS_PREFIX = "#LIMITS#"
+MAX_ID_LENGTH = 256
+_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@/+=,-]*$")
+
+
+def check_id(field: str, value: Any) -> str:
+    """An entity or resource id, or a ValidationError naming ``field``."""
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_ID_LENGTH:
+        raise ValidationError(field, f"length {len(value)}", f"1..{MAX_ID_LENGTH} characters")
+    if not _ID.match(value):
+        raise ValidationError(
+            field,
+            f"{value[:40]!r} contains a character that is not allowed",
+            "letters, digits and _ . : @ / + = , - (not starting with punctuation); no # or *",
+        )
+    return value
+
+
+def entity_pk(entity_id: str) -> str:
+    """The partition key of an entity."""
+    return f"E#{entity_id}"
+
+
+def bucket_key(entity_id: str, resource: str) -> dict[str, dict[str, str]]:
+    """The key of the bucket item of (entity, resource)."""
+    return {"PK": {"S": entity_pk(entity_id)}, "SK": {"S": f"B#{resource}"}}
+
+
+def limits_sk(resource: str | None) -> str:
+    """The sort key of the stored limits of an entity (for one resource or all)."""
+    return LIMITS_PREFIX + (ANY_RESOURCE if resource is None else resource)
+
+
+def number(attribute: dict[str, Any] | None) -> int | None:
+    """An ``{"N": ...}`` attribute as int (None when absent)."""
+    if attribute is None or "N" not in attribute:
+        return None
+    return int(attribute["N"])

@@ -1,0 +1,108 @@
+"""What the sync and async limiters share around the flows: client settings, how an
+exception becomes a reply or an error, and the lease's read-only view."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
+
+from .engine import LeaseState
+from .errors import RateLimiterUnavailable, ValidationError
+from .requests import Reply
+
+__all__ = ["LeaseView", "client_config", "client_kwargs", "reply_from"]
+
+DEFAULT_LOCAL_REGION = "us-east-1"
+
+
+def client_config() -> Config:
+    """Short timeouts and a small retry budget: a limiter must fail fast, not hang a task."""
+    return Config(
+        connect_timeout=2,
+        read_timeout=5,
+        retries={"mode": "standard", "max_attempts": 3},
+        tcp_keepalive=True,
+    )
+
+
+def client_kwargs(endpoint_url: str | None, region: str | None) -> dict[str, Any]:
+    """Arguments of ``session.client("dynamodb", ...)``. A local endpoint without any
+    configured region gets ``us-east-1`` (local endpoints ignore it)."""
+    if endpoint_url is not None and not (
+        isinstance(endpoint_url, str) and endpoint_url.startswith(("http://", "https://"))
+    ):
+        raise ValidationError("endpoint_url", f"{endpoint_url!r}", "an http(s):// URL")
+    if region is not None and (not isinstance(region, str) or not region):
+        raise ValidationError("region", f"{region!r}", "an AWS region name like eu-west-1")
+    if (
+        region is None
+        and endpoint_url is not None
+        and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+    ):
+        region = DEFAULT_LOCAL_REGION
+    kwargs: dict[str, Any] = {"config": client_config()}
+    if endpoint_url is not None:
+        kwargs["endpoint_url"] = endpoint_url
+    if region is not None:
+        kwargs["region_name"] = region
+    return kwargs
+
+
+def reply_from(exc: BaseException) -> Reply:
+    """An error reply for a DynamoDB error; raises RateLimiterUnavailable for the rest."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return Reply(exc.response, str(error.get("Code", "Unknown")), str(error.get("Message", "")))
+    if isinstance(exc, NoRegionError):
+        raise ValidationError("region", "no AWS region configured", "region=... or AWS_REGION")
+    if isinstance(exc, (BotoCoreError, OSError, TimeoutError)):
+        raise RateLimiterUnavailable(f"DynamoDB endpoint unavailable: {exc}") from exc
+    raise exc
+
+
+class LeaseView:
+    """Read-only view of a granted lease, shared by :class:`Lease` and :class:`AsyncLease`."""
+
+    def __init__(self, state: LeaseState, rollback_on_error: bool) -> None:
+        self._state = state
+        self.rollback_on_error = rollback_on_error
+
+    @property
+    def consumed(self) -> Mapping[str, int]:
+        """Running totals consumed per limit name (acquire plus every adjust)."""
+        return dict(self._state.consumed)
+
+    @property
+    def start_at(self) -> float:
+        """Clock time (seconds) at which the caller may start; now unless reserved ahead."""
+        return self._state.start_at
+
+    @property
+    def wait(self) -> float:
+        """Seconds to wait before starting (0 for an immediate grant)."""
+        return self._state.wait
+
+    @property
+    def unchecked(self) -> bool:
+        """True when granted without the store (``on_unavailable="open"`` during an outage)."""
+        return self._state.unchecked
+
+    @property
+    def closed(self) -> bool:
+        """True after commit or rollback."""
+        return self._state.closed
+
+    @property
+    def state(self) -> LeaseState:
+        """The engine's state of this lease."""
+        return self._state
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} consumed={self.consumed} wait={self.wait:.3f}s"
+            f"{' unchecked' if self.unchecked else ''}{' closed' if self.closed else ''}>"
+        )
