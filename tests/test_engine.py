@@ -1,0 +1,280 @@
+"""The engine against real DynamoDB APIs over HTTP (moto server and DynamoDB Local).
+
+Request counts come from botocore's event hooks; time comes from an injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import Endpoint
+from zae_celery.core import (
+    AsyncRateLimiter,
+    IncompatibleSchema,
+    Limit,
+    RateLimiter,
+    RateLimitExceeded,
+)
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    """A settable clock counting whole milliseconds (no float drift across advances)."""
+
+    def __init__(self, t: float = T0) -> None:
+        self.ms = round(t * 1000)
+
+    def __call__(self) -> float:
+        return (self.ms + 0.5) / 1000  # mid-millisecond: the engine floors to self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += round(seconds * 1000)
+
+
+class Counter:
+    """Counts the DynamoDB operations a client sends."""
+
+    def __init__(self, client: Any) -> None:
+        self.ops: list[str] = []
+        client.meta.events.register("before-send.dynamodb.*", self._seen)
+
+    def _seen(self, event_name: str, **_: Any) -> None:
+        self.ops.append(event_name.rsplit(".", 1)[-1])
+
+    def take(self) -> list[str]:
+        ops, self.ops = self.ops, []
+        return ops
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def limiter(endpoint: Endpoint, clock: Clock) -> Iterator[RateLimiter]:
+    lim = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=clock)
+    assert lim.create_table() is True
+    yield lim
+    lim.delete_table()
+
+
+def limits_of(n: int, per_second: int = 10) -> list[Limit]:
+    names = ["rpm", "tpm", "l3", "l4", "l5"][:n]
+    return [Limit.per_second(name, per_second * (100 if name == "tpm" else 1)) for name in names]
+
+
+def consume_of(limits: list[Limit]) -> dict[str, int]:
+    return {lim.name: (100 if lim.name == "tpm" else 1) for lim in limits}
+
+
+@pytest.mark.parametrize("n_limits", [1, 2, 5])
+def test_idle_grant_costs_one_write_and_no_read(
+    limiter: RateLimiter, clock: Clock, n_limits: int
+) -> None:
+    limits = limits_of(n_limits)
+    counter = Counter(limiter.client)
+    limiter.acquire("tenant", "model", consume_of(limits), limits).commit()  # warms the config
+    assert counter.take() == ["Query", "UpdateItem"]
+    for _ in range(20):
+        clock.advance(1.0)  # the bucket refills completely between requests
+        with limiter.acquire("tenant", "model", consume_of(limits), limits) as lease:
+            lease.adjust(**{limits[0].name: 0})  # an exact estimate writes nothing
+        assert counter.take() == ["UpdateItem"]
+
+
+@pytest.mark.parametrize("n_limits", [1, 2, 5])
+def test_saturated_bucket_grant_and_refusal_cost_one_request(
+    limiter: RateLimiter, clock: Clock, n_limits: int
+) -> None:
+    limits = limits_of(n_limits)
+    consume = consume_of(limits)
+    counter = Counter(limiter.client)
+    for _ in range(10):  # drain the burst of 10
+        limiter.acquire("tenant", "model", consume, limits)
+    counter.take()
+    grants = refusals = 0
+    for _ in range(60):
+        try:
+            limiter.acquire("tenant", "model", consume, limits)
+            grants += 1
+        except RateLimitExceeded as exc:
+            refusals += 1
+            assert exc.retry_after > 0
+            assert {v.limit_name for v in exc.violations} <= {lim.name for lim in limits}
+        assert counter.take() == ["UpdateItem"], "saturated grant/refusal must be one write"
+        clock.advance(0.05)  # half the refill of one request: most requests are refused
+    # One token every 100 ms, requests every 50 ms from t=0 to t=2950 ms: a grant at each
+    # whole 100 ms after the first, 29 of them.
+    assert (grants, refusals) == (29, 31)
+
+
+def test_retry_after_is_exact(limiter: RateLimiter, clock: Clock) -> None:
+    limits = [Limit.per_minute("rpm", 6)]  # one token every 10 s
+    for _ in range(6):
+        limiter.acquire("e", "r", {"rpm": 1}, limits)
+    clock.advance(1.234)
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("e", "r", {"rpm": 1}, limits)
+    wait = refused.value.retry_after
+    assert wait == pytest.approx(10 - 1.234, abs=0.0011)
+    clock.advance(wait - 0.001)
+    with pytest.raises(RateLimitExceeded):
+        limiter.acquire("e", "r", {"rpm": 1}, limits)
+    clock.advance(0.001)
+    limiter.acquire("e", "r", {"rpm": 1}, limits)
+
+
+def test_reservations_are_one_write_each_and_spaced_by_their_cost(
+    limiter: RateLimiter, clock: Clock
+) -> None:
+    limits = [Limit.per_second("rps", 10)]
+    for _ in range(10):
+        limiter.acquire("e", "r", {"rps": 1}, limits)
+    counter = Counter(limiter.client)
+    waits = []
+    for _ in range(20):
+        lease = limiter.reserve("e", "r", {"rps": 1}, limits, horizon=2.0)
+        waits.append(lease.wait)
+        assert counter.take() == ["UpdateItem"]
+    assert waits == [pytest.approx(0.1 * (i + 1)) for i in range(20)]
+    with pytest.raises(RateLimitExceeded) as beyond:
+        limiter.reserve("e", "r", {"rps": 1}, limits, horizon=2.0)
+    assert beyond.value.retry_after == pytest.approx(2.1)
+
+
+def test_adjust_goes_into_debt_and_debt_delays_later_requests(
+    limiter: RateLimiter, clock: Clock
+) -> None:
+    limits = [Limit.per_second("rpm", 100), Limit.per_second("tpm", 1000)]
+    counter = Counter(limiter.client)
+    with limiter.acquire("e", "r", {"rpm": 1, "tpm": 500}, limits) as lease:
+        counter.take()
+        lease.adjust(tpm=1500)  # the call used 2000 tokens: 1000 more than the bucket holds
+        assert counter.take() == ["UpdateItem"]
+        lease.adjust(tpm=0, rpm=0)
+        assert counter.take() == []
+    assert lease.consumed == {"rpm": 1, "tpm": 2000}
+    tokens = limiter.available("e", "r", limits)
+    assert tokens["tpm"] == pytest.approx(-1000)
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("e", "r", {"rpm": 1, "tpm": 1}, limits)
+    assert refused.value.retry_after == pytest.approx(1.001)  # repay 1000 + 1 at 1000/s
+    assert [v.limit_name for v in refused.value.violations] == ["tpm"]
+
+
+def test_exception_inside_the_lease_rolls_back(limiter: RateLimiter) -> None:
+    limits = [Limit.per_second("rps", 10)]
+    before = limiter.available("e", "r", limits)
+    with pytest.raises(RuntimeError), limiter.acquire("e", "r", {"rps": 4}, limits) as lease:
+        lease.adjust(rps=3)
+        raise RuntimeError("the provider call failed")
+    assert limiter.available("e", "r", limits) == before
+    assert lease.consumed == {"rps": 0}
+
+
+def test_cascade_consumes_the_parent_atomically(limiter: RateLimiter) -> None:
+    limiter.create_entity("project")
+    limiter.create_entity("key-1", parent_id="project", cascade=True)
+    limiter.create_entity("key-2", parent_id="project", cascade=True)
+    limiter.set_limits("project", [Limit.per_second("rps", 3)])
+    code_limits = [Limit.per_second("rps", 10)]
+    counter = Counter(limiter.client)
+    for key in ("key-1", "key-2", "key-1"):
+        limiter.acquire(key, "api", {"rps": 1}, code_limits)
+    assert counter.take().count("TransactWriteItems") == 3
+    child_before = limiter.available("key-2", "api", code_limits)
+    counter.take()
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("key-2", "api", {"rps": 1}, code_limits)
+    assert counter.take() == ["TransactWriteItems"]  # a refusal is one request
+    assert [(v.entity_id, v.limit_name) for v in refused.value.violations] == [("project", "rps")]
+    assert limiter.available("key-2", "api", code_limits) == child_before
+
+
+def test_stored_limits_override_code_limits(limiter: RateLimiter) -> None:
+    limiter.set_limits("tenant", [Limit.per_minute("rpm", 2)], resource="gpt")
+    assert limiter.get_limits("tenant", "gpt") == [Limit.per_minute("rpm", 2)]
+    code = [Limit.per_minute("rpm", 1000)]
+    limiter.acquire("tenant", "gpt", {"rpm": 2}, code)
+    with pytest.raises(RateLimitExceeded):
+        limiter.acquire("tenant", "gpt", {"rpm": 1}, code)
+    limiter.acquire("tenant", "other", {"rpm": 5}, code)  # another resource: code limits
+    limiter.delete_limits("tenant", "gpt")
+    assert limiter.get_limits("tenant", "gpt") == []
+
+
+def test_incompatible_schema_is_refused(limiter: RateLimiter, endpoint: Endpoint) -> None:
+    limiter.client.put_item(
+        TableName=endpoint.table_name,
+        Item={"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}, "version": {"N": "999"}},
+    )
+    other = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url)
+    with pytest.raises(IncompatibleSchema, match="schema version 999"):
+        other.acquire("e", "r", {"rps": 1}, [Limit.per_second("rps", 1)])
+
+
+def _script(clock: Clock) -> list[tuple[str, Any]]:
+    """The operations run by both limiters in the parity test: (op, args)."""
+    limits = [Limit.per_second("rps", 5), Limit.per_minute("tpm", 3000)]
+    steps: list[tuple[str, Any]] = []
+    for i in range(40):
+        steps.append(("acquire", ({"rps": 1, "tpm": 40 + i}, limits, 0.0)))
+        if i % 3 == 0:
+            steps.append(("reserve", ({"rps": 1, "tpm": 10}, limits, 1.5)))
+        steps.append(("advance", 0.07 * (i % 4)))
+    return steps
+
+
+def test_async_and_sync_decide_identically(endpoint: Endpoint) -> None:
+    def decision(run: Any) -> tuple[str, float]:
+        try:
+            wait = run()
+        except RateLimitExceeded as exc:
+            return ("refused", round(exc.retry_after, 3))
+        return ("granted", round(wait, 3))
+
+    sync_clock = Clock()
+    sync = RateLimiter(endpoint.table_name + "-s", endpoint_url=endpoint.url, clock=sync_clock)
+    sync.create_table()
+    sync_out = []
+    for op, arg in _script(sync_clock):
+        if op == "advance":
+            sync_clock.advance(arg)
+            continue
+        consume, limits, horizon = arg
+        sync_out.append(
+            decision(lambda: sync.acquire("e", "r", consume, limits, horizon=horizon).wait)
+        )
+
+    async def run_async() -> list[tuple[str, float]]:
+        clock = Clock()
+        out = []
+        async with AsyncRateLimiter(
+            endpoint.table_name + "-a", endpoint_url=endpoint.url, clock=clock
+        ) as lim:
+            await lim.create_table()
+            for op, arg in _script(clock):
+                if op == "advance":
+                    clock.advance(arg)
+                    continue
+                consume, limits, horizon = arg
+                try:
+                    lease = await lim.acquire("e", "r", consume, limits, horizon=horizon)
+                    out.append(("granted", round(lease.wait, 3)))
+                except RateLimitExceeded as exc:
+                    out.append(("refused", round(exc.retry_after, 3)))
+            await lim.delete_table()
+        return out
+
+    async_out = asyncio.run(run_async())
+    sync.delete_table()
+    assert sync_out == async_out
+    assert {d for d, _ in sync_out} == {"granted", "refused"}  # the script exercises both

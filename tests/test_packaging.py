@@ -1,0 +1,49 @@
+"""The wheel installs one top-level package, with core/, infra/ and templates inside it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    (path,) = out.glob("zae_celery-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_only_zae_celery_at_top_level(wheel: zipfile.ZipFile) -> None:
+    tops = {name.split("/", 1)[0] for name in wheel.namelist()}
+    dist_info = {t for t in tops if t.endswith(".dist-info")}
+    assert len(dist_info) == 1
+    assert tops - dist_info == {"zae_celery"}
+
+
+def test_core_infra_and_templates_are_inside(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    for module in ("engine", "bucket", "limiter", "aio", "limits", "errors"):
+        assert f"zae_celery/core/{module}.py" in names
+    assert "zae_celery/infra/__init__.py" in names
+    templates = [n for n in names if n.startswith("zae_celery/infra/templates/")]
+    assert any(n.endswith(".yaml") for n in templates), templates
+    assert "zae_celery/py.typed" in names and "zae_celery/core/py.typed" in names
+
+
+def test_editable_install_maps_core_into_the_package() -> None:
+    import zae_celery.core
+    import zae_celery.infra
+
+    assert Path(zae_celery.core.__file__).resolve().parent == REPO / "core"
+    assert Path(zae_celery.infra.__file__).resolve().parent == REPO / "infra"
