@@ -234,13 +234,6 @@ def _script(clock: Clock) -> list[tuple[str, Any]]:
 
 
 def test_async_and_sync_decide_identically(endpoint: Endpoint) -> None:
-    def decision(run: Any) -> tuple[str, float]:
-        try:
-            wait = run()
-        except RateLimitExceeded as exc:
-            return ("refused", round(exc.retry_after, 3))
-        return ("granted", round(wait, 3))
-
     sync_clock = Clock()
     sync = RateLimiter(endpoint.table_name + "-s", endpoint_url=endpoint.url, clock=sync_clock)
     sync.create_table()
@@ -250,9 +243,11 @@ def test_async_and_sync_decide_identically(endpoint: Endpoint) -> None:
             sync_clock.advance(arg)
             continue
         consume, limits, horizon = arg
-        sync_out.append(
-            decision(lambda: sync.acquire("e", "r", consume, limits, horizon=horizon).wait)
-        )
+        try:
+            lease = sync.acquire("e", "r", consume, limits, horizon=horizon)
+            sync_out.append(("granted", round(lease.wait, 3)))
+        except RateLimitExceeded as exc:
+            sync_out.append(("refused", round(exc.retry_after, 3)))
 
     async def run_async() -> list[tuple[str, float]]:
         clock = Clock()
