@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
 from .engine import LeaseState
 from .errors import RateLimiterUnavailable, ValidationError
@@ -59,6 +59,11 @@ def reply_from(exc: BaseException) -> Reply:
         return Reply(exc.response, str(error.get("Code", "Unknown")), str(error.get("Message", "")))
     if isinstance(exc, NoRegionError):
         raise ValidationError("region", "no AWS region configured", "region=... or AWS_REGION")
+    if isinstance(exc, NoCredentialsError):
+        raise RateLimiterUnavailable(
+            "no AWS credentials found: configure them the usual boto3 way (environment, "
+            "profile, instance role); a local endpoint accepts any values"
+        ) from exc
     if isinstance(exc, (BotoCoreError, OSError, TimeoutError)):
         raise RateLimiterUnavailable(f"DynamoDB endpoint unavailable: {exc}") from exc
     raise exc

