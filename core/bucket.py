@@ -36,6 +36,7 @@ class Shape(Enum):
     QUEUE = "queue"  # now < TAT <= bound: ADD cost
     EXACT = "exact"  # TAT == known value: SET known' + cost
     REFUND = "refund"  # ADD a negative amount, unconditionally
+    RAISE = "raise"  # TAT < value: SET value (push a bucket into debt up to a time)
 
 
 def now_units(limit: Limit, now_ms: int) -> int:

@@ -91,6 +91,7 @@ class LeaseState:
     start_ms: int
     unchecked: bool = False
     closed: bool = False
+    paced: bool = False
 
     @property
     def wait(self) -> float:
@@ -101,6 +102,49 @@ class LeaseState:
     def start_at(self) -> float:
         """The clock time (seconds) at which the caller may start."""
         return self.start_ms / 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly form, e.g. to travel with a deferred Celery message."""
+        return {
+            "targets": [
+                {
+                    "entity_id": t.entity_id,
+                    "resource": t.resource,
+                    "limits": [lim.to_dict() for lim in t.limits],
+                    "consume": dict(t.consume),
+                }
+                for t in self.targets
+            ],
+            "consumed": dict(self.consumed),
+            "granted_ms": self.granted_ms,
+            "start_ms": self.start_ms,
+            "paced": self.paced,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LeaseState:
+        """The inverse of :meth:`to_dict`; ValidationError when it is malformed."""
+        try:
+            targets = tuple(
+                Target(
+                    check_id("entity_id", t["entity_id"]),
+                    check_id("resource", t["resource"]),
+                    tuple(Limit.from_dict(d) for d in t["limits"]),
+                    _check_amounts("consume", t["consume"], negative=False),
+                )
+                for t in data["targets"]
+            )
+            return cls(
+                targets,
+                _check_amounts("consumed", data["consumed"], negative=False),
+                int(data["granted_ms"]),
+                int(data["start_ms"]),
+                paced=bool(data.get("paced", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ValidationError):
+                raise
+            raise ValidationError("lease", f"malformed lease: {exc}") from exc
 
 
 @dataclass
@@ -435,8 +479,14 @@ class Engine:
         resource: str,
         consume: Mapping[str, int],
         limits: Sequence[Limit],
+        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
     ) -> Flow[tuple[Target, ...]]:
-        """Validate a request and resolve the buckets it touches (stored limits, cascade)."""
+        """Validate a request and resolve the buckets it touches (stored limits, cascade).
+
+        ``extra`` adds further (entity, resource, limits) consumed in the same atomic write
+        (e.g. a queue's limits): each of their limits takes the amount of the same name in
+        ``consume``, or 1 when ``consume`` does not name it (one request).
+        """
         check_id("entity_id", entity_id)
         check_id("resource", resource)
         code_limits = _check_limits(limits)
@@ -471,6 +521,16 @@ class Engine:
                     raise RequestExceedsBurst(f"consume.{lim.name}", tokens, lim.burst)
             mine = {lim.name: amounts.get(lim.name, 0) for lim in lims}
             result.append(Target(ent, resource, lims, mine))
+        for ent, res, extra_limits in extra:
+            check_id("entity_id", ent)
+            check_id("resource", res)
+            checked = _check_limits(extra_limits)
+            theirs = {lim.name: amounts.get(lim.name, 1) for lim in checked}
+            for lim in checked:
+                if theirs[lim.name] > lim.burst:
+                    raise RequestExceedsBurst(f"consume.{lim.name}", theirs[lim.name], lim.burst)
+            if checked:
+                result.append(Target(ent, res, checked, theirs))
         return tuple(result)
 
     # -- acquire --------------------------------------------------------------------------
@@ -481,14 +541,29 @@ class Engine:
         consume: Mapping[str, int],
         limits: Sequence[Limit],
         horizon: float = 0.0,
+        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
+        pace: bool = False,
     ) -> Flow[LeaseState]:
         """Grant ``consume`` now, or at a slot up to ``horizon`` seconds ahead, or refuse.
 
+        With ``pace``, an immediate grant also counts its start on the start track, in the
+        same write; a reservation does not (the caller calls :meth:`start` at its slot).
         In ``open`` mode an unavailable store grants an unchecked lease and logs a warning.
         """
         horizon_ms = _horizon_ms(horizon)
         try:
-            targets = yield from self.targets(entity_id, resource, consume, limits)
+            targets = yield from self.targets(entity_id, resource, consume, limits, extra)
+            if not pace:
+                return (yield from self._consume(targets, horizon_ms))
+            paced = _with_start_track(targets)
+            if horizon_ms == 0 or self._may_grant_now(targets):
+                try:
+                    lease = yield from self._consume(paced, 0)
+                except RateLimitExceeded as exc:
+                    if horizon_ms == 0 or exc.retry_after * 1000 > horizon_ms:
+                        raise
+                else:
+                    return _unpaced(lease, targets)
             return (yield from self._consume(targets, horizon_ms))
         except RateLimiterUnavailable as exc:
             if self.on_unavailable == "closed":
@@ -501,7 +576,89 @@ class Engine:
                 exc,
             )
             now = self.now_ms()
-            return LeaseState((), {}, now, now, unchecked=True)
+            return LeaseState((), {}, now, now, unchecked=True, paced=True)
+
+    def _may_grant_now(self, targets: Sequence[Target]) -> bool:
+        # The cached TATs are lower bounds (other clients only push them further), so a
+        # refusal they predict is certain: skip the immediate attempt and reserve directly.
+        now_ms = self.now_ms()
+        return all(
+            bucket.retry_after_ms(lim, self._guess(t, lim), t.consume[lim.name], now_ms) == 0
+            for t in targets
+            for lim in t.limits
+        )
+
+    def start(self, lease: LeaseState) -> Flow[None]:
+        """Count a reserved lease's actual start on the start track (one write).
+
+        Raises RateLimitExceeded (nothing consumed) when starting now would exceed the
+        limits' burst over actual starts, e.g. because deferred messages arrived late and
+        together; ``retry_after`` then says when to start.
+        """
+        if lease.paced or lease.unchecked or not lease.targets:
+            lease.paced = True
+            return
+        tracks = tuple(
+            Target(
+                t.entity_id,
+                t.resource,
+                tuple(lim.start_track() for lim in t.limits),
+                t.consume,
+            )
+            for t in lease.targets
+        )
+        yield from self._consume(tracks, 0)
+        lease.paced = True
+
+    def block(
+        self, entity_id: str, resource: str, limits: Sequence[Limit], seconds: float
+    ) -> Flow[None]:
+        """Empty the buckets until ``seconds`` from now (a provider said 429 Retry-After).
+
+        Every limit is pushed to "no tokens before now + seconds" unless it is already
+        further in debt; never refused, at most two writes.
+        """
+        check_id("entity_id", entity_id)
+        check_id("resource", resource)
+        checked = _check_limits(limits)
+        wait_ms = _horizon_ms(seconds)
+        target = Target(entity_id, resource, checked, {lim.name: 0 for lim in checked})
+        pending = list(checked)
+        for _ in range(self.max_attempts):
+            if not pending:
+                return
+            now_ms = self.now_ms()
+            steps = [
+                Step(
+                    lim,
+                    0,
+                    bucket.Shape.RAISE,
+                    bucket.now_units(lim, now_ms),
+                    bucket.now_units(lim, now_ms + wait_ms) + bucket.tau(lim),
+                )
+                for lim in pending
+            ]
+            reply = yield build_write(
+                self.table_name,
+                [Write(target.key, steps)],
+                self._ttl(now_ms, wait_ms, None, [target]),
+            )
+            if reply.ok:
+                self._remember(target, reply.data.get("Attributes"))
+                return
+            current = failed_items(reply, 1)
+            if current is None:
+                self.raise_for(reply)
+                raise RateLimiterUnavailable(f"unexpected reply {reply.code}")
+            if current[0] is None:
+                current = yield from self._read([target])
+            self._remember(target, current[0])
+            pending = [
+                step.limit for step in steps if (_tat(current[0], step.limit) or 0) < step.amount
+            ]
+        raise RateLimiterUnavailable(
+            f"gave up after {self.max_attempts} conditional writes lost to contention"
+        )
 
     def _consume(self, targets: tuple[Target, ...], horizon_ms: int) -> Flow[LeaseState]:
         known: list[Item | None] | None = None
@@ -601,7 +758,7 @@ class Engine:
                 status = LimitStatus(
                     t.entity_id,
                     t.resource,
-                    lim.name,
+                    f"{lim.name}~{lim.track}" if lim.track else lim.name,
                     tokens,
                     bucket.available(lim, tat, now_ms),
                     lim.burst,
@@ -716,6 +873,25 @@ class Engine:
                 debt = max(0, (extra or {}).get(lim.name, 0))
                 longest = max(longest, (lim.burst + debt) * lim.refill_period_ms)
         return (now_ms + horizon_ms + longest) // 1000 + 86_400
+
+
+def _with_start_track(targets: tuple[Target, ...]) -> tuple[Target, ...]:
+    return tuple(
+        Target(
+            t.entity_id,
+            t.resource,
+            t.limits + tuple(lim.start_track() for lim in t.limits),
+            t.consume,
+        )
+        for t in targets
+    )
+
+
+def _unpaced(lease: LeaseState, targets: tuple[Target, ...]) -> LeaseState:
+    """A lease granted with its start counted, holding only the quota targets."""
+    lease.targets = targets
+    lease.paced = True
+    return lease
 
 
 def _tat(item: Item | None, limit: Limit) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ValidationError
@@ -53,9 +53,13 @@ class Limit:
     burst: int
     refill_amount: int
     refill_period_ms: int
+    track: str = field(default="", repr=False)
+    """Internal: ``"start"`` is the copy of the bucket that counts actual starts."""
 
     def __post_init__(self) -> None:
         check_limit_name("name", self.name)
+        if self.track not in ("", "start"):
+            raise ValidationError("track", f"{self.track!r}", "'' or 'start'")
         check_tokens("capacity", self.capacity)
         check_tokens("burst", self.burst)
         check_tokens("refill_amount", self.refill_amount)
@@ -119,7 +123,12 @@ class Limit:
     def key(self) -> str:
         """The stored attribute of this bucket. It includes the refill rate, so a limit
         whose rate changes starts a new bucket instead of misreading the old state."""
-        return f"{self.name}@{self.refill_amount}/{self.refill_period_ms}"
+        key = f"{self.name}@{self.refill_amount}/{self.refill_period_ms}"
+        return f"{key}~{self.track}" if self.track else key
+
+    def start_track(self) -> Limit:
+        """The same bucket shape, counting when requests actually start (see docs/engine.md)."""
+        return replace(self, track="start")
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (stored limits, CLI output)."""

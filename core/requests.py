@@ -80,6 +80,9 @@ def _update(table: str, write: Write, ttl: int) -> dict[str, Any]:
                 conditions.append(f"({a} > {n} AND {a} <= {b})")
                 values[b] = {"N": str(step.bound)}
             adds.append(f"{a} {v}")
+        elif shape is Shape.RAISE:
+            conditions.append(f"(attribute_not_exists({a}) OR {a} < {v})")
+            sets.append(f"{a} = {v}")
         elif shape is Shape.EXACT:
             if step.expected is None:
                 conditions.append(f"attribute_not_exists({a})")

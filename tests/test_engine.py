@@ -273,3 +273,71 @@ def test_async_and_sync_decide_identically(endpoint: Endpoint) -> None:
     sync.delete_table()
     assert sync_out == async_out
     assert {d for d, _ in sync_out} == {"granted", "refused"}  # the script exercises both
+
+
+def test_extra_targets_share_one_bucket_atomically(limiter: RateLimiter) -> None:
+    queue = [("queue:llm", "queue", [Limit.per_second("tasks", 3)])]
+    own = [Limit.per_second("rps", 10)]
+    counter = Counter(limiter.client)
+    for entity in ("summarize", "translate", "summarize"):
+        state = limiter._run(limiter.engine.acquire(entity, "model", {"rps": 1}, own, extra=queue))
+        assert state.consumed == {"rps": 1}
+    assert counter.take() == [
+        "Query",
+        "TransactWriteItems",
+        "Query",
+        "TransactWriteItems",
+        "TransactWriteItems",
+    ]
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter._run(limiter.engine.acquire("translate", "model", {"rps": 1}, own, extra=queue))
+    assert [(v.entity_id, v.limit_name) for v in refused.value.violations] == [
+        ("queue:llm", "tasks")
+    ]
+    assert limiter.available("translate", "model", own)["rps"] == 9  # refusal charged nothing
+
+
+def test_start_track_keeps_late_starts_within_the_burst(limiter: RateLimiter, clock: Clock) -> None:
+    limits = [Limit.per_second("rps", 10)]
+
+    def acquire(horizon: float = 0.0) -> Any:
+        return limiter._run(
+            limiter.engine.acquire("e", "r", {"rps": 1}, limits, horizon=horizon, pace=True)
+        )
+
+    for _ in range(10):
+        assert acquire().paced  # immediate grants count their start in the same write
+    reserved = [acquire(horizon=5.0) for _ in range(5)]
+    assert [not lease.paced for lease in reserved] == [True] * 5
+    assert [lease.wait for lease in reserved] == [pytest.approx(0.1 * (i + 1)) for i in range(5)]
+    clock.advance(2.0)  # the deferred messages arrive late, all at once
+    for lease in reserved:
+        limiter._run(limiter.engine.start(lease))
+    fresh = 0
+    with pytest.raises(RateLimitExceeded) as refused:
+        for _ in range(10):
+            acquire()
+            fresh += 1
+    # The quota bucket is full again (10), but 5 starts already happened this instant.
+    assert fresh == 5
+    assert [v.limit_name for v in refused.value.violations] == ["rps~start"]
+
+
+def test_block_empties_the_buckets_until_retry_after(limiter: RateLimiter, clock: Clock) -> None:
+    limits = [Limit.per_second("rps", 10), Limit.per_minute("tpm", 6000)]
+    limiter.acquire("e", "r", {"rps": 1, "tpm": 10}, limits)
+    limiter._run(limiter.engine.block("e", "r", limits, 2.0))
+    limiter._run(limiter.engine.block("e", "r", limits, 0.5))  # never shortens a block
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("e", "r", {"rps": 1, "tpm": 10}, limits)
+    assert refused.value.retry_after == pytest.approx(2.1)  # 2 s, then one token of rps
+    clock.advance(2.1)
+    limiter.acquire("e", "r", {"rps": 1}, limits)
+
+
+def test_lease_state_round_trips_through_a_dict(limiter: RateLimiter) -> None:
+    from zae_celery.core.engine import LeaseState
+
+    lease = limiter.reserve("e", "r", {"rps": 1}, [Limit.per_second("rps", 10)], horizon=1)
+    copy = LeaseState.from_dict(lease.state.to_dict())
+    assert copy == lease.state
