@@ -115,6 +115,7 @@ class AsyncRateLimiter:
         clock: Clock = time.time,
         stored_config: bool = True,
         config_ttl: float = 60.0,
+        local_refusals: bool = True,
         session: Any = None,
     ) -> None:
         self.engine = Engine(
@@ -123,6 +124,7 @@ class AsyncRateLimiter:
             on_unavailable=on_unavailable,
             stored_config=stored_config,
             config_ttl=config_ttl,
+            local_refusals=local_refusals,
         )
         self._client_kwargs = client_kwargs(endpoint_url, region)
         self._session = session
@@ -188,12 +190,17 @@ class AsyncRateLimiter:
         *,
         horizon: float = 0.0,
         rollback_on_error: bool = True,
+        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
+        pace: bool = False,
     ) -> _Acquiring:
-        """Like :meth:`RateLimiter.acquire`; ``await`` it or use ``async with``."""
+        """Like :meth:`RateLimiter.acquire` (same arguments, including ``extra`` and
+        ``pace``); ``await`` it or use ``async with``."""
 
         async def make() -> AsyncLease:
             state = await self._run(
-                self.engine.acquire(entity_id, resource, consume or {}, limits, horizon)
+                self.engine.acquire(
+                    entity_id, resource, consume or {}, limits, horizon, extra, pace
+                )
             )
             return AsyncLease(self, state, rollback_on_error)
 
@@ -224,6 +231,20 @@ class AsyncRateLimiter:
     ) -> dict[str, float]:
         """Tokens available now per limit (negative while in debt). One read."""
         return await self._run(self.engine.available(entity_id, resource, limits))
+
+    async def start(self, lease: AsyncLease) -> None:
+        """Count a reserved lease's actual start (RateLimitExceeded: not yet)."""
+        await self._run(self.engine.start(lease.state))
+
+    async def block(
+        self, entity_id: str, resource: str, limits: Sequence[Limit], seconds: float
+    ) -> None:
+        """Empty the buckets for ``seconds`` (a provider answered 429 with Retry-After)."""
+        await self._run(self.engine.block(entity_id, resource, limits, seconds))
+
+    def restore(self, data: Mapping[str, Any], rollback_on_error: bool = True) -> AsyncLease:
+        """A lease from :meth:`LeaseState.to_dict` (e.g. carried by a deferred message)."""
+        return AsyncLease(self, LeaseState.from_dict(data), rollback_on_error)
 
     async def create_entity(
         self, entity_id: str, parent_id: str | None = None, cascade: bool = False

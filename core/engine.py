@@ -219,6 +219,7 @@ class Engine:
         stored_config: bool = True,
         config_ttl: float = 60.0,
         max_attempts: int = 8,
+        local_refusals: bool = True,
     ) -> None:
         if not isinstance(table_name, str) or not 3 <= len(table_name) <= 255:
             raise ValidationError("table_name", f"{table_name!r}", "a DynamoDB table name")
@@ -232,6 +233,7 @@ class Engine:
         self.stored_config = stored_config
         self.config_ttl = float(config_ttl)
         self.max_attempts = max_attempts
+        self.local_refusals = local_refusals
         self.unavailable_grants = 0
         self._schema_ok = False
         self._lock = threading.Lock()
@@ -661,6 +663,21 @@ class Engine:
         )
 
     def _consume(self, targets: tuple[Target, ...], horizon_ms: int) -> Flow[LeaseState]:
+        if self.local_refusals:
+            # TATs only grow (but for refunds), so the last values this process saw are
+            # lower bounds: a refusal they predict is certain, and costs no request.
+            now_ms = self.now_ms()
+            seen = [
+                {
+                    lim.key: {"N": str(tat)}
+                    for lim in t.limits
+                    if (tat := self._guess(t, lim)) is not None
+                }
+                for t in targets
+            ]
+            violations, passed = self.statuses(targets, seen, now_ms, horizon_ms)
+            if violations:
+                raise RateLimitExceeded(violations, passed)
         known: list[Item | None] | None = None
         atomic_many = len(targets) > 1
         for _ in range(self.max_attempts):
@@ -708,6 +725,9 @@ class Engine:
                 raise RateLimitExceeded(violations, passed)
             if len(returned) < len(targets):
                 current = yield from self._read(targets)
+                violations, passed = self.statuses(targets, current, now_ms, horizon_ms)
+                if violations:
+                    raise RateLimitExceeded(violations, passed)
             known = current
         raise RateLimiterUnavailable(
             f"gave up after {self.max_attempts} conditional writes lost to contention"

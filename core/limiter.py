@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .engine import Clock, Engine, Flow, OnUnavailable
+from .engine import Clock, Engine, Flow, LeaseState, OnUnavailable
 from .errors import ZaeError
 from .limits import Limit
 from .requests import Call, Reply
@@ -39,7 +39,9 @@ class Lease(LeaseView):
     """A granted request. Use it as a context manager: leaving the block commits;
     an exception inside it refunds the consumption (unless ``rollback_on_error=False``)."""
 
-    def __init__(self, limiter: RateLimiter, state: Any, rollback_on_error: bool = True) -> None:
+    def __init__(
+        self, limiter: RateLimiter, state: LeaseState, rollback_on_error: bool = True
+    ) -> None:
         super().__init__(state, rollback_on_error)
         self._limiter = limiter
 
@@ -96,6 +98,7 @@ class RateLimiter:
         clock: Clock = time.time,
         stored_config: bool = True,
         config_ttl: float = 60.0,
+        local_refusals: bool = True,
         session: Any = None,
     ) -> None:
         self.engine = Engine(
@@ -104,6 +107,7 @@ class RateLimiter:
             on_unavailable=on_unavailable,
             stored_config=stored_config,
             config_ttl=config_ttl,
+            local_refusals=local_refusals,
         )
         self._client_kwargs = client_kwargs(endpoint_url, region)
         self._session = session
@@ -157,13 +161,20 @@ class RateLimiter:
         *,
         horizon: float = 0.0,
         rollback_on_error: bool = True,
+        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
+        pace: bool = False,
     ) -> Lease:
         """Consume ``consume`` tokens from every limit now, or raise RateLimitExceeded.
 
         With ``horizon`` > 0 a request short of tokens is granted at a future slot up to
-        ``horizon`` seconds ahead (see :meth:`reserve`).
+        ``horizon`` seconds ahead (see :meth:`reserve`). ``extra`` lists further
+        ``(entity_id, resource, limits)`` consumed in the same atomic write (a queue's
+        limits). ``pace`` counts the start of an immediate grant on the start track (a
+        reservation is started with :meth:`start` at its slot).
         """
-        state = self._run(self.engine.acquire(entity_id, resource, consume or {}, limits, horizon))
+        state = self._run(
+            self.engine.acquire(entity_id, resource, consume or {}, limits, horizon, extra, pace)
+        )
         return Lease(self, state, rollback_on_error)
 
     def reserve(
@@ -193,6 +204,18 @@ class RateLimiter:
     ) -> dict[str, float]:
         """Tokens available now per limit (negative while in debt). One read."""
         return self._run(self.engine.available(entity_id, resource, limits))
+
+    def start(self, lease: Lease) -> None:
+        """Count a reserved lease's actual start (RateLimitExceeded: not yet)."""
+        self._run(self.engine.start(lease.state))
+
+    def block(self, entity_id: str, resource: str, limits: Sequence[Limit], seconds: float) -> None:
+        """Empty the buckets for ``seconds`` (a provider answered 429 with Retry-After)."""
+        self._run(self.engine.block(entity_id, resource, limits, seconds))
+
+    def restore(self, data: Mapping[str, Any], rollback_on_error: bool = True) -> Lease:
+        """A lease from :meth:`LeaseState.to_dict` (e.g. carried by a deferred message)."""
+        return Lease(self, LeaseState.from_dict(data), rollback_on_error)
 
     # -- entities and stored limits ---------------------------------------------------------
     def create_entity(

@@ -31,7 +31,7 @@ def check_tokens(field: str, value: Any, *, minimum: int = 1) -> int:
 
 def check_limit_name(field: str, name: Any) -> str:
     """A limit name usable as a keyword argument (``rpm``, ``tpm``, ``tokens_in``...)."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValidationError(
             field, f"invalid limit name {name!r}", "a letter then letters, digits or _, <= 64"
         )
@@ -71,7 +71,9 @@ class Limit:
         if isinstance(period, bool) or not isinstance(period, int):
             raise ValidationError("refill_period_ms", "must be an integer number of ms")
         if not 1 <= period <= MAX_PERIOD_MS:
-            raise ValidationError("refill_period", f"{period} ms is out of range", "1 ms..10 y")
+            raise ValidationError(
+                "refill_period_ms", f"{period} ms is out of range", f"1..{MAX_PERIOD_MS} ms"
+            )
 
     # -- constructors -----------------------------------------------------------------
     @classmethod
@@ -163,6 +165,10 @@ def _period_ms(seconds: Any) -> int:
             "refill_period_seconds", f"{seconds!r} is not a positive finite number"
         )
     ms = seconds * 1000
+    if ms > MAX_PERIOD_MS:
+        raise ValidationError(
+            "refill_period_seconds", f"{seconds!r} is longer than 10 years", "<= 315360000"
+        )
     if abs(ms - round(ms)) > 1e-6 or round(ms) < 1:
         raise ValidationError(
             "refill_period_seconds", f"{seconds!r} is not a whole number of milliseconds"

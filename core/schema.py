@@ -47,7 +47,7 @@ def check_id(field: str, value: Any) -> str:
         raise ValidationError(field, f"must be a string, got {type(value).__name__}")
     if not value or len(value) > MAX_ID_LENGTH:
         raise ValidationError(field, f"length {len(value)}", f"1..{MAX_ID_LENGTH} characters")
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise ValidationError(
             field,
             f"{value[:40]!r} contains a character that is not allowed",

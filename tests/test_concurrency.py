@@ -85,8 +85,13 @@ def test_clock_skew_over_grants_at_most_skew_times_rate(endpoint: Endpoint) -> N
     honest_clock = Clock()
     ahead_clock = Clock()
     ahead_clock.advance(skew)
-    honest = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=honest_clock)
-    ahead = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=ahead_clock)
+    # Every refusal asks the table, so retry_after reflects the other client's grants.
+    honest = RateLimiter(
+        endpoint.table_name, endpoint_url=endpoint.url, clock=honest_clock, local_refusals=False
+    )
+    ahead = RateLimiter(
+        endpoint.table_name, endpoint_url=endpoint.url, clock=ahead_clock, local_refusals=False
+    )
     honest.create_table()
     try:
         for _ in range(10):

@@ -90,10 +90,15 @@ def test_idle_grant_costs_one_write_and_no_read(
         assert counter.take() == ["UpdateItem"]
 
 
+@pytest.mark.parametrize("local_refusals", [True, False])
 @pytest.mark.parametrize("n_limits", [1, 2, 5])
-def test_saturated_bucket_grant_and_refusal_cost_one_request(
-    limiter: RateLimiter, clock: Clock, n_limits: int
+def test_saturated_bucket_grant_and_refusal_cost_at_most_one_request(
+    endpoint: Endpoint, clock: Clock, n_limits: int, local_refusals: bool
 ) -> None:
+    limiter = RateLimiter(
+        endpoint.table_name, endpoint_url=endpoint.url, clock=clock, local_refusals=local_refusals
+    )
+    limiter.create_table()
     limits = limits_of(n_limits)
     consume = consume_of(limits)
     counter = Counter(limiter.client)
@@ -105,15 +110,18 @@ def test_saturated_bucket_grant_and_refusal_cost_one_request(
         try:
             limiter.acquire("tenant", "model", consume, limits)
             grants += 1
+            assert counter.take() == ["UpdateItem"], "a saturated grant is one write"
         except RateLimitExceeded as exc:
             refusals += 1
             assert exc.retry_after > 0
             assert {v.limit_name for v in exc.violations} <= {lim.name for lim in limits}
-        assert counter.take() == ["UpdateItem"], "saturated grant/refusal must be one write"
+            # Predicted from the last state this process saw: no request at all.
+            assert counter.take() == ([] if local_refusals else ["UpdateItem"])
         clock.advance(0.05)  # half the refill of one request: most requests are refused
     # One token every 100 ms, requests every 50 ms from t=0 to t=2950 ms: a grant at each
     # whole 100 ms after the first, 29 of them.
     assert (grants, refusals) == (29, 31)
+    limiter.delete_table()
 
 
 def test_retry_after_is_exact(limiter: RateLimiter, clock: Clock) -> None:

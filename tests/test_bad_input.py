@@ -1,0 +1,514 @@
+"""Bad input against a real endpoint: every case raises its typed error and writes nothing.
+
+Each test seeds the bucket with one good acquire, snapshots the raw bucket item (and the
+whole table), makes the bad call, and checks that the stored state is byte-for-byte the
+same. Time comes from an injected clock; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import Endpoint
+from zae_celery.core import (
+    Lease,
+    Limit,
+    RateLimiter,
+    RateLimiterUnavailable,
+    RequestExceedsBurst,
+    TableNotFound,
+    ValidationError,
+)
+from zae_celery.core.limits import MAX_TOKENS
+from zae_celery.local import free_port
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_800_000_000.0
+ENTITY = "tenant-1"
+RESOURCE = "gpt-4o"
+LIMITS = [Limit.per_minute("rpm", 10), Limit.per_minute("tpm", 1000)]
+SEED = {"rpm": 1, "tpm": 100}
+
+
+class FixedClock:
+    """A clock that only moves when told to (seconds)."""
+
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock()
+
+
+@pytest.fixture
+def limiter(endpoint: Endpoint, clock: FixedClock) -> Iterator[RateLimiter]:
+    lim = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=clock)
+    assert lim.create_table() is True
+    yield lim
+    lim.delete_table()
+
+
+@pytest.fixture
+def lease(limiter: RateLimiter) -> Lease:
+    """The seed: one good acquire, so the bucket item exists with known contents."""
+    granted = limiter.acquire(ENTITY, RESOURCE, consume=SEED, limits=LIMITS)
+    assert granted.consumed == SEED
+    assert not granted.unchecked
+    return granted
+
+
+# -- snapshots ----------------------------------------------------------------------------
+
+
+def raw_bucket(
+    limiter: RateLimiter, entity: str = ENTITY, resource: str = RESOURCE
+) -> dict[str, Any] | None:
+    """The stored bucket item, exactly as DynamoDB returns it."""
+    reply = limiter.client.get_item(
+        TableName=limiter.table_name,
+        Key={"PK": {"S": f"E#{entity}"}, "SK": {"S": f"B#{resource}"}},
+        ConsistentRead=True,
+    )
+    item: dict[str, Any] | None = reply.get("Item")
+    return item
+
+
+def whole_table(limiter: RateLimiter) -> list[dict[str, Any]]:
+    """Every item of the table, in key order."""
+    items: list[dict[str, Any]] = []
+    kwargs: dict[str, Any] = {"TableName": limiter.table_name, "ConsistentRead": True}
+    while True:
+        page = limiter.client.scan(**kwargs)
+        items.extend(page.get("Items", []))
+        if "LastEvaluatedKey" not in page:
+            break
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return sorted(items, key=lambda item: (item["PK"]["S"], item["SK"]["S"]))
+
+
+@contextlib.contextmanager
+def unchanged(limiter: RateLimiter, resource: str = RESOURCE) -> Iterator[None]:
+    """Assert that the block leaves the seeded bucket item and the whole table untouched."""
+    item, table = raw_bucket(limiter, ENTITY, resource), whole_table(limiter)
+    assert item is not None, "the seed acquire should have stored the bucket item"
+    yield
+    assert raw_bucket(limiter, ENTITY, resource) == item
+    assert whole_table(limiter) == table
+
+
+def check_error(exc: BaseException, error: type[Exception], field: str | None) -> None:
+    """The exact error type, and the field it names."""
+    assert type(exc) is error, f"{type(exc).__name__}: {exc}"
+    if field is not None:
+        assert isinstance(exc, ValidationError)
+        assert exc.field == field
+        assert str(exc).startswith(f"{field}: ")
+
+
+# -- acquire ------------------------------------------------------------------------------
+
+LimitAny: Any = Limit  # for deliberately ill-typed calls
+
+
+def _id_cases(field: str) -> list[Any]:
+    cases: list[Any] = [
+        pytest.param("", id=f"{field}-empty"),
+        pytest.param("a" * 257, id=f"{field}-257-chars"),
+        pytest.param("a#b", id=f"{field}-hash"),
+        pytest.param("a*", id=f"{field}-star"),
+        pytest.param("*", id=f"{field}-only-star"),
+        pytest.param("a#B#x", id=f"{field}-hostile-bucket-key"),
+        pytest.param("e/../#META", id=f"{field}-hostile-meta"),
+        pytest.param("#META", id=f"{field}-meta"),
+        pytest.param("x#LIMITS#*", id=f"{field}-hostile-limits"),
+        pytest.param("../etc", id=f"{field}-leading-dot"),
+        pytest.param("-x", id=f"{field}-leading-dash"),
+        pytest.param("a b", id=f"{field}-space"),
+        pytest.param("a\x00b", id=f"{field}-nul"),
+        pytest.param("t\u00e9nant", id=f"{field}-non-ascii"),
+        pytest.param(5, id=f"{field}-int"),
+        pytest.param(None, id=f"{field}-none"),
+        pytest.param(b"tenant", id=f"{field}-bytes"),
+        pytest.param(["tenant"], id=f"{field}-list"),
+        pytest.param(
+            "tenant-1\n",
+            id=f"{field}-trailing-newline",
+        ),
+    ]
+    return cases
+
+
+BAD_ACQUIRES: list[Any] = [
+    # consume: unknown or malformed limit names
+    pytest.param({"consume": {"rph": 1}}, ValidationError, "consume.rph", id="unknown-name"),
+    pytest.param(
+        {"consume": {"rpm": 1, "bogus": 1}}, ValidationError, "consume.bogus", id="unknown-extra"
+    ),
+    pytest.param(
+        {"consume": {"bad name": 1}}, ValidationError, "consume['bad name']", id="invalid-name"
+    ),
+    pytest.param({"consume": {5: 1}}, ValidationError, "consume[5]", id="int-name"),
+    # consume: amounts
+    pytest.param({"consume": {"rpm": -1}}, ValidationError, "consume.rpm", id="negative"),
+    pytest.param(
+        {"consume": {"rpm": 1, "tpm": -5}}, ValidationError, "consume.tpm", id="negative-mixed"
+    ),
+    pytest.param({"consume": {"rpm": True}}, ValidationError, "consume.rpm", id="bool-true"),
+    pytest.param({"consume": {"rpm": False}}, ValidationError, "consume.rpm", id="bool-false"),
+    pytest.param({"consume": {"rpm": 1.0}}, ValidationError, "consume.rpm", id="float"),
+    pytest.param({"consume": {"rpm": 0.5}}, ValidationError, "consume.rpm", id="float-half"),
+    pytest.param({"consume": {"rpm": math.nan}}, ValidationError, "consume.rpm", id="nan"),
+    pytest.param({"consume": {"rpm": "1"}}, ValidationError, "consume.rpm", id="str"),
+    pytest.param({"consume": {"rpm": None}}, ValidationError, "consume.rpm", id="none"),
+    pytest.param({"consume": [("rpm", 1)]}, ValidationError, "consume", id="not-a-mapping"),
+    pytest.param(
+        {"consume": {"tpm": MAX_TOKENS + 1}}, ValidationError, "consume.tpm", id="beyond-1e18"
+    ),
+    pytest.param({"consume": {"tpm": 10**40}}, ValidationError, "consume.tpm", id="1e40"),
+    pytest.param({"consume": {"tpm": -(10**40)}}, ValidationError, "consume.tpm", id="minus-1e40"),
+    # consume beyond burst: can never succeed
+    pytest.param({"consume": {"rpm": 11}}, RequestExceedsBurst, "consume.rpm", id="over-burst"),
+    pytest.param(
+        {"consume": {"rpm": 1, "tpm": 1001}},
+        RequestExceedsBurst,
+        "consume.tpm",
+        id="over-burst-mixed",
+    ),
+    pytest.param(
+        {"consume": {"tpm": MAX_TOKENS}}, RequestExceedsBurst, "consume.tpm", id="max-over-burst"
+    ),
+    # limits
+    pytest.param(
+        {"limits": [Limit.per_minute("rpm", 10), Limit.per_second("rpm", 1)]},
+        ValidationError,
+        "limits",
+        id="duplicate-names",
+    ),
+    pytest.param(
+        {"limits": [*LIMITS, Limit.per_minute("rpm", 10)]},
+        ValidationError,
+        "limits",
+        id="duplicate-identical",
+    ),
+    pytest.param({"limits": LIMITS[0]}, ValidationError, "limits", id="single-limit"),
+    pytest.param({"limits": None}, ValidationError, "limits", id="limits-none"),
+    pytest.param({"limits": "rpm"}, ValidationError, "limits", id="limits-str"),
+    pytest.param({"limits": [LIMITS[0], "tpm"]}, ValidationError, "limits", id="not-a-limit"),
+    pytest.param({"limits": [LIMITS[0].to_dict()]}, ValidationError, "limits", id="dict-limit"),
+    pytest.param({"limits": [], "consume": {}}, ValidationError, "limits", id="no-limits-anywhere"),
+    # horizon
+    pytest.param({"horizon": -1}, ValidationError, "horizon", id="horizon-negative"),
+    pytest.param({"horizon": -0.001}, ValidationError, "horizon", id="horizon-minus-1ms"),
+    pytest.param({"horizon": math.nan}, ValidationError, "horizon", id="horizon-nan"),
+    pytest.param({"horizon": math.inf}, ValidationError, "horizon", id="horizon-inf"),
+    pytest.param({"horizon": -math.inf}, ValidationError, "horizon", id="horizon-minus-inf"),
+    pytest.param({"horizon": 86_401}, ValidationError, "horizon", id="horizon-over-a-day"),
+    pytest.param({"horizon": True}, ValidationError, "horizon", id="horizon-bool"),
+    pytest.param({"horizon": "1"}, ValidationError, "horizon", id="horizon-str"),
+    pytest.param({"horizon": None}, ValidationError, "horizon", id="horizon-none"),
+    # ids
+    *(
+        pytest.param(
+            {"entity_id": p.values[0]}, ValidationError, "entity_id", id=p.id, marks=p.marks
+        )
+        for p in _id_cases("entity_id")
+    ),
+    *(
+        pytest.param({"resource": p.values[0]}, ValidationError, "resource", id=p.id, marks=p.marks)
+        for p in _id_cases("resource")
+    ),
+]
+
+
+def acquire(limiter: RateLimiter, **overrides: Any) -> Lease:
+    args: dict[str, Any] = {
+        "entity_id": ENTITY,
+        "resource": RESOURCE,
+        "consume": {"rpm": 1},
+        "limits": LIMITS,
+        "horizon": 0.0,
+    }
+    args.update(overrides)
+    return limiter.acquire(
+        args["entity_id"],
+        args["resource"],
+        args["consume"],
+        args["limits"],
+        horizon=args["horizon"],
+    )
+
+
+@pytest.mark.parametrize(("overrides", "error", "field"), BAD_ACQUIRES)
+def test_bad_acquire_raises_and_writes_nothing(
+    limiter: RateLimiter,
+    lease: Lease,
+    overrides: dict[str, Any],
+    error: type[Exception],
+    field: str,
+) -> None:
+    before = limiter.available(ENTITY, RESOURCE, LIMITS)
+    with unchanged(limiter), pytest.raises(ValidationError) as info:
+        acquire(limiter, **overrides)
+    check_error(info.value, error, field)
+    if error is RequestExceedsBurst:
+        assert not hasattr(info.value, "retry_after")
+        assert isinstance(info.value, ValidationError)
+    # The limiter still works, and still sees the seeded state.
+    assert limiter.available(ENTITY, RESOURCE, LIMITS) == before == {"rpm": 9.0, "tpm": 900.0}
+
+
+@pytest.mark.parametrize("horizon", [-1.0, math.nan, math.inf])
+def test_bad_horizon_in_reserve_writes_nothing(
+    limiter: RateLimiter, lease: Lease, horizon: float
+) -> None:
+    with unchanged(limiter), pytest.raises(ValidationError) as info:
+        limiter.reserve(ENTITY, RESOURCE, {"rpm": 1}, LIMITS, horizon=horizon)
+    check_error(info.value, ValidationError, "horizon")
+
+
+def test_request_exceeding_burst_is_not_a_rate_limit(limiter: RateLimiter, lease: Lease) -> None:
+    """Over burst is refused as bad input even with a horizon that could hold it."""
+    with unchanged(limiter), pytest.raises(RequestExceedsBurst) as info:
+        limiter.reserve(ENTITY, RESOURCE, {"rpm": 11}, LIMITS, horizon=3600)
+    check_error(info.value, RequestExceedsBurst, "consume.rpm")
+    assert (info.value.requested, info.value.burst) == (11, 10)
+    assert not hasattr(info.value, "retry_after")
+
+
+def test_max_tokens_is_accepted_exactly(limiter: RateLimiter, clock: FixedClock) -> None:
+    """The boundary: 10**18 tokens on a 10**18 bucket is stored exactly (31+ digits)."""
+    big = Limit.per_second("big", MAX_TOKENS)
+    granted = limiter.acquire(ENTITY, "big", {"big": MAX_TOKENS}, [big])
+    item = raw_bucket(limiter, ENTITY, "big")
+    assert item is not None
+    now_ms = math.floor(clock.t * 1000)
+    assert int(item[big.key]["N"]) == now_ms * MAX_TOKENS + MAX_TOKENS * 1000
+    granted.adjust(big=MAX_TOKENS)  # into debt by a full bucket
+    item = raw_bucket(limiter, ENTITY, "big")
+    assert item is not None
+    assert int(item[big.key]["N"]) == now_ms * MAX_TOKENS + 2 * MAX_TOKENS * 1000
+    assert limiter.available(ENTITY, "big", [big]) == {"big": -float(MAX_TOKENS)}
+    with unchanged(limiter, "big"), pytest.raises(ValidationError) as info:
+        granted.adjust(big=MAX_TOKENS + 1)
+    check_error(info.value, ValidationError, "adjust.big")
+
+
+# -- other entry points with hostile ids ---------------------------------------------------
+
+HOSTILE_IDS = ["", "a" * 257, "a#B#x", "e/../#META", "*", "a*b", 7, None]
+NONE_IS_VALID = {"create-entity-parent", "set-limits-resource", "delete-limits-resource"}
+
+
+def _operations() -> list[Any]:
+    # (name, call, field); None is a valid parent_id / resource where it means "none" / "all".
+    ops: list[tuple[str, Callable[[RateLimiter, Any], object], str]] = [
+        ("available-entity", lambda lim, bad: lim.available(bad, RESOURCE, LIMITS), "entity_id"),
+        ("available-resource", lambda lim, bad: lim.available(ENTITY, bad, LIMITS), "resource"),
+        (
+            "reserve-entity",
+            lambda lim, bad: lim.reserve(bad, RESOURCE, {"rpm": 1}, LIMITS),
+            "entity_id",
+        ),
+        ("create-entity", lambda lim, bad: lim.create_entity(bad), "entity_id"),
+        ("create-entity-parent", lambda lim, bad: lim.create_entity(ENTITY, bad), "parent_id"),
+        ("set-limits-entity", lambda lim, bad: lim.set_limits(bad, LIMITS), "entity_id"),
+        ("set-limits-resource", lambda lim, bad: lim.set_limits(ENTITY, LIMITS, bad), "resource"),
+        ("get-limits-entity", lambda lim, bad: lim.get_limits(bad), "entity_id"),
+        ("delete-limits-entity", lambda lim, bad: lim.delete_limits(bad), "entity_id"),
+        ("delete-limits-resource", lambda lim, bad: lim.delete_limits(ENTITY, bad), "resource"),
+    ]
+    return [
+        pytest.param(op, bad, field, id=f"{name}-{i}")
+        for name, op, field in ops
+        for i, bad in enumerate(HOSTILE_IDS)
+        if not (bad is None and name in NONE_IS_VALID)
+    ]
+
+
+@pytest.mark.parametrize(("operation", "bad", "field"), _operations())
+def test_hostile_ids_are_refused_everywhere(
+    limiter: RateLimiter,
+    lease: Lease,
+    operation: Callable[[RateLimiter, Any], object],
+    bad: Any,
+    field: str,
+) -> None:
+    with unchanged(limiter), pytest.raises(ValidationError) as info:
+        operation(limiter, bad)
+    check_error(info.value, ValidationError, field)
+
+
+# -- adjust ---------------------------------------------------------------------------------
+
+BAD_ADJUSTS: list[Any] = [
+    pytest.param({"bogus": 1}, "adjust.bogus", id="unknown-name"),
+    pytest.param({"tpm": 5, "bogus": 1}, "adjust.bogus", id="unknown-after-valid"),
+    pytest.param({"tpm": -101}, "adjust.tpm", id="refund-beyond-consumed"),
+    pytest.param({"rpm": -2}, "adjust.rpm", id="refund-beyond-consumed-rpm"),
+    pytest.param({"tpm": 5, "rpm": -2}, "adjust.rpm", id="refund-beyond-after-valid"),
+    pytest.param({"tpm": True}, "adjust.tpm", id="bool"),
+    pytest.param({"tpm": 1.5}, "adjust.tpm", id="float"),
+    pytest.param({"tpm": -1.0}, "adjust.tpm", id="negative-float"),
+    pytest.param({"tpm": "5"}, "adjust.tpm", id="str"),
+    pytest.param({"tpm": None}, "adjust.tpm", id="none"),
+    pytest.param({"tpm": math.nan}, "adjust.tpm", id="nan"),
+    pytest.param({"tpm": MAX_TOKENS + 1}, "adjust.tpm", id="beyond-1e18"),
+    pytest.param({"tpm": -(MAX_TOKENS + 1)}, "adjust.tpm", id="minus-beyond-1e18"),
+    pytest.param({"tpm": 10**40}, "adjust.tpm", id="1e40"),
+]
+
+
+@pytest.mark.parametrize(("deltas", "field"), BAD_ADJUSTS)
+def test_bad_adjust_raises_and_writes_nothing(
+    limiter: RateLimiter, lease: Lease, deltas: dict[str, Any], field: str
+) -> None:
+    with unchanged(limiter), pytest.raises(ValidationError) as info:
+        lease.adjust(**deltas)
+    check_error(info.value, ValidationError, field)
+    assert lease.consumed == SEED
+    assert not lease.closed
+    # The lease is still usable: a good adjust after the bad one writes.
+    lease.adjust(tpm=-100)
+    assert lease.consumed == {"rpm": 1, "tpm": 0}
+    assert limiter.available(ENTITY, RESOURCE, LIMITS) == {"rpm": 9.0, "tpm": 1000.0}
+
+
+def test_refund_beyond_running_total(limiter: RateLimiter, lease: Lease) -> None:
+    lease.adjust(tpm=50)
+    assert lease.consumed == {"rpm": 1, "tpm": 150}
+    with unchanged(limiter), pytest.raises(ValidationError) as info:
+        lease.adjust(tpm=-151)
+    check_error(info.value, ValidationError, "adjust.tpm")
+    assert lease.consumed == {"rpm": 1, "tpm": 150}
+    lease.adjust(tpm=-150)
+    assert lease.consumed == {"rpm": 1, "tpm": 0}
+
+
+@pytest.mark.parametrize("close", ["commit", "rollback", "context"])
+def test_adjust_on_a_closed_lease(limiter: RateLimiter, lease: Lease, close: str) -> None:
+    if close == "commit":
+        lease.commit()
+    elif close == "rollback":
+        lease.rollback()
+    else:
+        with lease:
+            pass
+    assert lease.closed
+    consumed = lease.consumed
+    with unchanged(limiter), pytest.raises(ValidationError) as info:
+        lease.adjust(tpm=1)
+    check_error(info.value, ValidationError, "lease")
+    with unchanged(limiter), pytest.raises(ValidationError) as info:
+        lease.adjust(tpm=-1)
+    check_error(info.value, ValidationError, "lease")
+    assert lease.consumed == consumed
+
+
+# -- the store itself missing or unreachable ------------------------------------------------
+
+
+def test_missing_table(endpoint: Endpoint, clock: FixedClock) -> None:
+    name = f"zae-missing-{uuid.uuid4().hex[:12]}"
+    missing = RateLimiter(name, endpoint_url=endpoint.url, clock=clock)
+    with pytest.raises(TableNotFound) as info:
+        missing.acquire(ENTITY, RESOURCE, {"rpm": 1}, LIMITS)
+    assert isinstance(info.value, RateLimiterUnavailable)
+    assert name in str(info.value)
+    with pytest.raises(TableNotFound):
+        missing.available(ENTITY, RESOURCE, LIMITS)
+    # Bad input is still reported as bad input: it is checked before any request.
+    with pytest.raises(ValidationError) as bad:
+        missing.acquire("a#b", RESOURCE, {"rpm": 1}, LIMITS)
+    check_error(bad.value, ValidationError, "entity_id")
+    # Nothing created the table on the way.
+    assert name not in missing.client.list_tables()["TableNames"]
+
+
+def test_missing_table_in_open_mode_grants_unchecked(
+    endpoint: Endpoint, clock: FixedClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"zae-missing-{uuid.uuid4().hex[:12]}"
+    missing = RateLimiter(name, endpoint_url=endpoint.url, clock=clock, on_unavailable="open")
+    with caplog.at_level(logging.WARNING, logger="zae_celery.core"):
+        granted = missing.acquire(ENTITY, RESOURCE, {"rpm": 1}, LIMITS)
+    assert granted.unchecked
+    assert [r.name for r in caplog.records if r.levelno == logging.WARNING] == ["zae_celery.core"]
+    assert name not in missing.client.list_tables()["TableNames"]
+
+
+def _unreachable(clock: FixedClock, mode: Any) -> RateLimiter:
+    return RateLimiter(
+        "zae-unreachable",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        clock=clock,
+        on_unavailable=mode,
+    )
+
+
+def test_unreachable_endpoint_closed(clock: FixedClock) -> None:
+    limiter = _unreachable(clock, "closed")
+    with pytest.raises(RateLimiterUnavailable) as info:
+        limiter.acquire(ENTITY, RESOURCE, {"rpm": 1}, LIMITS)
+    assert type(info.value) is RateLimiterUnavailable  # not TableNotFound
+    assert limiter.engine.unavailable_grants == 0
+
+
+def test_unreachable_endpoint_open(clock: FixedClock, caplog: pytest.LogCaptureFixture) -> None:
+    limiter = _unreachable(clock, "open")
+    with caplog.at_level(logging.WARNING, logger="zae_celery.core"):
+        granted = limiter.acquire(ENTITY, RESOURCE, {"rpm": 1}, LIMITS)
+    assert granted.unchecked
+    assert granted.start_at == T0
+    assert granted.wait == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].name == "zae_celery.core"
+    assert "unavailable" in warnings[0].getMessage()
+    assert limiter.engine.unavailable_grants == 1
+    # An unchecked lease needs no store: adjust and commit are no-ops.
+    granted.adjust(rpm=5)
+    granted.commit()
+    assert granted.closed
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        pytest.param(lambda lim: acquire(lim, consume={"rpm": -1}), "consume.rpm", id="negative"),
+        pytest.param(lambda lim: acquire(lim, consume={"rpm": True}), "consume.rpm", id="bool"),
+        pytest.param(lambda lim: acquire(lim, entity_id="a#b"), "entity_id", id="entity"),
+        pytest.param(lambda lim: acquire(lim, resource="*"), "resource", id="resource"),
+        pytest.param(lambda lim: acquire(lim, horizon=math.nan), "horizon", id="horizon"),
+        pytest.param(
+            lambda lim: acquire(lim, limits=[LIMITS[0], LIMITS[0]]), "limits", id="duplicates"
+        ),
+    ],
+)
+def test_open_mode_never_turns_bad_input_into_a_grant(
+    clock: FixedClock,
+    caplog: pytest.LogCaptureFixture,
+    call: Callable[[RateLimiter], object],
+    field: str,
+) -> None:
+    limiter = _unreachable(clock, "open")
+    with (
+        caplog.at_level(logging.WARNING, logger="zae_celery.core"),
+        pytest.raises(ValidationError) as info,
+    ):
+        call(limiter)
+    check_error(info.value, ValidationError, field)
+    assert limiter.engine.unavailable_grants == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
