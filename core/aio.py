@@ -232,9 +232,10 @@ class AsyncRateLimiter:
         """Tokens available now per limit (negative while in debt). One read."""
         return await self._run(self.engine.available(entity_id, resource, limits))
 
-    async def start(self, lease: AsyncLease) -> None:
-        """Count a reserved lease's actual start (RateLimitExceeded: not yet)."""
-        await self._run(self.engine.start(lease.state))
+    async def start(self, lease: AsyncLease, horizon: float = 0.0) -> float:
+        """Count a reserved lease's actual start; returns the seconds to wait first (up to
+        ``horizon``), RateLimitExceeded beyond it."""
+        return await self._run(self.engine.start(lease.state, horizon))
 
     async def block(
         self, entity_id: str, resource: str, limits: Sequence[Limit], seconds: float

@@ -92,6 +92,8 @@ class LeaseState:
     unchecked: bool = False
     closed: bool = False
     paced: bool = False
+    started_ms: int | None = None
+    start_tracked: bool = False
 
     @property
     def wait(self) -> float:
@@ -590,16 +592,20 @@ class Engine:
             for lim in t.limits
         )
 
-    def start(self, lease: LeaseState) -> Flow[None]:
+    def start(self, lease: LeaseState, horizon: float = 0.0) -> Flow[float]:
         """Count a reserved lease's actual start on the start track (one write).
 
-        Raises RateLimitExceeded (nothing consumed) when starting now would exceed the
-        limits' burst over actual starts, e.g. because deferred messages arrived late and
-        together; ``retry_after`` then says when to start.
+        Returns how many seconds to wait before starting: 0, or up to ``horizon`` when the
+        start track has no token now (deferred messages arrived late and together) and a
+        start slot was reserved on it instead; the waits of successive callers are spaced
+        exactly by their cost, so starts stay within the burst. Beyond the horizon:
+        RateLimitExceeded, nothing consumed.
         """
         if lease.paced or lease.unchecked or not lease.targets:
             lease.paced = True
-            return
+            if lease.started_ms is None:
+                lease.started_ms = self.now_ms()
+            return 0.0
         tracks = tuple(
             Target(
                 t.entity_id,
@@ -609,8 +615,11 @@ class Engine:
             )
             for t in lease.targets
         )
-        yield from self._consume(tracks, 0)
+        counted = yield from self._consume(tracks, _horizon_ms(horizon))
         lease.paced = True
+        lease.start_tracked = True
+        lease.started_ms = counted.start_ms
+        return counted.wait
 
     def block(
         self, entity_id: str, resource: str, limits: Sequence[Limit], seconds: float
@@ -814,7 +823,7 @@ class Engine:
         changes = {n: d for n, d in amounts.items() if d}
         if not changes:
             return
-        yield from self._change(lease.targets, changes)
+        yield from self._change(_tracked(lease), changes)
         for name, delta in changes.items():
             lease.consumed[name] = lease.consumed.get(name, 0) + delta
 
@@ -863,7 +872,7 @@ class Engine:
             return
         refund = {name: -n for name, n in lease.consumed.items() if n}
         if refund and not lease.unchecked:
-            yield from self._change(lease.targets, refund)
+            yield from self._change(_tracked(lease), refund)
             lease.consumed = {name: 0 for name in lease.consumed}
         lease.closed = True
 
@@ -911,7 +920,15 @@ def _unpaced(lease: LeaseState, targets: tuple[Target, ...]) -> LeaseState:
     """A lease granted with its start counted, holding only the quota targets."""
     lease.targets = targets
     lease.paced = True
+    lease.start_tracked = True
+    lease.started_ms = lease.granted_ms
     return lease
+
+
+def _tracked(lease: LeaseState) -> tuple[Target, ...]:
+    """The targets an adjustment applies to: with the start track when it was counted,
+    so reported usage also delays the *starts* of tasks already holding reservations."""
+    return _with_start_track(lease.targets) if lease.start_tracked else lease.targets
 
 
 def _tat(item: Item | None, limit: Limit) -> int | None:

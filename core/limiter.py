@@ -205,9 +205,10 @@ class RateLimiter:
         """Tokens available now per limit (negative while in debt). One read."""
         return self._run(self.engine.available(entity_id, resource, limits))
 
-    def start(self, lease: Lease) -> None:
-        """Count a reserved lease's actual start (RateLimitExceeded: not yet)."""
-        self._run(self.engine.start(lease.state))
+    def start(self, lease: Lease, horizon: float = 0.0) -> float:
+        """Count a reserved lease's actual start; returns the seconds to wait first (up to
+        ``horizon``), RateLimitExceeded beyond it."""
+        return self._run(self.engine.start(lease.state, horizon))
 
     def block(self, entity_id: str, resource: str, limits: Sequence[Limit], seconds: float) -> None:
         """Empty the buckets for ``seconds`` (a provider answered 429 with Retry-After)."""

@@ -92,6 +92,12 @@ class LeaseView:
         return self._state.wait
 
     @property
+    def started_at(self) -> float | None:
+        """Clock time (seconds) at which the start was counted (None before)."""
+        ms = self._state.started_ms
+        return None if ms is None else ms / 1000
+
+    @property
     def unchecked(self) -> bool:
         """True when granted without the store (``on_unavailable="open"`` during an outage)."""
         return self._state.unchecked

@@ -103,8 +103,13 @@ def main(calls: int, workers: int, rpm: int, tpm: int, seed: int) -> None:
     prompts = [" ".join(["word"] * rng.randint(50, 400)) for _ in range(calls)]
     # rpm/60 requests at once at most (one second's worth), refilled at rpm per minute.
     limits = [
-        Limit.custom("rpm", capacity=max(1, rpm // 60), refill_amount=rpm, refill_period_seconds=60),
-        Limit.custom("tpm", capacity=max(1, tpm // 60), refill_amount=tpm, refill_period_seconds=60),
+        Limit.custom(
+            name,
+            capacity=max(1, per_minute // 60),
+            refill_amount=per_minute,
+            refill_period_seconds=60,
+        )
+        for name, per_minute in (("rpm", rpm), ("tpm", tpm))
     ]
     stats = Stats()
     with moto_server() as server:

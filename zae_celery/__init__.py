@@ -18,17 +18,20 @@ from zae_celery.core import (
     ValidationError,
     ZaeError,
 )
+from zae_celery.task import DeferralsExhausted, RateLimitedTask
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AsyncLease",
     "AsyncRateLimiter",
+    "DeferralsExhausted",
     "IncompatibleSchema",
     "Lease",
     "Limit",
     "LimitStatus",
     "RateLimitExceeded",
+    "RateLimitedTask",
     "RateLimiter",
     "RateLimiterUnavailable",
     "RequestExceedsBurst",

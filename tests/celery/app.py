@@ -1,0 +1,120 @@
+"""The Celery app the real-worker tests run (``celery -A tests.celery.app worker``).
+
+Configured from the environment by the test that starts the workers:
+ZAE_TEST_BROKER, ZAE_TEST_BACKEND, ZAE_TEST_DATA (filesystem broker folder),
+ZAE_TEST_ENDPOINT, ZAE_TEST_TABLE, ZAE_TEST_RPS, ZAE_TEST_PROVIDER.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from celery import Celery
+
+from tests.celery import fs_transport
+from zae_celery import Limit, RateLimitedTask
+
+BROKER = os.environ.get("ZAE_TEST_BROKER", "memory://")
+DATA = os.environ.get("ZAE_TEST_DATA", "")
+RPS = int(os.environ.get("ZAE_TEST_RPS", "10"))
+PREFIX = os.environ.get("ZAE_TEST_PREFIX", "")  # queue names of this test run
+
+app = Celery("zae_test", broker=BROKER, backend=os.environ.get("ZAE_TEST_BACKEND"))
+app.conf.update(
+    zae_table_name=os.environ.get("ZAE_TEST_TABLE", "zae-celery-tests"),
+    zae_endpoint_url=os.environ.get("ZAE_TEST_ENDPOINT"),
+    zae_queue_limits={f"{PREFIX}shared": [Limit.per_second("tasks", 5)]},
+    zae_jitter=0.2,
+    task_acks_late=True,
+    worker_prefetch_multiplier=4,
+    task_default_queue=f"{PREFIX}limited",
+    result_extended=True,
+    broker_connection_retry_on_startup=True,
+)
+if BROKER.startswith(f"{fs_transport.ALIAS}://"):
+    app.conf.broker_transport_options = {
+        "data_folder_in": os.path.join(DATA, "queue"),
+        "data_folder_out": os.path.join(DATA, "queue"),
+        "processed_folder": os.path.join(DATA, "processed"),
+        "control_folder": os.path.join(DATA, "control"),
+        "store_processed": False,
+        "polling_interval": 0.05,
+    }
+
+
+def _run_info(task: Any) -> dict[str, Any]:
+    lease = getattr(task.request, "zae_active_lease", None)  # None: no limits applied
+    return {
+        "start": lease.started_at if lease else None,
+        "slot": lease.start_at if lease else None,
+        "body": time.time(),
+        "deferrals": int((task.request.headers or {}).get("zae_deferrals") or 0),
+        "retries": task.request.retries,
+        "pid": os.getpid(),
+    }
+
+
+@app.task(
+    base=RateLimitedTask,
+    bind=True,
+    max_retries=0,
+    rate_limits=[Limit.per_second("rps", RPS)],
+    rate_resource="adherence",
+)
+def limited(self: RateLimitedTask, i: int) -> dict[str, Any]:
+    """A task limited to RPS/s with a bucket of RPS."""
+    return _run_info(self)
+
+
+@app.task(
+    base=RateLimitedTask,
+    bind=True,
+    max_retries=0,
+    rate_limits=[Limit.per_second("rpm", 100), Limit.per_second("tpm", 1000, burst=1000)],
+    rate_resource="reconcile",
+    rate_consume=lambda args, kwargs: {"rpm": 1, "tpm": 100},
+)
+def reconciled(self: RateLimitedTask, actual: int) -> dict[str, Any]:
+    """Estimates 100 tokens, reports ``actual``."""
+    info = _run_info(self)
+    self.report_usage(tpm=actual)
+    return info
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0)
+def on_queue_a(self: RateLimitedTask) -> dict[str, Any]:
+    """No limits of its own: only its queue's."""
+    return _run_info(self)
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0)
+def on_queue_b(self: RateLimitedTask) -> dict[str, Any]:
+    """Another task type sharing the same queue limit."""
+    return _run_info(self)
+
+
+@app.task(
+    base=RateLimitedTask,
+    bind=True,
+    max_retries=0,
+    rate_limits=[Limit.per_second("rps", 20)],
+    rate_resource="provider",
+)
+def call_provider(self: RateLimitedTask, i: int) -> dict[str, Any]:
+    """Calls the local provider; a 429 drains the shared bucket for Retry-After."""
+    info = _run_info(self)
+    request = urllib.request.Request(os.environ["ZAE_TEST_PROVIDER"], data=b"{}", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            json.load(reply)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 429:
+            self.provider_limited(float(exc.headers.get("Retry-After", "1")))
+        raise
+    info["end"] = time.time()
+    return info

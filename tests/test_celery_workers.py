@@ -1,0 +1,272 @@
+"""RateLimitedTask with real ``celery worker`` processes (3 workers, prefork, -c 2).
+
+Brokers: filesystem:// (no server), a private redis-server, and RabbitMQ at
+127.0.0.1:5672 (required when CI=true, skipped with the reason elsewhere). The engine
+runs on DynamoDB Local. Start times come from the engine's clock (the moment the start
+was counted), which is what a provider sees.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from tests.celery import fs_transport
+from tests.celery.fleet import log_text, workers
+from tests.conftest import unavailable
+from zae_celery.core import RateLimiter
+from zae_celery.local import LocalServer, free_port
+
+pytestmark = pytest.mark.integration
+
+RPS = 10
+
+
+@dataclass
+class Broker:
+    name: str
+    url: str
+    data: Path
+
+
+@pytest.fixture(params=["filesystem", "redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
+    data = tmp_path / "broker"
+    (data / "queue").mkdir(parents=True)
+    (data / "processed").mkdir()
+    if request.param == "filesystem":
+        return Broker("filesystem", f"{fs_transport.ALIAS}://", data)
+    if request.param == "redis":
+        server: LocalServer = request.getfixturevalue("redis")
+        return Broker("redis", f"redis://127.0.0.1:{server.port}/0", data)
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+    except OSError:
+        unavailable("RabbitMQ is not reachable at 127.0.0.1:5672 (CI machines run one)")
+    return Broker("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//", data)
+
+
+@dataclass
+class Fleet:
+    client: Celery
+    prefix: str
+    logs: Path
+    table: str
+    endpoint: str
+
+    def queue(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def send(self, task: str, queue: str, *args: Any) -> Any:
+        return self.client.send_task(
+            f"tests.celery.app.{task}", args=list(args), queue=self.queue(queue)
+        )
+
+    def collect(self, results: list[Any], timeout: float = 180) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        out = []
+        for r in results:
+            try:
+                out.append(r.get(timeout=max(1.0, deadline - time.monotonic())))
+            except Exception as exc:
+                tail = log_text(self.logs)[-4000:]
+                raise AssertionError(f"task {r.id} failed: {exc!r}\n{tail}") from exc
+        return out
+
+
+def _start_fleet(
+    broker: Broker, ddb: LocalServer, tmp_path: Path, extra_env: dict[str, str] | None = None
+) -> Generator[Fleet, None, None]:
+    prefix = f"t{uuid.uuid4().hex[:6]}-"
+    table = f"zae-celery-{uuid.uuid4().hex[:8]}"
+    RateLimiter(table, endpoint_url=ddb.url).create_table()
+    backend = f"file://{tmp_path / 'results'}"
+    (tmp_path / "results").mkdir()
+    env = {
+        "ZAE_TEST_BROKER": broker.url,
+        "ZAE_TEST_BACKEND": backend,
+        "ZAE_TEST_DATA": str(broker.data),
+        "ZAE_TEST_ENDPOINT": ddb.url,
+        "ZAE_TEST_TABLE": table,
+        "ZAE_TEST_PREFIX": prefix,
+        "ZAE_TEST_RPS": str(RPS),
+        **(extra_env or {}),
+    }
+    client = Celery("client", broker=broker.url, backend=backend)
+    if broker.name == "filesystem":
+        client.conf.broker_transport_options = {
+            "data_folder_in": str(broker.data / "queue"),
+            "data_folder_out": str(broker.data / "queue"),
+            "processed_folder": str(broker.data / "processed"),
+            "control_folder": str(broker.data / "control"),
+        }
+    queues = ",".join(f"{prefix}{q}" for q in ("limited", "shared", "other", "provider"))
+    logs = tmp_path / "logs"
+    with workers(env, logs, queues=queues):
+        yield Fleet(client, prefix, logs, table, ddb.url)
+    if broker.name == "rabbitmq":
+        with client.connection_for_write() as conn:
+            for q in queues.split(","):
+                conn.default_channel.queue_delete(q)
+
+
+@pytest.fixture
+def fleet(broker: Broker, ddb_local: LocalServer, tmp_path: Path) -> Iterator[Fleet]:
+    yield from _start_fleet(broker, ddb_local, tmp_path)
+
+
+def _max_window_excess(starts_ms: list[int], burst: int, per_second: int) -> int:
+    """max over windows [s_i, s_j] of (starts in it) - (burst + rate * width)."""
+    worst = -burst
+    for i in range(len(starts_ms)):
+        for j in range(i, len(starts_ms)):
+            allowed = burst + (starts_ms[j] - starts_ms[i]) * per_second // 1000
+            worst = max(worst, j - i + 1 - allowed)
+    return worst
+
+
+def test_adherence_without_retry_storm(fleet: Fleet) -> None:
+    n = 150
+    results = [fleet.send("limited", "limited", i) for i in range(n)]
+    infos = fleet.collect(results)
+    starts = sorted(round(info["start"] * 1000) for info in infos)
+    excess = _max_window_excess(starts, RPS, RPS)
+    assert excess <= 0, f"starts exceeded capacity + rate*W by {excess}"
+    republishes = sum(info["deferrals"] for info in infos) / n
+    assert republishes <= 1.0, republishes
+    assert all(info["retries"] == 0 for info in infos)  # max_retries=0 was never used
+    assert len({info["pid"] for info in infos}) >= 3  # several worker processes took part
+    span = (starts[-1] - starts[0]) / 1000
+    utilization = (n - RPS) / (span * RPS)
+    # The first deferred messages queue behind the whole initial batch and arrive late
+    # (about 1-2 s here); the benchmark measures steady-state utilization.
+    assert utilization >= 0.8, f"achieved {utilization:.2f} of the configured rate"
+
+
+def test_reconciliation_debt_delays_later_tasks(fleet: Fleet) -> None:
+    # tpm: 1000 tokens/s, bucket 1000. Each task estimates 100 tokens and reports 300.
+    n, estimate, actual, rate, burst, in_flight = 20, 100, 300, 1000, 1000, 6
+    infos = fleet.collect([fleet.send("reconciled", "limited", actual) for _ in range(n)])
+    starts = sorted(info["start"] for info in infos)
+    span = starts[-1] - starts[0]
+    # On estimates alone the bucket would let all 20 start within 1 s. With the debt of
+    # each reported task (+200), the last start waits until the bucket has refilled
+    # everything reported before it: at most `in_flight` tasks were still running then.
+    at_least = (estimate * n + (actual - estimate) * (n - 1 - in_flight) - burst) / rate
+    exactly = (estimate * n + (actual - estimate) * (n - 1) - burst) / rate
+    assert span >= at_least, (span, at_least)
+    assert span <= exactly + 1.5, (span, exactly)  # late messages may add a little
+
+
+def test_queue_limits_are_shared_by_task_types(fleet: Fleet) -> None:
+    # Queue "shared" allows 5/s with a bucket of 5, whatever the task type.
+    results = [fleet.send("on_queue_a", "shared") for _ in range(15)]
+    results += [fleet.send("on_queue_b", "shared") for _ in range(15)]
+    other = [fleet.send("on_queue_a", "other") for _ in range(15)]
+    shared_starts = sorted(round(i["start"] * 1000) for i in fleet.collect(results))
+    assert _max_window_excess(shared_starts, 5, 5) <= 0
+    other_infos = fleet.collect(other)
+    assert all(i["deferrals"] == 0 for i in other_infos)  # another queue is not limited
+    span = (shared_starts[-1] - shared_starts[0]) / 1000
+    assert span >= (30 - 5) / 5 - 0.05  # 25 tasks beyond the bucket at 5/s
+
+
+class _Provider:
+    """An HTTP provider with fixed windows: ``allowed`` requests per ``window`` seconds,
+    then 429 with ``Retry-After`` = the time left in the window (as real providers do)."""
+
+    def __init__(self, allowed: int, window: float) -> None:
+        self.allowed = allowed
+        self.window = window
+        self.window_start: float | None = None
+        self.count = 0
+        self.accepted: list[float] = []
+        self.rejections: list[float] = []
+        self.lock = threading.Lock()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                retry_after = provider.admit(time.time())
+                if retry_after is None:
+                    body = json.dumps({"usage": {"total_tokens": 42}}).encode()
+                    self.send_response(200)
+                else:
+                    body = b'{"error": "rate limited"}'
+                    self.send_response(429)
+                    self.send_header("Retry-After", f"{retry_after:.3f}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def admit(self, now: float) -> float | None:
+        """None when the request is accepted, else the seconds left in the window."""
+        with self.lock:
+            if self.window_start is None or now >= self.window_start + self.window:
+                self.window_start, self.count = now, 0
+            if self.count < self.allowed:
+                self.count += 1
+                self.accepted.append(now)
+                return None
+            self.rejections.append(now)
+            return self.window_start + self.window - now
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}/v1/chat"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def provider() -> Iterator[_Provider]:
+    # The task is configured for 20/s; the provider takes 25 per 3 s (about 8/s).
+    p = _Provider(allowed=25, window=3.0)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_provider_429_makes_the_fleet_back_off(
+    broker: Broker, ddb_local: LocalServer, tmp_path: Path, provider: _Provider
+) -> None:
+    gen = _start_fleet(broker, ddb_local, tmp_path, {"ZAE_TEST_PROVIDER": provider.url})
+    fleet = next(gen)
+    try:
+        infos = fleet.collect([fleet.send("call_provider", "provider", i) for i in range(40)])
+    finally:
+        gen.close()
+    print(f"provider: {len(provider.accepted)} accepted, {len(provider.rejections)} 429s")
+    assert len(infos) == 40  # every task completed, the refused ones after deferral
+    assert provider.rejections, "the provider was never exceeded: the test proves nothing"
+    first = provider.rejections[0]
+    # Bound: the requests already in flight when the first 429 came back (at most the
+    # fleet's 6 pool processes), plus those granted before the block was written.
+    assert len(provider.rejections) <= 8, len(provider.rejections)
+    # The fleet waits for the provider's window: no request between the 429 burst and it.
+    window_end = first + (provider.window - (first - provider.accepted[0]) % provider.window)
+    quiet = [t for t in provider.accepted if first + 0.5 < t < window_end - 0.05]
+    assert quiet == []
+    assert "provider 429" in log_text(fleet.logs)

@@ -1,0 +1,412 @@
+"""``RateLimitedTask``: a Celery task base class whose limits are shared by every worker.
+
+Before the body runs (``before_start``) the task takes a lease from the shared buckets:
+its own limits and those of the queue it was consumed from, in one atomic write. A task
+that is refused is not failed: it reserves its own future slot (consuming now, into debt)
+and is republished once with a countdown to that slot, carrying the reservation in its
+message headers; at its slot it only counts its actual start. After the body,
+``self.report_usage(...)`` reconciles the estimate with the truth. Waiting on a limit
+never uses the task's ``max_retries``: deferrals have a counter of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, NoReturn
+
+from celery import Task, states
+from celery.exceptions import Retry
+from celery.signals import task_postrun
+
+from zae_celery.core import (
+    Lease,
+    Limit,
+    RateLimiter,
+    RateLimiterUnavailable,
+    RateLimitExceeded,
+    ValidationError,
+    ZaeError,
+)
+from zae_celery.core.limits import check_tokens
+from zae_celery.core.schema import check_id
+from zae_celery.settings import Settings
+
+__all__ = [
+    "HEADER_DEFERRALS",
+    "HEADER_LEASE",
+    "DeferralsExhausted",
+    "RateLimitedTask",
+    "limiter_for",
+    "parse_celery_rate",
+]
+
+log = logging.getLogger("zae_celery")
+
+HEADER_DEFERRALS = "zae_deferrals"
+"""Message header: how many times this task was deferred by a limit (not a retry)."""
+HEADER_LEASE = "zae_lease"
+"""Message header: the reservation a deferred task holds (its slot is already paid)."""
+
+
+class DeferralsExhausted(ZaeError):
+    """A task was deferred ``rate_max_deferrals`` times without getting a slot."""
+
+
+_limiters: dict[tuple[int, int], tuple[Settings, RateLimiter]] = {}
+_limiters_lock = threading.Lock()
+
+
+def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
+    """The settings and limiter of ``app`` in this process, created on first use.
+
+    Created lazily (not in ``worker_process_init``) and keyed by PID, so a forked pool
+    child never shares its parent's connections.
+    """
+    key = (id(app), os.getpid())
+    found = _limiters.get(key)
+    if found is None:
+        with _limiters_lock:
+            found = _limiters.get(key)
+            if found is None:
+                settings = Settings.from_app(app)
+                limiter = RateLimiter(
+                    settings.table_name,
+                    endpoint_url=settings.endpoint_url,
+                    region=settings.region,
+                    on_unavailable="open" if settings.on_unavailable == "open" else "closed",
+                )
+                found = _limiters[key] = (settings, limiter)
+    return found
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_celery_rate(value: Any) -> Limit | None:
+    """Celery's ``rate_limit`` ("100/m", "10/s", "0.5/s", or a number per second) as a
+    global :class:`Limit` named ``rate_limit`` that holds one request at a time, the same
+    smoothing as Celery's own per-worker bucket."""
+    if value is None or value == "" or value == 0:
+        return None
+    text = str(value).strip()
+    amount_text, _, unit = text.partition("/")
+    unit = unit.strip() or "s"
+    try:
+        amount = Fraction(amount_text.strip()).limit_denominator(1000)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise ValidationError("rate_limit", f"{value!r}", "like '100/m', '10/s', '2/h'") from exc
+    if unit[0] not in _UNITS or amount <= 0:
+        raise ValidationError("rate_limit", f"{value!r}", "like '100/m', '10/s', '2/h'")
+    return Limit.custom(
+        "rate_limit",
+        capacity=1,
+        refill_amount=amount.numerator,
+        refill_period_seconds=_UNITS[unit[0]] * amount.denominator,
+    )
+
+
+@dataclass(frozen=True)
+class _Spec:
+    entity_id: str
+    resource: str
+    consume: dict[str, int]
+    limits: tuple[Limit, ...]
+    extra: tuple[tuple[str, str, Sequence[Limit]], ...]
+
+
+def _option(task: Task, name: str, args: Any, kwargs: Any) -> Any:
+    """A ``rate_*`` option: the value, or the value a callable of (args, kwargs) returns."""
+    # Read from the class: a function stored as a class attribute would otherwise come
+    # back bound to the task instance.
+    value = getattr(type(task), name)
+    if isinstance(value, staticmethod):
+        value = value.__func__
+    if not callable(value):
+        return value
+    try:
+        return value(tuple(args or ()), dict(kwargs or {}))
+    except Exception as exc:
+        # The exception's text may quote task arguments: only its type is reported.
+        raise ValidationError(
+            name, f"the callable raised {type(exc).__name__} for task {task.name}"
+        ) from None
+
+
+class RateLimitedTask(Task):  # type: ignore[misc]
+    """A task whose start is gated by global token buckets.
+
+    Options (set with ``@app.task(base=RateLimitedTask, rate_limits=[...], ...)``; each
+    may be a value or a callable of the task's ``(args, kwargs)``):
+
+    - ``rate_limits``: ``[Limit, ...]`` of the task (default none: only queue limits).
+    - ``rate_resource``: what the limits protect (default: the task's name).
+    - ``rate_entity``: who is limited, e.g. a tenant (default: ``zae_default_entity``).
+    - ``rate_consume``: ``{"rpm": 1, "tpm": estimate}`` (default: 1 of every limit).
+    - ``rate_on_error``: when the body raises (or retries): ``"keep"`` what was consumed
+      (the default: a failed call may still have reached the provider), ``"refund"`` it,
+      or a tuple of limit names to keep (e.g. ``("rpm",)``) with the rest refunded.
+    - ``rate_max_deferrals``: deferrals before the task fails (default ``zae_max_deferrals``).
+    - ``rate_horizon``: seconds a slot may be reserved ahead (default ``zae_horizon``).
+
+    A string ``rate_limit`` (Celery's own option, e.g. ``"100/m"``) becomes a global limit
+    named ``rate_limit`` and the worker's per-process bucket for the task is disabled.
+    """
+
+    rate_limits: Any = ()
+    rate_resource: Any = None
+    rate_entity: Any = None
+    rate_consume: Any = None
+    rate_on_error: Any = "keep"
+    rate_max_deferrals: int | None = None
+    rate_horizon: float | None = None
+    _global_rate_limit: Limit | None = None
+
+    @classmethod
+    def bind(cls, app: Any) -> Any:
+        """Bind to the app; move a string ``rate_limit`` from Celery's per-worker bucket
+        to a global limit."""
+        bound = super().bind(app)
+        own = parse_celery_rate(cls.rate_limit)
+        if own is not None:
+            cls._global_rate_limit = own
+            cls.rate_limit = None  # the worker builds no per-process bucket for the task
+        return bound
+
+    # -- what to consume --------------------------------------------------------------------
+    def _spec(self, settings: Settings, args: Any, kwargs: Any) -> _Spec | None:
+        limits = _option(self, "rate_limits", args, kwargs) or ()
+        if isinstance(limits, Limit) or not all(isinstance(lim, Limit) for lim in limits):
+            raise ValidationError("rate_limits", "must be a list of Limit")
+        limits = tuple(limits)
+        if self._global_rate_limit is not None:
+            limits += (self._global_rate_limit,)
+        delivery = self.request.delivery_info or {}
+        queue = delivery.get("routing_key") or ""
+        queue_limits = settings.queue_limits.get(queue, ())
+        if not limits and not queue_limits:
+            return None
+        entity = _option(self, "rate_entity", args, kwargs)
+        entity = settings.default_entity if entity is None else entity
+        resource = _option(self, "rate_resource", args, kwargs) or self.name
+        check_id("rate_entity", entity)
+        check_id("rate_resource", resource)
+        consume = _option(self, "rate_consume", args, kwargs)
+        if consume is None:
+            consume = {lim.name: 1 for lim in limits}
+        if not isinstance(consume, Mapping):
+            raise ValidationError("rate_consume", "must return a dict like {'rpm': 1}")
+        consume = dict(consume)
+        if self._global_rate_limit is not None:
+            consume.setdefault("rate_limit", 1)
+        extra: tuple[tuple[str, str, Sequence[Limit]], ...] = ()
+        if queue_limits:
+            extra = ((f"queue:{queue}", "queue", queue_limits),)
+        if not limits:  # queue limits only: the queue's bucket is the task's own
+            entity, resource, limits, extra = f"queue:{queue}", "queue", tuple(queue_limits), ()
+            consume = {lim.name: consume.get(lim.name, 1) for lim in limits}
+        return _Spec(entity, resource, consume, limits, extra)
+
+    # -- the gate ---------------------------------------------------------------------------
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Acquire (or take up a reserved slot) before the body runs; defer when refused."""
+        settings, limiter = limiter_for(self.app)
+        request = self.request
+        headers = request.headers or {}
+        deferrals = int(headers.get(HEADER_DEFERRALS) or 0)
+        carried = headers.get(HEADER_LEASE)
+        if carried:
+            lease = limiter.restore(carried)
+        else:
+            spec = self._spec(settings, args, kwargs)
+            if spec is None:
+                return
+            horizon = settings.horizon if self.rate_horizon is None else self.rate_horizon
+            try:
+                lease = limiter.acquire(
+                    spec.entity_id,
+                    spec.resource,
+                    spec.consume,
+                    spec.limits,
+                    horizon=horizon,
+                    extra=spec.extra,
+                    pace=True,
+                )
+            except RateLimitExceeded as exc:
+                wait = min(exc.retry_after, horizon) + random.uniform(0, settings.jitter)
+                self._defer(settings, deferrals, wait, None, _describe(exc))
+            except RateLimiterUnavailable:
+                wait = settings.unavailable_retry + random.uniform(0, settings.jitter)
+                self._defer(settings, deferrals, wait, None, "rate limiter unavailable")
+            if lease.wait > 0:
+                self._defer(settings, deferrals, lease.wait, lease, "reserved slot")
+        self._start(settings, limiter, lease, deferrals)
+        request.zae_active_lease = lease
+
+    def _start(
+        self, settings: Settings, limiter: RateLimiter, lease: Lease, deferrals: int
+    ) -> None:
+        """Count the actual start. A task that arrives late together with others takes
+        the next free start slot (up to ``zae_start_wait`` ahead) and waits for it here,
+        so actual starts never exceed the burst, without another republish."""
+        early = lease.start_at - time.time()
+        if early > settings.start_wait:
+            self._defer(settings, deferrals, early, lease, "arrived before its slot")
+        if early > 0:
+            time.sleep(early)  # a worker's timer may fire a few ms before the slot
+        try:
+            wait = limiter.start(lease, horizon=settings.start_wait)
+        except RateLimitExceeded as exc:
+            self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc))
+        except RateLimiterUnavailable:
+            retry = settings.unavailable_retry + random.uniform(0, settings.jitter)
+            self._defer(settings, deferrals, retry, lease, "rate limiter unavailable")
+        if wait > 0:
+            time.sleep(wait)  # this task's own start slot, reserved on the start track
+
+    def _defer(
+        self,
+        settings: Settings,
+        deferrals: int,
+        countdown: float,
+        lease: Lease | None,
+        reason: str,
+    ) -> NoReturn:
+        """Republish this task with a countdown (and its reservation); raise Retry."""
+        request = self.request
+        limit = (
+            settings.max_deferrals if self.rate_max_deferrals is None else self.rate_max_deferrals
+        )
+        if deferrals >= limit:
+            if lease is not None:
+                lease.rollback()
+            raise DeferralsExhausted(
+                f"task {request.id} ({self.name}) was deferred {deferrals} times by rate "
+                f"limits without getting a slot (rate_max_deferrals={limit}); last: {reason}"
+            )
+        headers = dict(request.headers or {})
+        headers[HEADER_DEFERRALS] = deferrals + 1
+        headers[HEADER_LEASE] = lease.state.to_dict() if lease is not None else None
+        countdown = max(0.0, countdown)
+        try:
+            self.signature_from_request(request, countdown=countdown, headers=headers).apply_async()
+        except Exception:
+            if lease is not None:
+                lease.rollback()
+            raise
+        log.info(
+            "zae-celery deferred task %s (%s) by %.3f s: %s (deferral %d)",
+            request.id,
+            self.name,
+            countdown,
+            reason,
+            deferrals + 1,
+        )
+        raise Retry(f"rate limited: {reason}", None, when=countdown)
+
+    # -- inside the body ----------------------------------------------------------------------
+    @property
+    def lease(self) -> Lease:
+        """The lease of the running task (ValidationError outside a rate-limited run)."""
+        lease: Lease | None = getattr(self.request, "zae_active_lease", None)
+        if lease is None:
+            raise ValidationError(
+                "lease", f"task {self.name} holds no lease (no limits, or called directly)"
+            )
+        return lease
+
+    def report_usage(self, **actual: int) -> None:
+        """Reconcile the estimate with what was really used: ``report_usage(tpm=1234)``.
+
+        The difference from what was consumed is adjusted (one write; none if equal);
+        the bucket may go into debt, which delays later tasks exactly.
+        """
+        lease = self.lease
+        consumed = lease.consumed
+        deltas = {}
+        for name, value in actual.items():
+            check_tokens(f"report_usage.{name}", value, minimum=0)
+            if name not in consumed:
+                raise ValidationError(
+                    f"report_usage.{name}", "is not a limit of this task", ", ".join(consumed)
+                )
+            deltas[name] = value - consumed[name]
+        lease.adjust(**deltas)
+
+    def provider_limited(self, retry_after: float) -> NoReturn:
+        """The provider answered 429: empty the shared buckets for ``retry_after`` seconds
+        so every worker backs off, then defer this task past it. Raises Retry."""
+        settings, limiter = limiter_for(self.app)
+        lease = self.lease
+        own = lease.state.targets[0] if lease.state.targets else None
+        if own is not None:
+            limiter.block(own.entity_id, own.resource, own.limits, retry_after)
+        lease.commit()
+        deferrals = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
+        wait = retry_after + random.uniform(0, settings.jitter)
+        self._defer(settings, deferrals, wait, None, f"provider 429, Retry-After {retry_after}")
+
+    # -- after the body -------------------------------------------------------------------------
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Keep the consumption on success; apply ``rate_on_error`` otherwise. Never raises."""
+        lease: Lease | None = getattr(self.request, "zae_active_lease", None)
+        if lease is None or lease.closed:
+            return
+        try:
+            if status == states.SUCCESS:
+                lease.commit()
+            else:
+                self._settle_error(lease)
+        except Exception:
+            log.exception("zae-celery could not settle the lease of task %s", task_id)
+
+    def _settle_error(self, lease: Lease) -> None:
+        policy = self.rate_on_error
+        if policy == "keep":
+            lease.commit()
+        elif policy == "refund":
+            lease.rollback()
+        elif isinstance(policy, (tuple, list, frozenset, set)):
+            refund = {n: -v for n, v in lease.consumed.items() if n not in policy and v}
+            if refund:
+                lease.adjust(**refund)
+            lease.commit()
+        else:
+            raise ValidationError(
+                "rate_on_error", f"{policy!r}", "'keep', 'refund' or a tuple of names to keep"
+            )
+
+
+def _describe(exc: RateLimitExceeded) -> str:
+    return ", ".join(
+        f"{v.entity_id}/{v.resource}/{v.limit_name} wait {v.retry_after:.3f}s"
+        for v in exc.violations
+    )
+
+
+@task_postrun.connect(weak=False)  # type: ignore[untyped-decorator]
+def _settle_after_retry(
+    sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any
+) -> None:
+    """A task that ends in RETRY/IGNORED/REJECTED gets no ``after_return``: settle here."""
+    if not isinstance(sender, RateLimitedTask) or state not in (
+        states.RETRY,
+        states.IGNORED,
+        states.REJECTED,
+    ):
+        return
+    lease: Lease | None = getattr(sender.request, "zae_active_lease", None)
+    if lease is None or lease.closed:
+        return
+    try:
+        sender._settle_error(lease)
+    except Exception:
+        log.exception("zae-celery could not settle the lease of task %s", task_id)
