@@ -26,6 +26,8 @@ from zae_celery.local import (
     use_local_credentials,
 )
 
+pytest_plugins = ["tests.oprecorder"]
+
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
