@@ -31,7 +31,11 @@ typecheck: $(VENV)/.installed
 pytest: $(VENV)/.installed $(DDB_LOCAL_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# zae-limiter 0.17.0 is installed only for the comparison, constrained to the versions
+# of boto3/aioboto3 already in the environment.
 benchmark: $(VENV)/.installed $(DDB_LOCAL_STAMP)
+	$(PY) -m pip freeze | grep -iE '^(boto3|botocore|aioboto3|aiobotocore)==' > $(CACHE)/bench-constraints.txt
+	$(PY) -m pip install --quiet "zae-limiter==0.17.0" -c $(CACHE)/bench-constraints.txt
 	$(PY) -m benchmarks.engine $(BENCH_ARGS)
 
 # The environment is rebuilt when pyproject.toml changes.

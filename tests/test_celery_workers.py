@@ -25,7 +25,7 @@ from celery import Celery
 from tests.celery import fs_transport
 from tests.celery.fleet import log_text, workers
 from tests.conftest import unavailable
-from zae_celery.core import RateLimiter
+from zae_celery.core import Limit, RateLimiter
 from zae_celery.local import LocalServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -86,7 +86,12 @@ class Fleet:
 
 
 def _start_fleet(
-    broker: Broker, ddb: LocalServer, tmp_path: Path, extra_env: dict[str, str] | None = None
+    broker: Broker,
+    ddb: LocalServer,
+    tmp_path: Path,
+    extra_env: dict[str, str] | None = None,
+    pool: str = "prefork",
+    endpoint: str | None = None,
 ) -> Generator[Fleet, None, None]:
     prefix = f"t{uuid.uuid4().hex[:6]}-"
     table = f"zae-celery-{uuid.uuid4().hex[:8]}"
@@ -97,7 +102,7 @@ def _start_fleet(
         "ZAE_TEST_BROKER": broker.url,
         "ZAE_TEST_BACKEND": backend,
         "ZAE_TEST_DATA": str(broker.data),
-        "ZAE_TEST_ENDPOINT": ddb.url,
+        "ZAE_TEST_ENDPOINT": endpoint or ddb.url,
         "ZAE_TEST_TABLE": table,
         "ZAE_TEST_PREFIX": prefix,
         "ZAE_TEST_RPS": str(RPS),
@@ -113,7 +118,7 @@ def _start_fleet(
         }
     queues = ",".join(f"{prefix}{q}" for q in ("limited", "shared", "other", "provider"))
     logs = tmp_path / "logs"
-    with workers(env, logs, queues=queues):
+    with workers(env, logs, queues=queues, pool=pool):
         yield Fleet(client, prefix, logs, table, ddb.url)
     if broker.name == "rabbitmq":
         with client.connection_for_write() as conn:
@@ -270,3 +275,83 @@ def test_provider_429_makes_the_fleet_back_off(
     quiet = [t for t in provider.accepted if first + 0.5 < t < window_end - 0.05]
     assert quiet == []
     assert "provider 429" in log_text(fleet.logs)
+
+
+def test_task_cls_makes_plain_tasks_share_their_queue_limit(fleet: Fleet) -> None:
+    infos = fleet.collect([fleet.send("plain", "shared") for _ in range(15)])
+    starts = sorted(round(i["start"] * 1000) for i in infos)
+    assert _max_window_excess(starts, 5, 5) <= 0
+    assert starts[-1] - starts[0] >= (15 - 5) * 1000 // 5 - 50  # the queue's 5/s held it
+
+
+def test_celery_rate_limit_string_becomes_global(fleet: Fleet) -> None:
+    from tests.celery import app as test_app
+
+    task = test_app.app.tasks["tests.celery.app.celery_style"]
+    assert task.rate_limit is None  # no per-worker bucket: the limit is global instead
+    assert task._global_rate_limit == Limit.custom("rate_limit", 1, 5, 1)
+    infos = fleet.collect([fleet.send("celery_style", "limited") for _ in range(15)])
+    starts = sorted(round(i["start"] * 1000) for i in infos)
+    # Six pool processes, one global bucket of one token refilled 5 times a second.
+    assert _max_window_excess(starts, 1, 5) <= 0
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_other_pools_share_the_limit(
+    broker: Broker, ddb_local: LocalServer, tmp_path: Path, pool: str
+) -> None:
+    gen = _start_fleet(broker, ddb_local, tmp_path, pool=pool)
+    fleet = next(gen)
+    try:
+        infos = fleet.collect([fleet.send("limited", "limited", i) for i in range(40)])
+    finally:
+        gen.close()
+    starts = sorted(round(i["start"] * 1000) for i in infos)
+    assert _max_window_excess(starts, RPS, RPS) <= 0
+    assert sum(i["deferrals"] for i in infos) / len(infos) <= 1.0
+
+
+BAD_INPUT = [
+    ("consume_raises", "rate_consume: the callable raised ZeroDivisionError"),
+    ("consume_not_a_dict", "rate_consume: must return a dict"),
+    ("consume_beyond_burst", "requests 11 tokens but the bucket holds at most 10"),
+    ("entity_raises", "rate_entity: the callable raised KeyError"),
+    ("report_unknown", "report_usage.tokens: is not a limit of this task"),
+]
+
+
+@pytest.mark.parametrize("broker", ["filesystem"], indirect=True)
+def test_bad_input_fails_clearly_and_charges_nothing(fleet: Fleet) -> None:
+    results = [(fleet.send(name, "limited"), message) for name, message in BAD_INPUT]
+    for result, message in results:
+        with pytest.raises(Exception) as failed:
+            result.get(timeout=60, propagate=True)
+        assert message in str(failed.value), (message, failed.value)
+        assert result.state == "FAILURE"
+    limiter = RateLimiter(fleet.table, endpoint_url=fleet.endpoint)
+    tokens = limiter.available("default", "bad", [Limit.per_second("rps", 10)])
+    assert tokens == {"rps": 10.0}  # nothing was charged (report_unknown was refunded)
+    assert "zae-celery deferred" not in log_text(fleet.logs)  # no deferral loop
+
+
+@pytest.mark.parametrize("broker", ["filesystem"], indirect=True)
+def test_unreachable_endpoint_defers_then_fails_after_max_deferrals(
+    broker: Broker, ddb_local: LocalServer, tmp_path: Path
+) -> None:
+    gen = _start_fleet(
+        broker,
+        ddb_local,
+        tmp_path,
+        {"ZAE_TEST_UNAVAILABLE_RETRY": "0.2"},
+        endpoint=f"http://127.0.0.1:{free_port()}",
+    )
+    fleet = next(gen)
+    try:
+        result = fleet.send("few_deferrals", "limited")
+        with pytest.raises(Exception) as failed:
+            result.get(timeout=120, propagate=True)
+    finally:
+        gen.close()
+    assert "deferred 2 times" in str(failed.value)
+    assert log_text(fleet.logs).count("rate limiter unavailable (deferral") == 2

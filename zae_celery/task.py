@@ -31,6 +31,7 @@ from zae_celery.core import (
     RateLimiter,
     RateLimiterUnavailable,
     RateLimitExceeded,
+    TableNotFound,
     ValidationError,
     ZaeError,
 )
@@ -241,6 +242,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             except RateLimitExceeded as exc:
                 wait = min(exc.retry_after, horizon) + random.uniform(0, settings.jitter)
                 self._defer(settings, deferrals, wait, None, _describe(exc))
+            except TableNotFound:
+                raise  # a misconfiguration: fail now rather than defer forever
             except RateLimiterUnavailable:
                 wait = settings.unavailable_retry + random.uniform(0, settings.jitter)
                 self._defer(settings, deferrals, wait, None, "rate limiter unavailable")

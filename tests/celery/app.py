@@ -24,12 +24,19 @@ DATA = os.environ.get("ZAE_TEST_DATA", "")
 RPS = int(os.environ.get("ZAE_TEST_RPS", "10"))
 PREFIX = os.environ.get("ZAE_TEST_PREFIX", "")  # queue names of this test run
 
-app = Celery("zae_test", broker=BROKER, backend=os.environ.get("ZAE_TEST_BACKEND"))
+# Every task of this app is rate-aware, including those that name no base class.
+app = Celery(
+    "zae_test",
+    broker=BROKER,
+    backend=os.environ.get("ZAE_TEST_BACKEND"),
+    task_cls="zae_celery:RateLimitedTask",
+)
 app.conf.update(
     zae_table_name=os.environ.get("ZAE_TEST_TABLE", "zae-celery-tests"),
     zae_endpoint_url=os.environ.get("ZAE_TEST_ENDPOINT"),
     zae_queue_limits={f"{PREFIX}shared": [Limit.per_second("tasks", 5)]},
     zae_jitter=0.2,
+    zae_unavailable_retry=float(os.environ.get("ZAE_TEST_UNAVAILABLE_RETRY", "5")),
     task_acks_late=True,
     worker_prefetch_multiplier=4,
     task_default_queue=f"{PREFIX}limited",
@@ -118,3 +125,61 @@ def call_provider(self: RateLimitedTask, i: int) -> dict[str, Any]:
         raise
     info["end"] = time.time()
     return info
+
+
+@app.task(bind=True, max_retries=0)
+def plain(self: RateLimitedTask) -> dict[str, Any]:
+    """Names no base: rate-aware through task_cls, so its queue's limits apply."""
+    return _run_info(self)
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limit="5/s")
+def celery_style(self: RateLimitedTask) -> dict[str, Any]:
+    """Celery's own rate_limit string, made global (one at a time, 5 per second)."""
+    return _run_info(self)
+
+
+# -- bad input: each must fail with a clear error and charge nothing -----------------------
+BAD_LIMITS = [Limit.per_second("rps", 10)]
+
+
+def _boom(args: Any, kwargs: Any) -> Any:
+    return {"rps": 1 // 0}
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=BAD_LIMITS,
+          rate_resource="bad", rate_consume=_boom)  # fmt: skip
+def consume_raises(self: RateLimitedTask) -> None:
+    """rate_consume raises."""
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=BAD_LIMITS,
+          rate_resource="bad", rate_consume=lambda args, kwargs: ["rps", 1])  # fmt: skip
+def consume_not_a_dict(self: RateLimitedTask) -> None:
+    """rate_consume returns the wrong type."""
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=BAD_LIMITS,
+          rate_resource="bad", rate_consume={"rps": 11})  # fmt: skip
+def consume_beyond_burst(self: RateLimitedTask) -> None:
+    """Asks for more than the bucket can ever hold."""
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=BAD_LIMITS,
+          rate_resource="bad", rate_entity=lambda args, kwargs: kwargs["tenant"])  # fmt: skip
+def entity_raises(self: RateLimitedTask) -> None:
+    """rate_entity raises KeyError (no 'tenant' kwarg)."""
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=BAD_LIMITS,
+          rate_resource="bad", rate_on_error="refund")  # fmt: skip
+def report_unknown(self: RateLimitedTask) -> None:
+    """Reports a limit it does not have; its estimate is refunded (rate_on_error)."""
+    self.report_usage(tokens=5)
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=BAD_LIMITS,
+          rate_resource="bad", rate_max_deferrals=2)  # fmt: skip
+def few_deferrals(self: RateLimitedTask) -> dict[str, Any]:
+    """Gives up after two deferrals (used with an unreachable endpoint)."""
+    return _run_info(self)

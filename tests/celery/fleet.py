@@ -34,8 +34,9 @@ def workers(
     count: int = 3,
     concurrency: int = 2,
     queues: str = "limited,shared,other,provider",
+    pool: str = "prefork",
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``count`` prefork workers of ``tests.celery.app`` with ``env`` added."""
+    """``count`` workers (``pool``: prefork, solo, threads) of ``tests.celery.app``."""
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -45,7 +46,7 @@ def workers(
                 subprocess.Popen(
                     [
                         sys.executable, "-m", "celery", "-A", "tests.celery.app", "worker",
-                        "-P", "prefork", "-c", str(concurrency), "-Q", queues,
+                        "-P", pool, "-c", str(concurrency), "-Q", queues,
                         "-n", f"w{i}-{os.getpid()}@%h", "-l", "INFO",
                         "--without-heartbeat", "--without-mingle", "--without-gossip",
                     ],
