@@ -5,7 +5,10 @@
 Workload per cycle (sync): acquire rpm(1) + tpm(100) (+ l3..l5 for 5 limits), adjust tpm
 by +20 (the call used more than estimated), commit. "idle": limits so large nothing is
 refused; "saturated": a bucket kept near empty, most acquires refused (a refusal is a
-cycle too). "exact" (ours only): the estimate was right, adjust by 0.
+cycle too), each library with its default refusal cache (ours: refusals predicted from
+the last state seen, exact; zae-limiter: rejections remembered for 1 s); "saturated, no
+cache": both caches off, every refusal asks DynamoDB. "exact" (ours only): the
+estimate was right, adjust by 0. Each case alternates the libraries in 3 rounds.
 
 Prints median and p95 latency per cycle, DynamoDB requests per cycle, and ours/theirs.
 Figures are recorded in docs/benchmarks.md.
@@ -30,6 +33,7 @@ from zae_celery.core import Limit, RateLimiter, RateLimitExceeded
 from zae_celery.local import LocalServer, dynamodb_local, moto_server, use_local_credentials
 
 WARMUP = 50
+ROUNDS = 3
 
 
 @dataclass
@@ -53,6 +57,14 @@ class Result:
         return self.requests / self.cycles
 
 
+def _merge(parts: list[Result]) -> Result:
+    return Result(
+        [x for p in parts for x in p.latencies_s],
+        sum(p.requests for p in parts),
+        sum(p.cycles for p in parts),
+    )
+
+
 def limits_for(n_limits: int, saturated: bool) -> tuple[list[Limit], dict[str, int]]:
     """The limits and the consume of one cycle (the same definitions as theirs)."""
     big = 10**9
@@ -70,10 +82,17 @@ def limits_for(n_limits: int, saturated: bool) -> tuple[list[Limit], dict[str, i
     return limits, consume
 
 
-def run_ours(url: str, n_limits: int, saturated: bool, cycles: int, delta: int = 20) -> Result:
+def run_ours(
+    url: str,
+    n_limits: int,
+    saturated: bool,
+    cycles: int,
+    delta: int = 20,
+    local_refusals: bool = True,
+) -> Result:
     """Run the workload on this engine; count requests with botocore's event hooks."""
     table = f"bench-ours-{uuid.uuid4().hex[:8]}"
-    limiter = RateLimiter(table, endpoint_url=url)
+    limiter = RateLimiter(table, endpoint_url=url, local_refusals=local_refusals)
     limiter.create_table()
     limits, consume = limits_for(n_limits, saturated)
     seen = [0]
@@ -103,7 +122,9 @@ def run_ours(url: str, n_limits: int, saturated: bool, cycles: int, delta: int =
         limiter.delete_table()
 
 
-def run_theirs(url: str, n_limits: int, saturated: bool, cycles: int) -> Result | None:
+def run_theirs(
+    url: str, n_limits: int, saturated: bool, cycles: int, rejection_cache: bool = True
+) -> Result | None:
     """zae-limiter 0.17.0 on the same workload, or None when it is not installed."""
     try:
         from benchmarks.theirs import run_zae_limiter
@@ -116,6 +137,7 @@ def run_theirs(url: str, n_limits: int, saturated: bool, cycles: int) -> Result 
             saturated=saturated,
             cycles=cycles,
             table_name=f"bench-theirs-{uuid.uuid4().hex[:8]}",
+            rejection_cache=rejection_cache,
         )
     except ImportError:
         return None
@@ -162,16 +184,33 @@ def main(endpoint: str, cycles: int, ours_only: bool) -> None:
         table.add_column(column, justify="right")
     missing = False
     with endpoint_server(endpoint) as server:
-        for case in ("idle", "saturated", "exact"):
+        run_ours(server.url, 2, False, 300)  # warm the endpoint (DynamoDB Local's JIT) first
+        for case in ("idle", "saturated", "saturated, no cache", "exact"):
             for n_limits in (1, 2, 5):
-                saturated = case == "saturated"
-                ours = run_ours(
-                    server.url, n_limits, saturated, cycles, delta=0 if case == "exact" else 20
-                )
-                theirs = None
-                if case != "exact" and not ours_only:
-                    theirs = run_theirs(server.url, n_limits, saturated, cycles)
-                    missing = missing or theirs is None
+                saturated = case.startswith("saturated")
+                cache = case != "saturated, no cache"
+                ours_parts: list[Result] = []
+                theirs_parts: list[Result] = []
+                # Alternate the two libraries in rounds so drift affects both alike.
+                for _ in range(ROUNDS):
+                    ours_parts.append(
+                        run_ours(
+                            server.url,
+                            n_limits,
+                            saturated,
+                            cycles // ROUNDS,
+                            delta=0 if case == "exact" else 20,
+                            local_refusals=cache,
+                        )
+                    )
+                    if case != "exact" and not ours_only:
+                        part = run_theirs(server.url, n_limits, saturated, cycles // ROUNDS, cache)
+                        if part is None:
+                            missing = True
+                        else:
+                            theirs_parts.append(part)
+                ours = _merge(ours_parts)
+                theirs = _merge(theirs_parts) if theirs_parts else None
                 row = [
                     case,
                     str(n_limits),

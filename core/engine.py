@@ -631,7 +631,10 @@ class Engine:
         """
         check_id("entity_id", entity_id)
         check_id("resource", resource)
+        # The start track too: tasks already holding reservations must not start
+        # during the block either.
         checked = _check_limits(limits)
+        checked += tuple(lim.start_track() for lim in checked)
         wait_ms = _horizon_ms(seconds)
         target = Target(entity_id, resource, checked, {lim.name: 0 for lim in checked})
         pending = list(checked)
