@@ -355,3 +355,22 @@ def test_unreachable_endpoint_defers_then_fails_after_max_deferrals(
         gen.close()
     assert "deferred 2 times" in str(failed.value)
     assert log_text(fleet.logs).count("rate limiter unavailable (deferral") == 2
+
+
+@pytest.mark.parametrize("broker", ["filesystem"], indirect=True)
+def test_rate_on_error_policies(fleet: Fleet) -> None:
+    from tests.celery.app import TWO_LIMITS
+
+    expected = {
+        "fails_keep": ("fails-keep", {"rpm": 100 - 1, "tpm": 10_000 - 400}),
+        "fails_refund": ("fails-refund", {"rpm": 100, "tpm": 10_000}),
+        "fails_keep_rpm": ("fails-keep-rpm", {"rpm": 100 - 1, "tpm": 10_000}),
+    }
+    results = {name: fleet.send(name, "limited") for name in expected}
+    for result in results.values():
+        with pytest.raises(Exception, match="provider call failed"):
+            result.get(timeout=60, propagate=True)
+    limiter = RateLimiter(fleet.table, endpoint_url=fleet.endpoint)
+    for resource, tokens in expected.values():
+        left = limiter.available("default", resource, TWO_LIMITS)
+        assert {k: round(v) for k, v in left.items()} == tokens, resource

@@ -183,3 +183,34 @@ def report_unknown(self: RateLimitedTask) -> None:
 def few_deferrals(self: RateLimitedTask) -> dict[str, Any]:
     """Gives up after two deferrals (used with an unreachable endpoint)."""
     return _run_info(self)
+
+
+# -- rate_on_error: what a failed body leaves in the buckets --------------------------------
+# Refilled once a year: what the buckets show is exactly what the policy left in them.
+TWO_LIMITS = [
+    Limit.custom("rpm", 100, refill_amount=1, refill_period_seconds=31_536_000),
+    Limit.custom("tpm", 10_000, refill_amount=1, refill_period_seconds=31_536_000),
+]
+ESTIMATE = {"rpm": 1, "tpm": 400}
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=TWO_LIMITS,
+          rate_resource="fails-keep", rate_consume=ESTIMATE)  # fmt: skip
+def fails_keep(self: RateLimitedTask) -> None:
+    """The default policy: keep everything."""
+    raise RuntimeError("provider call failed")
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=TWO_LIMITS,
+          rate_resource="fails-refund", rate_consume=ESTIMATE, rate_on_error="refund")  # fmt: skip
+def fails_refund(self: RateLimitedTask) -> None:
+    """Refund everything."""
+    raise RuntimeError("provider call failed")
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=TWO_LIMITS,
+          rate_resource="fails-keep-rpm", rate_consume=ESTIMATE,
+          rate_on_error=("rpm",))  # fmt: skip
+def fails_keep_rpm(self: RateLimitedTask) -> None:
+    """Keep the request, refund the tokens."""
+    raise RuntimeError("provider call failed")
