@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .engine import Clock, Engine, Flow, LeaseState, OnUnavailable
+from .engine import Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
 from .requests import Call, Reply
-from .transport import LeaseView, client_kwargs, reply_from
+from .transport import LeaseView, LimiterBase, reply_from
 
 __all__ = ["AsyncLease", "AsyncRateLimiter"]
 
@@ -98,44 +97,16 @@ class _Acquiring:
         await self._lease.__aexit__(exc_type, exc, tb)
 
 
-class AsyncRateLimiter:
+class AsyncRateLimiter(LimiterBase):
     """Global token buckets in a DynamoDB table (asyncio, aioboto3).
 
     Same arguments and decisions as :class:`~zae_celery.core.RateLimiter`. Close it with
     ``await limiter.aclose()`` or use ``async with AsyncRateLimiter(...) as limiter``.
     """
 
-    def __init__(
-        self,
-        table_name: str,
-        *,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        on_unavailable: OnUnavailable = "closed",
-        clock: Clock = time.time,
-        stored_config: bool = True,
-        config_ttl: float = 60.0,
-        local_refusals: bool = True,
-        session: Any = None,
-    ) -> None:
-        self.engine = Engine(
-            table_name,
-            clock=clock,
-            on_unavailable=on_unavailable,
-            stored_config=stored_config,
-            config_ttl=config_ttl,
-            local_refusals=local_refusals,
-        )
-        self._client_kwargs = client_kwargs(endpoint_url, region)
-        self._session = session
-        self._client: Any = None
+    def _setup(self) -> None:
         self._stack = contextlib.AsyncExitStack()
         self._lock = asyncio.Lock()
-
-    @property
-    def table_name(self) -> str:
-        """The DynamoDB table."""
-        return self.engine.table_name
 
     async def client(self) -> Any:
         """The aiobotocore DynamoDB client (created on first use)."""

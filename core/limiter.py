@@ -9,11 +9,11 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .engine import Clock, Engine, Flow, LeaseState, OnUnavailable
+from .engine import Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
 from .requests import Call, Reply
-from .transport import LeaseView, client_kwargs, reply_from
+from .transport import LeaseView, LimiterBase, reply_from
 
 __all__ = ["Lease", "RateLimiter"]
 
@@ -75,7 +75,7 @@ class Lease(LeaseView):
             self.commit()
 
 
-class RateLimiter:
+class RateLimiter(LimiterBase):
     """Global token buckets in a DynamoDB table (sync, boto3).
 
     >>> limiter = RateLimiter("rate_limits", endpoint_url="http://127.0.0.1:8000")  # doctest: +SKIP
@@ -88,37 +88,9 @@ class RateLimiter:
     The boto3 client is created lazily, once per process (safe across ``fork``).
     """
 
-    def __init__(
-        self,
-        table_name: str,
-        *,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        on_unavailable: OnUnavailable = "closed",
-        clock: Clock = time.time,
-        stored_config: bool = True,
-        config_ttl: float = 60.0,
-        local_refusals: bool = True,
-        session: Any = None,
-    ) -> None:
-        self.engine = Engine(
-            table_name,
-            clock=clock,
-            on_unavailable=on_unavailable,
-            stored_config=stored_config,
-            config_ttl=config_ttl,
-            local_refusals=local_refusals,
-        )
-        self._client_kwargs = client_kwargs(endpoint_url, region)
-        self._session = session
-        self._client: Any = None
+    def _setup(self) -> None:
         self._pid = 0
         self._lock = threading.Lock()
-
-    @property
-    def table_name(self) -> str:
-        """The DynamoDB table."""
-        return self.engine.table_name
 
     @property
     def client(self) -> Any:

@@ -4,17 +4,18 @@ exception becomes a reply or an error, and the lease's read-only view."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
-from .engine import LeaseState
+from .engine import Clock, Engine, LeaseState, OnUnavailable
 from .errors import RateLimiterUnavailable, ValidationError
 from .requests import Reply
 
-__all__ = ["LeaseView", "client_config", "client_kwargs", "reply_from"]
+__all__ = ["LeaseView", "LimiterBase", "client_config", "client_kwargs", "reply_from"]
 
 DEFAULT_LOCAL_REGION = "us-east-1"
 
@@ -117,3 +118,55 @@ class LeaseView:
             f"<{type(self).__name__} consumed={self.consumed} wait={self.wait:.3f}s"
             f"{' unchecked' if self.unchecked else ''}{' closed' if self.closed else ''}>"
         )
+
+
+class LimiterBase:
+    """Configuration shared by :class:`RateLimiter` and :class:`AsyncRateLimiter`.
+
+    Args:
+        table_name: the DynamoDB table.
+        endpoint_url: a local endpoint (moto server, DynamoDB Local); None for AWS.
+        region: AWS region; None for the boto3 chain (``us-east-1`` for a local endpoint).
+        on_unavailable: ``"closed"`` raises RateLimiterUnavailable when DynamoDB cannot
+            answer; ``"open"`` grants an unchecked lease and logs a warning.
+        clock: seconds since the epoch (injectable for tests).
+        stored_config: look up entities and stored limits (one Query per entity, cached).
+        config_ttl: seconds stored limits and entity records are cached per process.
+        local_refusals: refuse without a request when the last state this process saw
+            already proves the refusal.
+        session: a boto3 (or aioboto3) session to create the client from.
+    """
+
+    def __init__(
+        self,
+        table_name: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        on_unavailable: OnUnavailable = "closed",
+        clock: Clock = time.time,
+        stored_config: bool = True,
+        config_ttl: float = 60.0,
+        local_refusals: bool = True,
+        session: Any = None,
+    ) -> None:
+        self.engine = Engine(
+            table_name,
+            clock=clock,
+            on_unavailable=on_unavailable,
+            stored_config=stored_config,
+            config_ttl=config_ttl,
+            local_refusals=local_refusals,
+        )
+        self._client_kwargs = client_kwargs(endpoint_url, region)
+        self._session = session
+        self._client: Any = None
+        self._setup()
+
+    def _setup(self) -> None:
+        """Per-front-end state (locks, client lifetime)."""
+
+    @property
+    def table_name(self) -> str:
+        """The DynamoDB table."""
+        return self.engine.table_name
