@@ -186,6 +186,8 @@ class AsyncRateLimiter(LimiterBase):
         *,
         horizon: float = 60.0,
         rollback_on_error: bool = True,
+        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
+        pace: bool = False,
     ) -> _Acquiring:
         """Like :meth:`RateLimiter.reserve`."""
         return self.acquire(
@@ -195,6 +197,8 @@ class AsyncRateLimiter(LimiterBase):
             limits,
             horizon=horizon,
             rollback_on_error=rollback_on_error,
+            extra=extra,
+            pace=pace,
         )
 
     async def available(

@@ -94,6 +94,8 @@ class LeaseState:
     paced: bool = False
     started_ms: int | None = None
     start_tracked: bool = False
+    tats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    """The TATs the granting write left (by attribute), when it returned them."""
 
     @property
     def wait(self) -> float:
@@ -558,7 +560,7 @@ class Engine:
         try:
             targets = yield from self.targets(entity_id, resource, consume, limits, extra)
             if not pace:
-                return (yield from self._consume(targets, horizon_ms))
+                return (yield from self._consume(targets, horizon_ms, align=True))
             paced = _with_start_track(targets)
             if horizon_ms == 0 or self._may_grant_now(targets):
                 try:
@@ -615,7 +617,7 @@ class Engine:
             )
             for t in lease.targets
         )
-        counted = yield from self._consume(tracks, _horizon_ms(horizon))
+        counted = yield from self._consume(tracks, _horizon_ms(horizon), align=True)
         lease.paced = True
         lease.start_tracked = True
         lease.started_ms = counted.start_ms
@@ -674,7 +676,9 @@ class Engine:
             f"gave up after {self.max_attempts} conditional writes lost to contention"
         )
 
-    def _consume(self, targets: tuple[Target, ...], horizon_ms: int) -> Flow[LeaseState]:
+    def _consume(
+        self, targets: tuple[Target, ...], horizon_ms: int, align: bool = False
+    ) -> Flow[LeaseState]:
         if self.local_refusals:
             # TATs only grow (but for refunds), so the last values this process saw are
             # lower bounds: a refusal they predict is certain, and costs no request.
@@ -718,7 +722,10 @@ class Engine:
             ttl = self._ttl(now_ms, horizon_ms, None, targets)
             reply = yield build_write(self.table_name, writes, ttl)
             if reply.ok:
-                return self._granted(targets, writes, reply, now_ms)
+                lease = self._granted(targets, writes, reply, now_ms)
+                if align and len(targets) == 1 and lease.start_ms > lease.granted_ms:
+                    yield from self._align(targets[0], lease)
+                return lease
             current = failed_items(reply, len(targets))
             if current is None:
                 self.raise_for(reply)
@@ -749,11 +756,15 @@ class Engine:
         self, targets: tuple[Target, ...], writes: list[Write], reply: Reply, now_ms: int
     ) -> LeaseState:
         start = now_ms
+        tats: dict[str, int] = {}
         if len(targets) == 1:
             item = reply.data.get("Attributes", {})
             self._remember(targets[0], item)
             for lim in targets[0].limits:
-                start = max(start, bucket.start_ms(lim, number(item.get(lim.key)), now_ms))
+                tat = number(item.get(lim.key))
+                if tat is not None:
+                    tats[lim.key] = tat
+                start = max(start, bucket.start_ms(lim, tat, now_ms))
         else:
             for t, w in zip(targets, writes, strict=False):
                 for step in w.steps:
@@ -761,7 +772,33 @@ class Engine:
                         self._tats[(t.entity_id, t.resource, step.limit.key)] = step.amount
                         start = max(start, bucket.start_ms(step.limit, step.amount, now_ms))
         consumed = {name: n for name, n in targets[0].consume.items()}
-        return LeaseState(targets, consumed, now_ms, start)
+        return LeaseState(targets, consumed, now_ms, start, tats=tats)
+
+    def _align(self, target: Target, lease: LeaseState) -> Flow[None]:
+        """Move every limit's reserved slot to the lease's common start.
+
+        A request waits for its slowest limit; a limit whose own slot came earlier would
+        otherwise let the next requests start sooner after this one than it allows.
+        One unconditional write, only when the slots differ.
+        """
+        start = lease.start_ms
+        pads = []
+        for lim in target.limits:
+            tat = lease.tats.get(lim.key)  # this grant's own values, not the shared cache
+            if tat is None or not target.consume.get(lim.name):
+                continue
+            pad = bucket.now_units(lim, start) + bucket.tau(lim) - tat
+            if pad > 0:
+                pads.append(bucket.Step(lim, 0, bucket.Shape.REFUND, 0, pad))
+        if not pads:
+            return
+        reply = yield build_write(
+            self.table_name,
+            [Write(target.key, pads)],
+            self._ttl(lease.granted_ms, start - lease.granted_ms, None, [target]),
+        )
+        self.raise_for(reply)
+        self._remember(target, reply.data.get("Attributes"))
 
     def _read(self, targets: Sequence[Target]) -> Flow[list[Item | None]]:
         items: list[Item | None] = []

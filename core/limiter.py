@@ -158,6 +158,8 @@ class RateLimiter(LimiterBase):
         *,
         horizon: float = 60.0,
         rollback_on_error: bool = True,
+        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
+        pace: bool = False,
     ) -> Lease:
         """Take a place in line: consume now (into debt if need be) and return a lease whose
         ``start_at``/``wait`` says when the caller may start. Beyond ``horizon`` seconds:
@@ -169,6 +171,8 @@ class RateLimiter(LimiterBase):
             limits,
             horizon=horizon,
             rollback_on_error=rollback_on_error,
+            extra=extra,
+            pace=pace,
         )
 
     def available(

@@ -349,3 +349,19 @@ def test_lease_state_round_trips_through_a_dict(limiter: RateLimiter) -> None:
     lease = limiter.reserve("e", "r", {"rps": 1}, [Limit.per_second("rps", 10)], horizon=1)
     copy = LeaseState.from_dict(lease.state.to_dict())
     assert copy == lease.state
+
+
+def test_a_reservation_holds_every_limit_until_its_common_start(
+    limiter: RateLimiter, clock: Clock
+) -> None:
+    # rps binds (its burst is spent), tokens does not: without alignment the tokens
+    # bucket would be charged "now" and let the next requests start too soon after this.
+    limits = [Limit.per_second("rps", 10), Limit.per_second("tokens", 1000)]
+    for _ in range(10):
+        limiter.acquire("e", "r", {"rps": 1, "tokens": 1}, limits)
+    counter = Counter(limiter.client)
+    lease = limiter.reserve("e", "r", {"rps": 1, "tokens": 1}, limits, horizon=1.0)
+    assert lease.wait == pytest.approx(0.1)
+    assert counter.take() == ["UpdateItem", "UpdateItem"]  # the reservation + the alignment
+    # Both buckets now say: nothing before the common start.
+    assert limiter.available("e", "r", limits) == {"rps": -1.0, "tokens": -100.0}
