@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
@@ -222,7 +223,7 @@ class Engine:
         on_unavailable: OnUnavailable = "closed",
         stored_config: bool = True,
         config_ttl: float = 60.0,
-        max_attempts: int = 8,
+        max_attempts: int = 12,
         local_refusals: bool = True,
     ) -> None:
         if not isinstance(table_name, str) or not 3 <= len(table_name) <= 255:
@@ -696,7 +697,9 @@ class Engine:
                 raise RateLimitExceeded(violations, passed)
         known: list[Item | None] | None = None
         atomic_many = len(targets) > 1
-        for _ in range(self.max_attempts):
+        for attempt in range(self.max_attempts):
+            if attempt >= 2:
+                yield _backoff(attempt)
             now_ms = self.now_ms()
             exact = known is not None and atomic_many and horizon_ms > 0
             # A transaction returns no new values: only EXACT writes tell where a
@@ -869,7 +872,9 @@ class Engine:
 
     def _change(self, targets: Sequence[Target], changes: Mapping[str, int]) -> Flow[None]:
         known: list[Item | None] | None = None
-        for _ in range(self.max_attempts):
+        for attempt in range(self.max_attempts):
+            if attempt >= 2:
+                yield _backoff(attempt)
             now_ms = self.now_ms()
             writes = []
             for i, t in enumerate(targets):
@@ -969,6 +974,11 @@ def _tracked(lease: LeaseState) -> tuple[Target, ...]:
     """The targets an adjustment applies to: with the start track when it was counted,
     so reported usage also delays the *starts* of tasks already holding reservations."""
     return _with_start_track(lease.targets) if lease.start_tracked else lease.targets
+
+
+def _backoff(attempt: int) -> Call:
+    """A short random pause after losing the same item twice to other writers."""
+    return Call("sleep", {"seconds": random.uniform(0, min(0.05, 0.002 * 2**attempt))})
 
 
 def _tat(item: Item | None, limit: Limit) -> int | None:

@@ -173,7 +173,8 @@ def _probe(kind: str, port: int) -> bool:
 
 @contextlib.contextmanager
 def moto_server(log_dir: Path | None = None) -> Iterator[LocalServer]:
-    """Run ``moto_server`` (pip package ``moto[server]``) on 127.0.0.1 and a free port."""
+    """Run moto's server (pip package ``moto[server]``) on 127.0.0.1 and a free port,
+    serving one request at a time so conditional writes are atomic, as on DynamoDB."""
     try:
         import moto  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -181,7 +182,9 @@ def moto_server(log_dir: Path | None = None) -> Iterator[LocalServer]:
             "moto server needs the 'moto[server]' package: pip install 'zae-celery[demo]'"
         ) from exc
     port = free_port()
-    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    # One request at a time: moto's threaded server does not apply a conditional update
+    # of several attributes atomically (see zae_celery/_moto_serial.py).
+    argv = [sys.executable, "-m", "zae_celery._moto_serial", str(port)]
     server = _start("moto-server", argv, port, "http", log_dir)
     try:
         yield server

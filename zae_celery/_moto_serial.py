@@ -1,0 +1,30 @@
+"""Run moto's server handling one request at a time: ``python -m zae_celery._moto_serial PORT``.
+
+``moto_server`` serves requests in threads without a lock around each item, so two
+concurrent conditional updates of several attributes of one item can both pass their
+conditions (measured: 1-3 requests over a 10/s bucket with 8 threads; none on DynamoDB
+Local). DynamoDB applies each conditional write atomically; serving one request at a time
+restores that for the engine's tests and the demo.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import run_simple
+
+
+def main() -> None:
+    """Serve moto on 127.0.0.1:PORT, single-threaded."""
+    port = int(sys.argv[1])
+    app = DomainDispatcherApplication(create_backend_app)
+    run_simple("127.0.0.1", port, app, threaded=False, request_handler=MotoRequestHandler)
+
+
+if __name__ == "__main__":
+    main()
