@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.celery import fs_transport
 from tests.celery.fleet import log_text, workers
 from tests.conftest import unavailable
+from zae_celery import fsbroker
 from zae_celery.core import Limit, RateLimiter
 from zae_celery.local import LocalServer, free_port
 
@@ -43,10 +43,8 @@ class Broker:
 @pytest.fixture(params=["filesystem", "redis", "rabbitmq"])
 def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
     data = tmp_path / "broker"
-    (data / "queue").mkdir(parents=True)
-    (data / "processed").mkdir()
     if request.param == "filesystem":
-        return Broker("filesystem", f"{fs_transport.ALIAS}://", data)
+        return Broker("filesystem", f"{fsbroker.SCHEME}://", data)
     if request.param == "redis":
         server: LocalServer = request.getfixturevalue("redis")
         return Broker("redis", f"redis://127.0.0.1:{server.port}/0", data)
@@ -110,12 +108,7 @@ def _start_fleet(
     }
     client = Celery("client", broker=broker.url, backend=backend)
     if broker.name == "filesystem":
-        client.conf.broker_transport_options = {
-            "data_folder_in": str(broker.data / "queue"),
-            "data_folder_out": str(broker.data / "queue"),
-            "processed_folder": str(broker.data / "processed"),
-            "control_folder": str(broker.data / "control"),
-        }
+        client.conf.broker_transport_options = fsbroker.transport_options(broker.data)
     queues = ",".join(f"{prefix}{q}" for q in ("limited", "shared", "other", "provider"))
     logs = tmp_path / "logs"
     with workers(env, logs, queues=queues, pool=pool):

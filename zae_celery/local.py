@@ -138,20 +138,28 @@ def _start(
             env={**os.environ, **(env or {})},
         )
     server = LocalServer(name=name, host="127.0.0.1", port=port, process=process, log_path=log_path)
+    try:
+        _wait_until_serving(server, ready)
+    except BaseException:  # also Ctrl-C while waiting: never leave the child behind
+        server.stop()
+        raise
+    return server
+
+
+def _wait_until_serving(server: LocalServer, ready: str) -> None:
     deadline = time.monotonic() + _STARTUP_TIMEOUT
     while True:
-        if process.poll() is not None:
+        if server.process.poll() is not None:
             raise ServerUnavailable(
-                f"{name} exited with code {process.returncode} before serving on port {port}\n"
-                + _log_tail(log_path)
+                f"{server.name} exited with code {server.process.returncode} before serving "
+                f"on port {server.port}\n" + _log_tail(server.log_path)
             )
-        if _probe(ready, port):
-            return server
+        if _probe(ready, server.port):
+            return
         if time.monotonic() > deadline:
-            server.stop()
             raise ServerUnavailable(
-                f"{name} did not serve on port {port} within {_STARTUP_TIMEOUT:.0f} s\n"
-                + _log_tail(log_path)
+                f"{server.name} did not serve on port {server.port} within "
+                f"{_STARTUP_TIMEOUT:.0f} s\n" + _log_tail(server.log_path)
             )
         time.sleep(0.05)  # polling a child process for readiness; not a synchronisation stand-in
 

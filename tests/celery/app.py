@@ -12,12 +12,12 @@ import os
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-from tests.celery import fs_transport
-from zae_celery import Limit, RateLimitedTask
+from zae_celery import Limit, RateLimitedTask, fsbroker
 
 BROKER = os.environ.get("ZAE_TEST_BROKER", "memory://")
 DATA = os.environ.get("ZAE_TEST_DATA", "")
@@ -43,15 +43,8 @@ app.conf.update(
     result_extended=True,
     broker_connection_retry_on_startup=True,
 )
-if BROKER.startswith(f"{fs_transport.ALIAS}://"):
-    app.conf.broker_transport_options = {
-        "data_folder_in": os.path.join(DATA, "queue"),
-        "data_folder_out": os.path.join(DATA, "queue"),
-        "processed_folder": os.path.join(DATA, "processed"),
-        "control_folder": os.path.join(DATA, "control"),
-        "store_processed": False,
-        "polling_interval": 0.05,
-    }
+if BROKER.startswith(f"{fsbroker.SCHEME}://"):
+    app.conf.broker_transport_options = fsbroker.transport_options(Path(DATA))
 
 
 def _run_info(task: Any) -> dict[str, Any]:

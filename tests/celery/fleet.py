@@ -15,10 +15,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _stop(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGTERM to the worker's main process (a warm shutdown that stops its pool), then
+    SIGKILL to the whole group if it lingers. Signalling the pool children directly
+    makes the worker replace them and delays the shutdown."""
     if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+        os.kill(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -63,7 +66,7 @@ def workers(
     finally:
         for p in procs:  # signal all first, so they shut down in parallel
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
+                os.kill(p.pid, signal.SIGTERM)
         for p in procs:
             _stop(p)
 

@@ -1,0 +1,630 @@
+"""Celery benchmark: zae-celery's RateLimitedTask against Celery's own ``rate_limit``.
+
+    python -m benchmarks.celery [--tasks 300] [--workers 3] [--concurrency 2] [--rate 10]
+                                [--broker redis|filesystem] [--endpoint dynamodb-local|moto]
+                                [--provider-rate N] [--only zae|builtin] [--save FILE]
+
+The same saturated batch runs twice on ``--workers`` real ``celery worker`` processes
+(prefork, ``--concurrency`` each; app: ``benchmarks/celery_app.py``):
+
+1. zae-celery: ``base=RateLimitedTask``, ``rate_limits=[Limit.per_second("rps", RATE)]``
+   (one bucket of RATE shared by every worker, in DynamoDB);
+2. Celery's built-in ``rate_limit=f"{RATE}/s"`` on a plain task (a bucket per worker).
+
+Every task calls a local HTTP provider that itself allows RATE requests a second (a token
+bucket holding RATE; ``--provider-rate`` changes it) and answers 429 with Retry-After
+beyond that. The batch is published in one loop once every worker is ready; each run has
+fresh workers, provider, queue (and, for zae-celery, table). The servers (DynamoDB Local
+or moto server, redis-server), the provider and the workers listen on 127.0.0.1 and are
+stopped by PID (process group) at the end, also on Ctrl-C.
+
+Printed side by side, with the goals of issue 4 (printed, not asserted):
+
+* achieved / configured rate after the initial burst: (n - burst) / (span * rate), span
+  from the first start to the last (goal >= 0.95);
+* worst window excess: max over windows [s_i, s_j] of starts - (burst + rate * width),
+  integer milliseconds (goal <= 0), over the task starts (zae: the engine's clock;
+  built-in: the body's first line) and over every request the provider received;
+* republishes per task (zae: the ``zae_deferrals`` header; built-in: retries) (goal <= 1);
+* DynamoDB requests per task, counted in the worker processes (goal <= 2), and per
+  operation below the table;
+* the provider's requests and 429s, how late zae-celery's tasks started after their slot,
+  the longest pause between starts, and the wall time from the first send to the last
+  task's end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import celery as celery_pkg
+import click
+from celery import Celery
+from rich.console import Console
+from rich.table import Table
+
+from zae_celery import fsbroker as fs_broker
+from zae_celery.core import RateLimiter
+from zae_celery.local import (
+    LocalServer,
+    dynamodb_local,
+    free_port,
+    moto_server,
+    redis_server,
+    use_local_credentials,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+APP = "benchmarks.celery_app"
+MODES = {
+    "zae": ("zae-celery", f"{APP}.zae_call"),
+    "builtin": ("Celery rate_limit", f"{APP}.builtin_call"),
+}
+READY = re.compile(rb"@\S+ ready\.")
+
+
+# -- the provider ---------------------------------------------------------------------------------
+class Provider:
+    """An HTTP API on 127.0.0.1 that allows ``rate`` requests a second itself.
+
+    A token bucket holding ``rate`` tokens and refilling ``rate`` a second (the shape of
+    the limit under test), full at the start. A request without a token gets 429 with
+    ``Retry-After`` = the time until the next token, in milliseconds rounded up.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self.updated = time.time()
+        self.accepted: list[float] = []
+        self.rejected: list[float] = []
+        self.lock = threading.Lock()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                retry_after = provider.admit()
+                if retry_after is None:
+                    self.send_response(200)
+                    body = b'{"ok": true}'
+                else:
+                    self.send_response(429)
+                    self.send_header("Retry-After", f"{retry_after:.3f}")
+                    body = b'{"error": "rate limited"}'
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def admit(self) -> float | None:
+        """None when the request is accepted, else the seconds until the next token."""
+        with self.lock:
+            now = time.time()
+            self.tokens = min(float(self.rate), self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                self.accepted.append(now)
+                return None
+            self.rejected.append(now)
+            return math.ceil((1 - self.tokens) / self.rate * 1000) / 1000
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}/v1/complete"
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Provider]:
+        """Serve until the block ends; the bucket starts full when serving starts."""
+        with self.lock:
+            self.tokens, self.updated = float(self.rate), time.time()
+        self.thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+# -- the workers ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them.
+
+    Starting a process and taking its handle must not be split by an interruption, or
+    the process would run on with nobody to stop it.
+    """
+    held: list[int] = []
+    watched = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, _: held.append(sig)) for sig in watched}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
+    """Stop workers by PID, all in parallel.
+
+    SIGTERM goes to each worker's main process: a warm shutdown, in which the worker stops
+    its own pool (signalling the whole group would kill the pool processes under it, and
+    the worker would start new ones). Then SIGKILL goes to each process group, which also
+    takes any pool process left behind.
+    """
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    for p in procs:
+        p.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def worker_fleet(
+    env: dict[str, str], queue: str, logs: Path, count: int, concurrency: int
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` prefork workers of the benchmark app, each in its own process group,
+    returned once every one of them logged that it is ready."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(count):
+            with (logs / f"worker-{i}.log").open("wb") as log, _signals_held():
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable, "-m", "celery", "-A", APP, "worker",
+                            "-P", "prefork", "-c", str(concurrency), "-Q", queue,
+                            "-n", f"bench{i}-{queue}@%h", "-l", "INFO",
+                            "--without-heartbeat", "--without-mingle", "--without-gossip",
+                        ],
+                        cwd=REPO,
+                        env={**os.environ, **env},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                )  # fmt: skip
+        deadline = time.monotonic() + 120
+        waiting = set(range(count))
+        while waiting:
+            for i in sorted(waiting):
+                if READY.search((logs / f"worker-{i}.log").read_bytes()):
+                    waiting.discard(i)
+                elif procs[i].poll() is not None:
+                    raise click.ClickException(
+                        f"worker {i} exited with code {procs[i].returncode}:\n"
+                        + _tail(logs / f"worker-{i}.log")
+                    )
+            if waiting and time.monotonic() > deadline:
+                raise click.ClickException(f"workers {sorted(waiting)} not ready after 120 s")
+            time.sleep(0.1)  # polling child processes' logs for readiness
+        yield procs
+    finally:
+        with _signals_held():  # a second Ctrl-C must not leave workers running
+            stop_workers(procs)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# -- measures -------------------------------------------------------------------------------------
+def max_window_excess(times_ms: list[int], burst: int, rate: int) -> int:
+    """max over windows [t_i, t_j] of (events in it) - (burst + rate * width), with the
+    allowance floored to whole requests (integer milliseconds throughout)."""
+    times = sorted(times_ms)
+    worst = -burst
+    for i, first in enumerate(times):
+        for j in range(i, len(times)):
+            allowed = burst + (times[j] - first) * rate // 1000
+            worst = max(worst, j - i + 1 - allowed)
+    return worst
+
+
+@dataclass
+class Run:
+    """One mode's batch: what the tasks returned and what the provider saw."""
+
+    mode: str
+    tasks: int
+    rate: int
+    submitted_at: float
+    infos: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
+    rejected: list[float] = field(default_factory=list)
+
+    @property
+    def starts_ms(self) -> list[int]:
+        return sorted(round(info["start"] * 1000) for info in self.infos)
+
+    @property
+    def span_s(self) -> float:
+        starts = self.starts_ms
+        return (starts[-1] - starts[0]) / 1000 if len(starts) > 1 else 0.0
+
+    @property
+    def achieved(self) -> float:
+        """Achieved / configured rate after the initial burst."""
+        n = len(self.infos)
+        return (n - self.rate) / (self.span_s * self.rate) if self.span_s > 0 else math.nan
+
+    @property
+    def start_excess(self) -> int:
+        return max_window_excess(self.starts_ms, self.rate, self.rate)
+
+    @property
+    def provider_excess(self) -> int:
+        sent = [round(t * 1000) for t in self.accepted + self.rejected]
+        return max_window_excess(sent, self.rate, self.rate)
+
+    @property
+    def republishes(self) -> tuple[float, int]:
+        counts = [int(info["republishes"]) for info in self.infos] or [0]
+        return sum(counts) / max(1, len(self.infos)), max(counts)
+
+    def _last_per_process(self) -> list[dict[str, Any]]:
+        """Each worker process's last report (its counters only grow)."""
+        last: dict[int, dict[str, Any]] = {}
+        for info in self.infos:
+            seen = last.get(info["pid"])
+            if seen is None or info["dynamodb_requests"] > seen["dynamodb_requests"]:
+                last[info["pid"]] = info
+        return list(last.values())
+
+    @property
+    def dynamodb_by_operation(self) -> dict[str, int]:
+        """Requests per DynamoDB operation over the run."""
+        total: dict[str, int] = {}
+        for info in self._last_per_process():
+            for operation, count in info["dynamodb_by_operation"].items():
+                total[operation] = total.get(operation, 0) + int(count)
+        return dict(sorted(total.items()))
+
+    @property
+    def dynamodb_condition_failed(self) -> int:
+        """Replies that were a refused condition (included in the requests)."""
+        return sum(int(i["dynamodb_condition_failed"]) for i in self._last_per_process())
+
+    @property
+    def dynamodb_per_task(self) -> float:
+        return sum(self.dynamodb_by_operation.values()) / max(1, len(self.infos))
+
+    @property
+    def largest_gap_s(self) -> tuple[float, float]:
+        """The longest pause between consecutive starts, and when it began (from the first)."""
+        starts = self.starts_ms
+        if len(starts) < 2:
+            return 0.0, 0.0
+        gap, at = max((b - a, a) for a, b in itertools.pairwise(starts))
+        return gap / 1000, (at - starts[0]) / 1000
+
+    @property
+    def late_s(self) -> tuple[float, float] | None:
+        """How long after their slot (zae: granted or reserved) tasks started: median, max."""
+        late = sorted(info["start"] - info["slot"] for info in self.infos if info["slot"])
+        return (late[len(late) // 2], late[-1]) if late else None
+
+    @property
+    def wall_s(self) -> float:
+        return max(info["end"] for info in self.infos) - self.submitted_at if self.infos else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "tasks": self.tasks,
+            "rate": self.rate,
+            "submitted_at": self.submitted_at,
+            "infos": self.infos,
+            "failures": self.failures,
+            "provider_accepted": self.accepted,
+            "provider_rejected": self.rejected,
+        }
+
+
+# -- one run --------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """What both runs share."""
+
+    tasks: int
+    workers: int
+    concurrency: int
+    rate: int
+    provider_rate: int
+    broker: str
+    endpoint_url: str
+    redis_port: int | None
+    work: Path
+
+
+def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
+    """The publishing app of a run and the environment of its workers."""
+    if setup.redis_port is not None:
+        broker = f"redis://127.0.0.1:{setup.redis_port}/0"
+        backend = f"redis://127.0.0.1:{setup.redis_port}/1"
+    else:
+        broker = f"{fs_broker.SCHEME}://"
+        backend = f"file://{run_dir / 'results'}"
+        (run_dir / "results").mkdir(parents=True, exist_ok=True)
+    client = Celery("zae-bench-client", broker=broker, backend=backend)
+    client.conf.broker_connection_retry_on_startup = True
+    if setup.redis_port is None:
+        client.conf.broker_transport_options = fs_broker.transport_options(setup.work / "broker")
+    env = {
+        "ZAE_BENCH_BROKER": broker,
+        "ZAE_BENCH_BROKER_DIR": str(setup.work / "broker"),
+        "ZAE_BENCH_BACKEND": backend,
+        "ZAE_BENCH_ENDPOINT": setup.endpoint_url,
+        "ZAE_BENCH_RATE": str(setup.rate),
+    }
+    return client, env
+
+
+def run_mode(setup: Setup, mode: str, console: Console) -> Run:
+    """One saturated batch on fresh workers, provider, queue (and table, for zae)."""
+    label, task_name = MODES[mode]
+    tag = uuid.uuid4().hex[:8]
+    queue = f"bench-{mode}-{tag}"
+    table = f"zae-bench-{tag}"
+    if mode == "zae":
+        RateLimiter(table, endpoint_url=setup.endpoint_url).create_table()
+    run_dir = setup.work / f"{mode}-{tag}"
+    client, env = _client(setup, run_dir)
+    provider = Provider(setup.provider_rate)
+    env.update(ZAE_BENCH_TABLE=table, ZAE_BENCH_PROVIDER=provider.url)
+    logs = run_dir / "logs"
+    with contextlib.ExitStack() as stack:
+        with console.status(f"{label}: starting {setup.workers} workers"):
+            stack.enter_context(worker_fleet(env, queue, logs, setup.workers, setup.concurrency))
+        stack.enter_context(provider.running())
+        run = Run(mode, setup.tasks, setup.rate, submitted_at=time.time())
+        results = [client.send_task(task_name, args=[i], queue=queue) for i in range(setup.tasks)]
+        deadline = time.monotonic() + (setup.tasks - setup.rate) / setup.rate * 3 + 120
+        try:
+            with console.status(f"{label}: 0/{setup.tasks} done") as status:
+                for done, result in enumerate(results, 1):
+                    try:
+                        timeout = max(1.0, deadline - time.monotonic())
+                        run.infos.append(result.get(timeout=timeout, interval=0.1))
+                    except Exception as exc:
+                        run.failures.append(f"{result.id}: {exc!r}")
+                    status.update(f"{label}: {done}/{setup.tasks} done")
+        finally:
+            # Unsubscribe now, while redis still runs: a result left pending (Ctrl-C)
+            # would otherwise try from its finalizer, after redis-server is stopped.
+            if hasattr(client.backend, "remove_pending_result"):
+                for result in results:
+                    with contextlib.suppress(Exception):
+                        client.backend.remove_pending_result(result)
+        run.accepted, run.rejected = list(provider.accepted), list(provider.rejected)
+    if run.failures:
+        console.print(f"[red]{label}: {len(run.failures)} tasks failed, e.g. {run.failures[0]}")
+        console.print(_tail(logs / "worker-0.log"))
+    if mode == "zae":
+        with contextlib.suppress(Exception):
+            RateLimiter(table, endpoint_url=setup.endpoint_url).delete_table()
+    with contextlib.suppress(Exception):
+        client.close()
+    return run
+
+
+# -- the table ------------------------------------------------------------------------------------
+def _mark(ok: bool) -> str:
+    return " [green]✓[/]" if ok else " [red]✗[/]"
+
+
+def _rows(run: Run) -> list[str]:
+    mean, most = run.republishes
+    gap, at = run.largest_gap_s
+    is_zae = run.mode == "zae"
+    sent = len(run.accepted) + len(run.rejected)
+    return [
+        f"{len(run.infos)}/{run.tasks}",
+        f"{run.achieved:.3f}{_mark(run.achieved >= 0.95)}",
+        f"{run.start_excess:+d}{_mark(run.start_excess <= 0)}",
+        f"{run.provider_excess:+d}{_mark(run.provider_excess <= 0)}",
+        f"{mean:.2f} (max {most}){_mark(mean <= 1)}",
+        f"{run.dynamodb_per_task:.2f}{_mark(run.dynamodb_per_task <= 2)}" if is_zae else "0 (none)",
+        f"{sent} / {len(run.rejected)}",
+        "-" if run.late_s is None else "{:.2f} / {:.2f}".format(*run.late_s),
+        f"{run.span_s:.2f}",
+        f"{gap:.2f} at +{at:.1f} s",
+        f"{run.wall_s:.1f}",
+    ]
+
+
+def render(runs: list[Run], setup: Setup, endpoint: str, console: Console) -> None:
+    n, rate = setup.tasks, setup.rate
+    table = Table(
+        title=(
+            f"{n} tasks sent at once, {setup.workers} workers x prefork -c {setup.concurrency}, "
+            f"{rate}/s (bucket {rate}), provider {setup.provider_rate}/s, broker {setup.broker}, "
+            f"{endpoint}"
+        )
+    )
+    table.add_column("measure")
+    table.add_column("goal")
+    for run in runs:
+        table.add_column(MODES[run.mode][0], justify="right")
+    labels = [
+        ("tasks completed", ""),
+        ("achieved / configured rate, after the burst", ">= 0.95"),
+        ("worst window excess, task starts", "<= 0"),
+        ("worst window excess, requests at the provider", "<= 0"),
+        ("republishes per task", "<= 1"),
+        ("DynamoDB requests per task", "<= 2"),
+        ("provider requests / 429s", f"{n} / 0" if setup.provider_rate == rate else ""),
+        ("start after its slot, median / max s", ""),
+        ("span of starts, s", f"{(n - rate) / rate:.1f}"),
+        ("largest gap between starts, s", f"{1 / rate:.2f}"),
+        ("wall time from first send, s", ""),
+    ]
+    columns = [_rows(run) for run in runs]
+    for k, (label, goal) in enumerate(labels):
+        table.add_row(label, goal, *(column[k] for column in columns))
+    console.print(table)
+    for run in runs:
+        if run.dynamodb_by_operation:
+            ops = ", ".join(f"{op} {count}" for op, count in run.dynamodb_by_operation.items())
+            console.print(
+                f"{MODES[run.mode][0]} DynamoDB requests: {ops} "
+                f"({run.dynamodb_condition_failed} of them answered 'condition failed')"
+            )
+    console.print(
+        f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, Celery {celery_pkg.__version__}"
+    )
+
+
+# -- servers and the command ----------------------------------------------------------------------
+@contextlib.contextmanager
+def endpoint_server(kind: str, logs: Path) -> Iterator[LocalServer]:
+    if kind == "moto":
+        with moto_server(log_dir=logs) as server:
+            yield server
+    else:
+        cache = Path(os.environ.get("ZAE_CACHE_DIR", REPO / ".cache"))
+        with dynamodb_local(cache_dir=cache, log_dir=logs) as server:
+            yield server
+
+
+@click.command()
+@click.option("--tasks", default=300, show_default=True, help="Tasks in the batch.")
+@click.option("--workers", default=3, show_default=True, help="celery worker processes.")
+@click.option("--concurrency", default=2, show_default=True, help="Prefork pool size per worker.")
+@click.option("--rate", default=10, show_default=True, help="Requests per second (and bucket).")
+@click.option(
+    "--provider-rate",
+    type=int,
+    default=None,
+    help="What the provider allows a second (default: --rate). A large value shows what "
+    "each mode sends when nothing pushes back.",
+)
+@click.option(
+    "--broker",
+    type=click.Choice(["redis", "filesystem"]),
+    default="redis",
+    show_default=True,
+    help="A private redis-server, or filesystem:// with atomic writes (zae_celery/fsbroker.py).",
+)
+@click.option(
+    "--endpoint",
+    type=click.Choice(["dynamodb-local", "moto"]),
+    default="dynamodb-local",
+    show_default=True,
+    help="The local DynamoDB of zae-celery.",
+)
+@click.option(
+    "--only",
+    type=click.Choice(["zae", "builtin"]),
+    default=None,
+    help="Run one of the two modes only.",
+)
+@click.option(
+    "--save",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write every start time and provider request to this JSON file.",
+)
+@click.option("--keep", is_flag=True, help="Keep the work folder (worker and server logs).")
+def main(
+    tasks: int,
+    workers: int,
+    concurrency: int,
+    rate: int,
+    provider_rate: int | None,
+    broker: str,
+    endpoint: str,
+    only: str | None,
+    save: Path | None,
+    keep: bool,
+) -> None:
+    """Run the same saturated batch with zae-celery and with Celery's rate_limit."""
+    if tasks <= rate or rate < 1 or workers < 1 or concurrency < 1:
+        raise click.BadParameter("need --tasks > --rate >= 1 and at least one worker")
+    use_local_credentials()
+    # SIGTERM unwinds like Ctrl-C does: every worker and server is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    console = Console(width=140)
+    work = Path(tempfile.mkdtemp(prefix="zae-bench-celery-"))
+    runs: list[Run] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            # zae_celery.local stops a server only once it serves: an interruption
+            # while one starts is held until then (a few seconds at most).
+            starting = f"starting {endpoint}" + (" and redis" * (broker == "redis"))
+            with console.status(starting), _signals_held():
+                server = stack.enter_context(endpoint_server(endpoint, work / "servers"))
+                redis_port = None
+                if broker == "redis":
+                    redis_port = stack.enter_context(redis_server(log_dir=work / "servers")).port
+            setup = Setup(
+                tasks,
+                workers,
+                concurrency,
+                rate,
+                provider_rate or rate,
+                broker,
+                server.url,
+                redis_port,
+                work,
+            )
+            for mode in MODES:
+                if only in (None, mode):
+                    runs.append(run_mode(setup, mode, console))
+        render(runs, setup, endpoint, console)
+        if save is not None:
+            save.write_text(json.dumps([run.to_json() for run in runs]))
+            console.print(f"raw data: {save}")
+    finally:
+        if keep:
+            console.print(f"work folder (logs) kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The Celery app run by the workers of the Celery benchmark (``benchmarks/celery.py``).
+
+    celery -A benchmarks.celery_app worker -P prefork -c 2 -Q <queue>
+
+Two tasks call the same local HTTP provider, which allows ``ZAE_BENCH_RATE`` requests a
+second and answers 429 with ``Retry-After`` beyond that:
+
+* ``zae_call``: ``base=RateLimitedTask`` with one global limit of ``RATE``/s (bucket
+  ``RATE``); on a 429 it calls ``self.provider_limited(retry_after)``.
+* ``builtin_call``: a plain task with Celery's own ``rate_limit="<RATE>/s"`` (a bucket
+  in each worker instance); on a 429 it retries with ``countdown=retry_after``.
+
+Both return what the benchmark measures: when the body started, how often the task was
+republished, and (zae) how many DynamoDB requests its worker process has sent so far.
+
+Configured by the benchmark through the environment:
+
+==========================  =============================================================
+``ZAE_BENCH_BROKER``        broker URL (``redis://...`` or ``benchfs://``)
+``ZAE_BENCH_BROKER_DIR``    the folder of the ``benchfs://`` broker
+``ZAE_BENCH_BACKEND``       result backend URL
+``ZAE_BENCH_ENDPOINT``      DynamoDB endpoint (DynamoDB Local or moto server)
+``ZAE_BENCH_TABLE``         the run's table
+``ZAE_BENCH_RATE``          requests per second (the limit and the provider's)
+``ZAE_BENCH_PROVIDER``      URL of the provider
+==========================  =============================================================
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+
+from zae_celery import Limit, RateLimitedTask
+from zae_celery import fsbroker as fs_broker
+from zae_celery.task import HEADER_DEFERRALS, limiter_for
+
+RATE = int(os.environ.get("ZAE_BENCH_RATE", "10"))
+BROKER = os.environ.get("ZAE_BENCH_BROKER", "memory://")
+PROVIDER = os.environ.get("ZAE_BENCH_PROVIDER", "http://127.0.0.1:9/")
+BUILTIN_MAX_RETRIES = 10_000
+"""Retries are the built-in task's only way to wait out a 429: never run out of them."""
+
+app = Celery("zae_bench", broker=BROKER, backend=os.environ.get("ZAE_BENCH_BACKEND"))
+# Otherwise Celery's defaults and zae-celery's defaults: what a user starts with.
+app.conf.update(
+    zae_table_name=os.environ.get("ZAE_BENCH_TABLE", "zae-celery-bench"),
+    zae_endpoint_url=os.environ.get("ZAE_BENCH_ENDPOINT"),
+    broker_connection_retry_on_startup=True,
+)
+if BROKER.startswith(f"{fs_broker.SCHEME}://"):
+    app.conf.broker_transport_options = fs_broker.transport_options(
+        Path(os.environ["ZAE_BENCH_BROKER_DIR"])
+    )
+
+
+# -- DynamoDB requests of this worker process ---------------------------------------------------
+class _RequestCounter:
+    """Counts every HTTP request the process's zae-celery client sends (retries too), per
+    operation, and the replies that were a refused condition (a write that lost its guess
+    or its race, or a refusal)."""
+
+    def __init__(self) -> None:
+        self.by_operation: dict[str, int] = {}
+        self.condition_failed = 0
+        self.pid = 0
+        self.lock = threading.Lock()
+
+    def sent_one(self, event_name: str = "", **_: Any) -> None:
+        operation = event_name.rpartition(".")[2]  # before-send.dynamodb.UpdateItem
+        with self.lock:
+            self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
+
+    def replied(self, parsed: Any = None, **_: Any) -> None:
+        code = (parsed or {}).get("Error", {}).get("Code", "") if isinstance(parsed, dict) else ""
+        if code in ("ConditionalCheckFailedException", "TransactionCanceledException"):
+            with self.lock:
+                self.condition_failed += 1
+
+    @property
+    def sent(self) -> int:
+        return sum(self.by_operation.values())
+
+    def install(self) -> None:
+        """Hook the limiter's client of this process, once (before its first request)."""
+        if self.pid == os.getpid():
+            return
+        self.pid, self.by_operation, self.condition_failed = os.getpid(), {}, 0
+        _, limiter = limiter_for(app)
+        events = limiter.client.meta.events
+        events.register("before-send.dynamodb.*", self.sent_one)
+        events.register("after-call.dynamodb.*", self.replied)
+
+
+_counter = _RequestCounter()
+
+
+@worker_process_init.connect(weak=False)
+def _count_dynamodb_requests(**_: Any) -> None:
+    """In each prefork child, before it runs any task (so before its first request)."""
+    _counter.install()
+
+
+# -- the provider -----------------------------------------------------------------------------
+def _call_provider(task: Task, attempt: int) -> float | None:
+    """POST to the provider: None when it accepted the request, else its Retry-After."""
+    request = urllib.request.Request(
+        PROVIDER,
+        data=f'{{"task": "{task.request.id}", "attempt": {attempt}}}'.encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            reply.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code != 429:
+            raise
+        return float(exc.headers.get("Retry-After") or 1.0)
+    return None
+
+
+# -- the two tasks ------------------------------------------------------------------------------
+@app.task(
+    base=RateLimitedTask,
+    bind=True,
+    max_retries=0,  # waiting on the limit never uses retries
+    rate_limits=[Limit.per_second("rps", RATE)],
+    rate_resource="bench-provider",
+)
+def zae_call(self: RateLimitedTask, i: int) -> dict[str, Any]:
+    """Gated by the shared DynamoDB bucket; a 429 empties it for every worker."""
+    _counter.install()  # no-op after worker_process_init (covers a solo pool)
+    started = self.lease.started_at  # the engine's clock: when the start was counted
+    slot = self.lease.start_at  # when it could have started (its reserved slot, if deferred)
+    republished = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
+    retry_after = _call_provider(self, republished)
+    if retry_after is not None:
+        self.provider_limited(retry_after)
+    return {
+        "i": i,
+        "start": started,
+        "slot": slot,
+        "end": time.time(),
+        "republishes": republished,
+        "dynamodb_requests": _counter.sent,
+        "dynamodb_by_operation": dict(_counter.by_operation),
+        "dynamodb_condition_failed": _counter.condition_failed,
+        "pid": os.getpid(),
+    }
+
+
+@app.task(bind=True, rate_limit=f"{RATE}/s", max_retries=BUILTIN_MAX_RETRIES)
+def builtin_call(self: Task, i: int) -> dict[str, Any]:
+    """Celery's own rate_limit (per worker instance); a 429 is retried after Retry-After."""
+    started = time.time()
+    retry_after = _call_provider(self, self.request.retries)
+    if retry_after is not None:
+        raise self.retry(countdown=retry_after)
+    return {
+        "i": i,
+        "start": started,
+        "slot": None,
+        "end": time.time(),
+        "republishes": self.request.retries,
+        "dynamodb_requests": 0,
+        "dynamodb_by_operation": {},
+        "dynamodb_condition_failed": 0,
+        "pid": os.getpid(),
+    }
