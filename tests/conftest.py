@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import Clock
+from zae_celery.core import RateLimiter
 from zae_celery.local import (
     LocalServer,
     ServerUnavailable,
@@ -118,3 +120,18 @@ def clean_moto(moto: LocalServer) -> Iterator[LocalServer]:
     reset_moto(moto.url)
     yield moto
     reset_moto(moto.url)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A settable clock at a fixed instant (whole milliseconds)."""
+    return Clock()
+
+
+@pytest.fixture
+def limiter(endpoint: Endpoint, clock: Clock) -> Iterator[RateLimiter]:
+    """A limiter on a fresh table of the test's endpoint, deleted afterwards."""
+    lim = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=clock)
+    assert lim.create_table() is True
+    yield lim
+    lim.delete_table()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Endpoint
+from tests.helpers import T0, Clock
 from zae_celery.core import (
     Lease,
     Limit,
@@ -31,34 +32,10 @@ from zae_celery.local import free_port
 
 pytestmark = pytest.mark.integration
 
-T0 = 1_800_000_000.0
 ENTITY = "tenant-1"
 RESOURCE = "gpt-4o"
 LIMITS = [Limit.per_minute("rpm", 10), Limit.per_minute("tpm", 1000)]
 SEED = {"rpm": 1, "tpm": 100}
-
-
-class FixedClock:
-    """A clock that only moves when told to (seconds)."""
-
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock() -> FixedClock:
-    return FixedClock()
-
-
-@pytest.fixture
-def limiter(endpoint: Endpoint, clock: FixedClock) -> Iterator[RateLimiter]:
-    lim = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=clock)
-    assert lim.create_table() is True
-    yield lim
-    lim.delete_table()
 
 
 @pytest.fixture
@@ -288,13 +265,13 @@ def test_request_exceeding_burst_is_not_a_rate_limit(limiter: RateLimiter, lease
     assert not hasattr(info.value, "retry_after")
 
 
-def test_max_tokens_is_accepted_exactly(limiter: RateLimiter, clock: FixedClock) -> None:
+def test_max_tokens_is_accepted_exactly(limiter: RateLimiter, clock: Clock) -> None:
     """The boundary: 10**18 tokens on a 10**18 bucket is stored exactly (31+ digits)."""
     big = Limit.per_second("big", MAX_TOKENS)
     granted = limiter.acquire(ENTITY, "big", {"big": MAX_TOKENS}, [big])
     item = raw_bucket(limiter, ENTITY, "big")
     assert item is not None
-    now_ms = math.floor(clock.t * 1000)
+    now_ms = clock.ms
     assert int(item[big.key]["N"]) == now_ms * MAX_TOKENS + MAX_TOKENS * 1000
     granted.adjust(big=MAX_TOKENS)  # into debt by a full bucket
     item = raw_bucket(limiter, ENTITY, "big")
@@ -420,7 +397,7 @@ def test_adjust_on_a_closed_lease(limiter: RateLimiter, lease: Lease, close: str
 # -- the store itself missing or unreachable ------------------------------------------------
 
 
-def test_missing_table(endpoint: Endpoint, clock: FixedClock) -> None:
+def test_missing_table(endpoint: Endpoint, clock: Clock) -> None:
     name = f"zae-missing-{uuid.uuid4().hex[:12]}"
     missing = RateLimiter(name, endpoint_url=endpoint.url, clock=clock)
     with pytest.raises(TableNotFound) as info:
@@ -438,7 +415,7 @@ def test_missing_table(endpoint: Endpoint, clock: FixedClock) -> None:
 
 
 def test_missing_table_in_open_mode_grants_unchecked(
-    endpoint: Endpoint, clock: FixedClock, caplog: pytest.LogCaptureFixture
+    endpoint: Endpoint, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     name = f"zae-missing-{uuid.uuid4().hex[:12]}"
     missing = RateLimiter(name, endpoint_url=endpoint.url, clock=clock, on_unavailable="open")
@@ -449,7 +426,7 @@ def test_missing_table_in_open_mode_grants_unchecked(
     assert name not in missing.client.list_tables()["TableNames"]
 
 
-def _unreachable(clock: FixedClock, mode: Any) -> RateLimiter:
+def _unreachable(clock: Clock, mode: Any) -> RateLimiter:
     return RateLimiter(
         "zae-unreachable",
         endpoint_url=f"http://127.0.0.1:{free_port()}",
@@ -458,7 +435,7 @@ def _unreachable(clock: FixedClock, mode: Any) -> RateLimiter:
     )
 
 
-def test_unreachable_endpoint_closed(clock: FixedClock) -> None:
+def test_unreachable_endpoint_closed(clock: Clock) -> None:
     limiter = _unreachable(clock, "closed")
     with pytest.raises(RateLimiterUnavailable) as info:
         limiter.acquire(ENTITY, RESOURCE, {"rpm": 1}, LIMITS)
@@ -466,7 +443,7 @@ def test_unreachable_endpoint_closed(clock: FixedClock) -> None:
     assert limiter.engine.unavailable_grants == 0
 
 
-def test_unreachable_endpoint_open(clock: FixedClock, caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_endpoint_open(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
     limiter = _unreachable(clock, "open")
     with caplog.at_level(logging.WARNING, logger="zae_celery.core"):
         granted = limiter.acquire(ENTITY, RESOURCE, {"rpm": 1}, LIMITS)
@@ -498,7 +475,7 @@ def test_unreachable_endpoint_open(clock: FixedClock, caplog: pytest.LogCaptureF
     ],
 )
 def test_open_mode_never_turns_bad_input_into_a_grant(
-    clock: FixedClock,
+    clock: Clock,
     caplog: pytest.LogCaptureFixture,
     call: Callable[[RateLimiter], object],
     field: str,

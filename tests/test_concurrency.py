@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Endpoint
-from tests.test_engine import Clock
+from tests.helpers import Clock
 from zae_celery.core import Limit, RateLimiter, RateLimitExceeded
 
 pytestmark = pytest.mark.integration

@@ -6,12 +6,12 @@ Request counts come from botocore's event hooks; time comes from an injected clo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import Endpoint
+from tests.helpers import Clock, Counter
 from zae_celery.core import (
     AsyncRateLimiter,
     IncompatibleSchema,
@@ -21,49 +21,6 @@ from zae_celery.core import (
 )
 
 pytestmark = pytest.mark.integration
-
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    """A settable clock counting whole milliseconds (no float drift across advances)."""
-
-    def __init__(self, t: float = T0) -> None:
-        self.ms = round(t * 1000)
-
-    def __call__(self) -> float:
-        return (self.ms + 0.5) / 1000  # mid-millisecond: the engine floors to self.ms
-
-    def advance(self, seconds: float) -> None:
-        self.ms += round(seconds * 1000)
-
-
-class Counter:
-    """Counts the DynamoDB operations a client sends."""
-
-    def __init__(self, client: Any) -> None:
-        self.ops: list[str] = []
-        client.meta.events.register("before-send.dynamodb.*", self._seen)
-
-    def _seen(self, event_name: str, **_: Any) -> None:
-        self.ops.append(event_name.rsplit(".", 1)[-1])
-
-    def take(self) -> list[str]:
-        ops, self.ops = self.ops, []
-        return ops
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def limiter(endpoint: Endpoint, clock: Clock) -> Iterator[RateLimiter]:
-    lim = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=clock)
-    assert lim.create_table() is True
-    yield lim
-    lim.delete_table()
 
 
 def limits_of(n: int, per_second: int = 10) -> list[Limit]:
