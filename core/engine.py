@@ -44,7 +44,16 @@ from .schema import (
     number,
 )
 
-__all__ = ["Clock", "Engine", "Flow", "LeaseState", "OnUnavailable", "Target"]
+__all__ = [
+    "Clock",
+    "Engine",
+    "EntityConfig",
+    "Flow",
+    "LeaseState",
+    "OnUnavailable",
+    "Step",
+    "Target",
+]
 
 log = logging.getLogger("zae_celery.core")
 
@@ -92,7 +101,6 @@ class LeaseState:
     start_ms: int
     unchecked: bool = False
     closed: bool = False
-    paced: bool = False
     started_ms: int | None = None
     start_tracked: bool = False
     tats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
@@ -107,6 +115,11 @@ class LeaseState:
     def start_at(self) -> float:
         """The clock time (seconds) at which the caller may start."""
         return self.start_ms / 1000
+
+    @property
+    def paced(self) -> bool:
+        """True when no start remains to be counted (see :meth:`Engine.start`)."""
+        return self.start_tracked or self.unchecked or not self.targets
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly form, e.g. to travel with a deferred Celery message."""
@@ -123,7 +136,6 @@ class LeaseState:
             "consumed": dict(self.consumed),
             "granted_ms": self.granted_ms,
             "start_ms": self.start_ms,
-            "paced": self.paced,
         }
 
     @classmethod
@@ -144,7 +156,6 @@ class LeaseState:
                 _check_amounts("consumed", data["consumed"], negative=False),
                 int(data["granted_ms"]),
                 int(data["start_ms"]),
-                paced=bool(data.get("paced", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ValidationError):
@@ -570,7 +581,7 @@ class Engine:
                     if horizon_ms == 0 or exc.retry_after * 1000 > horizon_ms:
                         raise
                 else:
-                    return _unpaced(lease, targets)
+                    return _started_now(lease, targets)
             return (yield from self._consume(targets, horizon_ms))
         except RateLimiterUnavailable as exc:
             if self.on_unavailable == "closed":
@@ -583,7 +594,7 @@ class Engine:
                 exc,
             )
             now = self.now_ms()
-            return LeaseState((), {}, now, now, unchecked=True, paced=True)
+            return LeaseState((), {}, now, now, unchecked=True, started_ms=now)
 
     def _may_grant_now(self, targets: Sequence[Target]) -> bool:
         # The cached TATs are lower bounds (other clients only push them further), so a
@@ -604,22 +615,12 @@ class Engine:
         exactly by their cost, so starts stay within the burst. Beyond the horizon:
         RateLimitExceeded, nothing consumed.
         """
-        if lease.paced or lease.unchecked or not lease.targets:
-            lease.paced = True
+        if lease.paced:
             if lease.started_ms is None:
                 lease.started_ms = self.now_ms()
             return 0.0
-        tracks = tuple(
-            Target(
-                t.entity_id,
-                t.resource,
-                tuple(lim.start_track() for lim in t.limits),
-                t.consume,
-            )
-            for t in lease.targets
-        )
+        tracks = _start_tracks(lease.targets)
         counted = yield from self._consume(tracks, _horizon_ms(horizon), align=True)
-        lease.paced = True
         lease.start_tracked = True
         lease.started_ms = counted.start_ms
         return counted.wait
@@ -949,22 +950,25 @@ class Engine:
         return (now_ms + horizon_ms + longest) // 1000 + 86_400
 
 
-def _with_start_track(targets: tuple[Target, ...]) -> tuple[Target, ...]:
+def _start_tracks(targets: tuple[Target, ...]) -> tuple[Target, ...]:
+    """The start-track copies of the targets' limits (same buckets, counting starts)."""
     return tuple(
-        Target(
-            t.entity_id,
-            t.resource,
-            t.limits + tuple(lim.start_track() for lim in t.limits),
-            t.consume,
-        )
+        Target(t.entity_id, t.resource, tuple(lim.start_track() for lim in t.limits), t.consume)
         for t in targets
     )
 
 
-def _unpaced(lease: LeaseState, targets: tuple[Target, ...]) -> LeaseState:
+def _with_start_track(targets: tuple[Target, ...]) -> tuple[Target, ...]:
+    """Each target with its limits and their start-track copies, for one write."""
+    return tuple(
+        Target(t.entity_id, t.resource, t.limits + s.limits, t.consume)
+        for t, s in zip(targets, _start_tracks(targets), strict=True)
+    )
+
+
+def _started_now(lease: LeaseState, targets: tuple[Target, ...]) -> LeaseState:
     """A lease granted with its start counted, holding only the quota targets."""
     lease.targets = targets
-    lease.paced = True
     lease.start_tracked = True
     lease.started_ms = lease.granted_ms
     return lease
@@ -997,6 +1001,3 @@ def _plain(value: dict[str, Any]) -> Any:
     if "N" in value:
         return int(value["N"])
     return value.get("S")
-
-
-__all__ += ["EntityConfig", "Step"]

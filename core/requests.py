@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bucket import Shape, Step
-from .schema import TTL_ATTRIBUTE, number
+from .schema import TTL_ATTRIBUTE
 
-__all__ = ["Call", "Reply", "Write", "build_write", "failed_items", "item_tats"]
+__all__ = ["Call", "Reply", "Write", "build_write", "failed_items"]
 
 Item = dict[str, Any]
 
@@ -116,12 +116,6 @@ def build_write(table: str, writes: Sequence[Write], ttl: int) -> Call:
         "transact_write_items",
         {"TransactItems": [{"Update": _update(table, w, ttl)} for w in writes]},
     )
-
-
-def item_tats(item: Item | None, writes_limits: Sequence[Any]) -> dict[str, int | None]:
-    """The stored TAT of every limit (by its attribute key) in ``item``."""
-    item = item or {}
-    return {lim.key: number(item.get(lim.key)) for lim in writes_limits}
 
 
 def failed_items(reply: Reply, count: int) -> list[Item | None] | None:
