@@ -1,4 +1,4 @@
-"""Local endpoints for development, tests, the demo and the benchmarks.
+"""Local servers for development, tests, the demo and the benchmarks.
 
 Each server runs as a child process bound to 127.0.0.1 on a free port and is stopped
 by its PID (its whole process group) when the context manager exits, also on errors
@@ -191,8 +191,8 @@ def moto_server(log_dir: Path | None = None) -> Iterator[LocalServer]:
         ) from exc
     port = free_port()
     # One request at a time: moto's threaded server does not apply a conditional update
-    # of several attributes atomically (see zae_celery/_moto_serial.py).
-    argv = [sys.executable, "-m", "zae_celery._moto_serial", str(port)]
+    # of several attributes atomically (see zae_celery/local/_moto_serial.py).
+    argv = [sys.executable, "-m", "zae_celery.local._moto_serial", str(port)]
     server = _start("moto-server", argv, port, "http", log_dir)
     try:
         yield server

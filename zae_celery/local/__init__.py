@@ -1,0 +1,43 @@
+"""Local stand-ins for development, tests, the demo and the benchmarks.
+
+- :mod:`~zae_celery.local.servers`: moto server, DynamoDB Local and redis-server on free
+  127.0.0.1 ports, stopped by PID;
+- :mod:`~zae_celery.local.workers`: a fleet of real ``celery worker`` processes, each in
+  its own process group, waited for until ready and stopped by PID.
+
+Nothing here is needed in production.
+"""
+
+from zae_celery.local.servers import (
+    DYNAMODB_LOCAL_NPM_PACKAGE,
+    LocalServer,
+    ServerUnavailable,
+    dynamodb_local,
+    dynamodb_local_dir,
+    free_port,
+    moto_server,
+    redis_server,
+    redis_server_path,
+    reset_moto,
+    use_local_credentials,
+)
+from zae_celery.local.workers import FleetError, log_text, signals_held, stop_workers, worker_fleet
+
+__all__ = [
+    "DYNAMODB_LOCAL_NPM_PACKAGE",
+    "FleetError",
+    "LocalServer",
+    "ServerUnavailable",
+    "dynamodb_local",
+    "dynamodb_local_dir",
+    "free_port",
+    "log_text",
+    "moto_server",
+    "redis_server",
+    "redis_server_path",
+    "reset_moto",
+    "signals_held",
+    "stop_workers",
+    "use_local_credentials",
+    "worker_fleet",
+]
