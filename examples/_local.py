@@ -68,9 +68,10 @@ def table_name(example: str) -> str:
     return f"zae-example-{example}-{uuid.uuid4().hex[:8]}"
 
 
-def emit(as_json: bool, result: dict[str, Any], text: Sequence[str]) -> None:
-    """Print ``result`` as one JSON object, or the human-readable ``text`` lines."""
+def emit(as_json: bool, endpoint: Endpoint, result: dict[str, Any], text: Sequence[str]) -> None:
+    """Print ``result`` and the endpoint used as one JSON object, or the ``text`` lines."""
     if as_json:
-        print(json.dumps(result, indent=2))
+        where = {"endpoint": endpoint.url, "embedded_endpoint": endpoint.embedded}
+        print(json.dumps({**where, **result}, indent=2))
     else:
         print("\n".join(text))

@@ -122,14 +122,12 @@ def main() -> None:
         )
     text.append(f'messages in the broker\'s "{QUEUE}" queue: {in_broker} (no worker consumed them)')
     result = {
-        "endpoint": endpoint.url,
-        "embedded_endpoint": endpoint.embedded,
         "limits": [lim.to_dict() for lim in LIMITS],
         "estimate_tpm": ESTIMATE,
         "tenants": rounds,
         "messages_in_broker": in_broker,
     }
-    emit(args.json, result, text)
+    emit(args.json, endpoint, result, text)
 
 
 if __name__ == "__main__":

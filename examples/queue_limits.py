@@ -142,13 +142,11 @@ def main() -> None:
         f"(the limit allows {QUEUE_LIMIT.burst} + {rate:g} x 1 s = {QUEUE_LIMIT.burst + rate:g})"
     )
     result = {
-        "endpoint": endpoint.url,
-        "embedded_endpoint": endpoint.embedded,
         "queue": QUEUE,
         "limit": QUEUE_LIMIT.to_dict(),
         "starts": starts,
     }
-    emit(args.json, result, text)
+    emit(args.json, endpoint, result, text)
 
 
 if __name__ == "__main__":

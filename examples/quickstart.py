@@ -71,13 +71,11 @@ def main() -> None:
             text.append(f"call {n}: refused by {refused_by}, retry in {call['retry_after']:.1f} s")
     text.append(f"left now: {left['rpm']:.2f} calls, {left['tpm']:.0f} tokens")
     result = {
-        "endpoint": endpoint.url,
-        "embedded_endpoint": endpoint.embedded,
         "limits": [lim.to_dict() for lim in LIMITS],
         "calls": calls,
         "available": left,
     }
-    emit(args.json, result, text)
+    emit(args.json, endpoint, result, text)
 
 
 if __name__ == "__main__":

@@ -87,14 +87,12 @@ def main() -> None:
     text += [describe(outcome) for outcome in outcomes]
     text.append("calls left now: " + ", ".join(f"{e} {n:.2f}" for e, n in left.items()))
     result = {
-        "endpoint": endpoint.url,
-        "embedded_endpoint": endpoint.embedded,
         "project": PROJECT,
         "stored_rpm": stored,
         "calls": outcomes,
         "available_rpm": left,
     }
-    emit(args.json, result, text)
+    emit(args.json, endpoint, result, text)
 
 
 if __name__ == "__main__":
