@@ -163,14 +163,15 @@ class AsyncRateLimiter(LimiterBase):
         rollback_on_error: bool = True,
         extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
         pace: bool = False,
+        start_within: float = 0.0,
     ) -> _Acquiring:
-        """Like :meth:`RateLimiter.acquire` (same arguments, including ``extra`` and
-        ``pace``); ``await`` it or use ``async with``."""
+        """Like :meth:`RateLimiter.acquire` (same arguments, including ``extra``,
+        ``pace`` and ``start_within``); ``await`` it or use ``async with``."""
 
         async def make() -> AsyncLease:
             state = await self._run(
                 self.engine.acquire(
-                    entity_id, resource, consume or {}, limits, horizon, extra, pace
+                    entity_id, resource, consume or {}, limits, horizon, extra, pace, start_within
                 )
             )
             return AsyncLease(self, state, rollback_on_error)
@@ -188,6 +189,7 @@ class AsyncRateLimiter(LimiterBase):
         rollback_on_error: bool = True,
         extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
         pace: bool = False,
+        start_within: float = 0.0,
     ) -> _Acquiring:
         """Like :meth:`RateLimiter.reserve`."""
         return self.acquire(
@@ -199,6 +201,7 @@ class AsyncRateLimiter(LimiterBase):
             rollback_on_error=rollback_on_error,
             extra=extra,
             pace=pace,
+            start_within=start_within,
         )
 
     async def available(

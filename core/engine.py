@@ -561,27 +561,31 @@ class Engine:
         horizon: float = 0.0,
         extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
         pace: bool = False,
+        start_within: float = 0.0,
     ) -> Flow[LeaseState]:
         """Grant ``consume`` now, or at a slot up to ``horizon`` seconds ahead, or refuse.
 
-        With ``pace``, an immediate grant also counts its start on the start track, in the
-        same write; a reservation does not (the caller calls :meth:`start` at its slot).
+        With ``pace``, a grant whose slot is at most ``start_within`` seconds ahead (now,
+        by default) also counts its start on the start track at that slot, in the same
+        write: the caller waits in place and starts exactly then. A later reservation
+        does not (the caller calls :meth:`start` at its slot).
         In ``open`` mode an unavailable store grants an unchecked lease and logs a warning.
         """
         horizon_ms = _horizon_ms(horizon)
+        within_ms = min(_horizon_ms(start_within), horizon_ms)
         try:
             targets = yield from self.targets(entity_id, resource, consume, limits, extra)
             if not pace:
                 return (yield from self._consume(targets, horizon_ms, align=True))
             paced = _with_start_track(targets)
-            if horizon_ms == 0 or self._may_grant_now(targets):
+            if horizon_ms == 0 or self._may_grant_within(paced, within_ms):
                 try:
-                    lease = yield from self._consume(paced, 0)
+                    lease = yield from self._consume(paced, within_ms, align=True)
                 except RateLimitExceeded as exc:
                     if horizon_ms == 0 or exc.retry_after * 1000 > horizon_ms:
                         raise
                 else:
-                    return _started_now(lease, targets)
+                    return _started_at_slot(lease, targets)
             return (yield from self._consume(targets, horizon_ms))
         except RateLimiterUnavailable as exc:
             if self.on_unavailable == "closed":
@@ -596,12 +600,13 @@ class Engine:
             now = self.now_ms()
             return LeaseState((), {}, now, now, unchecked=True, started_ms=now)
 
-    def _may_grant_now(self, targets: Sequence[Target]) -> bool:
+    def _may_grant_within(self, targets: Sequence[Target], within_ms: int) -> bool:
         # The cached TATs are lower bounds (other clients only push them further), so a
-        # refusal they predict is certain: skip the immediate attempt and reserve directly.
+        # refusal they predict is certain: skip the attempt and reserve directly.
         now_ms = self.now_ms()
         return all(
-            bucket.retry_after_ms(lim, self._guess(t, lim), t.consume[lim.name], now_ms) == 0
+            bucket.retry_after_ms(lim, self._guess(t, lim), t.consume[lim.name], now_ms)
+            <= within_ms
             for t in targets
             for lim in t.limits
         )
@@ -966,11 +971,11 @@ def _with_start_track(targets: tuple[Target, ...]) -> tuple[Target, ...]:
     )
 
 
-def _started_now(lease: LeaseState, targets: tuple[Target, ...]) -> LeaseState:
-    """A lease granted with its start counted, holding only the quota targets."""
+def _started_at_slot(lease: LeaseState, targets: tuple[Target, ...]) -> LeaseState:
+    """A lease whose start was counted at its slot, holding only the quota targets."""
     lease.targets = targets
     lease.start_tracked = True
-    lease.started_ms = lease.granted_ms
+    lease.started_ms = lease.start_ms
     return lease
 
 

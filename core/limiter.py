@@ -135,17 +135,22 @@ class RateLimiter(LimiterBase):
         rollback_on_error: bool = True,
         extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
         pace: bool = False,
+        start_within: float = 0.0,
     ) -> Lease:
         """Consume ``consume`` tokens from every limit now, or raise RateLimitExceeded.
 
         With ``horizon`` > 0 a request short of tokens is granted at a future slot up to
         ``horizon`` seconds ahead (see :meth:`reserve`). ``extra`` lists further
         ``(entity_id, resource, limits)`` consumed in the same atomic write (a queue's
-        limits). ``pace`` counts the start of an immediate grant on the start track (a
-        reservation is started with :meth:`start` at its slot).
+        limits). ``pace`` counts the start of an immediate grant on the start track, and
+        of a grant whose slot is at most ``start_within`` seconds ahead (the caller waits
+        in place until ``lease.start_at``); a later reservation is started with
+        :meth:`start` at its slot.
         """
         state = self._run(
-            self.engine.acquire(entity_id, resource, consume or {}, limits, horizon, extra, pace)
+            self.engine.acquire(
+                entity_id, resource, consume or {}, limits, horizon, extra, pace, start_within
+            )
         )
         return Lease(self, state, rollback_on_error)
 
@@ -160,6 +165,7 @@ class RateLimiter(LimiterBase):
         rollback_on_error: bool = True,
         extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
         pace: bool = False,
+        start_within: float = 0.0,
     ) -> Lease:
         """Take a place in line: consume now (into debt if need be) and return a lease whose
         ``start_at``/``wait`` says when the caller may start. Beyond ``horizon`` seconds:
@@ -173,6 +179,7 @@ class RateLimiter(LimiterBase):
             rollback_on_error=rollback_on_error,
             extra=extra,
             pace=pace,
+            start_within=start_within,
         )
 
     def available(

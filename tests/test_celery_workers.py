@@ -134,21 +134,39 @@ def _max_window_excess(starts_ms: list[int], burst: int, per_second: int) -> int
     return worst
 
 
-def test_adherence_without_retry_storm(fleet: Fleet) -> None:
-    n = 150
-    results = [fleet.send("limited", "limited", i) for i in range(n)]
-    infos = fleet.collect(results)
+@pytest.mark.parametrize(
+    "start_wait",
+    [
+        pytest.param("1.0", id="wait-in-place"),  # the default: close slots are waited for
+        # Most refused tasks are republished to their slot; some that arrive late together
+        # are republished once more rather than wait in place beyond 0.2 s.
+        pytest.param("0.2", id="republish"),
+    ],
+)
+def test_adherence_without_retry_storm(
+    broker: Broker, ddb_local: LocalServer, tmp_path: Path, start_wait: str
+) -> None:
+    gen = _start_fleet(broker, ddb_local, tmp_path, {"ZAE_TEST_START_WAIT": start_wait})
+    fleet = next(gen)
+    try:
+        n = 150
+        infos = fleet.collect([fleet.send("limited", "limited", i) for i in range(n)])
+    finally:
+        gen.close()
     starts = sorted(round(info["start"] * 1000) for info in infos)
     excess = _max_window_excess(starts, RPS, RPS)
     assert excess <= 0, f"starts exceeded capacity + rate*W by {excess}"
     republishes = sum(info["deferrals"] for info in infos) / n
-    assert republishes <= 1.0, republishes
+    if start_wait == "1.0":
+        assert republishes <= 1.0, republishes
+    else:  # the deferral path really ran, without a storm
+        assert 0.5 <= republishes <= 2.0, republishes
     assert all(info["retries"] == 0 for info in infos)  # max_retries=0 was never used
     assert len({info["pid"] for info in infos}) >= 3  # several worker processes took part
     span = (starts[-1] - starts[0]) / 1000
     utilization = (n - RPS) / (span * RPS)
-    # The first deferred messages queue behind the whole initial batch and arrive late
-    # (about 1-2 s here); the benchmark measures steady-state utilization.
+    # Republished messages queue behind the rest of the initial batch and arrive late
+    # (about 1-2 s here); the benchmark measures utilization on a longer batch.
     assert utilization >= 0.8, f"achieved {utilization:.2f} of the configured rate"
 
 

@@ -322,3 +322,29 @@ def test_a_reservation_holds_every_limit_until_its_common_start(
     assert counter.take() == ["UpdateItem", "UpdateItem"]  # the reservation + the alignment
     # Both buckets now say: nothing before the common start.
     assert limiter.available("e", "r", limits) == {"rps": -1.0, "tokens": -100.0}
+
+
+def test_a_close_slot_is_granted_with_its_start_counted_in_one_write(
+    limiter: RateLimiter, clock: Clock
+) -> None:
+    limits = [Limit.per_second("rps", 10)]
+    for _ in range(10):
+        limiter.acquire("e", "r", {"rps": 1}, limits, pace=True)
+    counter = Counter(limiter.client)
+    close = [
+        limiter.acquire("e", "r", {"rps": 1}, limits, horizon=5.0, pace=True, start_within=0.35)
+        for _ in range(3)
+    ]
+    # Slots 0.1, 0.2, 0.3 s ahead: each started at its slot, in one write.
+    assert [lease.wait for lease in close] == [pytest.approx(0.1 * (i + 1)) for i in range(3)]
+    assert all(lease.state.paced and lease.started_at == lease.start_at for lease in close)
+    assert counter.take() == ["UpdateItem"] * 3
+    # The next slot (0.4 s) is beyond start_within: a reservation, its start not counted.
+    far = limiter.acquire("e", "r", {"rps": 1}, limits, horizon=5.0, pace=True, start_within=0.35)
+    assert far.wait == pytest.approx(0.4) and not far.state.paced
+    assert counter.take() == ["UpdateItem"]  # the refusal within 0.35 s was predicted locally
+    # The start track holds the three close starts: a late start of `far` at 0.4 s fits,
+    # but nothing may start before the close ones' slots have passed.
+    assert limiter.available("e", "r", [limits[0].start_track()])["rps"] == pytest.approx(-3)
+    clock.advance(0.4)
+    assert limiter.start(far) == 0

@@ -15,7 +15,9 @@ setting                  default     meaning
                                      slot (see below)
 ``zae_max_deferrals``    100         deferrals of one task before it fails
 ``zae_jitter``           0.5         seconds of random spread added to blind deferrals
-``zae_start_wait``       1.0         seconds a worker may wait in place for a late start
+``zae_start_wait``       1.0         seconds a worker may wait in place for its slot
+                                     rather than republish the task (0: always
+                                     republish a task that cannot start now)
 ``zae_unavailable_retry``  5.0       seconds before a task deferred by an outage retries
 =======================  ==========  ===================================================
 

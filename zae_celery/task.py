@@ -2,11 +2,12 @@
 
 Before the body runs (``before_start``) the task takes a lease from the shared buckets:
 its own limits and those of the queue it was consumed from, in one atomic write. A task
-that is refused is not failed: it reserves its own future slot (consuming now, into debt)
-and is republished once with a countdown to that slot, carrying the reservation in its
-message headers; at its slot it only counts its actual start. After the body,
-``self.report_usage(...)`` reconciles the estimate with the truth. Waiting on a limit
-never uses the task's ``max_retries``: deferrals have a counter of their own.
+that is refused is not failed: it reserves its own future slot (consuming now, into debt).
+A slot at most ``zae_start_wait`` ahead is waited for in place (its start counted in the
+same write); a later one is republished once with a countdown to that slot, carrying the
+reservation in its message headers, and at its slot it only counts its actual start.
+After the body, ``self.report_usage(...)`` reconciles the estimate with the truth. Waiting
+on a limit never uses the task's ``max_retries``: deferrals have a counter of their own.
 """
 
 from __future__ import annotations
@@ -238,6 +239,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                     horizon=horizon,
                     extra=spec.extra,
                     pace=True,
+                    start_within=settings.start_wait,
                 )
             except RateLimitExceeded as exc:
                 wait = min(exc.retry_after, horizon) + random.uniform(0, settings.jitter)
@@ -247,7 +249,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             except RateLimiterUnavailable:
                 wait = settings.unavailable_retry + random.uniform(0, settings.jitter)
                 self._defer(settings, deferrals, wait, None, "rate limiter unavailable")
-            if lease.wait > 0:
+            if lease.wait > settings.start_wait:
                 self._defer(settings, deferrals, lease.wait, lease, "reserved slot")
         self._start(settings, limiter, lease, deferrals)
         request.zae_active_lease = lease
@@ -255,9 +257,12 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     def _start(
         self, settings: Settings, limiter: RateLimiter, lease: Lease, deferrals: int
     ) -> None:
-        """Count the actual start. A task that arrives late together with others takes
-        the next free start slot (up to ``zae_start_wait`` ahead) and waits for it here,
-        so actual starts never exceed the burst, without another republish."""
+        """Wait in place for a slot at most ``zae_start_wait`` ahead, and count the start.
+
+        A new grant whose slot is that close had its start counted at the slot in the
+        same write. A deferred task that arrives late together with others takes the
+        next free start slot (up to ``zae_start_wait`` ahead) and waits for it here, so
+        actual starts never exceed the burst, without another republish."""
         early = lease.start_at - time.time()
         if early > settings.start_wait:
             self._defer(settings, deferrals, early, lease, "arrived before its slot")

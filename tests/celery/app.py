@@ -2,7 +2,7 @@
 
 Configured from the environment by the test that starts the workers:
 ZAE_TEST_BROKER, ZAE_TEST_BACKEND, ZAE_TEST_DATA (filesystem broker folder),
-ZAE_TEST_ENDPOINT, ZAE_TEST_TABLE, ZAE_TEST_RPS, ZAE_TEST_PROVIDER.
+ZAE_TEST_ENDPOINT, ZAE_TEST_TABLE, ZAE_TEST_RPS, ZAE_TEST_PROVIDER, ZAE_TEST_START_WAIT.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ app.conf.update(
     zae_endpoint_url=os.environ.get("ZAE_TEST_ENDPOINT"),
     zae_queue_limits={f"{PREFIX}shared": [Limit.per_second("tasks", 5)]},
     zae_jitter=0.2,
+    zae_start_wait=float(os.environ.get("ZAE_TEST_START_WAIT", "1.0")),
     zae_unavailable_retry=float(os.environ.get("ZAE_TEST_UNAVAILABLE_RETRY", "5")),
     task_acks_late=True,
     worker_prefetch_multiplier=4,
