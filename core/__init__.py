@@ -5,6 +5,8 @@
 
 from .aio import AsyncLease, AsyncRateLimiter
 from .errors import (
+    CircuitOpen,
+    EndpointUnreachable,
     IncompatibleSchema,
     LimitStatus,
     RateLimiterUnavailable,
@@ -20,6 +22,8 @@ from .limits import Limit
 __all__ = [
     "AsyncLease",
     "AsyncRateLimiter",
+    "CircuitOpen",
+    "EndpointUnreachable",
     "IncompatibleSchema",
     "Lease",
     "Limit",

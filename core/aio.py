@@ -149,7 +149,7 @@ class AsyncRateLimiter(LimiterBase):
             return reply_from(exc)
 
     async def _run(self, flow: Flow[T]) -> T:
-        return await drive(flow, self._send)
+        return await drive(self._guarded(flow), self._send)
 
     # -- requests -------------------------------------------------------------------------
     def acquire(

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
+    "CircuitOpen",
+    "EndpointUnreachable",
     "IncompatibleSchema",
     "LimitStatus",
     "RateLimitExceeded",
@@ -54,6 +56,19 @@ class RateLimiterUnavailable(ZaeError):
 
 class TableNotFound(RateLimiterUnavailable):
     """The configured table does not exist."""
+
+
+class EndpointUnreachable(RateLimiterUnavailable):
+    """No reply came back: connection refused or reset, or a connect or read timeout."""
+
+
+class CircuitOpen(RateLimiterUnavailable):
+    """Refused without sending anything: the last requests failed and the circuit breaker
+    waits out its cool-down. ``retry_after`` is the number of seconds until its probe."""
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class IncompatibleSchema(ZaeError):

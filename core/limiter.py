@@ -121,7 +121,7 @@ class RateLimiter(LimiterBase):
             return reply_from(exc)
 
     def _run(self, flow: Flow[T]) -> T:
-        return drive(flow, self._send)
+        return drive(self._guarded(flow), self._send)
 
     # -- requests -------------------------------------------------------------------------
     def acquire(

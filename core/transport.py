@@ -6,26 +6,55 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    NoRegionError,
+)
+from botocore.exceptions import ConnectionError as BotoCoreConnectionError
 
-from .engine import Clock, Engine, LeaseState, OnUnavailable
-from .errors import RateLimiterUnavailable, ValidationError
+from .engine import Clock, Engine, Flow, LeaseState, OnUnavailable
+from .errors import EndpointUnreachable, RateLimiterUnavailable, ValidationError
 from .requests import Reply
+from .resilience import CircuitBreaker, RetryPolicy, guard
 
-__all__ = ["LeaseView", "LimiterBase", "client_config", "client_kwargs", "reply_from"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "READ_TIMEOUT",
+    "LeaseView",
+    "LimiterBase",
+    "client_config",
+    "client_kwargs",
+    "reply_from",
+]
 
 DEFAULT_LOCAL_REGION = "us-east-1"
 
+T = TypeVar("T")
+
+
+CONNECT_TIMEOUT = 1.0
+"""Seconds to open a connection (DynamoDB answers a connect in milliseconds)."""
+READ_TIMEOUT = 5.0
+"""Seconds to wait for a reply once the request is sent."""
+
 
 def client_config() -> Config:
-    """Short timeouts and a small retry budget: a limiter must fail fast, not hang a task."""
+    """Short timeouts and no botocore retries: a limiter must fail fast, not hang a task.
+
+    Retries happen one layer up, in :func:`~.resilience.guard` (bounded in count and
+    time, pauses on the flow's clock, seen by the circuit breaker); botocore retrying as
+    well would multiply the attempts and hide them from the breaker.
+    """
     return Config(
-        connect_timeout=2,
-        read_timeout=5,
-        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
+        retries={"mode": "standard", "total_max_attempts": 1},
         tcp_keepalive=True,
     )
 
@@ -65,8 +94,10 @@ def reply_from(exc: BaseException) -> Reply:
             "no AWS credentials found: configure them the usual boto3 way (environment, "
             "profile, instance role); a local endpoint accepts any values"
         ) from exc
-    if isinstance(exc, (BotoCoreError, OSError, TimeoutError)):
-        raise RateLimiterUnavailable(f"DynamoDB endpoint unavailable: {exc}") from exc
+    if isinstance(exc, (BotoCoreConnectionError, HTTPClientError, OSError, TimeoutError)):
+        raise EndpointUnreachable(f"DynamoDB endpoint unavailable: {exc}") from exc
+    if isinstance(exc, BotoCoreError):
+        raise RateLimiterUnavailable(f"DynamoDB client error: {exc}") from exc
     raise exc
 
 
@@ -135,6 +166,14 @@ class LimiterBase:
         local_refusals: refuse without a request when the last state this process saw
             already proves the refusal.
         session: a boto3 (or aioboto3) session to create the client from.
+        retry_attempts: requests sent at most for one call when DynamoDB throttles,
+            answers 5xx or does not answer (the first included).
+        retry_budget: seconds after which no further attempt of one call starts.
+        breaker_threshold: calls failed in a row (after their retries) that open the
+            circuit breaker: calls then fail at once, without I/O.
+        breaker_cooldown: seconds the breaker stays open before one probe call is let
+            through; its success closes it. Measured on ``clock`` when one is given,
+            else on ``time.monotonic``.
     """
 
     def __init__(
@@ -149,6 +188,10 @@ class LimiterBase:
         config_ttl: float = 60.0,
         local_refusals: bool = True,
         session: Any = None,
+        retry_attempts: int = 4,
+        retry_budget: float = 1.0,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 5.0,
     ) -> None:
         self.engine = Engine(
             table_name,
@@ -159,6 +202,10 @@ class LimiterBase:
             local_refusals=local_refusals,
         )
         self._client_kwargs = client_kwargs(endpoint_url, region)
+        # Cool-downs and retry budgets are durations: a monotonic clock unless injected.
+        self._monotonic: Clock = time.monotonic if clock is time.time else clock
+        self.retry = RetryPolicy(attempts=retry_attempts, budget=retry_budget)
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown, self._monotonic)
         self._session = session
         self._client: Any = None
         self._setup()
@@ -170,3 +217,7 @@ class LimiterBase:
     def table_name(self) -> str:
         """The DynamoDB table."""
         return self.engine.table_name
+
+    def _guarded(self, flow: Flow[T]) -> Flow[T]:
+        """``flow`` with this limiter's retries and circuit breaker around every call."""
+        return guard(flow, self.breaker, self.retry, self._monotonic)
