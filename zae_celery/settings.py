@@ -27,6 +27,11 @@ a message left unacknowledged longer than its visibility timeout (Redis 3600 s, 
 by default), which would run it twice. 60 s keeps every deferral far below both and keeps
 the number of messages held in worker memory to one minute of traffic. It may be set up
 to 900 s.
+
+When DynamoDB fails (no reply, throttling or 5xx beyond the engine's retries),
+``zae_breaker_threshold`` (5) calls in a row open each worker process's circuit breaker:
+its tasks are then deferred (or, with "open", run unchecked) without any request, and
+after ``zae_breaker_cooldown`` (5.0) seconds one probe request decides whether it closes.
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ def _seconds(name: str, value: Any, low: float, high: float) -> float:
     return float(value)
 
 
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(name, f"{value!r}", "an integer >= 1")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """The ``zae_`` settings of one Celery app, validated."""
@@ -67,6 +78,8 @@ class Settings:
     jitter: float = 0.5
     start_wait: float = 1.0
     unavailable_retry: float = 5.0
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 5.0
 
     @classmethod
     def from_app(cls, app: Any) -> Settings:
@@ -90,13 +103,7 @@ class Settings:
                 raise ValidationError(f"zae_queue_limits[{queue!r}]", "must be a list of Limit")
             checked[queue] = tuple(limits)
         default_entity = check_id("zae_default_entity", conf.get("zae_default_entity", "default"))
-        max_deferrals = conf.get("zae_max_deferrals", 100)
-        if (
-            isinstance(max_deferrals, bool)
-            or not isinstance(max_deferrals, int)
-            or max_deferrals < 1
-        ):
-            raise ValidationError("zae_max_deferrals", f"{max_deferrals!r}", "an integer >= 1")
+        max_deferrals = _count("zae_max_deferrals", conf.get("zae_max_deferrals", 100))
         return cls(
             table_name=table,
             endpoint_url=conf.get("zae_endpoint_url"),
@@ -110,5 +117,9 @@ class Settings:
             start_wait=_seconds("zae_start_wait", conf.get("zae_start_wait", 1.0), 0.0, 30.0),
             unavailable_retry=_seconds(
                 "zae_unavailable_retry", conf.get("zae_unavailable_retry", 5.0), 0.1, MAX_HORIZON
+            ),
+            breaker_threshold=_count("zae_breaker_threshold", conf.get("zae_breaker_threshold", 5)),
+            breaker_cooldown=_seconds(
+                "zae_breaker_cooldown", conf.get("zae_breaker_cooldown", 5.0), 0.1, MAX_HORIZON
             ),
         )

@@ -83,6 +83,8 @@ def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
                     endpoint_url=settings.endpoint_url,
                     region=settings.region,
                     on_unavailable="open" if settings.on_unavailable == "open" else "closed",
+                    breaker_threshold=settings.breaker_threshold,
+                    breaker_cooldown=settings.breaker_cooldown,
                 )
                 found = _limiters[key] = (settings, limiter)
     return found
