@@ -46,6 +46,9 @@ app.conf.update(
 )
 if BROKER.startswith(f"{fsbroker.SCHEME}://"):
     app.conf.broker_transport_options = fsbroker.transport_options(Path(DATA))
+# Outage tests: ZAE_TEST_ON_UNAVAILABLE (closed/open), ZAE_TEST_BREAKER_COOLDOWN (seconds).
+app.conf.zae_on_unavailable = os.environ.get("ZAE_TEST_ON_UNAVAILABLE", "closed")
+app.conf.zae_breaker_cooldown = float(os.environ.get("ZAE_TEST_BREAKER_COOLDOWN", "5"))
 
 
 def _run_info(task: Any) -> dict[str, Any]:
@@ -53,6 +56,7 @@ def _run_info(task: Any) -> dict[str, Any]:
     return {
         "start": lease.started_at if lease else None,
         "slot": lease.start_at if lease else None,
+        "unchecked": bool(lease and lease.unchecked),
         "body": time.time(),
         "deferrals": int((task.request.headers or {}).get("zae_deferrals") or 0),
         "retries": task.request.retries,

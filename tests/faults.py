@@ -1,0 +1,240 @@
+"""Fault injection in front of a real DynamoDB endpoint, for the reliability tests.
+
+- :class:`TcpProxy`: forwards a 127.0.0.1 port to the endpoint. ``stop()`` is an outage:
+  the listener closes (new connections are refused) and every open connection is reset;
+  ``start()`` listens again on the same port. The endpoint behind it keeps its tables.
+- :class:`FaultyHttpProxy`: an HTTP proxy that answers the next ``count`` requests with
+  a DynamoDB error reply of its own (throttling, 5xx) and forwards all the others;
+- :class:`DeadEndpoint`: an address whose connections time out, or hang unanswered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import struct
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from zae_celery.local import free_port
+
+__all__ = ["DeadEndpoint", "FaultyHttpProxy", "TcpProxy"]
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a crashed server would."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class TcpProxy:
+    """A stoppable TCP forwarder from ``127.0.0.1:<port>`` to ``target`` (an http URL)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = _host_port(target)
+        self.port = free_port()
+        self.accepted = 0
+        """Connections accepted so far (all runs)."""
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        """The proxy's address, to give to clients instead of the endpoint's."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Listen (again) on the proxy's port."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        """The outage: refuse new connections and reset every open one."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            listener.close()
+        with self._lock:
+            conns, self._open = self._open, set()
+        for sock in conns:
+            _reset(sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _reset(client)
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:  # stopped meanwhile
+                    _reset(client)
+                    _reset(upstream)
+                    return
+                self.accepted += 1
+                self._open.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with self._lock:
+                self._open.discard(sock)
+            _reset(sock)
+
+    def __enter__(self) -> TcpProxy:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class FaultyHttpProxy:
+    """Forwards DynamoDB requests to ``target``; :meth:`inject` makes the next ``count``
+    requests fail with an error reply of the proxy's own."""
+
+    def __init__(self, target: str) -> None:
+        self.target = _host_port(target)
+        self.requests: list[tuple[str, bool]] = []
+        """(operation, forwarded) for every request received."""
+        self._lock = threading.Lock()
+        self._left = 0
+        self._error: tuple[int, str] = (400, "ThrottlingException")
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                op = (self.headers.get("X-Amz-Target") or "").rpartition(".")[2]
+                status, code = proxy._take(op)
+                if code is None:
+                    status, headers, payload = proxy._forward(self.command, self.path, self, body)
+                else:
+                    headers = [("Content-Type", "application/x-amz-json-1.0")]
+                    payload = json.dumps(
+                        {
+                            "__type": f"com.amazonaws.dynamodb.v20120810#{code}",
+                            "message": f"injected by the test proxy: {code}",
+                        }
+                    ).encode()
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """The proxy's address, to give to clients instead of the endpoint's."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def inject(self, count: int, code: str = "ThrottlingException", status: int = 400) -> None:
+        """Answer the next ``count`` requests with ``status`` and DynamoDB error ``code``."""
+        with self._lock:
+            self._left, self._error = count, (status, code)
+
+    def _take(self, op: str) -> tuple[int, str | None]:
+        with self._lock:
+            failing = self._left > 0
+            if failing:
+                self._left -= 1
+            self.requests.append((op, not failing))
+            return (self._error[0], self._error[1]) if failing else (200, None)
+
+    def _forward(
+        self, method: str, path: str, handler: BaseHTTPRequestHandler, body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        conn = http.client.HTTPConnection(*self.target, timeout=10)
+        try:
+            skip = {"host", "content-length", "connection"}
+            headers = {k: v for k, v in handler.headers.items() if k.lower() not in skip}
+            conn.request(method, path, body=body, headers=headers)
+            reply = conn.getresponse()
+            payload = reply.read()
+            keep = [
+                (k, v)
+                for k, v in reply.getheaders()
+                if k.lower() not in {"content-length", "connection", "transfer-encoding"}
+            ]
+            return reply.status, keep, payload
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class DeadEndpoint:
+    """An endpoint that never answers: ``accept=False`` drops connection attempts (the
+    client's connect times out), ``accept=True`` accepts and then stays silent (the
+    client's read times out)."""
+
+    def __init__(self, accept: bool) -> None:
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._held: list[socket.socket] = []
+        if accept:
+            self._listener.listen(128)
+            threading.Thread(target=self._hold, daemon=True).start()
+        else:
+            # A backlog of 0 filled by one connection: the kernel drops further SYNs.
+            self._listener.listen(0)
+            self._held.append(socket.create_connection(self._listener.getsockname()))
+
+    def _hold(self) -> None:
+        while True:
+            try:
+                self._held.append(self._listener.accept()[0])
+            except OSError:
+                return
+
+    @property
+    def url(self) -> str:
+        """The endpoint's address."""
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def close(self) -> None:
+        """Close the listener and every connection held."""
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for sock in self._held:
+            _reset(sock)
