@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import random
 import threading
 import time
 from typing import Any
@@ -79,18 +80,19 @@ def test_processes_and_threads_never_over_grant_nor_lose_adjusts(ddb_local: Any)
         setup.delete_table()
 
 
-def test_clock_skew_over_grants_at_most_skew_times_rate(endpoint: Endpoint) -> None:
-    skew = 0.5
+@pytest.mark.parametrize("skew", [0.05, 0.5, 1.5, -0.5])
+def test_clock_skew_over_grants_at_most_skew_times_rate(endpoint: Endpoint, skew: float) -> None:
     limits = [Limit.per_second("rps", 10)]
+    rate, burst = limits[0].rate, limits[0].burst
     honest_clock = Clock()
-    ahead_clock = Clock()
-    ahead_clock.advance(skew)
+    skewed_clock = Clock()
+    skewed_clock.advance(skew)
     # Every refusal asks the table, so retry_after reflects the other client's grants.
     honest = RateLimiter(
         endpoint.table_name, endpoint_url=endpoint.url, clock=honest_clock, local_refusals=False
     )
-    ahead = RateLimiter(
-        endpoint.table_name, endpoint_url=endpoint.url, clock=ahead_clock, local_refusals=False
+    skewed = RateLimiter(
+        endpoint.table_name, endpoint_url=endpoint.url, clock=skewed_clock, local_refusals=False
     )
     honest.create_table()
     try:
@@ -99,15 +101,76 @@ def test_clock_skew_over_grants_at_most_skew_times_rate(endpoint: Endpoint) -> N
         extra = 0
         while True:
             try:
-                ahead.acquire("e", "r", {"rps": 1}, limits)
+                skewed.acquire("e", "r", {"rps": 1}, limits)
                 extra += 1
-            except RateLimitExceeded:
+            except RateLimitExceeded as exc:
+                own_wait = exc.retry_after
                 break
-        assert extra <= skew * limits[0].rate  # the documented bound: skew x rate
-        assert extra == math.floor(skew * limits[0].rate)
+        assert extra <= max(0.0, skew) * rate  # the documented bound: skew x rate
+        # Exactly that, but never more than a full bucket; a clock behind gets nothing.
+        assert extra == min(burst, math.floor(max(0.0, skew) * rate))
+        if skew < 0:
+            assert own_wait == pytest.approx(-skew + 0.1, abs=0.002)  # it under-grants
         # The honest client now waits until its clock has caught up with the debt.
         with pytest.raises(RateLimitExceeded) as refused:
             honest.acquire("e", "r", {"rps": 1}, limits)
-        assert refused.value.retry_after == pytest.approx(skew + 0.1, abs=0.002)
+        # (A clock ahead by more than a full bucket's refill first finds the bucket full.)
+        debt = max(0.0, skew - burst / rate) + extra / rate
+        assert refused.value.retry_after == pytest.approx(debt + 0.1, abs=0.002)
     finally:
         honest.delete_table()
+
+
+def test_clock_skew_bound_holds_for_a_fleet_of_skewed_clients(endpoint: Endpoint) -> None:
+    """Four clients whose clocks disagree by up to 0.5 s hammer one bucket in rounds of
+    1 s, with 2 s idle between rounds (so a round starts on a full bucket).
+
+    In any window of true time W the fleet is granted at most burst + rate * (W + spread),
+    the spread between the fastest and the slowest clock playing the part of one client's
+    skew. The first round is the worst case, and reaches the bound: the slowest clock
+    writes first (a fresh bucket, from its late "now"), the fastest then fills it up to
+    its own early "now".
+    """
+    limit = Limit.per_second("rps", 10)
+    skews = [-0.2, 0.0, 0.15, 0.3]
+    bound = round((max(skews) - min(skews)) * limit.rate)  # 5 tokens: no rounding
+    clocks = [Clock() for _ in skews]
+    for clock, skew in zip(clocks, skews, strict=True):
+        clock.advance(skew)
+    clients = [RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=c) for c in clocks]
+    clients[0].create_table()
+    rng = random.Random(7)
+    grants: list[int] = []  # true time (ms) of each grant
+    now_ms = 0
+
+    def advance(ms: int) -> None:
+        nonlocal now_ms
+        now_ms += ms
+        for clock in clocks:
+            clock.advance(ms / 1000)
+
+    try:
+        for round_ in range(4):
+            for step in range(20):
+                order = list(range(len(clients)))  # by skew: the slowest first
+                if round_ or step:
+                    rng.shuffle(order)
+                for i in order:
+                    while True:
+                        try:
+                            clients[i].acquire("e", "r", {"rps": 1}, [limit])
+                        except RateLimitExceeded:
+                            break
+                        grants.append(now_ms)
+                advance(50)
+            advance(2000)
+    finally:
+        clients[0].delete_table()
+    worst = max(
+        j - i + 1 - limit.burst - (grants[j] - g) * limit.rate // 1000
+        for i, g in enumerate(grants)
+        for j in range(i, len(grants))
+    )
+    print(f"\n{len(grants)} grants; most over burst + rate*W in a window: {worst} (bound {bound})")
+    assert worst <= bound  # never more than the spread allows
+    assert worst == bound  # and the adversarial first round does reach it
