@@ -3,11 +3,23 @@
 - :mod:`~zae_celery.local.servers`: moto server, DynamoDB Local and redis-server on free
   127.0.0.1 ports, stopped by PID;
 - :mod:`~zae_celery.local.workers`: a fleet of real ``celery worker`` processes, each in
-  its own process group, waited for until ready and stopped by PID.
+  its own process group, waited for until ready and stopped by PID;
+- :mod:`~zae_celery.local.provider`: an HTTP LLM provider on 127.0.0.1 that enforces its
+  own rpm and tpm limits (429 with ``Retry-After``) and records every request;
+- :mod:`~zae_celery.local.counting`: a counter of a boto3 client's DynamoDB requests.
 
 Nothing here is needed in production.
 """
 
+from zae_celery.local.counting import RequestCounter
+from zae_celery.local.provider import (
+    DEFAULT_MAX_TOKENS,
+    LocalProvider,
+    ProviderRecord,
+    Usage,
+    billed_usage,
+    count_tokens,
+)
 from zae_celery.local.servers import (
     DYNAMODB_LOCAL_NPM_PACKAGE,
     LocalServer,
@@ -24,10 +36,17 @@ from zae_celery.local.servers import (
 from zae_celery.local.workers import FleetError, log_text, signals_held, stop_workers, worker_fleet
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
     "DYNAMODB_LOCAL_NPM_PACKAGE",
     "FleetError",
+    "LocalProvider",
     "LocalServer",
+    "ProviderRecord",
+    "RequestCounter",
     "ServerUnavailable",
+    "Usage",
+    "billed_usage",
+    "count_tokens",
     "dynamodb_local",
     "dynamodb_local_dir",
     "free_port",
