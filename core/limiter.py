@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from .engine import Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
-from .requests import Call, Reply
+from .requests import Call, Done, Reply, resume
 from .transport import LeaseView, LimiterBase, reply_from
 
 __all__ = ["Lease", "RateLimiter"]
@@ -24,15 +24,12 @@ def drive(flow: Flow[T], send: Callable[[Call], Reply]) -> T:
     """Run a flow to its end, sending each call; engine errors are thrown back into it."""
     reply: Reply | None = None
     error: ZaeError | None = None
-    while True:
+    while not isinstance(step := resume(flow, reply, error), Done):
         try:
-            call = flow.throw(error) if error is not None else flow.send(reply)  # type: ignore[arg-type]
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        try:
-            reply, error = send(call), None
+            reply, error = send(step), None
         except ZaeError as exc:
             reply, error = None, exc
+    return step.value
 
 
 class Lease(LeaseView):

@@ -8,14 +8,16 @@ condition, or a transaction's cancellation reasons).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .bucket import Shape, Step
 from .schema import TTL_ATTRIBUTE
 
-__all__ = ["Call", "Reply", "Write", "build_write", "failed_items"]
+__all__ = ["Call", "Done", "Reply", "Write", "build_write", "failed_items", "resume"]
+
+T = TypeVar("T")
 
 Item = dict[str, Any]
 
@@ -43,6 +45,24 @@ class Reply:
     def ok(self) -> bool:
         """True for a successful response."""
         return self.code is None
+
+
+@dataclass(frozen=True)
+class Done(Generic[T]):
+    """A flow that has finished, and what it returned."""
+
+    value: T
+
+
+def resume(
+    flow: Generator[Call, Reply, T], reply: Reply | None, error: BaseException | None
+) -> Call | Done[T]:
+    """Hand a flow the reply to its last call (or throw ``error`` into it, where that call
+    was made): its next call, or :class:`Done` with its result."""
+    try:
+        return flow.throw(error) if error is not None else flow.send(reply)  # type: ignore[arg-type]
+    except StopIteration as stop:
+        return Done(stop.value)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from .errors import (
     ValidationError,
     ZaeError,
 )
-from .requests import Call, Reply
+from .requests import Call, Done, Reply, resume
 
 __all__ = ["CircuitBreaker", "RetryPolicy", "guard", "is_transient"]
 
@@ -249,11 +249,7 @@ def guard(flow: Flow[T], breaker: CircuitBreaker, policy: RetryPolicy, clock: Cl
     """
     reply: Reply | None = None
     error: ZaeError | None = None
-    while True:
-        try:
-            call = flow.throw(error) if error is not None else flow.send(reply)  # type: ignore[arg-type]
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+    while not isinstance(call := resume(flow, reply, error), Done):
         reply, error = None, None
         try:
             if call.op == "sleep":
@@ -262,3 +258,4 @@ def guard(flow: Flow[T], breaker: CircuitBreaker, policy: RetryPolicy, clock: Cl
                 reply = yield from _attempts(call, breaker, policy, clock)
         except ZaeError as exc:
             error = exc
+    return call.value
