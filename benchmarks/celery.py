@@ -11,12 +11,13 @@ The same saturated batch runs twice on ``--workers`` real ``celery worker`` proc
    (one bucket of RATE shared by every worker, in DynamoDB);
 2. Celery's built-in ``rate_limit=f"{RATE}/s"`` on a plain task (a bucket per worker).
 
-Every task calls a local HTTP provider that itself allows RATE requests a second (a token
-bucket holding RATE; ``--provider-rate`` changes it) and answers 429 with Retry-After
-beyond that. The batch is published in one loop once every worker is ready; each run has
-fresh workers, provider, queue (and, for zae-celery, table). The servers (DynamoDB Local
-or moto server, redis-server), the provider and the workers listen on 127.0.0.1 and are
-stopped by PID (process group) at the end, also on Ctrl-C.
+Every task calls a local HTTP provider (``zae_celery.local.LocalProvider``) that itself
+allows RATE requests a second (a token bucket holding RATE, no slack; ``--provider-rate``
+changes it) and answers 429 with Retry-After beyond that. The batch is published in one
+loop once every worker is ready; each run has fresh workers, provider, queue (and, for
+zae-celery, table). The servers (DynamoDB Local or moto server, redis-server), the provider
+and the workers listen on 127.0.0.1 and are stopped by PID (process group) at the end,
+also on Ctrl-C.
 
 Printed side by side, with the goals of issue 4 (printed, not asserted):
 
@@ -41,18 +42,14 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +62,15 @@ from rich.table import Table
 from zae_celery import fsbroker as fs_broker
 from zae_celery.core import RateLimiter
 from zae_celery.local import (
+    FleetError,
+    LocalProvider,
     LocalServer,
     dynamodb_local,
-    free_port,
     moto_server,
     redis_server,
+    signals_held,
     use_local_credentials,
+    worker_fleet,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,175 +79,6 @@ MODES = {
     "zae": ("zae-celery", f"{APP}.zae_call"),
     "builtin": ("Celery rate_limit", f"{APP}.builtin_call"),
 }
-READY = re.compile(rb"@\S+ ready\.")
-
-
-# -- the provider ---------------------------------------------------------------------------------
-class Provider:
-    """An HTTP API on 127.0.0.1 that allows ``rate`` requests a second itself.
-
-    A token bucket holding ``rate`` tokens and refilling ``rate`` a second (the shape of
-    the limit under test), full at the start. A request without a token gets 429 with
-    ``Retry-After`` = the time until the next token, in milliseconds rounded up.
-    """
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.tokens = float(rate)
-        self.updated = time.time()
-        self.accepted: list[float] = []
-        self.rejected: list[float] = []
-        self.lock = threading.Lock()
-        provider = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                retry_after = provider.admit()
-                if retry_after is None:
-                    self.send_response(200)
-                    body = b'{"ok": true}'
-                else:
-                    self.send_response(429)
-                    self.send_header("Retry-After", f"{retry_after:.3f}")
-                    body = b'{"error": "rate limited"}'
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def admit(self) -> float | None:
-        """None when the request is accepted, else the seconds until the next token."""
-        with self.lock:
-            now = time.time()
-            self.tokens = min(float(self.rate), self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
-            if self.tokens >= 1:
-                self.tokens -= 1
-                self.accepted.append(now)
-                return None
-            self.rejected.append(now)
-            return math.ceil((1 - self.tokens) / self.rate * 1000) / 1000
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/v1/complete"
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[Provider]:
-        """Serve until the block ends; the bucket starts full when serving starts."""
-        with self.lock:
-            self.tokens, self.updated = float(self.rate), time.time()
-        self.thread.start()
-        try:
-            yield self
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
-
-
-# -- the workers ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them.
-
-    Starting a process and taking its handle must not be split by an interruption, or
-    the process would run on with nobody to stop it.
-    """
-    held: list[int] = []
-    watched = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda sig, _: held.append(sig)) for sig in watched}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if held:
-            signal.raise_signal(held[0])
-
-
-def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
-    """Stop workers by PID, all in parallel.
-
-    SIGTERM goes to each worker's main process: a warm shutdown, in which the worker stops
-    its own pool (signalling the whole group would kill the pool processes under it, and
-    the worker would start new ones). Then SIGKILL goes to each process group, which also
-    takes any pool process left behind.
-    """
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    for p in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-    for p in procs:
-        p.wait(timeout=timeout)
-
-
-@contextlib.contextmanager
-def worker_fleet(
-    env: dict[str, str], queue: str, logs: Path, count: int, concurrency: int
-) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``count`` prefork workers of the benchmark app, each in its own process group,
-    returned once every one of them logged that it is ready."""
-    logs.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for i in range(count):
-            with (logs / f"worker-{i}.log").open("wb") as log, _signals_held():
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable, "-m", "celery", "-A", APP, "worker",
-                            "-P", "prefork", "-c", str(concurrency), "-Q", queue,
-                            "-n", f"bench{i}-{queue}@%h", "-l", "INFO",
-                            "--without-heartbeat", "--without-mingle", "--without-gossip",
-                        ],
-                        cwd=REPO,
-                        env={**os.environ, **env},
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
-                )  # fmt: skip
-        deadline = time.monotonic() + 120
-        waiting = set(range(count))
-        while waiting:
-            for i in sorted(waiting):
-                if READY.search((logs / f"worker-{i}.log").read_bytes()):
-                    waiting.discard(i)
-                elif procs[i].poll() is not None:
-                    raise click.ClickException(
-                        f"worker {i} exited with code {procs[i].returncode}:\n"
-                        + _tail(logs / f"worker-{i}.log")
-                    )
-            if waiting and time.monotonic() > deadline:
-                raise click.ClickException(f"workers {sorted(waiting)} not ready after 120 s")
-            time.sleep(0.1)  # polling child processes' logs for readiness
-        yield procs
-    finally:
-        with _signals_held():  # a second Ctrl-C must not leave workers running
-            stop_workers(procs)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 # -- measures -------------------------------------------------------------------------------------
@@ -413,13 +244,26 @@ def run_mode(setup: Setup, mode: str, console: Console) -> Run:
         RateLimiter(table, endpoint_url=setup.endpoint_url).create_table()
     run_dir = setup.work / f"{mode}-{tag}"
     client, env = _client(setup, run_dir)
-    provider = Provider(setup.provider_rate)
+    # The provider enforces the limit under test exactly: a bucket of one second of it,
+    # with no slack for jitter (zae_celery.local.provider).
+    provider = LocalProvider(rpm=setup.provider_rate * 60, window=1.0, slack_requests=0)
     env.update(ZAE_BENCH_TABLE=table, ZAE_BENCH_PROVIDER=provider.url)
     logs = run_dir / "logs"
     with contextlib.ExitStack() as stack:
         with console.status(f"{label}: starting {setup.workers} workers"):
-            stack.enter_context(worker_fleet(env, queue, logs, setup.workers, setup.concurrency))
-        stack.enter_context(provider.running())
+            stack.enter_context(
+                worker_fleet(
+                    APP,
+                    count=setup.workers,
+                    queues=[queue],
+                    logs=logs,
+                    concurrency=setup.concurrency,
+                    env=env,
+                    cwd=REPO,
+                    name=f"bench-{mode}-",
+                )
+            )
+        stack.enter_context(provider)
         run = Run(mode, setup.tasks, setup.rate, submitted_at=time.time())
         results = [client.send_task(task_name, args=[i], queue=queue) for i in range(setup.tasks)]
         deadline = time.monotonic() + (setup.tasks - setup.rate) / setup.rate * 3 + 120
@@ -439,10 +283,13 @@ def run_mode(setup: Setup, mode: str, console: Console) -> Run:
                 for result in results:
                     with contextlib.suppress(Exception):
                         client.backend.remove_pending_result(result)
-        run.accepted, run.rejected = list(provider.accepted), list(provider.rejected)
+        records = provider.records
+        run.accepted = [r.at for r in records if r.status == 200]
+        run.rejected = [r.at for r in records if r.status == 429]
     if run.failures:
         console.print(f"[red]{label}: {len(run.failures)} tasks failed, e.g. {run.failures[0]}")
-        console.print(_tail(logs / "worker-0.log"))
+        tail = (logs / "worker-0.log").read_text(errors="replace").splitlines()[-25:]
+        console.print("\n".join(tail))
     if mode == "zae":
         with contextlib.suppress(Exception):
             RateLimiter(table, endpoint_url=setup.endpoint_url).delete_table()
@@ -596,7 +443,7 @@ def main(
             # zae_celery.local stops a server only once it serves: an interruption
             # while one starts is held until then (a few seconds at most).
             starting = f"starting {endpoint}" + (" and redis" * (broker == "redis"))
-            with console.status(starting), _signals_held():
+            with console.status(starting), signals_held():
                 server = stack.enter_context(endpoint_server(endpoint, work / "servers"))
                 redis_port = None
                 if broker == "redis":
@@ -614,7 +461,10 @@ def main(
             )
             for mode in MODES:
                 if only in (None, mode):
-                    runs.append(run_mode(setup, mode, console))
+                    try:
+                        runs.append(run_mode(setup, mode, console))
+                    except FleetError as exc:
+                        raise click.ClickException(str(exc)) from exc
         render(runs, setup, endpoint, console)
         if save is not None:
             save.write_text(json.dumps([run.to_json() for run in runs]))

@@ -29,7 +29,6 @@ Configured by the benchmark through the environment:
 from __future__ import annotations
 
 import os
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +40,7 @@ from celery.signals import worker_process_init
 
 from zae_celery import Limit, RateLimitedTask
 from zae_celery import fsbroker as fs_broker
+from zae_celery.local import RequestCounter
 from zae_celery.task import HEADER_DEFERRALS, limiter_for
 
 RATE = int(os.environ.get("ZAE_BENCH_RATE", "10"))
@@ -63,50 +63,21 @@ if BROKER.startswith(f"{fs_broker.SCHEME}://"):
 
 
 # -- DynamoDB requests of this worker process ---------------------------------------------------
-class _RequestCounter:
-    """Counts every HTTP request the process's zae-celery client sends (retries too), per
-    operation, and the replies that were a refused condition (a write that lost its guess
-    or its race, or a refusal)."""
-
-    def __init__(self) -> None:
-        self.by_operation: dict[str, int] = {}
-        self.condition_failed = 0
-        self.pid = 0
-        self.lock = threading.Lock()
-
-    def sent_one(self, event_name: str = "", **_: Any) -> None:
-        operation = event_name.rpartition(".")[2]  # before-send.dynamodb.UpdateItem
-        with self.lock:
-            self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
-
-    def replied(self, parsed: Any = None, **_: Any) -> None:
-        code = (parsed or {}).get("Error", {}).get("Code", "") if isinstance(parsed, dict) else ""
-        if code in ("ConditionalCheckFailedException", "TransactionCanceledException"):
-            with self.lock:
-                self.condition_failed += 1
-
-    @property
-    def sent(self) -> int:
-        return sum(self.by_operation.values())
-
-    def install(self) -> None:
-        """Hook the limiter's client of this process, once (before its first request)."""
-        if self.pid == os.getpid():
-            return
-        self.pid, self.by_operation, self.condition_failed = os.getpid(), {}, 0
-        _, limiter = limiter_for(app)
-        events = limiter.client.meta.events
-        events.register("before-send.dynamodb.*", self.sent_one)
-        events.register("after-call.dynamodb.*", self.replied)
-
-
-_counter = _RequestCounter()
+_counter = RequestCounter()
 
 
 @worker_process_init.connect(weak=False)
 def _count_dynamodb_requests(**_: Any) -> None:
     """In each prefork child, before it runs any task (so before its first request)."""
-    _counter.install()
+    _counter.install(limiter_for(app)[1].client)
+
+
+def _dynamodb_counts() -> dict[str, Any]:
+    snapshot = _counter.snapshot()
+    return {
+        "dynamodb_by_operation": snapshot["by_operation"],
+        "dynamodb_condition_failed": snapshot["condition_failed"],
+    }
 
 
 # -- the provider -----------------------------------------------------------------------------
@@ -138,7 +109,7 @@ def _call_provider(task: Task, attempt: int) -> float | None:
 )
 def zae_call(self: RateLimitedTask, i: int) -> dict[str, Any]:
     """Gated by the shared DynamoDB bucket; a 429 empties it for every worker."""
-    _counter.install()  # no-op after worker_process_init (covers a solo pool)
+    _counter.install(limiter_for(app)[1].client)  # no-op after worker_process_init
     started = self.lease.started_at  # the engine's clock: when the start was counted
     slot = self.lease.start_at  # when it could have started (its reserved slot, if deferred)
     republished = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
@@ -152,8 +123,7 @@ def zae_call(self: RateLimitedTask, i: int) -> dict[str, Any]:
         "end": time.time(),
         "republishes": republished,
         "dynamodb_requests": _counter.sent,
-        "dynamodb_by_operation": dict(_counter.by_operation),
-        "dynamodb_condition_failed": _counter.condition_failed,
+        **_dynamodb_counts(),
         "pid": os.getpid(),
     }
 
