@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
 
 from examples.llm_pipeline.workload import Prompt, call_provider, estimate_tokens, limits
 from zae_celery import RateLimitedTask
 from zae_celery import fsbroker as fs_broker
-from zae_celery.local import RequestCounter
-from zae_celery.task import HEADER_DEFERRALS, limiter_for
+from zae_celery.local import count_worker_requests
+from zae_celery.task import HEADER_DEFERRALS
 
 BROKER = os.environ.get("ZAE_DEMO_BROKER", "memory://")
 PROVIDER = os.environ.get("ZAE_DEMO_PROVIDER", "http://127.0.0.1:9/")
@@ -65,13 +64,7 @@ if BROKER.startswith(f"{fs_broker.SCHEME}://"):
         Path(os.environ["ZAE_DEMO_BROKER_DIR"])
     )
 
-_counter = RequestCounter()
-
-
-@worker_process_init.connect(weak=False)
-def _count_dynamodb_requests(**_: Any) -> None:
-    """In each prefork child, before its first task (so before its first request)."""
-    _counter.install(limiter_for(app)[1].client)
+_counter = count_worker_requests(app)  # in each pool process, before its first task
 
 
 def _result(prompt_id: str, started: float, republishes: int, tokens: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@
 Nothing here is needed in production.
 """
 
-from zae_celery.local.counting import RequestCounter
+from zae_celery.local.counting import RequestCounter, count_worker_requests
 from zae_celery.local.provider import (
     DEFAULT_MAX_TOKENS,
     LocalProvider,
@@ -47,6 +47,7 @@ __all__ = [
     "Usage",
     "billed_usage",
     "count_tokens",
+    "count_worker_requests",
     "dynamodb_local",
     "dynamodb_local_dir",
     "free_port",

@@ -3,6 +3,9 @@
 >>> counter = RequestCounter()                       # doctest: +SKIP
 >>> counter.install(limiter.client)
 >>> counter.sent, counter.by_operation, counter.condition_failed
+
+In a Celery app run by prefork workers, ``counter = count_worker_requests(app)`` hooks
+the app's limiter client in each pool process before its first task.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import threading
 from typing import Any
 
-__all__ = ["RequestCounter"]
+__all__ = ["RequestCounter", "count_worker_requests"]
 
 _REFUSED = ("ConditionalCheckFailedException", "TransactionCanceledException")
 
@@ -63,3 +66,20 @@ class RequestCounter:
         if isinstance(error, dict) and error.get("Code") in _REFUSED:
             with self._lock:
                 self.condition_failed += 1
+
+
+def count_worker_requests(app: Any) -> RequestCounter:
+    """A counter of the DynamoDB requests of ``app``'s zae-celery limiter, installed in
+    each worker pool process (``worker_process_init``) before it runs a task. Read it
+    from a task (``counter.snapshot()``) to report the process's requests so far."""
+    from celery.signals import worker_process_init
+
+    from zae_celery.task import limiter_for
+
+    counter = RequestCounter()
+
+    def install(**_: Any) -> None:
+        counter.install(limiter_for(app)[1].client)
+
+    worker_process_init.connect(install, weak=False)
+    return counter
