@@ -1,33 +1,19 @@
-"""Real ``celery worker`` processes for tests: started in their own process groups,
-stopped by PID (SIGTERM, then SIGKILL) when the context exits."""
+"""Real ``celery worker`` processes of ``tests.celery.app`` for tests (see
+:func:`zae_celery.local.worker_fleet`: own process groups, ready before use, stopped by
+PID)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from zae_celery.local import log_text, worker_fleet
+
+__all__ = ["log_text", "workers"]
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    """SIGTERM to the worker's main process (a warm shutdown that stops its pool), then
-    SIGKILL to the whole group if it lingers. Signalling the pool children directly
-    makes the worker replace them and delays the shutdown."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -39,38 +25,17 @@ def workers(
     queues: str = "limited,shared,other,provider",
     pool: str = "prefork",
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``count`` workers (``pool``: prefork, solo, threads) of ``tests.celery.app``."""
-    logs.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for i in range(count):
-            log = (logs / f"worker-{i}.log").open("wb")
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable, "-m", "celery", "-A", "tests.celery.app", "worker",
-                        "-P", pool, "-c", str(concurrency), "-Q", queues,
-                        "-n", f"w{i}-{os.getpid()}@%h", "-l", "INFO",
-                        "--without-heartbeat", "--without-mingle", "--without-gossip",
-                    ],
-                    cwd=REPO,
-                    env={**os.environ, **env},
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            )  # fmt: skip
-            log.close()
+    """``count`` workers (``pool``: prefork, solo, threads) of ``tests.celery.app``,
+    consuming the comma-separated ``queues``, once every one of them is ready."""
+    with worker_fleet(
+        "tests.celery.app",
+        count=count,
+        queues=queues.split(","),
+        logs=logs,
+        concurrency=concurrency,
+        pool=pool,
+        env=env,
+        cwd=REPO,
+        stop_timeout=5.0,
+    ) as procs:
         yield procs
-    finally:
-        for p in procs:  # signal all first, so they shut down in parallel
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs:
-            _stop(p)
-
-
-def log_text(logs: Path) -> str:
-    """Every worker log, for failure messages and log checks."""
-    return "\n".join(p.read_text(errors="replace") for p in sorted(logs.glob("worker-*.log")))
