@@ -33,6 +33,7 @@ class Config:
     tpm: int
     window: float
     broker: str
+    """``filesystem`` or the redis URL given."""
     estimated_tokens: int
     slack_tokens: int
 
@@ -152,7 +153,8 @@ def table(figures: Sequence[dict[str, Any]], config: Config) -> Table:
     grid = Table(
         title=(
             f"{config.tasks} prompts, {config.workers} workers x prefork -c {config.concurrency}, "
-            f"broker {config.broker}; limits {config.rpm} rpm and {_k(config.tpm)} tpm, buckets "
+            f"broker {config.broker.partition(':')[0]}; "
+            f"limits {config.rpm} rpm and {_k(config.tpm)} tpm, buckets "
             f"of {config.window:g} s ({config.rpm_bucket} requests, {_k(config.tpm_bucket)} "
             "tokens)"
         )

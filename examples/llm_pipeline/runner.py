@@ -329,7 +329,7 @@ def main(
         rpm=rpm,
         tpm=tpm,
         window=window,
-        broker=broker if broker == "filesystem" else "redis",
+        broker=broker,
         estimated_tokens=sum(estimates),
         slack_tokens=max(billed_usage(p.prompt, p.max_tokens, SEED).total_tokens for p in prompts),
     )
