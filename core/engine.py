@@ -21,6 +21,7 @@ from . import bucket
 from .bucket import Step
 from .errors import (
     IncompatibleSchema,
+    LeaseClaimed,
     LimitStatus,
     RateLimiterUnavailable,
     RateLimitExceeded,
@@ -29,7 +30,7 @@ from .errors import (
     ValidationError,
 )
 from .limits import MAX_TOKENS, Limit, check_limit_name, check_tokens
-from .requests import Call, Reply, Write, build_write, failed_items
+from .requests import Call, Reply, Write, build_write, claim_refused, failed_items
 from .schema import (
     ANY_RESOURCE,
     ENTITY_SK,
@@ -39,6 +40,7 @@ from .schema import (
     TTL_ATTRIBUTE,
     bucket_key,
     check_id,
+    claim_key,
     entity_pk,
     limits_sk,
     number,
@@ -105,6 +107,9 @@ class LeaseState:
     start_tracked: bool = False
     tats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     """The TATs the granting write left (by attribute), when it returned them."""
+    claim: str | None = None
+    """Set on a reservation that travels (e.g. in a deferred message): its start also
+    creates a claim item named by it, so a second delivery cannot start on it again."""
 
     @property
     def wait(self) -> float:
@@ -136,6 +141,7 @@ class LeaseState:
             "consumed": dict(self.consumed),
             "granted_ms": self.granted_ms,
             "start_ms": self.start_ms,
+            **({"claim": self.claim} if self.claim is not None else {}),
         }
 
     @classmethod
@@ -151,11 +157,15 @@ class LeaseState:
                 )
                 for t in data["targets"]
             )
+            claim = data.get("claim")
+            if claim is not None and (not isinstance(claim, str) or not 0 < len(claim) <= 512):
+                raise ValidationError("lease.claim", "malformed claim", "a string of 1..512")
             return cls(
                 targets,
                 _check_amounts("consumed", data["consumed"], negative=False),
                 int(data["granted_ms"]),
                 int(data["start_ms"]),
+                claim=claim,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ValidationError):
@@ -619,13 +629,20 @@ class Engine:
         start slot was reserved on it instead; the waits of successive callers are spaced
         exactly by their cost, so starts stay within the burst. Beyond the horizon:
         RateLimitExceeded, nothing consumed.
+
+        A lease with a ``claim`` also creates its claim item in the same transaction (one
+        request still): a second start of the same reservation — another delivery of the
+        same message — raises :class:`LeaseClaimed` and counts nothing.
         """
         if lease.paced:
             if lease.started_ms is None:
                 lease.started_ms = self.now_ms()
             return 0.0
         tracks = _start_tracks(lease.targets)
-        counted = yield from self._consume(tracks, _horizon_ms(horizon), align=True)
+        claim = None
+        if lease.claim is not None:
+            claim = claim_key(lease.targets[0].entity_id, lease.claim)
+        counted = yield from self._consume(tracks, _horizon_ms(horizon), align=True, claim=claim)
         lease.start_tracked = True
         lease.started_ms = counted.start_ms
         return counted.wait
@@ -684,7 +701,11 @@ class Engine:
         )
 
     def _consume(
-        self, targets: tuple[Target, ...], horizon_ms: int, align: bool = False
+        self,
+        targets: tuple[Target, ...],
+        horizon_ms: int,
+        align: bool = False,
+        claim: dict[str, Any] | None = None,
     ) -> Flow[LeaseState]:
         if self.local_refusals:
             # TATs only grow (but for refunds), so the last values this process saw are
@@ -702,7 +723,7 @@ class Engine:
             if violations:
                 raise RateLimitExceeded(violations, passed)
         known: list[Item | None] | None = None
-        atomic_many = len(targets) > 1
+        atomic_many = len(targets) > 1 or claim is not None
         for attempt in range(self.max_attempts):
             if attempt >= 2:
                 yield _backoff(attempt)
@@ -729,13 +750,17 @@ class Engine:
                 for i, t in enumerate(targets)
             ]
             ttl = self._ttl(now_ms, horizon_ms, None, targets)
-            reply = yield build_write(self.table_name, writes, ttl)
+            reply = yield build_write(self.table_name, writes, ttl, claim)
             if reply.ok:
-                lease = self._granted(targets, writes, reply, now_ms)
+                lease = self._granted(targets, writes, reply, now_ms, atomic_many)
                 if align and len(targets) == 1 and lease.start_ms > lease.granted_ms:
                     yield from self._align(targets[0], lease)
                 return lease
-            current = failed_items(reply, len(targets))
+            if claim is not None and claim_refused(reply):
+                raise LeaseClaimed("this reservation was already started by another delivery")
+            current = failed_items(reply, len(targets) + (claim is not None))
+            if current is not None and claim is not None:
+                current = current[:-1]
             if current is None:
                 self.raise_for(reply)
                 raise RateLimiterUnavailable(f"unexpected reply {reply.code}")
@@ -762,11 +787,16 @@ class Engine:
         )
 
     def _granted(
-        self, targets: tuple[Target, ...], writes: list[Write], reply: Reply, now_ms: int
+        self,
+        targets: tuple[Target, ...],
+        writes: list[Write],
+        reply: Reply,
+        now_ms: int,
+        transaction: bool = False,
     ) -> LeaseState:
         start = now_ms
         tats: dict[str, int] = {}
-        if len(targets) == 1:
+        if not transaction:
             item = reply.data.get("Attributes", {})
             self._remember(targets[0], item)
             for lim in targets[0].limits:

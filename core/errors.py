@@ -9,6 +9,7 @@ __all__ = [
     "CircuitOpen",
     "EndpointUnreachable",
     "IncompatibleSchema",
+    "LeaseClaimed",
     "LimitStatus",
     "RateLimitExceeded",
     "RateLimiterUnavailable",
@@ -56,6 +57,12 @@ class RateLimiterUnavailable(ZaeError):
 
 class TableNotFound(RateLimiterUnavailable):
     """The configured table does not exist."""
+
+
+class LeaseClaimed(ZaeError):
+    """A carried reservation was already started: this is another delivery of the same
+    message (a redelivery, a duplicate publish). Nothing was consumed by the refused start;
+    the caller acquires afresh (or drops the duplicate)."""
 
 
 class EndpointUnreachable(RateLimiterUnavailable):

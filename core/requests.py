@@ -15,7 +15,16 @@ from typing import Any, Generic, TypeVar
 from .bucket import Shape, Step
 from .schema import TTL_ATTRIBUTE
 
-__all__ = ["Call", "Done", "Reply", "Write", "build_write", "failed_items", "resume"]
+__all__ = [
+    "Call",
+    "Done",
+    "Reply",
+    "Write",
+    "build_write",
+    "claim_refused",
+    "failed_items",
+    "resume",
+]
 
 T = TypeVar("T")
 
@@ -128,14 +137,40 @@ def _update(table: str, write: Write, ttl: int) -> dict[str, Any]:
     return request
 
 
-def build_write(table: str, writes: Sequence[Write], ttl: int) -> Call:
-    """One UpdateItem for one item, one TransactWriteItems for several (atomic)."""
-    if len(writes) == 1:
+def _claim(table: str, key: dict[str, Any], ttl: int) -> dict[str, Any]:
+    # An UpdateItem that creates the item (workers may not PutItem outside "#META").
+    return {
+        "TableName": table,
+        "Key": key,
+        "UpdateExpression": "SET #ttl = :ttl",
+        "ConditionExpression": "attribute_not_exists(PK)",
+        "ExpressionAttributeNames": {"#ttl": TTL_ATTRIBUTE},
+        "ExpressionAttributeValues": {":ttl": {"N": str(ttl)}},
+    }
+
+
+def build_write(
+    table: str, writes: Sequence[Write], ttl: int, claim: dict[str, Any] | None = None
+) -> Call:
+    """One UpdateItem for one item, one TransactWriteItems for several (atomic).
+
+    ``claim``: the key of a claim item created in the same transaction, last in it; the
+    transaction fails if the item exists (see :func:`claim_refused`).
+    """
+    if len(writes) == 1 and claim is None:
         return Call("update_item", {**_update(table, writes[0], ttl), "ReturnValues": "ALL_NEW"})
-    return Call(
-        "transact_write_items",
-        {"TransactItems": [{"Update": _update(table, w, ttl)} for w in writes]},
-    )
+    items = [{"Update": _update(table, w, ttl)} for w in writes]
+    if claim is not None:
+        items.append({"Update": _claim(table, claim, ttl)})
+    return Call("transact_write_items", {"TransactItems": items})
+
+
+def claim_refused(reply: Reply) -> bool:
+    """True when a transaction built with a ``claim`` failed because the claim exists."""
+    if reply.code != TRANSACTION_CANCELED:
+        return False
+    reasons = reply.data.get("CancellationReasons") or []
+    return bool(reasons) and reasons[-1].get("Code") == "ConditionalCheckFailed"
 
 
 def failed_items(reply: Reply, count: int) -> list[Item | None] | None:

@@ -7,14 +7,17 @@ PK                   SK                  item
 ``E#<entity>``       ``#ENTITY``         parent and cascade flag
 ``E#<entity>``       ``#LIMITS#<res>``   stored limits (``*`` = every resource)
 ``E#<entity>``       ``B#<resource>``    one bucket item: every limit of the pair
+``E#<entity>``       ``C#<hash>``        a started reservation's claim (TTL)
 ===================  ==================  ==========================================
 
 Identifiers may not contain ``#`` (the separator) or ``*`` (the wildcard), so no id can
-address another entity's items.
+address another entity's items. A claim's sort key is a hash of its claim id (a task id
+and a nonce), so whatever characters a task id holds, it names only a ``C#`` item.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -26,6 +29,7 @@ __all__ = [
     "TTL_ATTRIBUTE",
     "bucket_key",
     "check_id",
+    "claim_key",
     "entity_pk",
     "limits_sk",
 ]
@@ -64,6 +68,12 @@ def entity_pk(entity_id: str) -> str:
 def bucket_key(entity_id: str, resource: str) -> dict[str, dict[str, str]]:
     """The key of the bucket item of (entity, resource)."""
     return {"PK": {"S": entity_pk(entity_id)}, "SK": {"S": f"B#{resource}"}}
+
+
+def claim_key(entity_id: str, claim: str) -> dict[str, dict[str, str]]:
+    """The key of the claim item of a started reservation, in its entity's partition."""
+    digest = hashlib.sha256(claim.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return {"PK": {"S": entity_pk(entity_id)}, "SK": {"S": f"C#{digest}"}}
 
 
 def limits_sk(resource: str | None) -> str:
