@@ -17,17 +17,19 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, NoReturn
 
 from celery import Task, states
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 from celery.signals import task_postrun
 
 from zae_celery.core import (
     Lease,
+    LeaseClaimed,
     Limit,
     RateLimiter,
     RateLimiterUnavailable,
@@ -143,6 +145,18 @@ def _option(task: Task, name: str, args: Any, kwargs: Any) -> Any:
         ) from None
 
 
+def _check_task_id(field: str, value: Any) -> None:
+    """check_id, without quoting the value: it may come from the task's arguments."""
+    try:
+        check_id(field, value)
+    except ValidationError:
+        raise ValidationError(
+            field,
+            f"is not a valid id ({type(value).__name__}; the value is not shown)",
+            "1..256 letters, digits and _ . : @ / + = , - not starting with punctuation",
+        ) from None
+
+
 class RateLimitedTask(Task):  # type: ignore[misc]
     """A task whose start is gated by global token buckets.
 
@@ -199,8 +213,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         entity = _option(self, "rate_entity", args, kwargs)
         entity = settings.default_entity if entity is None else entity
         resource = _option(self, "rate_resource", args, kwargs) or self.name
-        check_id("rate_entity", entity)
-        check_id("rate_resource", resource)
+        _check_task_id("rate_entity", entity)
+        _check_task_id("rate_resource", resource)
         consume = _option(self, "rate_consume", args, kwargs)
         if consume is None:
             consume = {lim.name: 1 for lim in limits}
@@ -227,32 +241,50 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         carried = headers.get(HEADER_LEASE)
         if carried:
             lease = limiter.restore(carried)
-        else:
-            spec = self._spec(settings, args, kwargs)
-            if spec is None:
-                return
-            horizon = settings.horizon if self.rate_horizon is None else self.rate_horizon
-            try:
-                lease = limiter.acquire(
-                    spec.entity_id,
-                    spec.resource,
-                    spec.consume,
-                    spec.limits,
-                    horizon=horizon,
-                    extra=spec.extra,
-                    pace=True,
-                    start_within=settings.start_wait,
-                )
-            except RateLimitExceeded as exc:
-                wait = min(exc.retry_after, horizon) + random.uniform(0, settings.jitter)
-                self._defer(settings, deferrals, wait, None, _describe(exc))
-            except TableNotFound:
-                raise  # a misconfiguration: fail now rather than defer forever
-            except RateLimiterUnavailable:
-                wait = settings.unavailable_retry + random.uniform(0, settings.jitter)
-                self._defer(settings, deferrals, wait, None, "rate limiter unavailable")
-            if lease.wait > settings.start_wait:
-                self._defer(settings, deferrals, lease.wait, lease, "reserved slot")
+            claim = lease.state.claim
+            if claim is not None and claim.startswith(f"{task_id}:"):
+                try:
+                    self._start(settings, limiter, lease, deferrals)
+                except LeaseClaimed:
+                    # Another delivery of this message already started on the
+                    # reservation (a redelivery after a lost worker or a visibility
+                    # timeout, a duplicate publish): this run pays for itself.
+                    log.warning(
+                        "zae-celery task %s (%s) was delivered again after its reservation "
+                        "was started; acquiring afresh",
+                        task_id,
+                        self.name,
+                    )
+                else:
+                    request.zae_active_lease = lease
+                    return
+            # A reservation not made for this task id (or before claims existed) is
+            # never started: the task acquires like a new one.
+        spec = self._spec(settings, args, kwargs)
+        if spec is None:
+            return
+        horizon = settings.horizon if self.rate_horizon is None else self.rate_horizon
+        try:
+            lease = limiter.acquire(
+                spec.entity_id,
+                spec.resource,
+                spec.consume,
+                spec.limits,
+                horizon=horizon,
+                extra=spec.extra,
+                pace=True,
+                start_within=settings.start_wait,
+            )
+        except RateLimitExceeded as exc:
+            wait = min(exc.retry_after, horizon) + random.uniform(0, settings.jitter)
+            self._defer(settings, deferrals, wait, None, _describe(exc))
+        except TableNotFound:
+            raise  # a misconfiguration: fail now rather than defer forever
+        except RateLimiterUnavailable:
+            wait = settings.unavailable_retry + random.uniform(0, settings.jitter)
+            self._defer(settings, deferrals, wait, None, "rate limiter unavailable")
+        if lease.wait > settings.start_wait:
+            self._defer(settings, deferrals, lease.wait, lease, "reserved slot")
         self._start(settings, limiter, lease, deferrals)
         request.zae_active_lease = lease
 
@@ -288,7 +320,15 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         lease: Lease | None,
         reason: str,
     ) -> NoReturn:
-        """Republish this task with a countdown (and its reservation); raise Retry."""
+        """Republish this task with a countdown (and its reservation); raise Retry.
+
+        The reservation travels with a claim (this task id and a nonce, kept when a carried
+        reservation is deferred again) so that it can be started once only. When the
+        publish fails the message is not lost: with ``acks_late`` it is rejected and
+        requeued (a reservation made in this run is refunded first; a carried one stays,
+        since the requeued message still holds it); otherwise the task fails with the
+        error.
+        """
         request = self.request
         limit = (
             settings.max_deferrals if self.rate_max_deferrals is None else self.rate_max_deferrals
@@ -300,16 +340,27 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 f"task {request.id} ({self.name}) was deferred {deferrals} times by rate "
                 f"limits without getting a slot (rate_max_deferrals={limit}); last: {reason}"
             )
+        carried = lease is not None and lease.state.claim is not None
+        if lease is not None and not carried:
+            lease.state.claim = f"{request.id}:{uuid.uuid4().hex}"
         headers = dict(request.headers or {})
         headers[HEADER_DEFERRALS] = deferrals + 1
         headers[HEADER_LEASE] = lease.state.to_dict() if lease is not None else None
         countdown = max(0.0, countdown)
         try:
             self.signature_from_request(request, countdown=countdown, headers=headers).apply_async()
-        except Exception:
-            if lease is not None:
+        except Exception as exc:
+            if lease is not None and not carried:
                 lease.rollback()
-            raise
+            if not self.acks_late:
+                raise  # the message was acknowledged before the run: fail visibly
+            log.warning(
+                "zae-celery could not republish task %s (%s): %s; its message is requeued",
+                request.id,
+                self.name,
+                type(exc).__name__,
+            )
+            raise Reject(f"republish failed: {type(exc).__name__}", requeue=True) from None
         log.info(
             "zae-celery deferred task %s (%s) by %.3f s: %s (deferral %d)",
             request.id,

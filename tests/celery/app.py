@@ -212,3 +212,68 @@ def fails_refund(self: RateLimitedTask) -> None:
 def fails_keep_rpm(self: RateLimitedTask) -> None:
     """Keep the request, refund the tokens."""
     raise RuntimeError("provider call failed")
+
+
+# -- faults and security (tests/test_task_faults.py) ----------------------------------------
+# ZAE_TEST_RECORDS: a redis URL where these tasks record their runs. A killed pool process
+# requeues its message (with acks_late), the setting a rate-limited app should use.
+app.conf.task_reject_on_worker_lost = True
+if BROKER.startswith("zaeflaky://"):
+    from tests.celery import flaky_redis  # noqa: F401  (registers the transport)
+
+# Refilled once a year: what the bucket shows is exactly what was consumed.
+TOTAL = Limit.custom("total", 1000, refill_amount=1, refill_period_seconds=31_536_000)
+
+
+def _record(task: Any, gate: str) -> Any:
+    import redis
+
+    client = redis.Redis.from_url(os.environ["ZAE_TEST_RECORDS"])
+    lease = task.lease
+    run = {**_run_info(task), "claim": lease.state.claim, "started_ms": lease.state.started_ms}
+    client.rpush(f"{gate}:runs", json.dumps(run))
+    return client
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=[TOTAL],
+          rate_resource="faults")  # fmt: skip
+def gated(self: RateLimitedTask, gate: str, hold: bool) -> dict[str, Any]:
+    """Records its run in the list ``<gate>:runs``; with ``hold``, then waits for an item
+    in ``<gate>:go`` (the test's signal) before it returns."""
+    client = _record(self, gate)
+    if hold and client.blpop([f"{gate}:go"], timeout=120) is None:
+        raise TimeoutError("the test never released the gate")
+    return _run_info(self)
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0,
+          rate_limits=[Limit.per_second("rps", 1), TOTAL],
+          rate_resource="paced-faults")  # fmt: skip
+def paced(self: RateLimitedTask, gate: str) -> dict[str, Any]:
+    """One a second: the second of two at once is deferred (republished)."""
+    _record(self, gate)
+    return _run_info(self)
+
+
+def _secret_entity(args: Any, kwargs: Any) -> str:
+    if kwargs["mode"] == "entity":
+        return f"tenant#{kwargs['prompt']}"  # a hostile id made of the argument
+    return "tenant"
+
+
+def _secret_consume(args: Any, kwargs: Any) -> dict[str, int]:
+    if kwargs["mode"] == "consume":
+        raise KeyError(kwargs["prompt"])  # an exception whose text is the argument
+    return {"rps": 1, "total": 1}
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0,
+          rate_limits=[Limit.per_second("rps", 1), TOTAL], rate_resource="secrets",
+          rate_entity=_secret_entity, rate_consume=_secret_consume)  # fmt: skip
+def secret(self: RateLimitedTask, prompt: str, mode: str) -> dict[str, Any]:
+    """Takes a secret prompt through every path that logs or raises (deferral, bad input,
+    report_usage); never returns it."""
+    if mode == "report":
+        self.report_usage(total=-len(prompt))  # a bad amount: must not quote the prompt
+    self.report_usage(total=1)
+    return _run_info(self)
