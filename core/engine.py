@@ -224,9 +224,15 @@ def _check_amounts(field: str, amounts: Any, *, negative: bool) -> dict[str, int
         check_limit_name(f"{field}[{name!r}]", name)
         if negative:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValidationError(f"{field}.{name}", "must be an integer number of tokens")
+                raise ValidationError(
+                    f"{field}.{name}",
+                    "must be an integer number of tokens",
+                    f"an integer -{MAX_TOKENS}..{MAX_TOKENS}",
+                )
             if abs(value) > MAX_TOKENS:
-                raise ValidationError(f"{field}.{name}", f"{value} is out of range")
+                raise ValidationError(
+                    f"{field}.{name}", f"{value} is out of range", f"-{MAX_TOKENS}..{MAX_TOKENS}"
+                )
         else:
             check_tokens(f"{field}.{name}", value, minimum=0)
         result[name] = value
@@ -898,6 +904,7 @@ class Engine:
                 raise ValidationError(
                     f"adjust.{name}",
                     f"would refund more than the {lease.consumed.get(name, 0)} consumed",
+                    f"a refund of at most {lease.consumed.get(name, 0)}",
                 )
         changes = {n: d for n, d in amounts.items() if d}
         if not changes:

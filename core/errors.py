@@ -31,10 +31,15 @@ class ValidationError(ZaeError, ValueError):
         self.field = field
         self.problem = problem
         self.allowed = allowed
-        text = f"{field}: {problem}"
-        if allowed:
-            text += f" (allowed: {allowed})"
-        super().__init__(text)
+        # The arguments are kept as ``args`` so that the error survives pickling and
+        # Celery's result serialisation as itself, with its field, not as a base class.
+        super().__init__(field, problem, allowed)
+
+    def __str__(self) -> str:
+        text = f"{self.field}: {self.problem}"
+        if self.allowed:
+            text += f" (allowed: {self.allowed})"
+        return text
 
 
 class RequestExceedsBurst(ValidationError):
@@ -49,6 +54,7 @@ class RequestExceedsBurst(ValidationError):
             "it can never be granted",
             f"at most {burst}, or raise the limit's burst",
         )
+        self.args = (field, requested, burst)
 
 
 class RateLimiterUnavailable(ZaeError):

@@ -23,7 +23,11 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 def check_tokens(field: str, value: Any, *, minimum: int = 1) -> int:
     """An integer token count in [minimum, MAX_TOKENS] or a ValidationError naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(field, f"must be an integer, got {type(value).__name__}")
+        raise ValidationError(
+            field,
+            f"must be an integer, got {type(value).__name__}",
+            f"an integer {minimum}..{MAX_TOKENS}",
+        )
     if value < minimum or value > MAX_TOKENS:
         raise ValidationError(field, f"{value} is out of range", f"{minimum}..{MAX_TOKENS}")
     return value
@@ -159,10 +163,14 @@ class Limit:
 
 def _period_ms(seconds: Any) -> int:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise ValidationError("refill_period_seconds", "must be a number of seconds")
+        raise ValidationError(
+            "refill_period_seconds", "must be a number of seconds", "> 0, at most 315360000"
+        )
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValidationError(
-            "refill_period_seconds", f"{seconds!r} is not a positive finite number"
+            "refill_period_seconds",
+            f"{seconds!r} is not a positive finite number",
+            "> 0, at most 315360000",
         )
     ms = seconds * 1000
     if ms > MAX_PERIOD_MS:
@@ -171,6 +179,8 @@ def _period_ms(seconds: Any) -> int:
         )
     if abs(ms - round(ms)) > 1e-6 or round(ms) < 1:
         raise ValidationError(
-            "refill_period_seconds", f"{seconds!r} is not a whole number of milliseconds"
+            "refill_period_seconds",
+            f"{seconds!r} is not a whole number of milliseconds",
+            "a whole number of milliseconds, at least 1 ms",
         )
     return round(ms)

@@ -51,7 +51,9 @@ MAX_HORIZON = 900.0
 
 def _seconds(name: str, value: Any, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValidationError(name, f"{value!r} is not a number of seconds")
+        raise ValidationError(
+            name, f"{value!r} is not a number of seconds", f"{low}..{high} seconds"
+        )
     if not low <= value <= high:
         raise ValidationError(name, f"{value!r} is out of range", f"{low}..{high} seconds")
     return float(value)
@@ -95,12 +97,16 @@ class Settings:
             raise ValidationError("zae_on_unavailable", f"{on_unavailable!r}", "'closed' or 'open'")
         queue_limits = conf.get("zae_queue_limits") or {}
         if not isinstance(queue_limits, Mapping):
-            raise ValidationError("zae_queue_limits", "must be a dict of queue name to limits")
+            raise ValidationError(
+                "zae_queue_limits", "must be a dict", "{'queue name': [Limit, ...]}"
+            )
         checked: dict[str, tuple[Limit, ...]] = {}
         for queue, limits in queue_limits.items():
             check_id(f"zae_queue_limits[{queue!r}]", queue)
             if isinstance(limits, Limit) or not all(isinstance(lim, Limit) for lim in limits):
-                raise ValidationError(f"zae_queue_limits[{queue!r}]", "must be a list of Limit")
+                raise ValidationError(
+                    f"zae_queue_limits[{queue!r}]", "must be a list of Limit", "[Limit, ...]"
+                )
             checked[queue] = tuple(limits)
         default_entity = check_id("zae_default_entity", conf.get("zae_default_entity", "default"))
         max_deferrals = _count("zae_max_deferrals", conf.get("zae_max_deferrals", 100))

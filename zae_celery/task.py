@@ -141,7 +141,9 @@ def _option(task: Task, name: str, args: Any, kwargs: Any) -> Any:
     except Exception as exc:
         # The exception's text may quote task arguments: only its type is reported.
         raise ValidationError(
-            name, f"the callable raised {type(exc).__name__} for task {task.name}"
+            name,
+            f"the callable raised {type(exc).__name__} for task {task.name}",
+            "a value, or a callable of (args, kwargs) that returns one",
         ) from None
 
 
@@ -201,7 +203,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     def _spec(self, settings: Settings, args: Any, kwargs: Any) -> _Spec | None:
         limits = _option(self, "rate_limits", args, kwargs) or ()
         if isinstance(limits, Limit) or not all(isinstance(lim, Limit) for lim in limits):
-            raise ValidationError("rate_limits", "must be a list of Limit")
+            raise ValidationError("rate_limits", "must be a list of Limit", "[Limit, ...]")
         limits = tuple(limits)
         if self._global_rate_limit is not None:
             limits += (self._global_rate_limit,)
@@ -219,7 +221,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         if consume is None:
             consume = {lim.name: 1 for lim in limits}
         if not isinstance(consume, Mapping):
-            raise ValidationError("rate_consume", "must return a dict like {'rpm': 1}")
+            raise ValidationError(
+                "rate_consume", "must return a dict", "{'rpm': 1, ...}: limit name to tokens"
+            )
         consume = dict(consume)
         if self._global_rate_limit is not None:
             consume.setdefault("rate_limit", 1)
