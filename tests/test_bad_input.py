@@ -489,3 +489,191 @@ def test_open_mode_never_turns_bad_input_into_a_grant(
     check_error(info.value, ValidationError, field)
     assert limiter.engine.unavailable_grants == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# -- the matrix across entry points: Limit, engine calls, task options, report_usage,
+# settings and CLI arguments. Every case must end in a typed error that names the field
+# and says what is allowed, store nothing, and (for tasks) end the task in FAILURE with
+# that error as its result: no task is silently dropped.
+
+YEARLY = Limit.custom("total", 1000, refill_amount=1, refill_period_seconds=31_536_000)
+
+
+def _task_app(endpoint: Endpoint, **conf: Any) -> Any:
+    from celery import Celery
+
+    app = Celery(f"matrix-{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update({"zae_table_name": endpoint.table_name, "zae_endpoint_url": endpoint.url})
+    app.conf.update(conf)
+    return app
+
+
+def _run_task(endpoint: Endpoint, options: dict[str, Any], body: Any = None, **conf: Any) -> Any:
+    """Run one RateLimitedTask through Celery's tracer (``apply``: before_start, body,
+    after_return, task_postrun) and return its failure."""
+    from zae_celery import RateLimitedTask
+
+    app = _task_app(endpoint, **conf)
+
+    def run(self: Any, prompt: str) -> None:
+        if body is not None:
+            body(self)
+
+    task = app.task(
+        base=RateLimitedTask,
+        bind=True,
+        max_retries=0,
+        name=f"matrix.{uuid.uuid4().hex[:6]}",
+        **{"rate_limits": [YEARLY], "rate_resource": "matrix", **options},
+    )(run)
+    result = task.apply(kwargs={"prompt": "hello"})
+    assert result.state == "FAILURE", result.state  # not dropped, not retried
+    return result.result
+
+
+def _task(**options: Any) -> Callable[[Endpoint], Any]:
+    return lambda ep: _run_task(ep, options)
+
+
+def _setting(**conf: Any) -> Callable[[Endpoint], Any]:
+    return lambda ep: _run_task(ep, {}, **conf)
+
+
+def _report(**usage: Any) -> Callable[[Endpoint], Any]:
+    return lambda ep: _run_report(ep, **usage)
+
+
+def _consume(consume: dict[str, Any]) -> Callable[[Endpoint], Any]:
+    return lambda ep: _lim(ep).acquire("t", "m", consume, [YEARLY])
+
+
+IDS = "letters, digits"
+HALF: Any = 1.5  # deliberately not an int
+MATRIX: list[Any] = [
+    # Limit
+    ("limit", lambda ep: Limit.per_minute("1rpm", 10), "name", "a letter"),
+    ("limit", lambda ep: Limit.per_minute("rpm", 0), "capacity", "1.."),
+    ("limit", lambda ep: LimitAny.per_minute("rpm", 2.5), "capacity", "integer"),
+    ("limit", lambda ep: Limit.per_minute("rpm", 10, burst=5), "burst", ">= capacity"),
+    ("limit", lambda ep: Limit.custom("rpm", 1, 1, 0), "refill_period_seconds", "> 0, at most"),
+    ("limit", lambda ep: Limit.custom("rpm", 1, 1, 1e10), "refill_period_seconds", "<="),
+    ("limit", lambda ep: Limit.custom("rpm", 1, 1, 0.0005), "refill_period_seconds", "1 ms"),
+    # engine calls
+    ("acquire", lambda ep: _lim(ep).acquire("a#b", "m", {}, [YEARLY]), "entity_id", "no #"),
+    ("acquire", _consume({"rpm": 1}), "consume.rpm", "total"),
+    ("acquire", _consume({"total": -1}), "consume.total", "0.."),
+    ("reserve", lambda ep: _lim(ep).reserve("t", "m", {}, [YEARLY], horizon=-1), "horizon", "0.."),
+    ("reserve", lambda ep: _lim(ep).reserve("t", "*", {}, [YEARLY]), "resource", "no #"),
+    ("adjust", lambda ep: _granted(ep).adjust(bogus=1), "adjust.bogus", "total"),
+    ("adjust", lambda ep: _granted(ep).adjust(total=-5), "adjust.total", "at most"),
+    ("adjust", lambda ep: _granted(ep).adjust(total=HALF), "adjust.total", "integer"),
+    # task options (through Celery's tracer)
+    ("task", _task(rate_limits=YEARLY), "rate_limits", "Limit"),
+    ("task", _task(rate_consume=lambda a, k: k["x"]), "rate_consume", "a callable of (args"),
+    ("task", _task(rate_consume=lambda a, k: 3), "rate_consume", "{'"),
+    ("task", _task(rate_consume={"total": 1001}), "consume.total", "at most 1000"),
+    ("task", _task(rate_entity=lambda a, k: "t#" + k["prompt"]), "rate_entity", IDS),
+    ("task", _task(rate_resource="a*"), "rate_resource", IDS),
+    ("task", _task(rate_horizon=-5), "horizon", "0..86400"),
+    # report_usage (inside the body; the estimate is refunded by rate_on_error)
+    ("report_usage", _report(tokens=5), "report_usage.tokens", "total"),
+    ("report_usage", _report(total=-1), "report_usage.total", "0.."),
+    ("report_usage", _report(total=True), "report_usage.total", "integer"),
+    # settings (read by the first task of a worker process)
+    ("settings", _setting(zae_on_unavailable="maybe"), "zae_on_unavailable", "'open'"),
+    ("settings", _setting(zae_horizon=1000), "zae_horizon", "900"),
+    ("settings", _setting(zae_jitter=math.nan), "zae_jitter", "seconds"),
+    ("settings", _setting(zae_max_deferrals=0), "zae_max_deferrals", ">= 1"),
+    ("settings", _setting(zae_default_entity="a#b"), "zae_default_entity", "no #"),
+    ("settings", _setting(zae_queue_limits=["q"]), "zae_queue_limits", "{'"),
+    ("settings", _setting(zae_breaker_threshold=True), "zae_breaker_threshold", ">= 1"),
+    ("settings", _setting(zae_table_name=""), "zae_table_name", "zae_table_name ="),
+]
+
+CLI_MATRIX: list[Any] = [
+    (["limits", "set", "t", "--limit", "rpm=0/m"], "'--limit'", "1.."),
+    (["limits", "set", "t", "--limit", "rpm"], "'--limit'", "NAME=AMOUNT/PERIOD"),
+    (["limits", "set", "t", "--limit", "rpm=5/fortnight"], "'--limit'", "ms, s, m, h, d"),
+    (["limits", "get", "a#b"], "ENTITY", "no # or *"),
+    (["entity", "create", "child", "--parent", "p*"], "'--parent'", "no # or *"),
+    (["buckets", "t", "--limit", "tpm"], "'--limit'", "NAME=AMOUNT/PERIOD"),
+]
+
+
+def _lim(endpoint: Endpoint) -> RateLimiter:
+    return RateLimiter(endpoint.table_name, endpoint_url=endpoint.url)
+
+
+def _granted(endpoint: Endpoint) -> Lease:
+    lease = _lim(endpoint).acquire("matrix", "adjusted", {"total": 1}, [YEARLY])
+    lease.commit()  # closed leases refuse adjust: keep one open instead
+    lease.state.closed = False
+    return lease
+
+
+def _run_report(endpoint: Endpoint, **usage: Any) -> Any:
+    return _run_task(
+        endpoint, {"rate_on_error": "refund"}, body=lambda task: task.report_usage(**usage)
+    )
+
+
+def _stored(limiter: RateLimiter) -> list[dict[str, Any]]:
+    """The table without the items the cases themselves grant (checked on their own)."""
+    return [i for i in whole_table(limiter) if i["SK"]["S"] not in ("B#matrix", "B#adjusted")]
+
+
+@pytest.mark.parametrize(
+    ("kind", "case", "field", "allowed"),
+    [pytest.param(*c, id=f"{c[0]}-{c[2]}-{i}") for i, c in enumerate(MATRIX)],
+)
+def test_bad_input_matrix(
+    limiter: RateLimiter,
+    lease: Lease,
+    endpoint: Endpoint,
+    kind: str,
+    case: Callable[[Endpoint], Any],
+    field: str,
+    allowed: str,
+) -> None:
+    before = _stored(limiter)
+    try:
+        error = case(endpoint)  # a task case returns its failure
+    except ValidationError as exc:
+        error = exc
+    assert isinstance(error, ValidationError), repr(error)
+    assert error.field == field, error
+    assert error.allowed and allowed in error.allowed, error  # says what is allowed
+    assert str(error).startswith(f"{field}: ") and "(allowed: " in str(error)
+    assert _stored(limiter) == before  # nothing else stored or changed
+    # What the case's own grant left: a refused or refunded request, nothing more.
+    if kind in ("task", "report_usage", "settings"):
+        assert limiter.available("default", "matrix", [YEARLY]) == {"total": 1000.0}
+    if kind == "adjust":
+        assert round(limiter.available("matrix", "adjusted", [YEARLY])["total"]) == 999
+
+
+def test_the_matrix_covers_every_entry_point() -> None:
+    kinds = {c[0] for c in MATRIX}
+    assert kinds == {"limit", "acquire", "reserve", "adjust", "task", "report_usage", "settings"}
+    assert len(MATRIX) + len(CLI_MATRIX) >= 30
+
+
+@pytest.mark.parametrize(("args", "option", "allowed"), CLI_MATRIX)
+def test_bad_cli_arguments_exit_2_and_store_nothing(
+    limiter: RateLimiter,
+    lease: Lease,
+    endpoint: Endpoint,
+    args: list[str],
+    option: str,
+    allowed: str,
+) -> None:
+    from click.testing import CliRunner
+
+    from zae_celery.cli import main
+
+    before = whole_table(limiter)
+    base = ["--endpoint-url", endpoint.url, "--region", "us-east-1", "--table", endpoint.table_name]
+    result = CliRunner().invoke(main, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert option in result.stderr and allowed in result.stderr, result.stderr
+    assert whole_table(limiter) == before
