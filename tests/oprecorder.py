@@ -105,6 +105,12 @@ def _engine_flow(frame: FrameType | None) -> str | None:
         if frame.f_code in codes:
             flow = frame.f_locals.get("flow")
             code = getattr(flow, "gi_code", None)
+            # The drivers run each flow inside resilience.guard(flow, ...): name the flow
+            # it wraps, not the wrapper.
+            while code is not None and code.co_name == "guard":
+                inner = getattr(flow, "gi_frame", None)
+                flow = inner.f_locals.get("flow") if inner is not None else None
+                code = getattr(flow, "gi_code", None)
             if code is not None:
                 found = code.co_name
         frame = frame.f_back
