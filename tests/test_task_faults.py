@@ -26,7 +26,7 @@ from tests.helpers import Clock, Counter
 from tests.test_bad_input import whole_table
 from zae_celery.core import LeaseClaimed, Limit, RateLimiter, RateLimitExceeded
 from zae_celery.core.engine import LeaseState
-from zae_celery.local import LocalServer, log_text, worker_fleet
+from zae_celery.local import LocalServer, free_port, log_text, worker_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -276,3 +276,26 @@ def test_no_secret_reaches_logs_or_results(
     for text in [logs, *texts]:
         for secret in (SECRET_PROMPT, SECRET_KEY_ID, SECRET_ACCESS_KEY):
             assert secret not in text
+
+
+def test_open_mode_starts_a_carried_reservation_unchecked_in_an_outage(
+    redis: LocalServer, moto: LocalServer, tmp_path: Path
+) -> None:
+    """A task deferred to its slot before the outage: with on_unavailable="open" its
+    quota is already paid, so it starts unchecked instead of being deferred again."""
+    gate = f"open-{uuid.uuid4().hex[:6]}"
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: every request is refused
+    env = {"ZAE_TEST_ENDPOINT": dead, "ZAE_TEST_ON_UNAVAILABLE": "open"}
+    with fleet(redis, moto, tmp_path, env=env) as f:
+        lease = f.limiter.reserve("default", "faults", {"total": 1}, [TOTAL], horizon=60)
+        task_id = str(uuid.uuid4())
+        lease.state.claim = f"{task_id}:{uuid.uuid4().hex}"
+        headers = {"zae_deferrals": 1, "zae_lease": lease.state.to_dict()}
+        result = f.send("gated", gate, False, task_id=task_id, headers=headers)
+        run = f.next_run(gate)
+        result.get(timeout=90)
+        assert result.state == "SUCCESS"
+        assert run["deferrals"] == 1  # started on its reservation, not deferred again
+        assert run["claim"] == lease.state.claim
+        assert "starts its reserved slot unchecked" in log_text(f.logs)
+        assert f.left("faults") == 1000 - 1  # the reservation, charged before the outage

@@ -311,6 +311,15 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         except RateLimitExceeded as exc:
             self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc))
         except RateLimiterUnavailable:
+            if settings.on_unavailable == "open":
+                # Its quota was reserved before the outage; only the start goes uncounted.
+                log.warning(
+                    "zae-celery task %s (%s) starts its reserved slot unchecked: rate "
+                    "limiter unavailable (on_unavailable=open)",
+                    self.request.id,
+                    self.name,
+                )
+                return
             retry = settings.unavailable_retry + random.uniform(0, settings.jitter)
             self._defer(settings, deferrals, retry, lease, "rate limiter unavailable")
         if wait > 0:
