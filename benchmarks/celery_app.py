@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
 
 from zae_celery import Limit, RateLimitedTask
 from zae_celery import fsbroker as fs_broker
-from zae_celery.local import RequestCounter
+from zae_celery.local import count_worker_requests
 from zae_celery.task import HEADER_DEFERRALS, limiter_for
 
 RATE = int(os.environ.get("ZAE_BENCH_RATE", "10"))
@@ -63,13 +62,7 @@ if BROKER.startswith(f"{fs_broker.SCHEME}://"):
 
 
 # -- DynamoDB requests of this worker process ---------------------------------------------------
-_counter = RequestCounter()
-
-
-@worker_process_init.connect(weak=False)
-def _count_dynamodb_requests(**_: Any) -> None:
-    """In each prefork child, before it runs any task (so before its first request)."""
-    _counter.install(limiter_for(app)[1].client)
+_counter = count_worker_requests(app)  # in each pool process, before its first request
 
 
 def _dynamodb_counts() -> dict[str, Any]:
