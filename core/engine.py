@@ -820,19 +820,22 @@ class Engine:
         return LeaseState(targets, consumed, now_ms, start, tats=tats)
 
     def _align(self, target: Target, lease: LeaseState) -> Flow[None]:
-        """Move every limit's reserved slot to the lease's common start.
+        """Count every limit's consumption at the lease's common start.
 
-        A request waits for its slowest limit; a limit whose own slot came earlier would
-        otherwise let the next requests start sooner after this one than it allows.
-        One unconditional write, only when the slots differ.
+        A request waits for its slowest limit; a limit that counted it earlier (at its
+        own, earlier slot) would let other requests use the tokens again by the time this
+        one really starts, and the starts would bunch. Each limit's TAT becomes at least
+        ``start + cost``: what consuming at the start leaves (GCRA). One unconditional
+        write, only when the slots differ.
         """
         start = lease.start_ms
         pads = []
         for lim in target.limits:
             tat = lease.tats.get(lim.key)  # this grant's own values, not the shared cache
-            if tat is None or not target.consume.get(lim.name):
+            tokens = target.consume.get(lim.name)
+            if tat is None or not tokens:
                 continue
-            pad = bucket.now_units(lim, start) + bucket.tau(lim) - tat
+            pad = bucket.now_units(lim, start) + bucket.cost(lim, tokens) - tat
             if pad > 0:
                 pads.append(bucket.Step(lim, 0, bucket.Shape.REFUND, 0, pad))
         if not pads:

@@ -320,8 +320,11 @@ def test_a_reservation_holds_every_limit_until_its_common_start(
     lease = limiter.reserve("e", "r", {"rps": 1, "tokens": 1}, limits, horizon=1.0)
     assert lease.wait == pytest.approx(0.1)
     assert counter.take() == ["UpdateItem", "UpdateItem"]  # the reservation + the alignment
-    # Both buckets now say: nothing before the common start.
-    assert limiter.available("e", "r", limits) == {"rps": -1.0, "tokens": -100.0}
+    # tokens counted the request at the common start (0.1 s = 100 tokens of refill from
+    # now), not now: 1000 - 100 - 1 left now, and a whole bucket less 1 at the start.
+    assert limiter.available("e", "r", limits) == {"rps": -1.0, "tokens": 899.0}
+    clock.advance(0.1)
+    assert limiter.available("e", "r", limits) == {"rps": 0.0, "tokens": 999.0}
 
 
 def test_a_close_slot_is_granted_with_its_start_counted_in_one_write(
