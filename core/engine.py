@@ -30,7 +30,16 @@ from .errors import (
     ValidationError,
 )
 from .limits import MAX_TOKENS, Limit, check_limit_name, check_tokens
-from .requests import Call, Reply, Write, build_write, claim_refused, failed_items
+from .requests import (
+    CONDITION_FAILED,
+    Call,
+    Reply,
+    Write,
+    build_claim,
+    build_write,
+    claim_refused,
+    failed_items,
+)
 from .schema import (
     ANY_RESOURCE,
     ENTITY_SK,
@@ -142,6 +151,12 @@ class LeaseState:
             "granted_ms": self.granted_ms,
             "start_ms": self.start_ms,
             **({"claim": self.claim} if self.claim is not None else {}),
+            # A start already counted (at a slot that may lie ahead): it travels too.
+            **(
+                {"started_ms": self.started_ms}
+                if self.start_tracked and self.started_ms is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -160,12 +175,17 @@ class LeaseState:
             claim = data.get("claim")
             if claim is not None and (not isinstance(claim, str) or not 0 < len(claim) <= 512):
                 raise ValidationError("lease.claim", "malformed claim", "a string of 1..512")
+            started = data.get("started_ms")
+            if started is not None and (isinstance(started, bool) or not isinstance(started, int)):
+                raise ValidationError("lease.started_ms", "malformed start", "an integer of ms")
             return cls(
                 targets,
                 _check_amounts("consumed", data["consumed"], negative=False),
                 int(data["granted_ms"]),
                 int(data["start_ms"]),
                 claim=claim,
+                started_ms=started,
+                start_tracked=started is not None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ValidationError):
@@ -638,9 +658,12 @@ class Engine:
 
         A lease with a ``claim`` also creates its claim item in the same transaction (one
         request still): a second start of the same reservation — another delivery of the
-        same message — raises :class:`LeaseClaimed` and counts nothing.
+        same message — raises :class:`LeaseClaimed` and counts nothing. A lease whose start
+        was already counted (it carries its start slot) only creates its claim item.
         """
         if lease.paced:
+            if lease.claim is not None and lease.targets:
+                yield from self._claim_alone(lease)
             if lease.started_ms is None:
                 lease.started_ms = self.now_ms()
             return 0.0
@@ -652,6 +675,16 @@ class Engine:
         lease.start_tracked = True
         lease.started_ms = counted.start_ms
         return counted.wait
+
+    def _claim_alone(self, lease: LeaseState) -> Flow[None]:
+        """Create the claim item of a lease whose start was counted before (one write)."""
+        now_ms = self.now_ms()
+        key = claim_key(lease.targets[0].entity_id, str(lease.claim))
+        ttl = self._ttl(now_ms, max(0, (lease.started_ms or now_ms) - now_ms), None, lease.targets)
+        reply = yield build_claim(self.table_name, key, ttl)
+        if reply.code == CONDITION_FAILED:
+            raise LeaseClaimed("this reservation was already started by another delivery")
+        self.raise_for(reply)
 
     def block(
         self, entity_id: str, resource: str, limits: Sequence[Limit], seconds: float

@@ -20,6 +20,7 @@ __all__ = [
     "Done",
     "Reply",
     "Write",
+    "build_claim",
     "build_write",
     "claim_refused",
     "failed_items",
@@ -147,6 +148,11 @@ def _claim(table: str, key: dict[str, Any], ttl: int) -> dict[str, Any]:
         "ExpressionAttributeNames": {"#ttl": TTL_ATTRIBUTE},
         "ExpressionAttributeValues": {":ttl": {"N": str(ttl)}},
     }
+
+
+def build_claim(table: str, key: dict[str, Any], ttl: int) -> Call:
+    """One UpdateItem creating a claim item alone; its condition fails if it exists."""
+    return Call("update_item", _claim(table, key, ttl))
 
 
 def build_write(

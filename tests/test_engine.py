@@ -351,3 +351,37 @@ def test_a_close_slot_is_granted_with_its_start_counted_in_one_write(
     assert limiter.available("e", "r", [limits[0].start_track()])["rps"] == pytest.approx(-3)
     clock.advance(0.4)
     assert limiter.start(far) == 0
+
+
+def test_a_start_slot_reserved_ahead_travels_with_the_lease(
+    limiter: RateLimiter, clock: Clock
+) -> None:
+    from zae_celery.core import LeaseClaimed
+    from zae_celery.core.engine import LeaseState
+
+    limits = [Limit.per_second("rps", 10)]
+    for _ in range(10):
+        limiter.acquire("e", "r", {"rps": 1}, limits, pace=True)
+    late = limiter.reserve("e", "r", {"rps": 1}, limits, horizon=5.0, pace=True)
+    assert late.wait == pytest.approx(0.1) and not late.state.paced
+    # Ten tasks waiting in place start at 0.2 s .. 1.1 s (counted on the start track).
+    for _ in range(10):
+        limiter.acquire("e", "r", {"rps": 1}, limits, horizon=5.0, pace=True, start_within=2.0)
+    clock.advance(0.1)  # the reserved task arrives at its slot: 20 starts by 1.1 s already
+    late.state.claim = "task-1:first"
+    # The next start slot: 21 starts in [0, 1.1 s] is exactly burst + rate * 1.1 s.
+    assert limiter.start(late, horizon=5.0) == pytest.approx(1.0)
+    # Deferred again with its counted start and a fresh claim: its next arrival counts
+    # nothing more, it only creates the claim, once.
+    late.state.claim = "task-1:second"
+    carried = late.state.to_dict()
+    assert carried["started_ms"] == late.state.started_ms
+    counter = Counter(limiter.client)
+    again = limiter.restore(carried)
+    assert again.state.paced and again.started_at == pytest.approx(late.started_at or 0)
+    clock.advance(1.0)
+    assert limiter.start(again) == 0
+    assert counter.take() == ["UpdateItem"]  # the claim item alone
+    with pytest.raises(LeaseClaimed):  # another delivery of the same message
+        limiter.start(limiter.restore(carried))
+    assert LeaseState.from_dict(carried).start_tracked

@@ -299,3 +299,35 @@ def test_open_mode_starts_a_carried_reservation_unchecked_in_an_outage(
         assert run["claim"] == lease.state.claim
         assert "starts its reserved slot unchecked" in log_text(f.logs)
         assert f.left("faults") == 1000 - 1  # the reservation, charged before the outage
+
+
+def test_a_late_task_reserves_its_start_slot_and_is_never_pushed_back_again(
+    redis: LocalServer, moto: LocalServer, tmp_path: Path
+) -> None:
+    """Tasks waiting in place hold the start track's next slots, seconds ahead; a deferred
+    task arriving at its slot must not be republished again and again behind them: it
+    reserves the next start slot and is republished once more, to that slot."""
+    gate = f"late-{uuid.uuid4().hex[:6]}"
+    limits = [Limit.per_second("rps", 1), TOTAL]  # the `paced` task's limits
+    with fleet(redis, moto, tmp_path) as f:
+        lease = f.limiter.reserve("default", "paced-faults", {"rps": 1, "total": 1}, limits)
+        ahead = [
+            f.limiter.acquire(
+                "default", "paced-faults", {"rps": 1, "total": 1}, limits,
+                horizon=60, pace=True, start_within=60,
+            )
+            for _ in range(3)
+        ]  # fmt: skip
+        last = max(a.state.started_ms or 0 for a in ahead)
+        task_id = str(uuid.uuid4())
+        lease.state.claim = f"{task_id}:{uuid.uuid4().hex}"
+        headers = {"zae_deferrals": 1, "zae_lease": lease.state.to_dict()}
+        result = f.send("paced", gate, task_id=task_id, headers=headers)
+        run = f.next_run(gate)
+        result.get(timeout=90)
+        assert result.state == "SUCCESS"
+        assert run["deferrals"] == 2  # once to its slot (the header), once to its start
+        assert run["started_ms"] >= last + 1000  # after the starts already counted
+        assert run["claim"] != lease.state.claim  # the second delivery claimed anew
+        logs = log_text(f.logs)
+        assert logs.count("start slot reserved (deferral") == 1

@@ -298,16 +298,21 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         """Wait in place for a slot at most ``zae_start_wait`` ahead, and count the start.
 
         A new grant whose slot is that close had its start counted at the slot in the
-        same write. A deferred task that arrives late together with others takes the
-        next free start slot (up to ``zae_start_wait`` ahead) and waits for it here, so
-        actual starts never exceed the burst, without another republish."""
-        early = lease.start_at - time.time()
+        same write. A deferred task counts its actual start on the start track when it
+        arrives: when deferred messages arrive late and together, it takes the next free
+        start slot and waits for it here if that is within ``zae_start_wait``; a later
+        start slot is reserved (up to the horizon) and the task is republished once more,
+        to it, carrying that counted start, so it can never be pushed back again."""
+        state = lease.state
+        slot = (state.started_ms if state.paced and state.started_ms else state.start_ms) / 1000
+        early = slot - time.time()
         if early > settings.start_wait:
             self._defer(settings, deferrals, early, lease, "arrived before its slot")
         if early > 0:
             time.sleep(early)  # a worker's timer may fire a few ms before the slot
+        horizon = settings.horizon if self.rate_horizon is None else self.rate_horizon
         try:
-            wait = limiter.start(lease, horizon=settings.start_wait)
+            wait = limiter.start(lease, horizon=horizon)
         except RateLimitExceeded as exc:
             self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc))
         except RateLimiterUnavailable:
@@ -322,6 +327,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 return
             retry = settings.unavailable_retry + random.uniform(0, settings.jitter)
             self._defer(settings, deferrals, retry, lease, "rate limiter unavailable")
+        if wait > settings.start_wait:
+            self._defer(settings, deferrals, wait, lease, "start slot reserved")
         if wait > 0:
             time.sleep(wait)  # this task's own start slot, reserved on the start track
 
@@ -354,7 +361,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 f"limits without getting a slot (rate_max_deferrals={limit}); last: {reason}"
             )
         carried = lease is not None and lease.state.claim is not None
-        if lease is not None and not carried:
+        if lease is not None and (not carried or lease.state.start_tracked):
+            # A new reservation, or one whose start this run counted (and whose claim
+            # it used): the next delivery must create a claim of its own.
             lease.state.claim = f"{request.id}:{uuid.uuid4().hex}"
         headers = dict(request.headers or {})
         headers[HEADER_DEFERRALS] = deferrals + 1
