@@ -169,8 +169,18 @@ def table(figures: Sequence[dict[str, Any]], config: Config) -> Table:
         ("rpm achieved: busiest 10 s, less the bucket", str(config.rpm), "{rpm_peak:.0f}"),
         ("tpm achieved: mean from the first send", _k(config.tpm), "{tpm_mean_k}"),
         ("tpm achieved: busiest 10 s, less the bucket", _k(config.tpm), "{tpm_peak_k}"),
-        ("requests sent beyond the rpm bucket (worst window)", "<= 0", "{rpm_excess:+.0f}"),
-        ("tokens sent beyond the tpm bucket (worst window)", "<= 0", "{tpm_excess_k}"),
+        # Starts are conformant on the engine's clock; the provider counts arrivals, a few
+        # ms of scheduling later, and holds that much slack (zae_celery.local.provider).
+        (
+            "requests sent beyond the rpm bucket (worst window)",
+            "<= 1 (slack)",
+            "{rpm_excess:+.0f}",
+        ),
+        (
+            "tokens sent beyond the tpm bucket (worst window)",
+            f"<= {config.slack_tokens} (slack)",
+            "{tpm_excess_k}",
+        ),
         (
             "provider requests / 429s",
             f"{config.tasks} / 0",
