@@ -6,7 +6,11 @@ and die on the JSON decode ("Unrecoverable error: JSONDecodeError", kombu#1551).
 ``celery worker`` processes that defer tasks publish constantly, so here each message is
 written to a hidden temporary file in the same folder (a name kombu's ``_get`` never
 matches: it wants ``<stamp>_<id>.<queue>.msg``) and renamed into place, which is atomic
-on POSIX. Used by the real-worker tests, the benchmarks and the demo.
+on POSIX. The exchange tables (which queues an exchange routes to) have the same race:
+kombu creates a table file empty and then writes it, so a worker starting at the same
+moment as another may read it empty and die; here a table is created, read and rewritten
+under one exclusive lock, and an empty table reads as no bindings. Used by the
+real-worker tests, the benchmarks and the demo.
 
 Importing this module registers the transport under :data:`SCHEME`: use the broker URL
 ``zaefs://`` with ``broker_transport_options = transport_options(folder)``.
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES, filesystem
-from kombu.utils.json import dumps
+from kombu.utils.json import dumps, loads
 
 SCHEME = "zaefs"
 
@@ -62,6 +66,43 @@ class AtomicChannel(filesystem.Channel):
             if os.path.exists(staging):
                 os.unlink(staging)
             raise
+
+    def get_table(self, exchange: Any) -> list[Any]:
+        """The exchange's bindings; a table file another process just created (still
+        empty) has none yet."""
+        file = self._exchange_file(exchange)  # type: ignore[no-untyped-call]
+        try:
+            with file.open("rb") as table:
+                filesystem.lock(table, filesystem.LOCK_SH)  # type: ignore[no-untyped-call]
+                try:
+                    data = table.read()
+                finally:
+                    filesystem.unlock(table)  # type: ignore[no-untyped-call]
+        except FileNotFoundError:
+            return []
+        rows = loads(data) if data.strip() else []  # type: ignore[no-untyped-call]
+        return [filesystem.exchange_queue_t(*q) for q in rows]
+
+    def _queue_bind(self, exchange: Any, routing_key: Any, pattern: Any, queue: Any) -> None:
+        """Add a binding: create (never truncate), read and rewrite the table under one
+        exclusive lock, so concurrent workers cannot see it half-written."""
+        file = self._exchange_file(exchange)  # type: ignore[no-untyped-call]
+        self.control_folder.mkdir(exist_ok=True)
+        binding = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "r+b", buffering=0) as table:
+            filesystem.lock(table, filesystem.LOCK_EX)  # type: ignore[no-untyped-call]
+            try:
+                data = table.read()
+                rows = loads(data) if data.strip() else []  # type: ignore[no-untyped-call]
+                bindings = [filesystem.exchange_queue_t(*q) for q in rows]
+                if binding not in bindings:
+                    bindings.insert(0, binding)
+                    table.seek(0)
+                    table.truncate()
+                    table.write(dumps(bindings).encode())  # type: ignore[no-untyped-call]
+            finally:
+                filesystem.unlock(table)  # type: ignore[no-untyped-call]
 
 
 class AtomicTransport(filesystem.Transport):
