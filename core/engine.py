@@ -624,17 +624,22 @@ class Engine:
                     return _started_at_slot(lease, targets)
             return (yield from self._consume(targets, horizon_ms))
         except RateLimiterUnavailable as exc:
-            if self.on_unavailable == "closed":
-                raise
-            self.unavailable_grants += 1
-            log.warning(
-                "rate limiter unavailable, granting unchecked (on_unavailable=open, "
-                "unchecked grants so far: %d): %s",
-                self.unavailable_grants,
-                exc,
-            )
-            now = self.now_ms()
+            now = self._unchecked(exc, "granting unchecked")
             return LeaseState((), {}, now, now, unchecked=True, started_ms=now)
+
+    def _unchecked(self, exc: RateLimiterUnavailable, what: str) -> int:
+        """``on_unavailable``: re-raise ``exc`` ("closed"), or count and log going on
+        unchecked ("open") and return the time of it (ms)."""
+        if self.on_unavailable == "closed":
+            raise exc
+        self.unavailable_grants += 1
+        log.warning(
+            "rate limiter unavailable, %s (on_unavailable=open, unchecked grants so far: %d): %s",
+            what,
+            self.unavailable_grants,
+            exc,
+        )
+        return self.now_ms()
 
     def _may_grant_within(self, targets: Sequence[Target], within_ms: int) -> bool:
         # The cached TATs are lower bounds (other clients only push them further), so a
@@ -660,18 +665,26 @@ class Engine:
         request still): a second start of the same reservation — another delivery of the
         same message — raises :class:`LeaseClaimed` and counts nothing. A lease whose start
         was already counted (it carries its start slot) only creates its claim item.
+        In ``open`` mode an unavailable store starts the lease now, uncounted (its quota
+        was consumed when it was reserved), and logs a warning with the running count.
         """
-        if lease.paced:
-            if lease.claim is not None and lease.targets:
-                yield from self._claim_alone(lease)
-            if lease.started_ms is None:
-                lease.started_ms = self.now_ms()
+        try:
+            if lease.paced:
+                if lease.claim is not None and lease.targets:
+                    yield from self._claim_alone(lease)
+                if lease.started_ms is None:
+                    lease.started_ms = self.now_ms()
+                return 0.0
+            tracks = _start_tracks(lease.targets)
+            claim = None
+            if lease.claim is not None:
+                claim = claim_key(lease.targets[0].entity_id, lease.claim)
+            counted = yield from self._consume(
+                tracks, _horizon_ms(horizon), align=True, claim=claim
+            )
+        except RateLimiterUnavailable as exc:
+            lease.started_ms = self._unchecked(exc, "the lease starts its reserved slot unchecked")
             return 0.0
-        tracks = _start_tracks(lease.targets)
-        claim = None
-        if lease.claim is not None:
-            claim = claim_key(lease.targets[0].entity_id, lease.claim)
-        counted = yield from self._consume(tracks, _horizon_ms(horizon), align=True, claim=claim)
         lease.start_tracked = True
         lease.started_ms = counted.start_ms
         return counted.wait

@@ -315,16 +315,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             wait = limiter.start(lease, horizon=horizon)
         except RateLimitExceeded as exc:
             self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc))
-        except RateLimiterUnavailable:
-            if settings.on_unavailable == "open":
-                # Its quota was reserved before the outage; only the start goes uncounted.
-                log.warning(
-                    "zae-celery task %s (%s) starts its reserved slot unchecked: rate "
-                    "limiter unavailable (on_unavailable=open)",
-                    self.request.id,
-                    self.name,
-                )
-                return
+        except RateLimiterUnavailable:  # "closed"; "open" starts unchecked in the engine
             retry = settings.unavailable_retry + random.uniform(0, settings.jitter)
             self._defer(settings, deferrals, retry, lease, "rate limiter unavailable")
         if wait > settings.start_wait:
