@@ -267,7 +267,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         spec = self._spec(settings, args, kwargs)
         if spec is None:
             return
-        horizon = settings.horizon if self.rate_horizon is None else self.rate_horizon
+        horizon = self._horizon(settings)
         try:
             lease = limiter.acquire(
                 spec.entity_id,
@@ -303,16 +303,16 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         start slot and waits for it here if that is within ``zae_start_wait``; a later
         start slot is reserved (up to the horizon) and the task is republished once more,
         to it, carrying that counted start, so it can never be pushed back again."""
-        state = lease.state
-        slot = (state.started_ms if state.paced and state.started_ms else state.start_ms) / 1000
+        # Its start slot when that was counted already (here or before a republish),
+        # else its quota slot.
+        slot = lease.start_at if lease.started_at is None else lease.started_at
         early = slot - time.time()
         if early > settings.start_wait:
             self._defer(settings, deferrals, early, lease, "arrived before its slot")
         if early > 0:
             time.sleep(early)  # a worker's timer may fire a few ms before the slot
-        horizon = settings.horizon if self.rate_horizon is None else self.rate_horizon
         try:
-            wait = limiter.start(lease, horizon=horizon)
+            wait = limiter.start(lease, horizon=self._horizon(settings))
         except RateLimitExceeded as exc:
             self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc))
         except RateLimiterUnavailable:  # "closed"; "open" starts unchecked in the engine
@@ -322,6 +322,10 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             self._defer(settings, deferrals, wait, lease, "start slot reserved")
         if wait > 0:
             time.sleep(wait)  # this task's own start slot, reserved on the start track
+
+    def _horizon(self, settings: Settings) -> float:
+        """Seconds a slot may be reserved ahead: ``rate_horizon``, else ``zae_horizon``."""
+        return settings.horizon if self.rate_horizon is None else self.rate_horizon
 
     def _defer(
         self,
