@@ -47,6 +47,12 @@ def transport_options(folder: Path) -> dict[str, Any]:
     }
 
 
+def _bindings(data: bytes) -> list[Any]:
+    """An exchange table's rows; a file just created (still empty) has none."""
+    rows = loads(data) if data.strip() else []  # type: ignore[no-untyped-call]
+    return [filesystem.exchange_queue_t(*q) for q in rows]
+
+
 class AtomicChannel(filesystem.Channel):
     """kombu's filesystem channel, publishing by write-then-rename."""
 
@@ -80,8 +86,7 @@ class AtomicChannel(filesystem.Channel):
                     filesystem.unlock(table)  # type: ignore[no-untyped-call]
         except FileNotFoundError:
             return []
-        rows = loads(data) if data.strip() else []  # type: ignore[no-untyped-call]
-        return [filesystem.exchange_queue_t(*q) for q in rows]
+        return _bindings(data)
 
     def _queue_bind(self, exchange: Any, routing_key: Any, pattern: Any, queue: Any) -> None:
         """Add a binding: create (never truncate), read and rewrite the table under one
@@ -93,9 +98,7 @@ class AtomicChannel(filesystem.Channel):
         with os.fdopen(fd, "r+b", buffering=0) as table:
             filesystem.lock(table, filesystem.LOCK_EX)  # type: ignore[no-untyped-call]
             try:
-                data = table.read()
-                rows = loads(data) if data.strip() else []  # type: ignore[no-untyped-call]
-                bindings = [filesystem.exchange_queue_t(*q) for q in rows]
+                bindings = _bindings(table.read())
                 if binding not in bindings:
                     bindings.insert(0, binding)
                     table.seek(0)
