@@ -40,7 +40,7 @@ from celery import Celery, Task
 from zae_celery import Limit, RateLimitedTask
 from zae_celery import fsbroker as fs_broker
 from zae_celery.local import count_worker_requests
-from zae_celery.task import HEADER_DEFERRALS, limiter_for
+from zae_celery.task import HEADER_DEFERRALS
 
 RATE = int(os.environ.get("ZAE_BENCH_RATE", "10"))
 BROKER = os.environ.get("ZAE_BENCH_BROKER", "memory://")
@@ -102,7 +102,6 @@ def _call_provider(task: Task, attempt: int) -> float | None:
 )
 def zae_call(self: RateLimitedTask, i: int) -> dict[str, Any]:
     """Gated by the shared DynamoDB bucket; a 429 empties it for every worker."""
-    _counter.install(limiter_for(app)[1].client)  # no-op after worker_process_init
     started = self.lease.started_at  # the engine's clock: when the start was counted
     slot = self.lease.start_at  # when it could have started (its reserved slot, if deferred)
     republished = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
