@@ -19,6 +19,14 @@ setting                  default     meaning
                                      rather than republish the task (0: always
                                      republish a task that cannot start now)
 ``zae_unavailable_retry``  5.0       seconds before a task deferred by an outage retries
+``zae_admission``        True        the worker's consumer admits rate-limited tasks at
+                                     the buckets' pace; the rest wait in the broker
+``zae_admission_window``  1.0        seconds ahead a held task's slot is asked for
+``zae_admission_hold``   16          messages a queue may hold in a worker before it
+                                     pauses (``basic.cancel``) until half are gone
+``zae_admission_max_hold``  600.0    seconds a message may wait for a slot in a worker
+                                     before the pool republishes it (keep it well below
+                                     the broker's visibility timeout/consumer_timeout)
 =======================  ==========  ===================================================
 
 Why the horizon is short: a deferred task is a countdown message that the worker holds in
@@ -82,6 +90,10 @@ class Settings:
     unavailable_retry: float = 5.0
     breaker_threshold: int = 5
     breaker_cooldown: float = 5.0
+    admission: bool = True
+    admission_window: float = 1.0
+    admission_hold: int = 16
+    admission_max_hold: float = 600.0
 
     @classmethod
     def from_app(cls, app: Any) -> Settings:
@@ -110,6 +122,9 @@ class Settings:
             checked[queue] = tuple(limits)
         default_entity = check_id("zae_default_entity", conf.get("zae_default_entity", "default"))
         max_deferrals = _count("zae_max_deferrals", conf.get("zae_max_deferrals", 100))
+        admission = conf.get("zae_admission", True)
+        if not isinstance(admission, bool):
+            raise ValidationError("zae_admission", f"{admission!r}", "True or False")
         return cls(
             table_name=table,
             endpoint_url=conf.get("zae_endpoint_url"),
@@ -127,5 +142,13 @@ class Settings:
             breaker_threshold=_count("zae_breaker_threshold", conf.get("zae_breaker_threshold", 5)),
             breaker_cooldown=_seconds(
                 "zae_breaker_cooldown", conf.get("zae_breaker_cooldown", 5.0), 0.1, MAX_HORIZON
+            ),
+            admission=admission,
+            admission_window=_seconds(
+                "zae_admission_window", conf.get("zae_admission_window", 1.0), 0.0, 60.0
+            ),
+            admission_hold=_count("zae_admission_hold", conf.get("zae_admission_hold", 16)),
+            admission_max_hold=_seconds(
+                "zae_admission_max_hold", conf.get("zae_admission_max_hold", 600.0), 1.0, 86400.0
             ),
         )

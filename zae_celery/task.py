@@ -27,6 +27,7 @@ from celery import Task, states
 from celery.exceptions import Reject, Retry
 from celery.signals import task_postrun
 
+from zae_celery.admission import ADMITTED, LATE_START
 from zae_celery.core import (
     Lease,
     LeaseClaimed,
@@ -45,6 +46,7 @@ from zae_celery.settings import Settings
 __all__ = [
     "HEADER_DEFERRALS",
     "HEADER_LEASE",
+    "HEADER_OUTAGES",
     "DeferralsExhausted",
     "RateLimitedTask",
     "limiter_for",
@@ -57,10 +59,12 @@ HEADER_DEFERRALS = "zae_deferrals"
 """Message header: how many times this task was deferred by a limit (not a retry)."""
 HEADER_LEASE = "zae_lease"
 """Message header: the reservation a deferred task holds (its slot is already paid)."""
+HEADER_OUTAGES = "zae_outages"
+"""Message header: deferrals caused by an unreachable store (capped by max_deferrals)."""
 
 
 class DeferralsExhausted(ZaeError):
-    """A task was deferred ``rate_max_deferrals`` times without getting a slot."""
+    """A task was deferred ``rate_max_deferrals`` times while the store was unreachable."""
 
 
 _limiters: dict[tuple[int, int], tuple[Settings, RateLimiter]] = {}
@@ -179,6 +183,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     named ``rate_limit`` and the worker's per-process bucket for the task is disabled.
     """
 
+    Strategy = "zae_celery.admission:admission_strategy"
+    """The worker's consumer admits these tasks at the buckets' pace (``zae_admission``)."""
+
     rate_limits: Any = ()
     rate_resource: Any = None
     rate_entity: Any = None
@@ -200,15 +207,18 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         return bound
 
     # -- what to consume --------------------------------------------------------------------
-    def _spec(self, settings: Settings, args: Any, kwargs: Any) -> _Spec | None:
+    def _spec(self, settings: Settings, args: Any, kwargs: Any, queue: str) -> _Spec | None:
+        """What this run consumes, and from which buckets (None: no limits apply).
+
+        ``queue`` is the routing key the message came with (its queue's limits apply).
+        Called by the consumer (admission) and by ``before_start`` alike.
+        """
         limits = _option(self, "rate_limits", args, kwargs) or ()
         if isinstance(limits, Limit) or not all(isinstance(lim, Limit) for lim in limits):
             raise ValidationError("rate_limits", "must be a list of Limit", "[Limit, ...]")
         limits = tuple(limits)
         if self._global_rate_limit is not None:
             limits += (self._global_rate_limit,)
-        delivery = self.request.delivery_info or {}
-        queue = delivery.get("routing_key") or ""
         queue_limits = settings.queue_limits.get(queue, ())
         if not limits and not queue_limits:
             return None
@@ -242,6 +252,12 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         request = self.request
         headers = request.headers or {}
         deferrals = int(headers.get(HEADER_DEFERRALS) or 0)
+        admitted = getattr(request, ADMITTED, None)
+        if admitted:
+            lease = limiter.restore(admitted)
+            self._start(settings, limiter, lease, deferrals)
+            request.zae_active_lease = lease
+            return
         carried = headers.get(HEADER_LEASE)
         if carried:
             lease = limiter.restore(carried)
@@ -264,7 +280,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                     return
             # A reservation not made for this task id (or before claims existed) is
             # never started: the task acquires like a new one.
-        spec = self._spec(settings, args, kwargs)
+        queue = (request.delivery_info or {}).get("routing_key") or ""
+        spec = self._spec(settings, args, kwargs, queue)
         if spec is None:
             return
         horizon = self._horizon(settings)
@@ -286,7 +303,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             raise  # a misconfiguration: fail now rather than defer forever
         except RateLimiterUnavailable:
             wait = settings.unavailable_retry + random.uniform(0, settings.jitter)
-            self._defer(settings, deferrals, wait, None, "rate limiter unavailable")
+            self._defer(settings, deferrals, wait, None, "rate limiter unavailable", True)
         if lease.wait > settings.start_wait:
             self._defer(settings, deferrals, lease.wait, lease, "reserved slot")
         self._start(settings, limiter, lease, deferrals)
@@ -297,27 +314,37 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     ) -> None:
         """Wait in place for a slot at most ``zae_start_wait`` ahead, and count the start.
 
+        An admitted task (its start counted by the consumer at its slot) usually arrives
+        at the slot and starts with no request. One more than ``LATE_START`` late counts
+        a fresh start, like a deferred task does.
+
         A new grant whose slot is that close had its start counted at the slot in the
         same write. A deferred task counts its actual start on the start track when it
         arrives: when deferred messages arrive late and together, it takes the next free
         start slot and waits for it here if that is within ``zae_start_wait``; a later
         start slot is reserved (up to the horizon) and the task is republished once more,
         to it, carrying that counted start, so it can never be pushed back again."""
-        # Its start slot when that was counted already (here or before a republish),
-        # else its quota slot.
+        # Its start slot when that was counted already (by the consumer that admitted
+        # it, or before a republish), else its quota slot.
         slot = lease.start_at if lease.started_at is None else lease.started_at
         early = slot - time.time()
         if early > settings.start_wait:
             self._defer(settings, deferrals, early, lease, "arrived before its slot")
         if early > 0:
             time.sleep(early)  # a worker's timer may fire a few ms before the slot
+        elif lease.state.start_tracked and -early > LATE_START:
+            # Its counted start has passed (a busy pool, a late message): starting now
+            # could bunch with the starts after it. It counts a fresh start instead;
+            # the slot it missed stays counted (fewer starts, never more).
+            lease.state.start_tracked = False
+            lease.state.started_ms = None
         try:
             wait = limiter.start(lease, horizon=self._horizon(settings))
         except RateLimitExceeded as exc:
             self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc))
         except RateLimiterUnavailable:  # "closed"; "open" starts unchecked in the engine
             retry = settings.unavailable_retry + random.uniform(0, settings.jitter)
-            self._defer(settings, deferrals, retry, lease, "rate limiter unavailable")
+            self._defer(settings, deferrals, retry, lease, "rate limiter unavailable", True)
         if wait > settings.start_wait:
             self._defer(settings, deferrals, wait, lease, "start slot reserved")
         if wait > 0:
@@ -334,8 +361,12 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         countdown: float,
         lease: Lease | None,
         reason: str,
+        outage: bool = False,
     ) -> NoReturn:
         """Republish this task with a countdown (and its reservation); raise Retry.
+
+        Only deferrals caused by an unreachable store (``outage``) count towards
+        ``rate_max_deferrals``: throttling alone never fails a task.
 
         The reservation travels with a claim (this task id and a nonce, kept when a carried
         reservation is deferred again) so that it can be started once only. When the
@@ -348,12 +379,13 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         limit = (
             settings.max_deferrals if self.rate_max_deferrals is None else self.rate_max_deferrals
         )
-        if deferrals >= limit:
+        outages = int((request.headers or {}).get(HEADER_OUTAGES) or 0)
+        if outage and outages >= limit:
             if lease is not None:
                 lease.rollback()
             raise DeferralsExhausted(
-                f"task {request.id} ({self.name}) was deferred {deferrals} times by rate "
-                f"limits without getting a slot (rate_max_deferrals={limit}); last: {reason}"
+                f"task {request.id} ({self.name}) was deferred {outages} times while the "
+                f"rate limiter was unavailable (rate_max_deferrals={limit}); last: {reason}"
             )
         carried = lease is not None and lease.state.claim is not None
         if lease is not None and (not carried or lease.state.start_tracked):
@@ -361,7 +393,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             # it used): the next delivery must create a claim of its own.
             lease.state.claim = f"{request.id}:{uuid.uuid4().hex}"
         headers = dict(request.headers or {})
+        headers.pop(ADMITTED, None)  # granted to this run only
         headers[HEADER_DEFERRALS] = deferrals + 1
+        headers[HEADER_OUTAGES] = outages + 1 if outage else outages
         headers[HEADER_LEASE] = lease.state.to_dict() if lease is not None else None
         countdown = max(0.0, countdown)
         try:

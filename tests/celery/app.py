@@ -2,7 +2,9 @@
 
 Configured from the environment by the test that starts the workers:
 ZAE_TEST_BROKER, ZAE_TEST_BACKEND, ZAE_TEST_DATA (filesystem broker folder),
-ZAE_TEST_ENDPOINT, ZAE_TEST_TABLE, ZAE_TEST_RPS, ZAE_TEST_PROVIDER, ZAE_TEST_START_WAIT.
+ZAE_TEST_ENDPOINT, ZAE_TEST_TABLE, ZAE_TEST_RPS, ZAE_TEST_PROVIDER, ZAE_TEST_START_WAIT,
+ZAE_TEST_HORIZON, ZAE_TEST_BODY_SECONDS, ZAE_TEST_ACKS_LATE, ZAE_TEST_PREFETCH,
+ZAE_TEST_ADMISSION ("0": tasks are gated in the pool, as before admission).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ BROKER = os.environ.get("ZAE_TEST_BROKER", "memory://")
 DATA = os.environ.get("ZAE_TEST_DATA", "")
 RPS = int(os.environ.get("ZAE_TEST_RPS", "10"))
 PREFIX = os.environ.get("ZAE_TEST_PREFIX", "")  # queue names of this test run
+BODY_SECONDS = float(os.environ.get("ZAE_TEST_BODY_SECONDS", "0"))
 
 # Every task of this app is rate-aware, including those that name no base class.
 app = Celery(
@@ -38,8 +41,10 @@ app.conf.update(
     zae_jitter=0.2,
     zae_start_wait=float(os.environ.get("ZAE_TEST_START_WAIT", "1.0")),
     zae_unavailable_retry=float(os.environ.get("ZAE_TEST_UNAVAILABLE_RETRY", "5")),
-    task_acks_late=True,
-    worker_prefetch_multiplier=4,
+    task_acks_late=os.environ.get("ZAE_TEST_ACKS_LATE", "1") == "1",
+    worker_prefetch_multiplier=int(os.environ.get("ZAE_TEST_PREFETCH", "4")),
+    zae_horizon=float(os.environ.get("ZAE_TEST_HORIZON", "60")),
+    zae_admission=os.environ.get("ZAE_TEST_ADMISSION", "1") == "1",
     task_default_queue=f"{PREFIX}limited",
     result_extended=True,
     broker_connection_retry_on_startup=True,
@@ -72,8 +77,11 @@ def _run_info(task: Any) -> dict[str, Any]:
     rate_resource="adherence",
 )
 def limited(self: RateLimitedTask, i: int) -> dict[str, Any]:
-    """A task limited to RPS/s with a bucket of RPS."""
-    return _run_info(self)
+    """A task limited to RPS/s with a bucket of RPS; its body then sleeps
+    ZAE_TEST_BODY_SECONDS (an I/O-bound call)."""
+    info = _run_info(self)
+    time.sleep(BODY_SECONDS)
+    return info
 
 
 @app.task(

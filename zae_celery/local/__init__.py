@@ -11,7 +11,7 @@
 Nothing here is needed in production.
 """
 
-from zae_celery.local.counting import RequestCounter, count_worker_requests
+from zae_celery.local.counting import CountingProxy, RequestCounter, count_worker_requests
 from zae_celery.local.provider import (
     DEFAULT_MAX_TOKENS,
     LocalProvider,
@@ -38,6 +38,7 @@ from zae_celery.local.workers import FleetError, log_text, signals_held, stop_wo
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "DYNAMODB_LOCAL_NPM_PACKAGE",
+    "CountingProxy",
     "FleetError",
     "LocalProvider",
     "LocalServer",

@@ -6,15 +6,21 @@
 
 In a Celery app run by prefork workers, ``counter = count_worker_requests(app)`` hooks
 the app's limiter client in each pool process before its first task.
+
+:class:`CountingProxy` counts at the endpoint instead: every request of every process
+(worker main processes included, where admission runs) that is pointed at the proxy.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["RequestCounter", "count_worker_requests"]
+__all__ = ["CountingProxy", "RequestCounter", "count_worker_requests"]
 
 _REFUSED = ("ConditionalCheckFailedException", "TransactionCanceledException")
 
@@ -83,3 +89,104 @@ def count_worker_requests(app: Any) -> RequestCounter:
 
     worker_process_init.connect(install, weak=False)
     return counter
+
+
+class CountingProxy:
+    """An HTTP forwarder on 127.0.0.1 in front of a DynamoDB endpoint that counts every
+    request it forwards, per operation, and the replies that refused a condition.
+
+    Give :attr:`url` to every client (``zae_endpoint_url``): the counts then cover all
+    processes of a fleet. Use it as a context manager; it stops serving on exit.
+    """
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.by_operation: dict[str, int] = {}
+        self.condition_failed = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as boto3 expects
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                operation = (self.headers.get("X-Amz-Target") or "").rpartition(".")[2]
+                skip = {"host", "content-length", "connection"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                status, reply_headers, payload = proxy._forward(self.path, body, headers)
+                proxy._count(operation, payload)
+                self.send_response(status)
+                for name, value in reply_headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """The proxy's address, to give to clients instead of the endpoint's."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def sent(self) -> int:
+        """Requests forwarded so far."""
+        with self._lock:
+            return sum(self.by_operation.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counts so far, JSON-friendly."""
+        with self._lock:
+            return {
+                "by_operation": dict(self.by_operation),
+                "condition_failed": self.condition_failed,
+            }
+
+    def _count(self, operation: str, payload: bytes) -> None:
+        refused = any(code.encode() in payload[:300] for code in _REFUSED)
+        with self._lock:
+            self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
+            self.condition_failed += refused
+
+    def _forward(
+        self, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        for attempt in range(2):
+            if conn is None:
+                conn = self._local.conn = http.client.HTTPConnection(*self._target, timeout=30)
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                reply = conn.getresponse()
+                payload = reply.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = self._local.conn = None
+                if attempt:
+                    raise
+                continue
+            drop = {"content-length", "connection", "transfer-encoding"}
+            keep = [(k, v) for k, v in reply.getheaders() if k.lower() not in drop]
+            return reply.status, keep, payload
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> CountingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,428 @@
+"""Admission at dequeue: a throttled task waits in the broker, not in a republish loop.
+
+The worker's consumer (its main process) decides when a rate-limited task may go to the
+pool, the way Celery's own ``rate_limit`` does with its per-worker bucket, but against
+the shared buckets:
+
+* A message of a :class:`~zae_celery.RateLimitedTask` is not handed to the pool when it
+  arrives. It joins the *line* of its buckets (entity, resource and queue limits).
+* A line asks the store for a slot only when one of this worker's pool processes is free
+  for it and its last slot is at most ``zae_admission_window`` seconds ahead. The request
+  (one conditional write, made on a background thread so the consumer's event loop never
+  waits for the store) counts the task's quota and its start at the slot together.
+* At the slot a timer hands the task to the pool, carrying its lease; the pool process
+  runs the body without another request. A task that reaches a pool process more than
+  :data:`LATE_START` after its slot (a busy pool) counts a fresh start instead.
+* Held messages are not counted against the prefetch window, so the worker's other queues
+  keep flowing; a queue with ``zae_admission_hold`` messages held is paused
+  (``basic.cancel``) until half of them are gone. Everything else stays in the broker,
+  acknowledged by nobody and charged to nobody.
+
+A task that cannot be admitted (bad options, no limits, the store unreachable, a
+reservation it already carries) goes to the pool as before, where ``before_start``
+decides: the pool path is the fallback, so nothing is lost when admission cannot decide.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import worker_shutting_down
+from celery.worker import state as worker_state
+from celery.worker.strategy import default as default_strategy
+
+from zae_celery.core import (
+    RateLimiterUnavailable,
+    RateLimitExceeded,
+    ValidationError,
+    ZaeError,
+)
+
+if TYPE_CHECKING:
+    from zae_celery.core import Lease, RateLimiter
+    from zae_celery.settings import Settings
+    from zae_celery.task import RateLimitedTask, _Spec
+
+__all__ = ["ADMITTED", "LATE_START", "Admission", "admission_strategy"]
+
+log = logging.getLogger("zae_celery.admission")
+
+ADMITTED = "zae_admitted"
+"""Request field (not a message header): the lease the consumer took for the task."""
+LATE_START = 0.05
+"""Seconds after its counted slot beyond which an admitted task counts a fresh start."""
+TICK = 0.02
+"""Seconds between two looks at the lines that wait for a free process or their time."""
+
+
+def admission_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """The consumer strategy of :class:`~zae_celery.RateLimitedTask` (its ``Strategy``).
+
+    Celery's default strategy does everything (revocation, events, ETA); its rate-limit
+    hooks are pointed at this worker's :class:`Admission`. With ``zae_admission=False``,
+    or settings that cannot be read, it is Celery's default strategy unchanged (the pool
+    then reports the settings error on every task).
+    """
+    from zae_celery.task import limiter_for
+
+    try:
+        settings, limiter = limiter_for(app)
+    except ZaeError as exc:
+        log.error("zae-celery admission is off for %s: %s", task.name, exc)
+        return default_strategy(task, app, consumer, **kwargs)
+    if not settings.admission:
+        return default_strategy(task, app, consumer, **kwargs)
+    admission = Admission.of(consumer, settings, limiter)
+    return default_strategy(task, app, _ConsumerView(consumer, admission), **kwargs)
+
+
+class _Buckets:
+    """``consumer.task_buckets`` as the strategy sees it: every task is "rate limited"."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def __getitem__(self, name: str) -> Admission:
+        return self._admission
+
+
+class _ConsumerView:
+    """The consumer, with Celery's rate-limit hooks leading to the admission."""
+
+    def __init__(self, consumer: Any, admission: Admission) -> None:
+        self._consumer = consumer
+        self.disable_rate_limits = False
+        self.task_buckets = _Buckets(admission)
+        self._limit_task = admission.admit
+        self._limit_post_eta = admission.admit_after_eta
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+@dataclass
+class _Held:
+    request: Any
+    spec: _Spec
+    queue: str | None
+    since: float
+
+
+@dataclass
+class _Line:
+    """The held messages of one set of buckets, in arrival order."""
+
+    pending: deque[_Held] = field(default_factory=deque)
+    busy: bool = False
+    """A request for the head's slot is with the store."""
+    not_before: float = 0.0
+    """Monotonic time before which the head does not ask (its slot would be too far)."""
+
+
+class Admission:
+    """One worker's admission of rate-limited tasks (see the module's docstring).
+
+    State is touched by the consumer's thread, by the timer's (pools without an event
+    loop) and by results coming back from the store's thread: one lock guards it.
+    """
+
+    def __init__(self, consumer: Any, settings: Settings, limiter: RateLimiter) -> None:
+        self.consumer = consumer
+        self.settings = settings
+        self.limiter = limiter
+        self._lock = threading.RLock()
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zae-admission")
+        self._loop_thread = threading.get_ident()
+        self._task_consumer: Any = None
+        self._generation = 0
+        self._lines: dict[tuple[Any, ...], _Line] = {}
+        self._held: dict[str, int] = {}
+        self._paused: dict[str, Any] = {}
+        self._waiting = 0  # granted, not yet handed to the pool
+        self._leases: dict[int, Lease] = {}  # id(request) -> lease, until handed over
+        self._ticking = False
+        self._closed = False
+        worker_shutting_down.connect(self._on_shutdown, weak=False)
+
+    @classmethod
+    def of(cls, consumer: Any, settings: Settings, limiter: RateLimiter) -> Admission:
+        """The consumer's admission, created on first use; reset when the consumer has
+        reconnected (held messages belong to the old channel: the broker redelivers
+        them)."""
+        admission: Admission | None = getattr(consumer, "_zae_admission", None)
+        if admission is None:
+            admission = cls(consumer, settings, limiter)
+            consumer._zae_admission = admission
+        admission._bind(consumer.task_consumer)
+        return admission
+
+    def __bool__(self) -> bool:
+        return True
+
+    # -- arrival -----------------------------------------------------------------------------
+    def admit(self, request: Any, bucket: Any = None, tokens: int = 1) -> None:
+        """A message arrived (Celery's ``_limit_task`` hook): hold it in its line."""
+        from zae_celery.task import HEADER_LEASE
+
+        # Custom fields travel as headers when a task is republished (a retry, a
+        # deferral): a lease that came from the broker was not granted to this run.
+        request.request_dict.pop(ADMITTED, None)
+        task: RateLimitedTask = request.task
+        queue_key = (request.delivery_info or {}).get("routing_key") or ""
+        if request.request_dict.get(HEADER_LEASE) or not getattr(task, "_spec", None):
+            self._to_pool(request)  # it carries a reservation: the pool starts it
+            return
+        try:
+            spec = task._spec(self.settings, request.args, request.kwargs, queue_key)
+        except (ZaeError, TypeError, ValueError):
+            spec = None  # the pool runs the same code and fails the task with the error
+            self._to_pool(request)
+            return
+        if spec is None:  # no limits apply
+            self._to_pool(request)
+            return
+        with self._lock:
+            queue = self._queue_of(queue_key)
+            self._hold(queue)
+            key = (spec.entity_id, spec.resource, tuple(e[0] for e in spec.extra))
+            line = self._lines.setdefault(key, _Line())
+            line.pending.append(_Held(request, spec, queue, time.monotonic()))
+            self._pump(line)
+            self._ensure_ticking()
+
+    def admit_after_eta(self, request: Any, bucket: Any = None, tokens: int = 1) -> None:
+        """An ETA/countdown message is due (Celery's ``_limit_post_eta`` hook)."""
+        self.consumer.qos.decrement_eventually()
+        self.admit(request, bucket, tokens)
+
+    # -- asking for slots -------------------------------------------------------------------
+    def _free_processes(self) -> int:
+        pool = self.consumer.pool
+        size = getattr(pool, "num_processes", None) or getattr(pool, "limit", None) or 1
+        return int(size) - len(worker_state.reserved_requests) - self._waiting
+
+    def _pump(self, line: _Line) -> None:
+        """Ask for the head's slot when a process is free and the line's time has come."""
+        if line.busy or not line.pending or self._closed:
+            return
+        if time.monotonic() < line.not_before or self._free_processes() <= 0:
+            return
+        head = line.pending[0]
+        line.busy = True
+        self._waiting += 1
+        generation = self._generation
+        self._executor.submit(self._ask, line, head, generation)
+
+    def _ask(self, line: _Line, head: _Held, generation: int) -> None:
+        """On the store's thread: one acquire, its result posted back to the consumer."""
+        spec = head.spec
+        horizon = head.request.task._horizon(self.settings)
+        outcome: Any
+        try:
+            outcome = self.limiter.acquire(
+                spec.entity_id,
+                spec.resource,
+                spec.consume,
+                spec.limits,
+                horizon=horizon,
+                extra=spec.extra,
+                pace=True,
+                start_within=horizon,
+            )
+        except RateLimitExceeded as exc:
+            outcome = exc
+        except (RateLimiterUnavailable, ValidationError, ZaeError) as exc:
+            outcome = exc
+        except Exception as exc:  # never lose the message: the pool path decides
+            log.exception("zae-celery admission request failed")
+            outcome = exc
+        self._post(self._answered, line, head, generation, outcome)
+
+    def _answered(self, line: _Line, head: _Held, generation: int, outcome: Any) -> None:
+        with self._lock:
+            if generation != self._generation:  # the consumer reconnected meanwhile
+                if not isinstance(outcome, BaseException):
+                    self._refund(outcome)
+                return
+            line.busy = False
+            self._waiting -= 1
+            now = time.monotonic()
+            if isinstance(outcome, RateLimitExceeded):
+                # Its slot lies beyond the horizon (a long provider block, a deep debt):
+                # ask again when it comes within the window; past zae_admission_max_hold
+                # the pool defers it instead (the broker's redelivery timers).
+                if now - head.since > self.settings.admission_max_hold:
+                    line.pending.popleft()
+                    self._unhold(head.queue)
+                    self._to_pool(head.request)
+                else:
+                    wait = outcome.retry_after - head.request.task._horizon(self.settings)
+                    line.not_before = now + max(TICK, wait)
+                self._pump(line)
+                return
+            line.pending.popleft()
+            if isinstance(outcome, BaseException):
+                # Unavailable store, bad input: the pool path decides (defers with the
+                # outage counter, or fails the task with the error).
+                self._unhold(head.queue)
+                self._to_pool(head.request)
+                self._pump(line)
+                return
+            lease = outcome
+            slot = lease.started_at if lease.started_at is not None else lease.start_at
+            line.not_before = now + (slot - time.time()) - self.settings.admission_window
+            head.request.request_dict[ADMITTED] = lease.state.to_dict()
+            self._waiting += 1
+            self._leases[id(head.request)] = lease
+            self.consumer.timer.call_after(
+                max(0.0, slot - time.time()), self._release, (head, generation)
+            )
+            self._pump(line)
+
+    def _release(self, head: _Held, generation: int) -> None:
+        """The slot has come: hand the task to the pool."""
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._waiting -= 1
+            self._leases.pop(id(head.request), None)
+            self._unhold(head.queue)
+        self._to_pool(head.request)
+        self._tick()
+
+    def _tick(self) -> None:
+        """Lines waiting for a free process or for their time: ask when they may."""
+        with self._lock:
+            for line in self._lines.values():
+                self._pump(line)
+            for key in [k for k, line in self._lines.items() if not line.pending and not line.busy]:
+                del self._lines[key]
+
+    def _ensure_ticking(self) -> None:
+        if not self._ticking:
+            self._ticking = True
+            self.consumer.timer.call_repeatedly(TICK, self._tick)
+
+    # -- the prefetch window and pausing ----------------------------------------------------
+    def _queue_of(self, routing_key: str) -> str | None:
+        """The name of the consumed queue a message came from (None: unknown)."""
+        consumer = self._task_consumer
+        if consumer is None:
+            return None
+        names = {q.name: q for q in consumer.queues}
+        names.update(self._paused)
+        if routing_key in names:
+            return routing_key
+        for q in consumer.queues:
+            if q.routing_key == routing_key:
+                return str(q.name)
+        return None
+
+    def _hold(self, queue: str | None) -> None:
+        """A message is held: the prefetch window grows by one for it (other queues keep
+        flowing), and its queue pauses when it holds ``zae_admission_hold``."""
+        if queue is None:
+            return  # unknown queue: the held message counts against prefetch instead
+        self.consumer.qos.increment_eventually()
+        held = self._held[queue] = self._held.get(queue, 0) + 1
+        if held >= self.settings.admission_hold and queue not in self._paused:
+            self._on_loop(self._pause, queue, self._generation)
+
+    def _unhold(self, queue: str | None) -> None:
+        if queue is None:
+            return
+        self.consumer.qos.decrement_eventually()
+        held = self._held[queue] = self._held.get(queue, 1) - 1
+        if queue in self._paused and held <= self.settings.admission_hold // 2:
+            self._on_loop(self._resume, queue, self._generation)
+
+    def _pause(self, queue: str, generation: int) -> None:
+        with self._lock:
+            tc = self._task_consumer
+            if generation != self._generation or tc is None or queue in self._paused:
+                return
+            found = next((q for q in tc.queues if q.name == queue), None)
+            if found is None:
+                return
+            self._paused[queue] = found
+        log.debug("zae-celery pauses queue %s (%d held)", queue, self._held.get(queue, 0))
+        tc.cancel_by_queue(queue)
+
+    def _resume(self, queue: str, generation: int) -> None:
+        with self._lock:
+            tc = self._task_consumer
+            if generation != self._generation or tc is None:
+                return
+            found = self._paused.pop(queue, None)
+            if found is None:
+                return
+        log.debug("zae-celery resumes queue %s", queue)
+        tc.add_queue(found)
+        tc.consume()
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _to_pool(self, request: Any) -> None:
+        self.consumer._limit_move_to_pool(request)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the consumer's side (from the store's thread)."""
+        hub = getattr(self.consumer, "hub", None)
+        if hub is not None:
+            hub.call_soon(fn, *args)
+        else:
+            self.consumer.timer.call_after(0, fn, args)
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the thread that owns the broker connection."""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self.consumer.call_soon(fn, *args)
+
+    def _bind(self, task_consumer: Any) -> None:
+        with self._lock:
+            self._loop_thread = threading.get_ident()
+            if task_consumer is self._task_consumer:
+                return
+            if self._task_consumer is not None:
+                for lease in self._reset():
+                    self._executor.submit(self._refund, lease)
+            self._task_consumer = task_consumer
+
+    def _reset(self) -> list[Lease]:
+        """Forget held messages (their channel is gone); return their reservations."""
+        self._generation += 1
+        leases = list(self._leases.values())
+        self._leases.clear()
+        self._lines.clear()
+        self._held.clear()
+        self._paused.clear()
+        self._waiting = 0
+        return leases
+
+    def _refund(self, lease: Lease) -> None:
+        try:
+            lease.rollback()
+        except Exception as exc:  # best effort: the quota is charged, never over-granted
+            log.warning("zae-celery could not refund a held reservation: %s", exc)
+
+    def _on_shutdown(self, **_: Any) -> None:
+        """Warm shutdown: held messages go back to the broker; refund their slots."""
+        with self._lock:
+            self._closed = True
+            leases = self._reset()
+        for lease in leases:
+            self._refund(lease)
+
+    # -- introspection (tests, status) -------------------------------------------------------------
+    def held(self) -> Iterator[tuple[str, int]]:
+        """``(queue, messages held)`` for every queue with held messages."""
+        with self._lock:
+            return iter([(q, n) for q, n in self._held.items() if n])
