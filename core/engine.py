@@ -290,6 +290,7 @@ class Engine:
         self._schema_ok = False
         self._lock = threading.Lock()
         self._tats: dict[tuple[str, str, str], int | None] = {}
+        self._busy: set[tuple[str, str, str]] = set()
         self._configs: dict[str, _Cached] = {}
 
     # -- time and caches ----------------------------------------------------------------
@@ -299,6 +300,39 @@ class Engine:
 
     def _guess(self, target: Target, limit: Limit) -> int | None:
         return self._tats.get((target.entity_id, target.resource, limit.key))
+
+    def _shape_guess(self, target: Target, limit: Limit, now_ms: int) -> int | None:
+        """The TAT to choose a write's shape by (never a refusal: see ``_guess``).
+
+        A bucket this process last saw queued (its TAT ahead of the clock) is guessed
+        queued still while that view is younger than the bucket's burst: other clients
+        keep a busy bucket busy, and a fresh-bucket guess would fail its condition on
+        every write that follows a pause (a worker that waited for a free process)."""
+        key = (target.entity_id, target.resource, limit.key)
+        tat = self._tats.get(key)
+        now = bucket.now_units(limit, now_ms)
+        if key in self._busy and tat is not None and now - bucket.tau(limit) < tat <= now:
+            return now + 1
+        return tat
+
+    def _note_shapes(self, target: Target, steps: Sequence[Step], now_ms: int) -> None:
+        """After a granted write: a QUEUE write found the bucket busy, a FRESH one idle."""
+        for step in steps:
+            key = (target.entity_id, target.resource, step.limit.key)
+            if step.shape is bucket.Shape.QUEUE:
+                self._busy.add(key)
+            elif step.shape is bucket.Shape.FRESH:
+                self._busy.discard(key)
+
+    def _note_seen(self, target: Target, item: Item | None, now_ms: int) -> None:
+        """After a refused write or a read: busy when its TAT is ahead of the clock."""
+        for lim in target.limits:
+            key = (target.entity_id, target.resource, lim.key)
+            tat = number((item or {}).get(lim.key))
+            if tat is not None and tat > bucket.now_units(lim, now_ms):
+                self._busy.add(key)
+            else:
+                self._busy.discard(key)
 
     def _remember(self, target: Target, item: Item | None) -> None:
         for lim in target.limits:
@@ -793,7 +827,9 @@ class Engine:
                             t.consume[lim.name],
                             now_ms,
                             h,
-                            _tat(known[i], lim) if known is not None else self._guess(t, lim),
+                            _tat(known[i], lim)
+                            if known is not None
+                            else self._shape_guess(t, lim, now_ms),
                             known=exact,
                         )
                         for lim in t.limits
@@ -804,6 +840,8 @@ class Engine:
             ttl = self._ttl(now_ms, horizon_ms, None, targets)
             reply = yield build_write(self.table_name, writes, ttl, claim)
             if reply.ok:
+                for t, w in zip(targets, writes, strict=False):
+                    self._note_shapes(t, w.steps, now_ms)
                 lease = self._granted(targets, writes, reply, now_ms, atomic_many)
                 if align and len(targets) == 1 and lease.start_ms > lease.granted_ms:
                     yield from self._align(targets[0], lease)
@@ -823,6 +861,7 @@ class Engine:
             ]
             for t, item in returned:
                 self._remember(t, item)
+                self._note_seen(t, item, now_ms)
             violations, passed = self.statuses(
                 [t for t, _ in returned], [item for _, item in returned], now_ms, horizon_ms
             )
@@ -975,7 +1014,9 @@ class Engine:
                         lim,
                         changes[lim.name],
                         now_ms,
-                        _tat(known[i], lim) if known is not None else self._guess(t, lim),
+                        _tat(known[i], lim)
+                        if known is not None
+                        else self._shape_guess(t, lim, now_ms),
                     )
                     for lim in t.limits
                     if changes.get(lim.name)
@@ -986,6 +1027,8 @@ class Engine:
                 self.table_name, [w for _, w in writes], self._ttl(now_ms, 0, changes, targets)
             )
             if reply.ok:
+                for t, w in writes:
+                    self._note_shapes(t, w.steps, now_ms)
                 if len(writes) == 1:
                     self._remember(writes[0][0], reply.data.get("Attributes"))
                 return
@@ -997,6 +1040,7 @@ class Engine:
                 current = yield from self._read([t for t, _ in writes])
             for (t, _), item in zip(writes, current, strict=False):
                 self._remember(t, item)
+                self._note_seen(t, item, now_ms)
             known = current
             targets = [t for t, _ in writes]
         raise RateLimiterUnavailable(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Clock
+from zae_celery import fsbroker
 from zae_celery.core import RateLimiter
 from zae_celery.local import (
     LocalServer,
@@ -135,3 +137,28 @@ def limiter(endpoint: Endpoint, clock: Clock) -> Iterator[RateLimiter]:
     assert lim.create_table() is True
     yield lim
     lim.delete_table()
+
+
+@dataclass
+class Broker:
+    """A broker of the real-worker tests: its name, URL and (filesystem) folder."""
+
+    name: str
+    url: str
+    data: Path
+
+
+@pytest.fixture(params=["filesystem", "redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
+    """Each broker in turn: filesystem (no server), a private redis-server, RabbitMQ."""
+    data = tmp_path / "broker"
+    if request.param == "filesystem":
+        return Broker("filesystem", f"{fsbroker.SCHEME}://", data)
+    if request.param == "redis":
+        server: LocalServer = request.getfixturevalue("redis")
+        return Broker("redis", f"redis://127.0.0.1:{server.port}/0", data)
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+    except OSError:
+        unavailable("RabbitMQ is not reachable at 127.0.0.1:5672 (CI machines run one)")
+    return Broker("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//", data)

@@ -9,7 +9,6 @@ was counted), which is what a provider sees.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import uuid
@@ -23,7 +22,7 @@ import pytest
 from celery import Celery
 
 from tests.celery.fleet import log_text, workers
-from tests.conftest import unavailable
+from tests.conftest import Broker
 from zae_celery import fsbroker
 from zae_celery.core import Limit, RateLimiter
 from zae_celery.local import LocalServer, free_port
@@ -31,28 +30,6 @@ from zae_celery.local import LocalServer, free_port
 pytestmark = pytest.mark.integration
 
 RPS = 10
-
-
-@dataclass
-class Broker:
-    name: str
-    url: str
-    data: Path
-
-
-@pytest.fixture(params=["filesystem", "redis", "rabbitmq"])
-def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
-    data = tmp_path / "broker"
-    if request.param == "filesystem":
-        return Broker("filesystem", f"{fsbroker.SCHEME}://", data)
-    if request.param == "redis":
-        server: LocalServer = request.getfixturevalue("redis")
-        return Broker("redis", f"redis://127.0.0.1:{server.port}/0", data)
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
-    except OSError:
-        unavailable("RabbitMQ is not reachable at 127.0.0.1:5672 (CI machines run one)")
-    return Broker("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//", data)
 
 
 @dataclass
@@ -90,6 +67,7 @@ def _start_fleet(
     extra_env: dict[str, str] | None = None,
     pool: str = "prefork",
     endpoint: str | None = None,
+    concurrency: int = 2,
 ) -> Generator[Fleet, None, None]:
     prefix = f"t{uuid.uuid4().hex[:6]}-"
     table = f"zae-celery-{uuid.uuid4().hex[:8]}"
@@ -111,7 +89,7 @@ def _start_fleet(
         client.conf.broker_transport_options = fsbroker.transport_options(broker.data)
     queues = ",".join(f"{prefix}{q}" for q in ("limited", "shared", "other", "provider"))
     logs = tmp_path / "logs"
-    with workers(env, logs, queues=queues, pool=pool):
+    with workers(env, logs, queues=queues, pool=pool, concurrency=concurrency):
         yield Fleet(client, prefix, logs, table, ddb.url)
     if broker.name == "rabbitmq":
         with client.connection_for_write() as conn:
@@ -135,18 +113,23 @@ def _max_window_excess(starts_ms: list[int], burst: int, per_second: int) -> int
 
 
 @pytest.mark.parametrize(
-    "start_wait",
+    "mode",
     [
-        pytest.param("1.0", id="wait-in-place"),  # the default: close slots are waited for
-        # Most refused tasks are republished to their slot; some that arrive late together
-        # are republished once more rather than wait in place beyond 0.2 s.
-        pytest.param("0.2", id="republish"),
+        # The default: the consumer admits each task at its slot; nothing is republished.
+        pytest.param({}, id="admission"),
+        # Gated in the pool (zae_admission=False): close slots are waited for in place.
+        pytest.param({"ZAE_TEST_ADMISSION": "0"}, id="pool-wait-in-place"),
+        # Gated in the pool, most refused tasks republished to their slot; some that
+        # arrive late together are republished once more rather than wait beyond 0.2 s.
+        pytest.param(
+            {"ZAE_TEST_ADMISSION": "0", "ZAE_TEST_START_WAIT": "0.2"}, id="pool-republish"
+        ),
     ],
 )
 def test_adherence_without_retry_storm(
-    broker: Broker, ddb_local: LocalServer, tmp_path: Path, start_wait: str
+    broker: Broker, ddb_local: LocalServer, tmp_path: Path, mode: dict[str, str]
 ) -> None:
-    gen = _start_fleet(broker, ddb_local, tmp_path, {"ZAE_TEST_START_WAIT": start_wait})
+    gen = _start_fleet(broker, ddb_local, tmp_path, mode)
     fleet = next(gen)
     try:
         n = 150
@@ -157,7 +140,9 @@ def test_adherence_without_retry_storm(
     excess = _max_window_excess(starts, RPS, RPS)
     assert excess <= 0, f"starts exceeded capacity + rate*W by {excess}"
     republishes = sum(info["deferrals"] for info in infos) / n
-    if start_wait == "1.0":
+    if "ZAE_TEST_ADMISSION" not in mode:
+        assert republishes <= 0.05, republishes
+    elif "ZAE_TEST_START_WAIT" not in mode:
         assert republishes <= 1.0, republishes
     else:  # the deferral path really ran, without a storm
         assert 0.5 <= republishes <= 2.0, republishes

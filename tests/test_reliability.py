@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 
 from tests.celery.fleet import log_text
+from tests.conftest import Broker
 from tests.faults import DeadEndpoint, FaultyHttpProxy, TcpProxy
 from tests.helpers import Clock, Counter
-from tests.test_celery_workers import RPS, Broker, _max_window_excess, _start_fleet
+from tests.test_celery_workers import RPS, _max_window_excess, _start_fleet
 from zae_celery import fsbroker
 from zae_celery.core import (
     AsyncRateLimiter,

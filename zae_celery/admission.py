@@ -44,6 +44,7 @@ from zae_celery.core import (
     ValidationError,
     ZaeError,
 )
+from zae_celery.settings import MAX_HORIZON
 
 if TYPE_CHECKING:
     from zae_celery.core import Lease, RateLimiter
@@ -57,7 +58,11 @@ log = logging.getLogger("zae_celery.admission")
 ADMITTED = "zae_admitted"
 """Request field (not a message header): the lease the consumer took for the task."""
 LATE_START = 0.05
-"""Seconds after its counted slot beyond which an admitted task counts a fresh start."""
+"""Seconds after its counted slot beyond which an admitted task counts a fresh start
+(or half its own spacing on its tightest limit, when that is longer)."""
+DISPATCH_LEAD = 0.02
+"""Seconds before its slot an admitted task is handed to the pool (it waits there for the
+slot), so that the pool's own dispatch does not make it late."""
 TICK = 0.02
 """Seconds between two looks at the lines that wait for a free process or their time."""
 
@@ -160,7 +165,8 @@ class Admission:
         if admission is None:
             admission = cls(consumer, settings, limiter)
             consumer._zae_admission = admission
-        admission._bind(consumer.task_consumer)
+        else:
+            admission._bind(None)  # strategies are made anew when the consumer restarts
         return admission
 
     def __bool__(self) -> bool:
@@ -189,6 +195,8 @@ class Admission:
             self._to_pool(request)
             return
         with self._lock:
+            # The task consumer is created after the strategies: bind to it on first use.
+            self._bind(self.consumer.task_consumer)
             queue = self._queue_of(queue_key)
             self._hold(queue)
             key = (spec.entity_id, spec.resource, tuple(e[0] for e in spec.extra))
@@ -223,7 +231,7 @@ class Admission:
     def _ask(self, line: _Line, head: _Held, generation: int) -> None:
         """On the store's thread: one acquire, its result posted back to the consumer."""
         spec = head.spec
-        horizon = head.request.task._horizon(self.settings)
+        horizon = self._horizon(head)
         outcome: Any
         try:
             outcome = self.limiter.acquire(
@@ -245,6 +253,18 @@ class Admission:
             outcome = exc
         self._post(self._answered, line, head, generation, outcome)
 
+    def _horizon(self, head: _Held) -> float:
+        """How far ahead an admission may reserve: the task's horizon, or as long as a
+        message may be held (the consumer, not a countdown message, waits for the slot).
+
+        A line asks only when its last slot is ``zae_admission_window`` ahead, so slots
+        land far ahead only when the buckets really are that far in debt; a short write
+        horizon would instead refuse every request of a worker whose view is a few
+        grants old (other workers' grants), at one wasted request each.
+        """
+        task_horizon: float = head.request.task._horizon(self.settings)
+        return min(MAX_HORIZON, max(task_horizon, self.settings.admission_max_hold))
+
     def _answered(self, line: _Line, head: _Held, generation: int, outcome: Any) -> None:
         with self._lock:
             if generation != self._generation:  # the consumer reconnected meanwhile
@@ -263,7 +283,7 @@ class Admission:
                     self._unhold(head.queue)
                     self._to_pool(head.request)
                 else:
-                    wait = outcome.retry_after - head.request.task._horizon(self.settings)
+                    wait = outcome.retry_after - self._horizon(head)
                     line.not_before = now + max(TICK, wait)
                 self._pump(line)
                 return
@@ -279,10 +299,16 @@ class Admission:
             slot = lease.started_at if lease.started_at is not None else lease.start_at
             line.not_before = now + (slot - time.time()) - self.settings.admission_window
             head.request.request_dict[ADMITTED] = lease.state.to_dict()
+            log.info(
+                "zae-celery admitted task %s (%s): slot in %.3f s",
+                head.request.id,
+                head.request.name,
+                max(0.0, slot - time.time()),
+            )
             self._waiting += 1
             self._leases[id(head.request)] = lease
             self.consumer.timer.call_after(
-                max(0.0, slot - time.time()), self._release, (head, generation)
+                max(0.0, slot - time.time() - DISPATCH_LEAD), self._release, (head, generation)
             )
             self._pump(line)
 
@@ -290,6 +316,9 @@ class Admission:
         """The slot has come: hand the task to the pool."""
         with self._lock:
             if generation != self._generation:
+                return
+            if self.consumer.task_consumer is not self._task_consumer:
+                self._bind(self.consumer.task_consumer)  # its channel is gone: drop it
                 return
             self._waiting -= 1
             self._leases.pop(id(head.request), None)
@@ -387,8 +416,10 @@ class Admission:
             self.consumer.call_soon(fn, *args)
 
     def _bind(self, task_consumer: Any) -> None:
+        """Held messages belong to the task consumer's channel: when that changes (a
+        reconnection), they are forgotten (the broker redelivers them) and their slots
+        refunded."""
         with self._lock:
-            self._loop_thread = threading.get_ident()
             if task_consumer is self._task_consumer:
                 return
             if self._task_consumer is not None:

@@ -328,24 +328,34 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         # it, or before a republish), else its quota slot.
         slot = lease.start_at if lease.started_at is None else lease.started_at
         early = slot - time.time()
-        if early > settings.start_wait:
+        # With admission, the start track is taken up to zae_admission_window ahead: a
+        # late start waits behind those slots in place rather than go round the broker.
+        wait_limit = settings.start_wait + (settings.admission_window if settings.admission else 0)
+        if early > wait_limit:
             self._defer(settings, deferrals, early, lease, "arrived before its slot")
         if early > 0:
             time.sleep(early)  # a worker's timer may fire a few ms before the slot
-        elif lease.state.start_tracked and -early > LATE_START:
+        elif lease.state.start_tracked and -early > _late_tolerance(lease):
             # Its counted start has passed (a busy pool, a late message): starting now
             # could bunch with the starts after it. It counts a fresh start instead;
             # the slot it missed stays counted (fewer starts, never more).
+            log.info(
+                "zae-celery task %s (%s) came %.3f s after its counted start: counting a "
+                "fresh start",
+                self.request.id,
+                self.name,
+                -early,
+            )
             lease.state.start_tracked = False
             lease.state.started_ms = None
         try:
-            wait = limiter.start(lease, horizon=self._horizon(settings))
+            wait = limiter.start(lease, horizon=max(self._horizon(settings), wait_limit))
         except RateLimitExceeded as exc:
             self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc))
         except RateLimiterUnavailable:  # "closed"; "open" starts unchecked in the engine
             retry = settings.unavailable_retry + random.uniform(0, settings.jitter)
             self._defer(settings, deferrals, retry, lease, "rate limiter unavailable", True)
-        if wait > settings.start_wait:
+        if wait > wait_limit:
             self._defer(settings, deferrals, wait, lease, "start slot reserved")
         if wait > 0:
             time.sleep(wait)  # this task's own start slot, reserved on the start track
@@ -495,6 +505,19 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             raise ValidationError(
                 "rate_on_error", f"{policy!r}", "'keep', 'refund' or a tuple of names to keep"
             )
+
+
+def _late_tolerance(lease: Lease) -> float:
+    """Seconds a counted start may be late and still start unchecked: half the task's
+    own spacing on its tightest limit (cost / rate), so that a late start cannot share a
+    slot with the next one; at least ``LATE_START``."""
+    spacing = [
+        tokens * lim.refill_period_ms / lim.refill_amount / 1000
+        for target in lease.state.targets
+        for lim in target.limits
+        if (tokens := target.consume.get(lim.name, 0)) > 0
+    ]
+    return max(LATE_START, min(spacing, default=0.0) / 2)
 
 
 def _describe(exc: RateLimitExceeded) -> str:

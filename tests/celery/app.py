@@ -4,7 +4,8 @@ Configured from the environment by the test that starts the workers:
 ZAE_TEST_BROKER, ZAE_TEST_BACKEND, ZAE_TEST_DATA (filesystem broker folder),
 ZAE_TEST_ENDPOINT, ZAE_TEST_TABLE, ZAE_TEST_RPS, ZAE_TEST_PROVIDER, ZAE_TEST_START_WAIT,
 ZAE_TEST_HORIZON, ZAE_TEST_BODY_SECONDS, ZAE_TEST_ACKS_LATE, ZAE_TEST_PREFETCH,
-ZAE_TEST_ADMISSION ("0": tasks are gated in the pool, as before admission).
+ZAE_TEST_ADMISSION ("0": tasks are gated in the pool, as before admission),
+ZAE_TEST_MAX_DEFERRALS, ZAE_TEST_VISIBILITY_TIMEOUT (redis).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ app.conf.update(
 )
 if BROKER.startswith(f"{fsbroker.SCHEME}://"):
     app.conf.broker_transport_options = fsbroker.transport_options(Path(DATA))
+elif os.environ.get("ZAE_TEST_VISIBILITY_TIMEOUT"):  # redis: redeliver unacked sooner
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(os.environ["ZAE_TEST_VISIBILITY_TIMEOUT"])
+    }
+if os.environ.get("ZAE_TEST_MAX_DEFERRALS"):
+    app.conf.zae_max_deferrals = int(os.environ["ZAE_TEST_MAX_DEFERRALS"])
 # Outage tests: ZAE_TEST_ON_UNAVAILABLE (closed/open), ZAE_TEST_BREAKER_COOLDOWN (seconds).
 app.conf.zae_on_unavailable = os.environ.get("ZAE_TEST_ON_UNAVAILABLE", "closed")
 app.conf.zae_breaker_cooldown = float(os.environ.get("ZAE_TEST_BREAKER_COOLDOWN", "5"))
@@ -285,3 +292,19 @@ def secret(self: RateLimitedTask, prompt: str, mode: str) -> dict[str, Any]:
         self.report_usage(total=-len(prompt))  # a bad amount: must not quote the prompt
     self.report_usage(total=1)
     return _run_info(self)
+
+
+# -- admission: a worker killed while it holds an admitted task (tests/test_admission.py) ---
+SLOW = Limit.custom("slow", 1, refill_amount=1, refill_period_seconds=3)  # one per 3 s
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=[SLOW, TOTAL],
+          rate_resource="kill")  # fmt: skip
+def slow(self: RateLimitedTask, gate: str) -> dict[str, Any]:
+    """One every 3 s; records its run (task id, worker) in ``<gate>:runs``."""
+    import redis
+
+    info = {**_run_info(self), "id": self.request.id, "hostname": self.request.hostname}
+    client = redis.Redis.from_url(os.environ["ZAE_TEST_RECORDS"])
+    client.rpush(f"{gate}:runs", json.dumps(info))
+    return info
