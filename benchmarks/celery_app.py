@@ -23,7 +23,15 @@ Configured by the benchmark through the environment:
 ``ZAE_BENCH_TABLE``         the run's table
 ``ZAE_BENCH_RATE``          requests per second (the limit and the provider's)
 ``ZAE_BENCH_PROVIDER``      URL of the provider
+``ZAE_BENCH_HORIZON``       ``zae_horizon`` (default 60)
+``ZAE_BENCH_BODY``          seconds the body waits after the provider call (an I/O call)
+``ZAE_BENCH_PREFETCH``      ``worker_prefetch_multiplier`` (default Celery's, 4)
+``ZAE_BENCH_ACKS_LATE``     ``1``: ``task_acks_late`` (and reject on a lost worker)
+``ZAE_BENCH_ADMISSION``     ``0``: ``zae_admission=False`` (tasks gated in the pool)
 ==========================  =============================================================
+
+DynamoDB requests are counted by the benchmark at the endpoint (a counting proxy), so
+the workers' main processes, where admission runs, are counted too.
 """
 
 from __future__ import annotations
@@ -39,7 +47,6 @@ from celery import Celery, Task
 
 from zae_celery import Limit, RateLimitedTask
 from zae_celery import fsbroker as fs_broker
-from zae_celery.local import count_worker_requests
 from zae_celery.task import HEADER_DEFERRALS
 
 RATE = int(os.environ.get("ZAE_BENCH_RATE", "10"))
@@ -53,24 +60,20 @@ app = Celery("zae_bench", broker=BROKER, backend=os.environ.get("ZAE_BENCH_BACKE
 app.conf.update(
     zae_table_name=os.environ.get("ZAE_BENCH_TABLE", "zae-celery-bench"),
     zae_endpoint_url=os.environ.get("ZAE_BENCH_ENDPOINT"),
+    zae_horizon=float(os.environ.get("ZAE_BENCH_HORIZON", "60")),
+    zae_admission=os.environ.get("ZAE_BENCH_ADMISSION", "1") == "1",
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get("ZAE_BENCH_PREFETCH"):
+    app.conf.worker_prefetch_multiplier = int(os.environ["ZAE_BENCH_PREFETCH"])
+if os.environ.get("ZAE_BENCH_ACKS_LATE") == "1":
+    app.conf.task_acks_late = True
+    app.conf.task_reject_on_worker_lost = True
+BODY = float(os.environ.get("ZAE_BENCH_BODY", "0"))
 if BROKER.startswith(f"{fs_broker.SCHEME}://"):
     app.conf.broker_transport_options = fs_broker.transport_options(
         Path(os.environ["ZAE_BENCH_BROKER_DIR"])
     )
-
-
-# -- DynamoDB requests of this worker process ---------------------------------------------------
-_counter = count_worker_requests(app)  # in each pool process, before its first request
-
-
-def _dynamodb_counts() -> dict[str, Any]:
-    snapshot = _counter.snapshot()
-    return {
-        "dynamodb_by_operation": snapshot["by_operation"],
-        "dynamodb_condition_failed": snapshot["condition_failed"],
-    }
 
 
 # -- the provider -----------------------------------------------------------------------------
@@ -102,20 +105,21 @@ def _call_provider(task: Task, attempt: int) -> float | None:
 )
 def zae_call(self: RateLimitedTask, i: int) -> dict[str, Any]:
     """Gated by the shared DynamoDB bucket; a 429 empties it for every worker."""
+    body = time.time()  # the actual start
     started = self.lease.started_at  # the engine's clock: when the start was counted
     slot = self.lease.start_at  # when it could have started (its reserved slot, if deferred)
     republished = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
     retry_after = _call_provider(self, republished)
     if retry_after is not None:
         self.provider_limited(retry_after)
+    time.sleep(BODY)
     return {
         "i": i,
         "start": started,
+        "body": body,
         "slot": slot,
         "end": time.time(),
         "republishes": republished,
-        "dynamodb_requests": _counter.sent,
-        **_dynamodb_counts(),
         "pid": os.getpid(),
     }
 
@@ -127,14 +131,13 @@ def builtin_call(self: Task, i: int) -> dict[str, Any]:
     retry_after = _call_provider(self, self.request.retries)
     if retry_after is not None:
         raise self.retry(countdown=retry_after)
+    time.sleep(BODY)
     return {
         "i": i,
         "start": started,
+        "body": started,
         "slot": None,
         "end": time.time(),
         "republishes": self.request.retries,
-        "dynamodb_requests": 0,
-        "dynamodb_by_operation": {},
-        "dynamodb_condition_failed": 0,
         "pid": os.getpid(),
     }

@@ -151,6 +151,8 @@ class LeaseState:
             "granted_ms": self.granted_ms,
             "start_ms": self.start_ms,
             **({"claim": self.claim} if self.claim is not None else {}),
+            # Granted unchecked (open mode, store unreachable): nothing to start or refund.
+            **({"unchecked": True} if self.unchecked else {}),
             # A start already counted (at a slot that may lie ahead): it travels too.
             **(
                 {"started_ms": self.started_ms}
@@ -186,6 +188,7 @@ class LeaseState:
                 claim=claim,
                 started_ms=started,
                 start_tracked=started is not None,
+                unchecked=data.get("unchecked") is True,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ValidationError):

@@ -144,8 +144,9 @@ def test_adherence_without_retry_storm(
         assert republishes <= 0.05, republishes
     elif "ZAE_TEST_START_WAIT" not in mode:
         assert republishes <= 1.0, republishes
-    else:  # the deferral path really ran, without a storm
-        assert 0.5 <= republishes <= 2.0, republishes
+    else:  # the deferral path really ran, without a storm (a republished start that
+        # arrives late takes a fresh start slot, and may be republished to it once more)
+        assert 0.5 <= republishes <= 3.0, republishes
     assert all(info["retries"] == 0 for info in infos)  # max_retries=0 was never used
     assert len({info["pid"] for info in infos}) >= 3  # several worker processes took part
     span = (starts[-1] - starts[0]) / 1000
@@ -368,5 +369,12 @@ def test_rate_on_error_policies(fleet: Fleet) -> None:
             result.get(timeout=60, propagate=True)
     limiter = RateLimiter(fleet.table, endpoint_url=fleet.endpoint)
     for resource, tokens in expected.values():
-        left = limiter.available("default", resource, TWO_LIMITS)
+        # The result is stored before after_return settles the lease: wait for the
+        # bucket to show the policy's outcome (its refill takes a year: it cannot drift).
+        deadline = time.monotonic() + 30
+        while True:
+            left = limiter.available("default", resource, TWO_LIMITS)
+            if {k: round(v) for k, v in left.items()} == tokens or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # polling the table: the worker sends no event for it
         assert {k: round(v) for k, v in left.items()} == tokens, resource

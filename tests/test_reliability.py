@@ -486,12 +486,15 @@ def test_endpoint_outage_in_the_middle_of_a_batch(
     assert opened >= 1
     if mode == "closed":
         assert "rate limiter unavailable (deferral" in logs
-        assert "circuit breaker closed" in logs  # recovered without a restart
+        # Recovered without a restart: every task deferred by the outage ran, checked.
+        # (Which processes' breakers close, and log it, depends on which processes
+        # get tasks after the outage; the breaker itself is tested with a clock.)
         assert not unchecked
         starts = sorted(round(i["start"] * 1000) for i in infos)
         assert _max_window_excess(starts, RPS, RPS) <= 0  # no over-grant across the outage
     else:
         assert unchecked, "no task ran unchecked: the outage proved nothing"
-        # A running count per process: one of the 6 pool processes granted a sixth or more.
-        assert counts and max(counts) >= math.ceil(len(unchecked) / 6)
+        # A running count per process: one of the 9 processes (3 consumers admitting
+        # tasks, 6 pool processes) granted a ninth or more.
+        assert counts and max(counts) >= math.ceil(len(unchecked) / 9)
         assert "on_unavailable=open" in logs

@@ -227,7 +227,9 @@ def test_a_refused_republish_requeues_the_task(
 ) -> None:
     gate = f"pub-{uuid.uuid4().hex[:6]}"
     # zae_start_wait 0: a refused task is always republished, never waited for in place.
-    with fleet(redis, moto, tmp_path, scheme="zaeflaky", env={"ZAE_TEST_START_WAIT": "0"}) as f:
+    # The pool path (zae_admission=False): admission would hold the second task instead.
+    env = {"ZAE_TEST_START_WAIT": "0", "ZAE_TEST_ADMISSION": "0"}
+    with fleet(redis, moto, tmp_path, scheme="zaeflaky", env=env) as f:
         f.records.set(f"{f.prefix}fail-publish", "1")
         results = [f.send("paced", gate) for _ in range(2)]  # 1/s: the second is deferred
         for _ in range(3):  # the broker refused the deferred republish three times
@@ -248,13 +250,15 @@ SECRET_KEY_ID = "AKIASECRETKEYID12345"
 SECRET_ACCESS_KEY = "secret-access-key-SECRET-456"
 
 
+@pytest.mark.parametrize("admission", ["1", "0"], ids=["admission", "pool-gate"])
 def test_no_secret_reaches_logs_or_results(
-    redis: LocalServer, moto: LocalServer, tmp_path: Path
+    redis: LocalServer, moto: LocalServer, tmp_path: Path, admission: str
 ) -> None:
     env = {
         "AWS_ACCESS_KEY_ID": SECRET_KEY_ID,
         "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
         "ZAE_TEST_START_WAIT": "0",  # deferrals: their log lines are checked too
+        "ZAE_TEST_ADMISSION": admission,
     }
     with fleet(redis, moto, tmp_path, env=env) as f:
         modes = ["ok", "ok", "ok", "consume", "entity", "report"]
@@ -269,7 +273,8 @@ def test_no_secret_reaches_logs_or_results(
                 texts += [repr(failed.value), str(failed.value), str(result.traceback)]
                 assert result.state == "FAILURE"
         logs = log_text(f.logs)
-    assert "zae-celery deferred task" in logs  # the deferral path ran
+    # The path that holds a paced task ran: the consumer's, or the pool's deferral.
+    assert ("zae-celery admitted task" if admission == "1" else "zae-celery deferred task") in logs
     assert "rate_consume: the callable raised KeyError" in "\n".join(texts)
     assert "rate_entity: is not a valid id" in "\n".join(texts)
     assert "report_usage.total" in "\n".join(texts)

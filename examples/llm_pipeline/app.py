@@ -39,7 +39,6 @@ from celery import Celery, Task
 from examples.llm_pipeline.workload import Prompt, call_provider, estimate_tokens, limits
 from zae_celery import RateLimitedTask
 from zae_celery import fsbroker as fs_broker
-from zae_celery.local import count_worker_requests
 from zae_celery.task import HEADER_DEFERRALS
 
 BROKER = os.environ.get("ZAE_DEMO_BROKER", "memory://")
@@ -64,8 +63,6 @@ if BROKER.startswith(f"{fs_broker.SCHEME}://"):
         Path(os.environ["ZAE_DEMO_BROKER_DIR"])
     )
 
-_counter = count_worker_requests(app)  # in each pool process, before its first task
-
 
 def _result(prompt_id: str, started: float, republishes: int, tokens: int) -> dict[str, Any]:
     return {
@@ -74,7 +71,6 @@ def _result(prompt_id: str, started: float, republishes: int, tokens: int) -> di
         "end": time.time(),
         "republishes": republishes,
         "tokens": tokens,
-        "dynamodb": _counter.snapshot(),
     }
 
 

@@ -58,6 +58,9 @@ class ModeRun:
     failures: list[str] = field(default_factory=list)
     records: list[ProviderRecord] = field(default_factory=list)
     interrupted: bool = False
+    dynamodb: dict[str, Any] = field(default_factory=dict)
+    """Requests the run's processes sent, counted at the endpoint: by_operation,
+    condition_failed (worker main processes, where admission runs, included)."""
 
 
 def _worst_excess(
@@ -90,16 +93,7 @@ def measure(run: ModeRun, config: Config) -> dict[str, Any]:
     times = [r.at for r in accepted]
     tokens = [float(r.total_tokens) for r in accepted]
     republishes = [int(info["republishes"]) for info in run.results] or [0]
-    last_per_process: dict[int, dict[str, Any]] = {}
-    for info in run.results:
-        snap = info["dynamodb"]
-        seen = last_per_process.get(snap["pid"])
-        if seen is None or sum(snap["by_operation"].values()) > sum(seen["by_operation"].values()):
-            last_per_process[snap["pid"]] = snap
-    by_operation: dict[str, int] = {}
-    for snap in last_per_process.values():
-        for operation, count in snap["by_operation"].items():
-            by_operation[operation] = by_operation.get(operation, 0) + int(count)
+    by_operation: dict[str, int] = dict(run.dynamodb.get("by_operation", {}))
     ends = [float(info["end"]) for info in run.results]
     span = (times[-1] - run.submitted_at) if times else 0.0
     completed = len(run.results)
@@ -132,9 +126,7 @@ def measure(run: ModeRun, config: Config) -> dict[str, Any]:
         "dynamodb_requests": sum(by_operation.values()),
         "dynamodb_per_task": sum(by_operation.values()) / max(1, completed),
         "dynamodb_by_operation": dict(sorted(by_operation.items())),
-        "dynamodb_condition_failed": sum(
-            int(s["condition_failed"]) for s in last_per_process.values()
-        ),
+        "dynamodb_condition_failed": int(run.dynamodb.get("condition_failed", 0)),
         "tokens_billed": int(sum(tokens)),
         "wall_s": (max(ends) - run.submitted_at) if ends else 0.0,
         "series": {

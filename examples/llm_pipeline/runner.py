@@ -23,6 +23,7 @@ from examples.llm_pipeline.workload import Prompt, batch, bucket_size, estimate_
 from zae_celery import RateLimiter
 from zae_celery import fsbroker as fs_broker
 from zae_celery.local import (
+    CountingProxy,
     FleetError,
     LocalProvider,
     LocalServer,
@@ -115,10 +116,11 @@ def run_mode(
         seed=SEED,
         **LATENCY,
     )
+    proxy = CountingProxy(endpoint)  # counts the requests of every worker process
     env.update(
         ZAE_DEMO_BROKER=broker,
         ZAE_DEMO_BACKEND=backend,
-        ZAE_DEMO_ENDPOINT=endpoint,
+        ZAE_DEMO_ENDPOINT=proxy.url,
         ZAE_DEMO_TABLE=table,
         ZAE_DEMO_PROVIDER=provider.url,
         ZAE_DEMO_RPM=str(config.rpm),
@@ -127,6 +129,8 @@ def run_mode(
     )
     result = report.ModeRun(mode, submitted_at=0.0)
     with contextlib.ExitStack() as stack:
+        stack.callback(proxy.close)
+        stack.callback(lambda: result.dynamodb.update(proxy.snapshot()))  # workers stopped
         stack.callback(provider.stop)
         stack.callback(run.record_pids, workers=[])  # once the workers below are stopped
         with console.status(f"{label}: starting {config.workers} celery workers"):
