@@ -70,7 +70,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zae_celery import fsbroker as fs_broker
-from zae_celery.core import RateLimiter
+from zae_celery.core import Limit, RateLimiter
 from zae_celery.local import (
     CountingProxy,
     FleetError,
@@ -259,6 +259,16 @@ def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
     return client, env
 
 
+def _warm_endpoint(limiter: RateLimiter, requests: int = 300) -> None:
+    """Create the run's table and send ``requests`` grants to a scratch bucket: a
+    fresh DynamoDB Local compiles its code paths (JIT) over its first few hundred
+    requests, which a real DynamoDB endpoint does not."""
+    limiter.create_table()
+    scratch = [Limit.per_second("warm", 1_000_000)]
+    for _ in range(requests):
+        limiter.acquire("bench-warm-up", "warm", {"warm": 1}, scratch).commit()
+
+
 def _peak_rss_mb(pids: list[int]) -> float:
     """Peak resident memory (VmHWM) of these processes and their children, summed."""
     procs = Path("/proc")
@@ -284,7 +294,7 @@ def run_mode(setup: Setup, mode: str, console: Console) -> Run:
     queue = f"bench-{mode}-{tag}"
     table = f"zae-bench-{tag}"
     if mode == "zae":
-        RateLimiter(table, endpoint_url=setup.endpoint_url).create_table()
+        _warm_endpoint(RateLimiter(table, endpoint_url=setup.endpoint_url))
     run_dir = setup.work / f"{mode}-{tag}"
     client, env = _client(setup, run_dir)
     proxy = CountingProxy(setup.endpoint_url)  # counts every process's requests

@@ -207,6 +207,11 @@ class AsyncRateLimiter(LimiterBase):
         """Tokens available now per limit (negative while in debt). One read."""
         return await self._run(self.engine.available(entity_id, resource, limits))
 
+    async def warm_up(self) -> None:
+        """Create the client and check the table's schema (one GetItem, once), so that
+        the first real request is not slowed by them."""
+        await self._run(self.engine.ensure_schema())
+
     async def start(self, lease: AsyncLease, horizon: float = 0.0) -> float:
         """Count a reserved lease's actual start; returns the seconds to wait first (up to
         ``horizon``), RateLimitExceeded beyond it."""

@@ -185,6 +185,11 @@ class RateLimiter(LimiterBase):
         """Tokens available now per limit (negative while in debt). One read."""
         return self._run(self.engine.available(entity_id, resource, limits))
 
+    def warm_up(self) -> None:
+        """Create the client and check the table's schema (one GetItem, once), so that
+        the first real request is not slowed by them (e.g. in a worker at start-up)."""
+        self._run(self.engine.ensure_schema())
+
     def start(self, lease: Lease, horizon: float = 0.0) -> float:
         """Count a reserved lease's actual start; returns the seconds to wait first (up to
         ``horizon``), RateLimitExceeded beyond it."""

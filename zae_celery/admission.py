@@ -63,6 +63,9 @@ LATE_START = 0.05
 DISPATCH_LEAD = 0.02
 """Seconds before its slot an admitted task is handed to the pool (it waits there for the
 slot), so that the pool's own dispatch does not make it late."""
+LOOKAHEAD = 2
+"""Slots a worker may hold per pool process (running or waiting for its slot) while the
+buckets set the pace."""
 TICK = 0.02
 """Seconds between two looks at the lines that wait for a free process or their time."""
 
@@ -129,6 +132,8 @@ class _Line:
     """A request for the head's slot is with the store."""
     not_before: float = 0.0
     """Monotonic time before which the head does not ask (its slot would be too far)."""
+    saturated: bool = False
+    """Its last slot lay ahead when granted: the buckets, not the pool, set the pace."""
 
 
 class Admission:
@@ -155,6 +160,14 @@ class Admission:
         self._ticking = False
         self._closed = False
         worker_shutting_down.connect(self._on_shutdown, weak=False)
+        self._executor.submit(self._warm_up)
+
+    def _warm_up(self) -> None:
+        """The first slot should not wait for the client and the schema check."""
+        try:
+            self.limiter.warm_up()
+        except Exception as exc:  # the first admission reports it, or the pool does
+            log.warning("zae-celery could not reach the rate limiter's table yet: %s", exc)
 
     @classmethod
     def of(cls, consumer: Any, settings: Settings, limiter: RateLimiter) -> Admission:
@@ -211,16 +224,22 @@ class Admission:
         self.admit(request, bucket, tokens)
 
     # -- asking for slots -------------------------------------------------------------------
-    def _free_processes(self) -> int:
+    def _free_processes(self, line: _Line) -> int:
+        """Slots this worker may still ask for the line: one per pool process (tasks
+        running or waiting for their slot count), and twice that while the line's slots
+        lie ahead (the buckets bind, not the pool), so that a process that ends a task
+        finds the next one's slot already taken. A task whose slot comes while every
+        process is busy starts late, and counts a fresh start."""
         pool = self.consumer.pool
         size = getattr(pool, "num_processes", None) or getattr(pool, "limit", None) or 1
-        return int(size) - len(worker_state.reserved_requests) - self._waiting
+        allowed = int(size) * (LOOKAHEAD if line.saturated else 1)
+        return allowed - len(worker_state.reserved_requests) - self._waiting
 
     def _pump(self, line: _Line) -> None:
         """Ask for the head's slot when a process is free and the line's time has come."""
         if line.busy or not line.pending or self._closed:
             return
-        if time.monotonic() < line.not_before or self._free_processes() <= 0:
+        if time.monotonic() < line.not_before or self._free_processes(line) <= 0:
             return
         head = line.pending[0]
         line.busy = True
@@ -297,7 +316,9 @@ class Admission:
                 return
             lease = outcome
             slot = lease.started_at if lease.started_at is not None else lease.start_at
-            line.not_before = now + (slot - time.time()) - self.settings.admission_window
+            ahead = slot - time.time()
+            line.not_before = now + ahead - self.settings.admission_window
+            line.saturated = ahead > DISPATCH_LEAD
             head.request.request_dict[ADMITTED] = lease.state.to_dict()
             log.info(
                 "zae-celery admitted task %s (%s): slot in %.3f s",
