@@ -588,6 +588,10 @@ MATRIX: list[Any] = [
     ("settings", _setting(zae_queue_limits=["q"]), "zae_queue_limits", "{'"),
     ("settings", _setting(zae_breaker_threshold=True), "zae_breaker_threshold", ">= 1"),
     ("settings", _setting(zae_table_name=""), "zae_table_name", "zae_table_name ="),
+    ("settings", _setting(zae_admission="yes"), "zae_admission", "True or False"),
+    ("settings", _setting(zae_admission_window=-1), "zae_admission_window", "seconds"),
+    ("settings", _setting(zae_admission_hold=0), "zae_admission_hold", ">= 1"),
+    ("settings", _setting(zae_admission_max_hold=0.5), "zae_admission_max_hold", "1.0.."),
 ]
 
 CLI_MATRIX: list[Any] = [

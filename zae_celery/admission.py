@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import ImproperlyConfigured
 from celery.signals import worker_shutting_down
 from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
@@ -87,6 +88,12 @@ def admission_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any
         return default_strategy(task, app, consumer, **kwargs)
     if not settings.admission:
         return default_strategy(task, app, consumer, **kwargs)
+    if getattr(consumer.pool, "is_green", False):
+        raise ImproperlyConfigured(
+            f"zae_admission is not supported on the {type(consumer.pool).__name__} pool "
+            "(green threads): set app.conf.zae_admission = False to gate rate-limited "
+            "tasks in the pool instead, or use the prefork, threads or solo pool"
+        )
     admission = Admission.of(consumer, settings, limiter)
     return default_strategy(task, app, _ConsumerView(consumer, admission), **kwargs)
 
