@@ -11,16 +11,13 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import socket
 import struct
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import urlsplit
 
-from zae_celery.local import free_port
+from zae_celery.local import CountingProxy, free_port
 
 __all__ = ["DeadEndpoint", "FaultyHttpProxy", "TcpProxy"]
 
@@ -117,89 +114,39 @@ class TcpProxy:
         self.stop()
 
 
-class FaultyHttpProxy:
+class FaultyHttpProxy(CountingProxy):
     """Forwards DynamoDB requests to ``target``; :meth:`inject` makes the next ``count``
     requests fail with an error reply of the proxy's own."""
 
     def __init__(self, target: str) -> None:
-        self.target = _host_port(target)
         self.requests: list[tuple[str, bool]] = []
         """(operation, forwarded) for every request received."""
-        self._lock = threading.Lock()
         self._left = 0
         self._error: tuple[int, str] = (400, "ThrottlingException")
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                op = (self.headers.get("X-Amz-Target") or "").rpartition(".")[2]
-                status, code = proxy._take(op)
-                if code is None:
-                    status, headers, payload = proxy._forward(self.command, self.path, self, body)
-                else:
-                    headers = [("Content-Type", "application/x-amz-json-1.0")]
-                    payload = json.dumps(
-                        {
-                            "__type": f"com.amazonaws.dynamodb.v20120810#{code}",
-                            "message": f"injected by the test proxy: {code}",
-                        }
-                    ).encode()
-                self.send_response(status)
-                for name, value in headers:
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        """The proxy's address, to give to clients instead of the endpoint's."""
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._faults = threading.Lock()
+        super().__init__(target)
 
     def inject(self, count: int, code: str = "ThrottlingException", status: int = 400) -> None:
         """Answer the next ``count`` requests with ``status`` and DynamoDB error ``code``."""
-        with self._lock:
+        with self._faults:
             self._left, self._error = count, (status, code)
 
-    def _take(self, op: str) -> tuple[int, str | None]:
-        with self._lock:
+    def _intercept(self, operation: str) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        with self._faults:
             failing = self._left > 0
             if failing:
                 self._left -= 1
-            self.requests.append((op, not failing))
-            return (self._error[0], self._error[1]) if failing else (200, None)
-
-    def _forward(
-        self, method: str, path: str, handler: BaseHTTPRequestHandler, body: bytes
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        conn = http.client.HTTPConnection(*self.target, timeout=10)
-        try:
-            skip = {"host", "content-length", "connection"}
-            headers = {k: v for k, v in handler.headers.items() if k.lower() not in skip}
-            conn.request(method, path, body=body, headers=headers)
-            reply = conn.getresponse()
-            payload = reply.read()
-            keep = [
-                (k, v)
-                for k, v in reply.getheaders()
-                if k.lower() not in {"content-length", "connection", "transfer-encoding"}
-            ]
-            return reply.status, keep, payload
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
+            self.requests.append((operation, not failing))
+            status, code = self._error
+        if not failing:
+            return None
+        payload = json.dumps(
+            {
+                "__type": f"com.amazonaws.dynamodb.v20120810#{code}",
+                "message": f"injected by the test proxy: {code}",
+            }
+        ).encode()
+        return status, [("Content-Type", "application/x-amz-json-1.0")], payload
 
 
 class DeadEndpoint:

@@ -260,16 +260,7 @@ class Admission:
         horizon = self._horizon(head)
         outcome: Any
         try:
-            outcome = self.limiter.acquire(
-                spec.entity_id,
-                spec.resource,
-                spec.consume,
-                spec.limits,
-                horizon=horizon,
-                extra=spec.extra,
-                pace=True,
-                start_within=horizon,
-            )
+            outcome = spec.acquire(self.limiter, horizon, horizon)
         except RateLimitExceeded as exc:
             outcome = exc
         except (RateLimiterUnavailable, ValidationError, ZaeError) as exc:

@@ -124,11 +124,27 @@ def parse_celery_rate(value: Any) -> Limit | None:
 
 @dataclass(frozen=True)
 class _Spec:
+    """What one run of a task consumes, and from which buckets."""
+
     entity_id: str
     resource: str
     consume: dict[str, int]
     limits: tuple[Limit, ...]
     extra: tuple[tuple[str, str, Sequence[Limit]], ...]
+
+    def acquire(self, limiter: RateLimiter, horizon: float, start_within: float) -> Lease:
+        """A slot up to ``horizon`` ahead, its start counted with it when it is at most
+        ``start_within`` ahead (one conditional write)."""
+        return limiter.acquire(
+            self.entity_id,
+            self.resource,
+            self.consume,
+            self.limits,
+            horizon=horizon,
+            extra=self.extra,
+            pace=True,
+            start_within=start_within,
+        )
 
 
 def _option(task: Task, name: str, args: Any, kwargs: Any) -> Any:
@@ -286,16 +302,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             return
         horizon = self._horizon(settings)
         try:
-            lease = limiter.acquire(
-                spec.entity_id,
-                spec.resource,
-                spec.consume,
-                spec.limits,
-                horizon=horizon,
-                extra=spec.extra,
-                pace=True,
-                start_within=settings.start_wait,
-            )
+            lease = spec.acquire(limiter, horizon, settings.start_wait)
         except RateLimitExceeded as exc:
             wait = min(exc.retry_after, horizon) + random.uniform(0, settings.jitter)
             self._defer(settings, deferrals, wait, None, _describe(exc))

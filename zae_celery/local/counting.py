@@ -25,7 +25,35 @@ __all__ = ["CountingProxy", "RequestCounter", "count_worker_requests"]
 _REFUSED = ("ConditionalCheckFailedException", "TransactionCanceledException")
 
 
-class RequestCounter:
+class _Tally:
+    """Requests per operation and refused conditions, thread-safe."""
+
+    def __init__(self) -> None:
+        self.by_operation: dict[str, int] = {}
+        self.condition_failed = 0
+        self._lock = threading.Lock()
+
+    @property
+    def sent(self) -> int:
+        """Requests counted so far."""
+        with self._lock:
+            return sum(self.by_operation.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counts so far, JSON-friendly."""
+        with self._lock:
+            return {
+                "by_operation": dict(self.by_operation),
+                "condition_failed": self.condition_failed,
+            }
+
+    def _add(self, operation: str, refused: bool = False) -> None:
+        with self._lock:
+            self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
+            self.condition_failed += refused
+
+
+class RequestCounter(_Tally):
     """Every HTTP request a client sends to DynamoDB (retries too), per operation, and the
     replies that were a refused condition (a write that lost its guess or its race).
 
@@ -33,25 +61,12 @@ class RequestCounter:
     """
 
     def __init__(self) -> None:
-        self.by_operation: dict[str, int] = {}
-        self.condition_failed = 0
+        super().__init__()
         self.pid = 0
-        self._lock = threading.Lock()
-
-    @property
-    def sent(self) -> int:
-        """Requests sent so far by this process."""
-        with self._lock:
-            return sum(self.by_operation.values())
 
     def snapshot(self) -> dict[str, Any]:
         """The counts and this process's id, JSON-friendly."""
-        with self._lock:
-            return {
-                "pid": os.getpid(),
-                "by_operation": dict(self.by_operation),
-                "condition_failed": self.condition_failed,
-            }
+        return {"pid": os.getpid(), **super().snapshot()}
 
     def install(self, client: Any) -> None:
         """Hook ``client`` (a boto3 DynamoDB client), once per process, before it sends."""
@@ -63,9 +78,7 @@ class RequestCounter:
         client.meta.events.register("after-call.dynamodb.*", self._replied)
 
     def _sent_one(self, event_name: str = "", **_: Any) -> None:
-        operation = event_name.rpartition(".")[2]  # before-send.dynamodb.UpdateItem
-        with self._lock:
-            self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
+        self._add(event_name.rpartition(".")[2])  # before-send.dynamodb.UpdateItem
 
     def _replied(self, parsed: Any = None, **_: Any) -> None:
         error = parsed.get("Error", {}) if isinstance(parsed, dict) else {}
@@ -91,20 +104,19 @@ def count_worker_requests(app: Any) -> RequestCounter:
     return counter
 
 
-class CountingProxy:
+class CountingProxy(_Tally):
     """An HTTP forwarder on 127.0.0.1 in front of a DynamoDB endpoint that counts every
     request it forwards, per operation, and the replies that refused a condition.
 
     Give :attr:`url` to every client (``zae_endpoint_url``): the counts then cover all
     processes of a fleet. Use it as a context manager; it stops serving on exit.
+    Subclasses may answer a request themselves (:meth:`_intercept`), e.g. with an error.
     """
 
     def __init__(self, target: str) -> None:
+        super().__init__()
         parts = urlsplit(target)
         self._target = (parts.hostname or "127.0.0.1", parts.port or 80)
-        self.by_operation: dict[str, int] = {}
-        self.condition_failed = 0
-        self._lock = threading.Lock()
         self._local = threading.local()
         proxy = self
 
@@ -116,8 +128,13 @@ class CountingProxy:
                 operation = (self.headers.get("X-Amz-Target") or "").rpartition(".")[2]
                 skip = {"host", "content-length", "connection"}
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                status, reply_headers, payload = proxy._forward(self.path, body, headers)
-                proxy._count(operation, payload)
+                answer = proxy._intercept(operation)
+                if answer is None:
+                    answer = proxy._forward(self.path, body, headers)
+                    proxy._add(
+                        operation, any(code.encode() in answer[2][:300] for code in _REFUSED)
+                    )
+                status, reply_headers, payload = answer
                 self.send_response(status)
                 for name, value in reply_headers:
                     self.send_header(name, value)
@@ -138,25 +155,9 @@ class CountingProxy:
         """The proxy's address, to give to clients instead of the endpoint's."""
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    @property
-    def sent(self) -> int:
-        """Requests forwarded so far."""
-        with self._lock:
-            return sum(self.by_operation.values())
-
-    def snapshot(self) -> dict[str, Any]:
-        """The counts so far, JSON-friendly."""
-        with self._lock:
-            return {
-                "by_operation": dict(self.by_operation),
-                "condition_failed": self.condition_failed,
-            }
-
-    def _count(self, operation: str, payload: bytes) -> None:
-        refused = any(code.encode() in payload[:300] for code in _REFUSED)
-        with self._lock:
-            self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
-            self.condition_failed += refused
+    def _intercept(self, operation: str) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """A reply of the proxy's own for this request, or None to forward it."""
+        return None
 
     def _forward(
         self, path: str, body: bytes, headers: dict[str, str]
