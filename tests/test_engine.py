@@ -19,6 +19,7 @@ from zae_celery.core import (
     RateLimiter,
     RateLimitExceeded,
 )
+from zae_celery.core.engine import LeaseState
 
 pytestmark = pytest.mark.integration
 
@@ -385,3 +386,33 @@ def test_a_start_slot_reserved_ahead_travels_with_the_lease(
     with pytest.raises(LeaseClaimed):  # another delivery of the same message
         limiter.start(limiter.restore(carried))
     assert LeaseState.from_dict(carried).start_tracked
+
+
+def test_a_client_that_saw_a_queued_bucket_guesses_it_queued_after_a_pause(
+    limiter: RateLimiter, endpoint: Endpoint, clock: Clock
+) -> None:
+    """Two clients share a saturated bucket. One pauses (a worker waiting for a free
+    process) while the other keeps it queued: its next write must not guess the bucket
+    fresh from its own, now past, view (a refused condition and a second request)."""
+    limits = [Limit.per_second("rps", 10)]
+    other = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=clock)
+    for _ in range(12):  # past the burst: the last grants were queued (TAT now + 1.2 s)
+        limiter.reserve("e", "r", {"rps": 1}, limits, horizon=5.0)
+    clock.advance(1.3)  # its own view of the TAT is now in the past...
+    for _ in range(5):
+        other.reserve("e", "r", {"rps": 1}, limits, horizon=5.0)  # ...the truth is not
+    counter = Counter(limiter.client)
+    lease = limiter.reserve("e", "r", {"rps": 1}, limits, horizon=5.0)
+    assert counter.take() == ["UpdateItem"]  # one write: queued, as guessed
+    assert lease.wait == 0.0  # the other five left it within its burst
+    # Long after (beyond the burst), an idle bucket is guessed fresh again: one write.
+    clock.advance(30)
+    limiter.reserve("e", "r", {"rps": 1}, limits, horizon=5.0)
+    assert counter.take() == ["UpdateItem"]
+
+
+def test_an_unchecked_lease_travels_as_unchecked() -> None:
+    state = LeaseState((), {}, 5, 5, unchecked=True, started_ms=5)
+    restored = LeaseState.from_dict(state.to_dict())
+    assert restored.unchecked and restored.paced
+    assert not LeaseState.from_dict(LeaseState((), {}, 5, 5).to_dict()).unchecked
