@@ -19,11 +19,17 @@ from moto.moto_server.werkzeug_app import (
 from werkzeug.serving import run_simple
 
 
+class _Handler(MotoRequestHandler):
+    # One thread serves every connection: a client that connects and then stalls (a
+    # connection left half-open by a dropped proxy, say) must not hold it for ever.
+    timeout = 10
+
+
 def main() -> None:
     """Serve moto on 127.0.0.1:PORT, single-threaded."""
     port = int(sys.argv[1])
     app = DomainDispatcherApplication(create_backend_app)
-    run_simple("127.0.0.1", port, app, threaded=False, request_handler=MotoRequestHandler)
+    run_simple("127.0.0.1", port, app, threaded=False, request_handler=_Handler)
 
 
 if __name__ == "__main__":
