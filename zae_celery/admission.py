@@ -286,7 +286,7 @@ class Admission:
         with self._lock:
             if generation != self._generation:  # the consumer reconnected meanwhile
                 if not isinstance(outcome, BaseException):
-                    self._refund(outcome)
+                    self._executor.submit(self._refund, outcome)  # not on the event loop
                 return
             line.busy = False
             self._waiting -= 1
