@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,12 +39,7 @@ from celery.signals import worker_shutting_down
 from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
 
-from zae_celery.core import (
-    RateLimiterUnavailable,
-    RateLimitExceeded,
-    ValidationError,
-    ZaeError,
-)
+from zae_celery.core import RateLimitExceeded, ZaeError
 from zae_celery.settings import MAX_HORIZON
 
 if TYPE_CHECKING:
@@ -209,9 +204,7 @@ class Admission:
             spec = task._spec(self.settings, request.args, request.kwargs, queue_key)
         except (ZaeError, TypeError, ValueError):
             spec = None  # the pool runs the same code and fails the task with the error
-            self._to_pool(request)
-            return
-        if spec is None:  # no limits apply
+        if spec is None:  # bad options, or no limits apply
             self._to_pool(request)
             return
         with self._lock:
@@ -261,9 +254,7 @@ class Admission:
         outcome: Any
         try:
             outcome = spec.acquire(self.limiter, horizon, horizon)
-        except RateLimitExceeded as exc:
-            outcome = exc
-        except (RateLimiterUnavailable, ValidationError, ZaeError) as exc:
+        except ZaeError as exc:  # refused, unavailable, bad input: decided in _answered
             outcome = exc
         except Exception as exc:  # never lose the message: the pool path decides
             log.exception("zae-celery admission request failed")
@@ -322,12 +313,12 @@ class Admission:
                 "zae-celery admitted task %s (%s): slot in %.3f s",
                 head.request.id,
                 head.request.name,
-                max(0.0, slot - time.time()),
+                max(0.0, ahead),
             )
             self._waiting += 1
             self._leases[id(head.request)] = lease
             self.consumer.timer.call_after(
-                max(0.0, slot - time.time() - DISPATCH_LEAD), self._release, (head, generation)
+                max(0.0, ahead - DISPATCH_LEAD), self._release, (head, generation)
             )
             self._pump(line)
 
@@ -470,9 +461,3 @@ class Admission:
             leases = self._reset()
         for lease in leases:
             self._refund(lease)
-
-    # -- introspection (tests, status) -------------------------------------------------------------
-    def held(self) -> Iterator[tuple[str, int]]:
-        """``(queue, messages held)`` for every queue with held messages."""
-        with self._lock:
-            return iter([(q, n) for q, n in self._held.items() if n])
