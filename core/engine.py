@@ -318,7 +318,7 @@ class Engine:
             return now + 1
         return tat
 
-    def _note_shapes(self, target: Target, steps: Sequence[Step], now_ms: int) -> None:
+    def _note_shapes(self, target: Target, steps: Sequence[Step]) -> None:
         """After a granted write: a QUEUE write found the bucket busy, a FRESH one idle."""
         for step in steps:
             key = (target.entity_id, target.resource, step.limit.key)
@@ -844,7 +844,7 @@ class Engine:
             reply = yield build_write(self.table_name, writes, ttl, claim)
             if reply.ok:
                 for t, w in zip(targets, writes, strict=False):
-                    self._note_shapes(t, w.steps, now_ms)
+                    self._note_shapes(t, w.steps)
                 lease = self._granted(targets, writes, reply, now_ms, atomic_many)
                 if align and len(targets) == 1 and lease.start_ms > lease.granted_ms:
                     yield from self._align(targets[0], lease)
@@ -1031,7 +1031,7 @@ class Engine:
             )
             if reply.ok:
                 for t, w in writes:
-                    self._note_shapes(t, w.steps, now_ms)
+                    self._note_shapes(t, w.steps)
                 if len(writes) == 1:
                     self._remember(writes[0][0], reply.data.get("Attributes"))
                 return

@@ -38,6 +38,7 @@ from zae_celery.core import (
     TableNotFound,
     ValidationError,
     ZaeError,
+    bucket,
 )
 from zae_celery.core.limits import check_tokens
 from zae_celery.core.schema import check_id
@@ -518,8 +519,8 @@ def _late_tolerance(lease: Lease) -> float:
     """Seconds a counted start may be late and still start unchecked: half the task's
     own spacing on its tightest limit (cost / rate), so that a late start cannot share a
     slot with the next one; at least ``LATE_START``."""
-    spacing = [
-        tokens * lim.refill_period_ms / lim.refill_amount / 1000
+    spacing = [  # a cost in the bucket's units; 1 ms is refill_amount units
+        bucket.cost(lim, tokens) / lim.refill_amount / 1000
         for target in lease.state.targets
         for lim in target.limits
         if (tokens := target.consume.get(lim.name, 0)) > 0
