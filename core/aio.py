@@ -1,4 +1,4 @@
-"""The asyncio limiter (aioboto3), for asyncio producers and async code inside tasks.
+"""The asyncio limiter, for asyncio producers and async code inside tasks.
 
 It runs the very same flows as :class:`~.limiter.RateLimiter`; only sending differs.
 """
@@ -6,7 +6,6 @@ It runs the very same flows as :class:`~.limiter.RateLimiter`; only sending diff
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -14,19 +13,28 @@ from typing import Any, TypeVar
 from .engine import Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
-from .requests import Call, Done, Reply, resume
-from .transport import LeaseView, LimiterBase, reply_from
+from .ops import Done, Op, Reply, Sleep, resume
+from .transport import LeaseView, LimiterBase
 
 __all__ = ["AsyncLease", "AsyncRateLimiter"]
 
 T = TypeVar("T")
 
 
-async def drive(flow: Flow[T], send: Callable[[Call], Awaitable[Reply]]) -> T:
-    """Run a flow to its end, awaiting each call; engine errors are thrown back into it."""
+async def drive(
+    flow: Flow[T],
+    send: Callable[[Op], Awaitable[Reply]],
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """Run a flow to its end, awaiting each operation (sleeping for a :class:`Sleep`);
+    engine errors are thrown back into it."""
     reply: Reply | None = None
     error: ZaeError | None = None
     while not isinstance(step := resume(flow, reply, error), Done):
+        if isinstance(step, Sleep):
+            await sleep(step.seconds)
+            reply, error = Reply(), None
+            continue
         try:
             reply, error = await send(step), None
         except ZaeError as exc:
@@ -95,37 +103,16 @@ class _Acquiring:
 
 
 class AsyncRateLimiter(LimiterBase):
-    """Global token buckets in a DynamoDB table (asyncio, aioboto3).
+    """Global token buckets in a DynamoDB table, or any store (asyncio; DynamoDB through
+    aiobotocore, the ``zae-celery[async]`` extra).
 
     Same arguments and decisions as :class:`~zae_celery.core.RateLimiter`. Close it with
     ``await limiter.aclose()`` or use ``async with AsyncRateLimiter(...) as limiter``.
     """
 
-    def _setup(self) -> None:
-        self._stack = contextlib.AsyncExitStack()
-        self._lock = asyncio.Lock()
-
-    async def client(self) -> Any:
-        """The aiobotocore DynamoDB client (created on first use)."""
-        if self._client is None:
-            async with self._lock:
-                if self._client is None:
-                    import aioboto3
-
-                    session = self._session or aioboto3.Session()
-                    try:
-                        self._client = await self._stack.enter_async_context(
-                            session.client("dynamodb", **self._client_kwargs)
-                        )
-                    except Exception as exc:
-                        reply_from(exc)
-                        raise
-        return self._client
-
     async def aclose(self) -> None:
-        """Close the client's connections."""
-        await self._stack.aclose()
-        self._client = None
+        """Close the store's connections."""
+        await self.store.aclose()
 
     async def __aenter__(self) -> AsyncRateLimiter:
         return self
@@ -133,20 +120,8 @@ class AsyncRateLimiter(LimiterBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _send(self, call: Call) -> Reply:
-        if call.op == "sleep":
-            await asyncio.sleep(call.kwargs["seconds"])
-            return Reply({})
-        client = await self.client()
-        try:
-            return Reply(await getattr(client, call.op)(**call.kwargs))
-        except ZaeError:
-            raise
-        except Exception as exc:
-            return reply_from(exc)
-
     async def _run(self, flow: Flow[T]) -> T:
-        return await drive(self._guarded(flow), self._send)
+        return await drive(self._guarded(flow), self.store.asend)
 
     # -- requests -------------------------------------------------------------------------
     def acquire(

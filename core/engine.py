@@ -1,8 +1,9 @@
-"""Every decision of the limiter, written once, as generators that yield requests.
+"""Every decision of the limiter, written once, as generators that yield operations.
 
-Each operation is a generator (a *flow*) that yields :class:`~.requests.Call` objects
-and receives :class:`~.requests.Reply` objects. The sync limiter (boto3) and the async
-limiter (aioboto3) only run these flows: they send each call and hand back the reply
+Each decision is a generator (a *flow*) that yields the store-neutral operations of
+:mod:`.ops` and receives a :class:`~.ops.Reply` for each. The sync and async limiters
+only run these flows against a store (DynamoDB, memory): they send each operation and
+hand back the reply
 (the sans-I/O style), so both make identical decisions for identical inputs.
 """
 
@@ -13,7 +14,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
@@ -30,29 +31,38 @@ from .errors import (
     ValidationError,
 )
 from .limits import MAX_TOKENS, Limit, check_limit_name, check_tokens
-from .requests import (
-    CONDITION_FAILED,
-    Call,
+from .ops import (
+    CLAIMED,
+    CONDITION,
+    EXISTS,
+    NO_TABLE,
+    THROTTLED,
+    Bucket,
+    BucketKey,
+    CreateClaim,
+    CreateTable,
+    DeleteLimits,
+    DeleteTable,
+    EnableExpiry,
+    EntityRecord,
+    Flow,
+    ItemWrite,
+    PutEntity,
+    PutLimits,
+    ReadBucket,
+    ReadEntity,
+    ReadSchema,
     Reply,
-    Write,
-    build_claim,
-    build_write,
-    claim_refused,
-    failed_items,
+    Sleep,
+    StampSchema,
+    TableStatus,
+    WriteBuckets,
 )
+from .ops import tat as _tat
 from .schema import (
     ANY_RESOURCE,
-    ENTITY_SK,
-    LIMITS_PREFIX,
-    META_KEY,
     SCHEMA_VERSION,
-    TTL_ATTRIBUTE,
-    bucket_key,
     check_id,
-    claim_key,
-    entity_pk,
-    limits_sk,
-    number,
 )
 
 __all__ = [
@@ -69,18 +79,9 @@ __all__ = [
 log = logging.getLogger("zae_celery.core")
 
 T = TypeVar("T")
-Flow = Generator[Call, Reply, T]
 Clock = Callable[[], float]
 OnUnavailable = Literal["closed", "open"]
-Item = dict[str, Any]
-
-THROTTLED = {
-    "ProvisionedThroughputExceededException",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "InternalServerError",
-    "ServiceUnavailable",
-}
+Item = Bucket
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,9 @@ class Target:
     consume: Mapping[str, int]
 
     @property
-    def key(self) -> dict[str, Any]:
+    def key(self) -> BucketKey:
         """The bucket item's key."""
-        return bucket_key(self.entity_id, self.resource)
+        return BucketKey(self.entity_id, self.resource)
 
     def limit(self, name: str) -> Limit | None:
         """The limit called ``name``, if this target has one."""
@@ -267,7 +268,6 @@ class Engine:
 
     def __init__(
         self,
-        table_name: str,
         *,
         clock: Clock = time.time,
         on_unavailable: OnUnavailable = "closed",
@@ -276,13 +276,10 @@ class Engine:
         max_attempts: int = 12,
         local_refusals: bool = True,
     ) -> None:
-        if not isinstance(table_name, str) or not 3 <= len(table_name) <= 255:
-            raise ValidationError("table_name", f"{table_name!r}", "a DynamoDB table name")
         if on_unavailable not in ("closed", "open"):
             raise ValidationError("on_unavailable", f"{on_unavailable!r}", "'closed' or 'open'")
         if not isinstance(config_ttl, (int, float)) or not 0 <= config_ttl < math.inf:
             raise ValidationError("config_ttl", f"{config_ttl!r}", "seconds >= 0")
-        self.table_name = table_name
         self.clock = clock
         self.on_unavailable: OnUnavailable = on_unavailable
         self.stored_config = stored_config
@@ -331,7 +328,7 @@ class Engine:
         """After a refused write or a read: busy when its TAT is ahead of the clock."""
         for lim in target.limits:
             key = (target.entity_id, target.resource, lim.key)
-            tat = number((item or {}).get(lim.key))
+            tat = _tat(item, lim)
             if tat is not None and tat > bucket.now_units(lim, now_ms):
                 self._busy.add(key)
             else:
@@ -339,9 +336,7 @@ class Engine:
 
     def _remember(self, target: Target, item: Item | None) -> None:
         for lim in target.limits:
-            self._tats[(target.entity_id, target.resource, lim.key)] = number(
-                (item or {}).get(lim.key)
-            )
+            self._tats[(target.entity_id, target.resource, lim.key)] = _tat(item, lim)
 
     def forget_config(self, entity_id: str | None = None) -> None:
         """Drop cached stored limits and entity records (all, or one entity's)."""
@@ -356,45 +351,33 @@ class Engine:
         """Turn an unexpected error reply into the engine's error."""
         if reply.ok:
             return
-        if reply.code == "ResourceNotFoundException":
-            raise TableNotFound(
-                f"table {self.table_name!r} does not exist: create it with "
-                "'zae-celery create-table' (local) or deploy the stack"
-            )
-        if reply.code in THROTTLED:
-            raise RateLimiterUnavailable(f"DynamoDB throttled the request: {reply.code}")
-        raise RateLimiterUnavailable(f"DynamoDB error {reply.code}: {reply.message}")
+        if reply.code == NO_TABLE:
+            raise TableNotFound(reply.message)
+        if reply.code == THROTTLED:
+            raise RateLimiterUnavailable(f"the store throttled the request: {reply.message}")
+        raise RateLimiterUnavailable(reply.message or f"store error {reply.code}")
 
     # -- schema ---------------------------------------------------------------------------
     def ensure_schema(self) -> Flow[None]:
         """Check (once per limiter) that the table speaks this engine's schema version."""
         if self._schema_ok:
             return
-        reply = yield Call(
-            "get_item", {"TableName": self.table_name, "Key": META_KEY, "ConsistentRead": True}
-        )
+        reply = yield ReadSchema()
         self.raise_for(reply)
-        found = number((reply.data.get("Item") or {}).get("version"))
+        found = reply.value
         if found is None:
             # A table made by the CloudFormation stack: stamp it.
             yield from self._stamp_schema()
         elif found != SCHEMA_VERSION:
             raise IncompatibleSchema(
-                f"table {self.table_name!r} has schema version {found}; this zae-celery "
-                f"speaks version {SCHEMA_VERSION}. Upgrade zae-celery or use another table."
+                f"the table has schema version {found}; this zae-celery speaks version "
+                f"{SCHEMA_VERSION}. Upgrade zae-celery or use another table."
             )
         self._schema_ok = True
 
     def _stamp_schema(self) -> Flow[None]:
-        reply = yield Call(
-            "put_item",
-            {
-                "TableName": self.table_name,
-                "Item": {**META_KEY, "version": {"N": str(SCHEMA_VERSION)}},
-                "ConditionExpression": "attribute_not_exists(PK)",
-            },
-        )
-        if reply.code != "ConditionalCheckFailedException":
+        reply = yield StampSchema(SCHEMA_VERSION)
+        if reply.code != EXISTS:
             self.raise_for(reply)
 
     def create_table(self) -> Flow[bool]:
@@ -402,84 +385,43 @@ class Engine:
 
         Returns False when it already existed (its schema version is then checked).
         """
-        reply = yield Call(
-            "create_table",
-            {
-                "TableName": self.table_name,
-                "AttributeDefinitions": [
-                    {"AttributeName": "PK", "AttributeType": "S"},
-                    {"AttributeName": "SK", "AttributeType": "S"},
-                ],
-                "KeySchema": [
-                    {"AttributeName": "PK", "KeyType": "HASH"},
-                    {"AttributeName": "SK", "KeyType": "RANGE"},
-                ],
-                "BillingMode": "PAY_PER_REQUEST",
-            },
-        )
+        reply = yield CreateTable()
         created = reply.ok
-        if not created and reply.code != "ResourceInUseException":
+        if not created and reply.code != EXISTS:
             self.raise_for(reply)
         for _ in range(600):
-            desc = yield Call("describe_table", {"TableName": self.table_name})
-            self.raise_for(desc)
-            if desc.data["Table"]["TableStatus"] == "ACTIVE":
+            status = yield TableStatus()
+            self.raise_for(status)
+            if status.value:
                 break
-            yield Call("sleep", {"seconds": 0.1})
+            yield Sleep(0.1)
         else:
-            raise RateLimiterUnavailable(f"table {self.table_name!r} did not become ACTIVE")
+            raise RateLimiterUnavailable("the table did not become ACTIVE within a minute")
         if created:
-            ttl = yield Call(
-                "update_time_to_live",
-                {
-                    "TableName": self.table_name,
-                    "TimeToLiveSpecification": {"Enabled": True, "AttributeName": TTL_ATTRIBUTE},
-                },
-            )
-            self.raise_for(ttl)
+            self.raise_for((yield EnableExpiry()))
             yield from self._stamp_schema()
         yield from self.ensure_schema()
-        return created
+        return bool(created)
 
     def delete_table(self) -> Flow[None]:
         """Delete the table (local endpoints, tests)."""
-        reply = yield Call("delete_table", {"TableName": self.table_name})
-        self.raise_for(reply)
+        self.raise_for((yield DeleteTable()))
         self._schema_ok = False
 
     # -- stored configuration ---------------------------------------------------------------
     def entity_config(self, entity_id: str, *, fresh: bool = False) -> Flow[EntityConfig]:
-        """An entity's record and stored limits (one Query, cached for ``config_ttl``)."""
+        """An entity's record and stored limits (one read, cached for ``config_ttl``)."""
         now = self.clock()
         cached = self._configs.get(entity_id)
         if cached is not None and cached.expires > now and not fresh:
             config: EntityConfig = cached.value
             return config
-        reply = yield Call(
-            "query",
-            {
-                "TableName": self.table_name,
-                "KeyConditionExpression": "PK = :pk AND begins_with(SK, :meta)",
-                "ExpressionAttributeValues": {
-                    ":pk": {"S": entity_pk(entity_id)},
-                    ":meta": {"S": "#"},
-                },
-                "ConsistentRead": True,
-            },
-        )
+        reply = yield ReadEntity(entity_id)
         self.raise_for(reply)
-        config = EntityConfig(entity_id)
-        for item in reply.data.get("Items", []):
-            sk = item["SK"]["S"]
-            if sk == ENTITY_SK:
-                config.exists = True
-                config.parent_id = item.get("parent", {}).get("S")
-                config.cascade = bool(item.get("cascade", {}).get("BOOL", False))
-            elif sk.startswith(LIMITS_PREFIX):
-                config.limits[sk[len(LIMITS_PREFIX) :]] = tuple(
-                    Limit.from_dict({k: _plain(v) for k, v in entry["M"].items()})
-                    for entry in item["limits"]["L"]
-                )
+        record: EntityRecord = reply.value
+        config = EntityConfig(
+            entity_id, record.exists, record.parent_id, record.cascade, dict(record.limits)
+        )
         with self._lock:
             self._configs[entity_id] = _Cached(config, now + self.config_ttl)
         return config
@@ -498,15 +440,7 @@ class Engine:
         if cascade and parent_id is None:
             raise ValidationError("cascade", "cascade needs a parent_id")
         yield from self.ensure_schema()
-        item: Item = {
-            "PK": {"S": entity_pk(entity_id)},
-            "SK": {"S": ENTITY_SK},
-            "cascade": {"BOOL": cascade},
-        }
-        if parent_id is not None:
-            item["parent"] = {"S": parent_id}
-        reply = yield Call("put_item", {"TableName": self.table_name, "Item": item})
-        self.raise_for(reply)
+        self.raise_for((yield PutEntity(entity_id, parent_id, cascade)))
         self.forget_config(entity_id)
 
     def set_limits(
@@ -520,22 +454,7 @@ class Engine:
         if not checked:
             raise ValidationError("limits", "is empty", "at least one Limit (or delete_limits)")
         yield from self.ensure_schema()
-        entries = [
-            {"M": {k: ({"S": v} if isinstance(v, str) else {"N": str(v)}) for k, v in d.items()}}
-            for d in (lim.to_dict() for lim in checked)
-        ]
-        reply = yield Call(
-            "put_item",
-            {
-                "TableName": self.table_name,
-                "Item": {
-                    "PK": {"S": entity_pk(entity_id)},
-                    "SK": {"S": limits_sk(resource)},
-                    "limits": {"L": entries},
-                },
-            },
-        )
-        self.raise_for(reply)
+        self.raise_for((yield PutLimits(entity_id, resource, checked)))
         self.forget_config(entity_id)
 
     def get_limits(self, entity_id: str, resource: str | None = None) -> Flow[list[Limit]]:
@@ -553,14 +472,7 @@ class Engine:
         if resource is not None:
             check_id("resource", resource)
         yield from self.ensure_schema()
-        reply = yield Call(
-            "delete_item",
-            {
-                "TableName": self.table_name,
-                "Key": {"PK": {"S": entity_pk(entity_id)}, "SK": {"S": limits_sk(resource)}},
-            },
-        )
-        self.raise_for(reply)
+        self.raise_for((yield DeleteLimits(entity_id, resource)))
         self.forget_config(entity_id)
 
     # -- targets --------------------------------------------------------------------------
@@ -715,7 +627,7 @@ class Engine:
             tracks = _start_tracks(lease.targets)
             claim = None
             if lease.claim is not None:
-                claim = claim_key(lease.targets[0].entity_id, lease.claim)
+                claim = (lease.targets[0].entity_id, lease.claim)
             counted = yield from self._consume(
                 tracks, _horizon_ms(horizon), align=True, claim=claim
             )
@@ -729,10 +641,9 @@ class Engine:
     def _claim_alone(self, lease: LeaseState) -> Flow[None]:
         """Create the claim item of a lease whose start was counted before (one write)."""
         now_ms = self.now_ms()
-        key = claim_key(lease.targets[0].entity_id, str(lease.claim))
         ttl = self._ttl(now_ms, max(0, (lease.started_ms or now_ms) - now_ms), None, lease.targets)
-        reply = yield build_claim(self.table_name, key, ttl)
-        if reply.code == CONDITION_FAILED:
+        reply = yield CreateClaim(lease.targets[0].entity_id, str(lease.claim), ttl)
+        if reply.code == CLAIMED:
             raise LeaseClaimed("this reservation was already started by another delivery")
         self.raise_for(reply)
 
@@ -767,18 +678,14 @@ class Engine:
                 )
                 for lim in pending
             ]
-            reply = yield build_write(
-                self.table_name,
-                [Write(target.key, steps)],
+            reply = yield WriteBuckets(
+                (ItemWrite(target.key, tuple(steps)),),
                 self._ttl(now_ms, wait_ms, None, [target]),
             )
             if reply.ok:
-                self._remember(target, reply.data.get("Attributes"))
+                self._remember(target, reply.value[0])
                 return
-            current = failed_items(reply, 1)
-            if current is None:
-                self.raise_for(reply)
-                raise RateLimiterUnavailable(f"unexpected reply {reply.code}")
+            current: Sequence[Item | None] = _refused(self, reply)
             if current[0] is None:
                 current = yield from self._read([target])
             self._remember(target, current[0])
@@ -794,24 +701,16 @@ class Engine:
         targets: tuple[Target, ...],
         horizon_ms: int,
         align: bool = False,
-        claim: dict[str, Any] | None = None,
+        claim: tuple[str, str] | None = None,
     ) -> Flow[LeaseState]:
         if self.local_refusals:
             # TATs only grow (but for refunds), so the last values this process saw are
             # lower bounds: a refusal they predict is certain, and costs no request.
             now_ms = self.now_ms()
-            seen = [
-                {
-                    lim.key: {"N": str(tat)}
-                    for lim in t.limits
-                    if (tat := self._guess(t, lim)) is not None
-                }
-                for t in targets
-            ]
-            violations, passed = self.statuses(targets, seen, now_ms, horizon_ms)
+            violations, passed = self.statuses(targets, self._seen(targets), now_ms, horizon_ms)
             if violations:
                 raise RateLimitExceeded(violations, passed)
-        known: list[Item | None] | None = None
+        known: Sequence[Item | None] | None = None
         atomic_many = len(targets) > 1 or claim is not None
         for attempt in range(self.max_attempts):
             if attempt >= 2:
@@ -822,9 +721,9 @@ class Engine:
             # reservation landed, so a first blind attempt asks for an immediate grant.
             h = horizon_ms if (not atomic_many or exact) else 0
             writes = [
-                Write(
+                ItemWrite(
                     t.key,
-                    [
+                    tuple(
                         bucket.plan(
                             lim,
                             t.consume[lim.name],
@@ -836,12 +735,12 @@ class Engine:
                             known=exact,
                         )
                         for lim in t.limits
-                    ],
+                    ),
                 )
                 for i, t in enumerate(targets)
             ]
             ttl = self._ttl(now_ms, horizon_ms, None, targets)
-            reply = yield build_write(self.table_name, writes, ttl, claim)
+            reply = yield WriteBuckets(tuple(writes), ttl, claim)
             if reply.ok:
                 for t, w in zip(targets, writes, strict=False):
                     self._note_shapes(t, w.steps)
@@ -849,14 +748,9 @@ class Engine:
                 if align and len(targets) == 1 and lease.start_ms > lease.granted_ms:
                     yield from self._align(targets[0], lease)
                 return lease
-            if claim is not None and claim_refused(reply):
+            if reply.code == CLAIMED:
                 raise LeaseClaimed("this reservation was already started by another delivery")
-            current = failed_items(reply, len(targets) + (claim is not None))
-            if current is not None and claim is not None:
-                current = current[:-1]
-            if current is None:
-                self.raise_for(reply)
-                raise RateLimiterUnavailable(f"unexpected reply {reply.code}")
+            current: Sequence[Item | None] = _refused(self, reply)
             # Items whose condition held are not returned by a cancelled transaction: a
             # refusal is decided on the returned ones alone; only a lost race reads more.
             returned = [
@@ -869,7 +763,8 @@ class Engine:
                 [t for t, _ in returned], [item for _, item in returned], now_ms, horizon_ms
             )
             if violations:
-                raise RateLimitExceeded(violations, passed)
+                held = [t for t, item in zip(targets, current, strict=False) if item is None]
+                raise RateLimitExceeded(violations, passed + self._held(held, now_ms))
             if len(returned) < len(targets):
                 current = yield from self._read(targets)
                 violations, passed = self.statuses(targets, current, now_ms, horizon_ms)
@@ -880,10 +775,26 @@ class Engine:
             f"gave up after {self.max_attempts} conditional writes lost to contention"
         )
 
+    def _seen(self, targets: Sequence[Target]) -> list[Item]:
+        """The buckets as this process last saw them (lower bounds of their TATs)."""
+        return [
+            {lim.key: tat for lim in t.limits if (tat := self._guess(t, lim)) is not None}
+            for t in targets
+        ]
+
+    def _held(self, targets: Sequence[Target], now_ms: int) -> list[LimitStatus]:
+        """The statuses of the items of a refused transaction whose condition held (the
+        store returns none of them): as this process last saw them, none refused."""
+        violations, passed = self.statuses(targets, self._seen(targets), now_ms)
+        return passed + [
+            replace(v, available=max(v.available, float(v.requested)), retry_after=0.0)
+            for v in violations
+        ]
+
     def _granted(
         self,
         targets: tuple[Target, ...],
-        writes: list[Write],
+        writes: list[ItemWrite],
         reply: Reply,
         now_ms: int,
         transaction: bool = False,
@@ -891,10 +802,10 @@ class Engine:
         start = now_ms
         tats: dict[str, int] = {}
         if not transaction:
-            item = reply.data.get("Attributes", {})
+            item = reply.value[0] or {}
             self._remember(targets[0], item)
             for lim in targets[0].limits:
-                tat = number(item.get(lim.key))
+                tat = item.get(lim.key)
                 if tat is not None:
                     tats[lim.key] = tat
                 start = max(start, bucket.start_ms(lim, tat, now_ms))
@@ -928,22 +839,19 @@ class Engine:
                 pads.append(bucket.Step(lim, 0, bucket.Shape.REFUND, 0, pad))
         if not pads:
             return
-        reply = yield build_write(
-            self.table_name,
-            [Write(target.key, pads)],
+        reply = yield WriteBuckets(
+            (ItemWrite(target.key, tuple(pads)),),
             self._ttl(lease.granted_ms, start - lease.granted_ms, None, [target]),
         )
         self.raise_for(reply)
-        self._remember(target, reply.data.get("Attributes"))
+        self._remember(target, reply.value[0])
 
-    def _read(self, targets: Sequence[Target]) -> Flow[list[Item | None]]:
+    def _read(self, targets: Sequence[Target]) -> Flow[Sequence[Item | None]]:
         items: list[Item | None] = []
         for t in targets:
-            reply = yield Call(
-                "get_item", {"TableName": self.table_name, "Key": t.key, "ConsistentRead": True}
-            )
+            reply = yield ReadBucket(t.key)
             self.raise_for(reply)
-            items.append(reply.data.get("Item") or {})
+            items.append(reply.value)
         return items
 
     def statuses(
@@ -1005,7 +913,7 @@ class Engine:
             lease.consumed[name] = lease.consumed.get(name, 0) + delta
 
     def _change(self, targets: Sequence[Target], changes: Mapping[str, int]) -> Flow[None]:
-        known: list[Item | None] | None = None
+        known: Sequence[Item | None] | None = None
         for attempt in range(self.max_attempts):
             if attempt >= 2:
                 yield _backoff(attempt)
@@ -1025,20 +933,17 @@ class Engine:
                     if changes.get(lim.name)
                 ]
                 if steps:
-                    writes.append((t, Write(t.key, steps)))
-            reply = yield build_write(
-                self.table_name, [w for _, w in writes], self._ttl(now_ms, 0, changes, targets)
+                    writes.append((t, ItemWrite(t.key, tuple(steps))))
+            reply = yield WriteBuckets(
+                tuple(w for _, w in writes), self._ttl(now_ms, 0, changes, targets)
             )
             if reply.ok:
                 for t, w in writes:
                     self._note_shapes(t, w.steps)
                 if len(writes) == 1:
-                    self._remember(writes[0][0], reply.data.get("Attributes"))
+                    self._remember(writes[0][0], reply.value[0])
                 return
-            current = failed_items(reply, len(writes))
-            if current is None:
-                self.raise_for(reply)
-                raise RateLimiterUnavailable(f"unexpected reply {reply.code}")
+            current: Sequence[Item | None] = _refused(self, reply)
             if any(item is None for item in current):
                 current = yield from self._read([t for t, _ in writes])
             for (t, _), item in zip(writes, current, strict=False):
@@ -1118,13 +1023,18 @@ def _tracked(lease: LeaseState) -> tuple[Target, ...]:
     return _with_start_track(lease.targets) if lease.start_tracked else lease.targets
 
 
-def _backoff(attempt: int) -> Call:
+def _backoff(attempt: int) -> Sleep:
     """A short random pause after losing the same item twice to other writers."""
-    return Call("sleep", {"seconds": random.uniform(0, min(0.05, 0.002 * 2**attempt))})
+    return Sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
 
 
-def _tat(item: Item | None, limit: Limit) -> int | None:
-    return number((item or {}).get(limit.key))
+def _refused(engine: Engine, reply: Reply) -> tuple[Item | None, ...]:
+    """The current items of a write refused for its condition; the engine's error for
+    any other failure."""
+    if reply.code != CONDITION:
+        engine.raise_for(reply)
+        raise RateLimiterUnavailable(f"unexpected reply {reply.code}")
+    return reply.current
 
 
 def _horizon_ms(horizon: Any) -> int:
@@ -1133,9 +1043,3 @@ def _horizon_ms(horizon: Any) -> int:
     if not math.isfinite(horizon) or horizon < 0 or horizon > 86_400:
         raise ValidationError("horizon", f"{horizon!r}", "0..86400 seconds")
     return math.floor(horizon * 1000)
-
-
-def _plain(value: dict[str, Any]) -> Any:
-    if "N" in value:
-        return int(value["N"])
-    return value.get("S")

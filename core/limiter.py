@@ -1,9 +1,7 @@
-"""The synchronous limiter (boto3): the hot path of Celery's prefork workers."""
+"""The synchronous limiter: the hot path of Celery's prefork workers."""
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -12,19 +10,26 @@ from typing import Any, TypeVar
 from .engine import Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
-from .requests import Call, Done, Reply, resume
-from .transport import LeaseView, LimiterBase, reply_from
+from .ops import Done, Op, Reply, Sleep, resume
+from .transport import LeaseView, LimiterBase
 
 __all__ = ["Lease", "RateLimiter"]
 
 T = TypeVar("T")
 
 
-def drive(flow: Flow[T], send: Callable[[Call], Reply]) -> T:
-    """Run a flow to its end, sending each call; engine errors are thrown back into it."""
+def drive(
+    flow: Flow[T], send: Callable[[Op], Reply], sleep: Callable[[float], None] = time.sleep
+) -> T:
+    """Run a flow to its end, sending each operation (sleeping for a :class:`Sleep`);
+    engine errors are thrown back into it."""
     reply: Reply | None = None
     error: ZaeError | None = None
     while not isinstance(step := resume(flow, reply, error), Done):
+        if isinstance(step, Sleep):
+            sleep(step.seconds)
+            reply, error = Reply(), None
+            continue
         try:
             reply, error = send(step), None
         except ZaeError as exc:
@@ -73,7 +78,7 @@ class Lease(LeaseView):
 
 
 class RateLimiter(LimiterBase):
-    """Global token buckets in a DynamoDB table (sync, boto3).
+    """Global token buckets in a DynamoDB table, or any store (sync).
 
     >>> limiter = RateLimiter("rate_limits", endpoint_url="http://127.0.0.1:8000")  # doctest: +SKIP
     >>> with limiter.acquire("tenant-1", "gpt-4o", consume={"rpm": 1, "tpm": 500},
@@ -82,43 +87,12 @@ class RateLimiter(LimiterBase):
     ...     reply = call_llm()
     ...     lease.adjust(tpm=reply.usage.total_tokens - 500)
 
-    The boto3 client is created lazily, once per process (safe across ``fork``).
+    A DynamoDB store's boto3 client is created lazily, once per process (safe across
+    ``fork``). ``RateLimiter.from_url("memory://")`` keeps the buckets in memory.
     """
 
-    def _setup(self) -> None:
-        self._pid = 0
-        self._lock = threading.Lock()
-
-    @property
-    def client(self) -> Any:
-        """The boto3 DynamoDB client of this process (created on first use)."""
-        if self._client is None or self._pid != os.getpid():
-            with self._lock:
-                if self._client is None or self._pid != os.getpid():
-                    import boto3
-
-                    session = self._session or boto3.session.Session()
-                    try:
-                        self._client = session.client("dynamodb", **self._client_kwargs)
-                    except Exception as exc:
-                        reply_from(exc)
-                        raise
-                    self._pid = os.getpid()
-        return self._client
-
-    def _send(self, call: Call) -> Reply:
-        if call.op == "sleep":
-            time.sleep(call.kwargs["seconds"])
-            return Reply({})
-        try:
-            return Reply(getattr(self.client, call.op)(**call.kwargs))
-        except ZaeError:
-            raise
-        except Exception as exc:
-            return reply_from(exc)
-
     def _run(self, flow: Flow[T]) -> T:
-        return drive(self._guarded(flow), self._send)
+        return drive(self._guarded(flow), self.store.send)
 
     # -- requests -------------------------------------------------------------------------
     def acquire(

@@ -28,7 +28,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .engine import THROTTLED, Clock, Flow
+from .engine import Clock
 from .errors import (
     CircuitOpen,
     EndpointUnreachable,
@@ -36,7 +36,7 @@ from .errors import (
     ValidationError,
     ZaeError,
 )
-from .requests import Call, Done, Reply, resume
+from .ops import Done, Flow, Op, Reply, Sleep, resume
 
 __all__ = ["CircuitBreaker", "RetryPolicy", "guard", "is_transient"]
 
@@ -199,15 +199,12 @@ class CircuitBreaker:
 
 def is_transient(reply: Reply) -> bool:
     """A reply worth another attempt: throttling or a server error (5xx)."""
-    if reply.ok:
-        return False
-    status = reply.data.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return reply.code in THROTTLED or (isinstance(status, int) and status >= 500)
+    return reply.transient
 
 
 def _attempts(
-    call: Call, breaker: CircuitBreaker, policy: RetryPolicy, clock: Clock
-) -> Generator[Call, Reply, Reply]:
+    call: Op, breaker: CircuitBreaker, policy: RetryPolicy, clock: Clock
+) -> Generator[Op, Reply, Reply]:
     """Send ``call`` until it gets a reply worth returning, within the policy; raises
     RateLimiterUnavailable (CircuitOpen without any attempt while the breaker is open)."""
     if not breaker.allow():
@@ -227,17 +224,17 @@ def _attempts(
             if not is_transient(reply):
                 breaker.success()
                 return reply
-            problem = f"{reply.code}: {reply.message}".rstrip(": ")
-            last = RateLimiterUnavailable(f"DynamoDB error {problem}")
+            problem = reply.message or str(reply.code)
+            last = RateLimiterUnavailable(problem)
         failed += 1
         pause = policy.pause(failed, clock() - started)
         if pause is None:
             breaker.failure(problem)
             raise RateLimiterUnavailable(
-                f"DynamoDB unavailable after {failed} attempt(s) in "
+                f"store unavailable after {failed} attempt(s) in "
                 f"{clock() - started:.2f} s: {problem}"
             ) from last
-        yield Call("sleep", {"seconds": pause})
+        yield Sleep(pause)
 
 
 def guard(flow: Flow[T], breaker: CircuitBreaker, policy: RetryPolicy, clock: Clock) -> Flow[T]:
@@ -252,7 +249,7 @@ def guard(flow: Flow[T], breaker: CircuitBreaker, policy: RetryPolicy, clock: Cl
     while not isinstance(call := resume(flow, reply, error), Done):
         reply, error = None, None
         try:
-            if call.op == "sleep":
+            if isinstance(call, Sleep):
                 reply = yield call
             else:
                 reply = yield from _attempts(call, breaker, policy, clock)

@@ -29,6 +29,7 @@ __all__ = [
     "TTL_ATTRIBUTE",
     "bucket_key",
     "check_id",
+    "check_table_name",
     "claim_key",
     "entity_pk",
     "limits_sk",
@@ -57,6 +58,13 @@ def check_id(field: str, value: Any) -> str:
             f"{value[:40]!r} contains a character that is not allowed",
             "letters, digits and _ . : @ / + = , - (not starting with punctuation); no # or *",
         )
+    return value
+
+
+def check_table_name(value: Any) -> str:
+    """A DynamoDB table name, or a ValidationError."""
+    if not isinstance(value, str) or not 3 <= len(value) <= 255:
+        raise ValidationError("table_name", f"{value!r}", "a DynamoDB table name")
     return value
 
 

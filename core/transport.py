@@ -1,104 +1,22 @@
-"""What the sync and async limiters share around the flows: client settings, how an
-exception becomes a reply or an error, and the lease's read-only view."""
+"""What the sync and async limiters share around the flows: the store, retries and the
+circuit breaker, and the lease's read-only view."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    HTTPClientError,
-    NoCredentialsError,
-    NoRegionError,
-)
-from botocore.exceptions import ConnectionError as BotoCoreConnectionError
-
-from .engine import Clock, Engine, Flow, LeaseState, OnUnavailable
-from .errors import EndpointUnreachable, RateLimiterUnavailable, ValidationError
-from .requests import Reply
+from .engine import Clock, Engine, LeaseState, OnUnavailable
+from .errors import ValidationError
+from .ops import Flow
 from .resilience import CircuitBreaker, RetryPolicy, guard
+from .stores import DynamoDBStore, Store, from_url
 
-__all__ = [
-    "CONNECT_TIMEOUT",
-    "READ_TIMEOUT",
-    "LeaseView",
-    "LimiterBase",
-    "client_config",
-    "client_kwargs",
-    "reply_from",
-]
-
-DEFAULT_LOCAL_REGION = "us-east-1"
+__all__ = ["LeaseView", "LimiterBase"]
 
 T = TypeVar("T")
-
-
-CONNECT_TIMEOUT = 1.0
-"""Seconds to open a connection (DynamoDB answers a connect in milliseconds)."""
-READ_TIMEOUT = 5.0
-"""Seconds to wait for a reply once the request is sent."""
-
-
-def client_config() -> Config:
-    """Short timeouts and no botocore retries: a limiter must fail fast, not hang a task.
-
-    Retries happen one layer up, in :func:`~.resilience.guard` (bounded in count and
-    time, pauses on the flow's clock, seen by the circuit breaker); botocore retrying as
-    well would multiply the attempts and hide them from the breaker.
-    """
-    return Config(
-        connect_timeout=CONNECT_TIMEOUT,
-        read_timeout=READ_TIMEOUT,
-        retries={"mode": "standard", "total_max_attempts": 1},
-        tcp_keepalive=True,
-    )
-
-
-def client_kwargs(endpoint_url: str | None, region: str | None) -> dict[str, Any]:
-    """Arguments of ``session.client("dynamodb", ...)``. A local endpoint without any
-    configured region gets ``us-east-1`` (local endpoints ignore it)."""
-    if endpoint_url is not None and not (
-        isinstance(endpoint_url, str) and endpoint_url.startswith(("http://", "https://"))
-    ):
-        raise ValidationError("endpoint_url", f"{endpoint_url!r}", "an http(s):// URL")
-    if region is not None and (not isinstance(region, str) or not region):
-        raise ValidationError("region", f"{region!r}", "an AWS region name like eu-west-1")
-    if (
-        region is None
-        and endpoint_url is not None
-        and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
-    ):
-        region = DEFAULT_LOCAL_REGION
-    kwargs: dict[str, Any] = {"config": client_config()}
-    if endpoint_url is not None:
-        kwargs["endpoint_url"] = endpoint_url
-    if region is not None:
-        kwargs["region_name"] = region
-    return kwargs
-
-
-def reply_from(exc: BaseException) -> Reply:
-    """An error reply for a DynamoDB error; raises RateLimiterUnavailable for the rest."""
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        return Reply(exc.response, str(error.get("Code", "Unknown")), str(error.get("Message", "")))
-    if isinstance(exc, NoRegionError):
-        raise ValidationError("region", "no AWS region configured", "region=... or AWS_REGION")
-    if isinstance(exc, NoCredentialsError):
-        raise RateLimiterUnavailable(
-            "no AWS credentials found: configure them the usual boto3 way (environment, "
-            "profile, instance role); a local endpoint accepts any values"
-        ) from exc
-    if isinstance(exc, (BotoCoreConnectionError, HTTPClientError, OSError, TimeoutError)):
-        raise EndpointUnreachable(f"DynamoDB endpoint unavailable: {exc}") from exc
-    if isinstance(exc, BotoCoreError):
-        raise RateLimiterUnavailable(f"DynamoDB client error: {exc}") from exc
-    raise exc
+L = TypeVar("L", bound="LimiterBase")
 
 
 class LeaseView:
@@ -155,7 +73,10 @@ class LimiterBase:
     """Configuration shared by :class:`RateLimiter` and :class:`AsyncRateLimiter`.
 
     Args:
-        table_name: the DynamoDB table.
+        table_name: the DynamoDB table (or pass ``store``).
+        store: where the buckets live instead: a :class:`~.stores.MemoryStore`, a
+            :class:`~.stores.DynamoDBStore`, or anything with the store protocol; see also
+            :meth:`from_url`.
         endpoint_url: a local endpoint (moto server, DynamoDB Local); None for AWS.
         region: AWS region; None for the boto3 chain (``us-east-1`` for a local endpoint).
         on_unavailable: ``"closed"`` raises RateLimiterUnavailable when DynamoDB cannot
@@ -165,7 +86,7 @@ class LimiterBase:
         config_ttl: seconds stored limits and entity records are cached per process.
         local_refusals: refuse without a request when the last state this process saw
             already proves the refusal.
-        session: a boto3 (or aioboto3) session to create the client from.
+        session: a boto3 (sync) or aiobotocore (async) session to create the client from.
         retry_attempts: requests sent at most for one call when DynamoDB throttles,
             answers 5xx or does not answer (the first included).
         retry_budget: seconds after which no further attempt of one call starts.
@@ -178,8 +99,9 @@ class LimiterBase:
 
     def __init__(
         self,
-        table_name: str,
+        table_name: str | None = None,
         *,
+        store: Store | None = None,
         endpoint_url: str | None = None,
         region: str | None = None,
         on_unavailable: OnUnavailable = "closed",
@@ -193,30 +115,52 @@ class LimiterBase:
         breaker_threshold: int = 5,
         breaker_cooldown: float = 5.0,
     ) -> None:
+        if store is None:
+            if table_name is None:
+                raise ValidationError(
+                    "table_name", "is missing", "a table name, store=..., or from_url(URL)"
+                )
+            store = DynamoDBStore(
+                table_name, endpoint_url=endpoint_url, region=region, session=session
+            )
+        elif table_name is not None or endpoint_url is not None or region is not None or session:
+            raise ValidationError(
+                "store", "given with table_name/endpoint_url/region/session", "one or the other"
+            )
+        elif not isinstance(store, Store):
+            raise ValidationError("store", f"{store!r}", "a store (MemoryStore, DynamoDBStore)")
+        self.store: Store = store
         self.engine = Engine(
-            table_name,
             clock=clock,
             on_unavailable=on_unavailable,
             stored_config=stored_config,
             config_ttl=config_ttl,
             local_refusals=local_refusals,
         )
-        self._client_kwargs = client_kwargs(endpoint_url, region)
         # Cool-downs and retry budgets are durations: a monotonic clock unless injected.
         self._monotonic: Clock = time.monotonic if clock is time.time else clock
         self.retry = RetryPolicy(attempts=retry_attempts, budget=retry_budget)
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown, self._monotonic)
-        self._session = session
-        self._client: Any = None
-        self._setup()
 
-    def _setup(self) -> None:
-        """Per-front-end state (locks, client lifetime)."""
+    @classmethod
+    def from_url(cls: type[L], url: str, **options: Any) -> L:
+        """A limiter on the store a URL names: ``dynamodb://TABLE?region=...&endpoint_url=...``
+        or ``memory://`` (see :func:`~.stores.from_url`); ``options`` are the keyword
+        arguments of the constructor (``clock``, ``on_unavailable``...)."""
+        store = from_url(url, clock=options.get("clock", time.time))
+        return cls(store=store, **options)
 
     @property
     def table_name(self) -> str:
-        """The DynamoDB table."""
-        return self.engine.table_name
+        """The DynamoDB table (``memory`` for an in-memory store)."""
+        return self.store.table_name if isinstance(self.store, DynamoDBStore) else "memory"
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client of a DynamoDB store (this process's; created on first use)."""
+        if not isinstance(self.store, DynamoDBStore):
+            raise AttributeError(f"{self.store!r} has no DynamoDB client")
+        return self.store.client
 
     def _guarded(self, flow: Flow[T]) -> Flow[T]:
         """``flow`` with this limiter's retries and circuit breaker around every call."""

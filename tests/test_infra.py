@@ -21,6 +21,7 @@ from tests.conftest import Endpoint
 from zae_celery.core import AsyncRateLimiter, Limit, RateLimiter, RateLimitExceeded
 from zae_celery.core.engine import Engine
 from zae_celery.core.schema import TTL_ATTRIBUTE
+from zae_celery.core.stores.dynamodb import Codec
 from zae_celery.infra import template_text
 from zae_celery.infra.stack import (
     DEFAULTS,
@@ -83,15 +84,16 @@ def test_parameters_are_the_ones_the_cli_knows(template: dict[str, Any]) -> None
 
 
 def test_table_has_the_engines_key_schema_and_ttl(template: dict[str, Any]) -> None:
-    # The engine's own create_table request is the reference: take its first call.
-    flow = Engine("reference-table").create_table()
-    call = next(flow)
+    # The engine's own create_table request is the reference: its first operation, as the
+    # DynamoDB store sends it.
+    flow = Engine().create_table()
+    op, kwargs = Codec("reference-table").encode(next(flow))
     flow.close()
-    assert call.op == "create_table"
+    assert op == "create_table"
     table = template["Resources"]["LimitsTable"]["Properties"]
-    assert table["KeySchema"] == call.kwargs["KeySchema"]
-    assert table["AttributeDefinitions"] == call.kwargs["AttributeDefinitions"]
-    assert table["BillingMode"] == call.kwargs["BillingMode"] == "PAY_PER_REQUEST"
+    assert table["KeySchema"] == kwargs["KeySchema"]
+    assert table["AttributeDefinitions"] == kwargs["AttributeDefinitions"]
+    assert table["BillingMode"] == kwargs["BillingMode"] == "PAY_PER_REQUEST"
     assert table["TimeToLiveSpecification"] == {"AttributeName": TTL_ATTRIBUTE, "Enabled": True}
     assert "GlobalSecondaryIndexes" not in table  # the engine queries no index
     conditions = {

@@ -35,10 +35,11 @@ from zae_celery.core import (
     RateLimiterUnavailable,
     ValidationError,
 )
-from zae_celery.core.engine import Flow
+from zae_celery.core.bucket import Shape, Step
 from zae_celery.core.limiter import drive
-from zae_celery.core.requests import Call, Reply
+from zae_celery.core.ops import BucketKey, Flow, ItemWrite, Op, Reply, WriteBuckets
 from zae_celery.core.resilience import CircuitBreaker, RetryPolicy, guard
+from zae_celery.core.stores.dynamodb import Codec
 from zae_celery.local import LocalServer, free_port
 from zae_celery.settings import Settings
 
@@ -53,24 +54,24 @@ THROTTLING = [
 # -- without I/O: a scripted endpoint on an injected clock -----------------------------------
 class Script:
     """A fake endpoint: answers each request with the next outcome (a Reply, or an
-    exception to raise), then with ``default``; ``sleep`` calls advance the clock."""
+    exception to raise), then with ``default``; its ``sleep`` advances the clock."""
 
     def __init__(
         self, clock: Clock, outcomes: list[Any], default: Any = None, took: float = 0.0
     ) -> None:
         self.clock = clock
         self.outcomes = list(outcomes)
-        self.default = Reply({}) if default is None else default
+        self.default = Reply() if default is None else default
         self.took = took
         self.sent: list[str] = []
         self.sleeps: list[float] = []
 
-    def __call__(self, call: Call) -> Reply:
-        if call.op == "sleep":
-            self.sleeps.append(call.kwargs["seconds"])
-            self.clock.advance(call.kwargs["seconds"])
-            return Reply({})
-        self.sent.append(call.op)
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.clock.advance(seconds)
+
+    def __call__(self, op: Op) -> Reply:
+        self.sent.append(type(op).__name__)
         self.clock.advance(self.took)
         outcome = self.outcomes.pop(0) if self.outcomes else self.default
         if isinstance(outcome, BaseException):
@@ -79,17 +80,27 @@ class Script:
         return outcome
 
 
+ONE_WRITE = WriteBuckets(
+    (ItemWrite(BucketKey("e", "r"), (Step(LIMITS[0], 1, Shape.FRESH, 0, 1),)),), ttl=0
+)
+
+
 def _error(code: str, status: int = 400) -> Reply:
-    return Reply({"ResponseMetadata": {"HTTPStatusCode": status}}, code, "injected")
+    """What the DynamoDB store answers for that error (its codec classifies it)."""
+    error = {"Error": {"Code": code, "Message": "injected"}}
+    return Codec("t-reliability").decode_error(
+        ONE_WRITE, {**error, "ResponseMetadata": {"HTTPStatusCode": status}}
+    )
 
 
 def _one_call() -> Flow[Reply]:
-    reply = yield Call("update_item", {})
+    reply = yield ONE_WRITE
     return reply
 
 
 def _run(script: Script, breaker: CircuitBreaker, policy: RetryPolicy | None = None) -> Reply:
-    return drive(guard(_one_call(), breaker, policy or RetryPolicy(), script.clock), script)
+    flow = guard(_one_call(), breaker, policy or RetryPolicy(), script.clock)
+    return drive(flow, script, script.sleep)
 
 
 def test_breaker_opens_after_threshold_and_one_probe_closes_it(clock: Clock) -> None:
@@ -144,7 +155,7 @@ def test_throttling_and_5xx_are_retried_with_growing_pauses(
     breaker = CircuitBreaker(clock=clock)
     policy = RetryPolicy(attempts=4, budget=1.0, base=0.1, cap=1.0)
     assert _run(script, breaker, policy).ok
-    assert script.sent == ["update_item"] * (failures + 1)
+    assert script.sent == ["WriteBuckets"] * (failures + 1)
     assert len(script.sleeps) == failures
     for n, pause in enumerate(script.sleeps, start=1):
         assert 0 <= pause <= 0.1 * 2 ** (n - 1)
@@ -206,7 +217,7 @@ def test_answers_are_not_retried_and_close_the_breaker(clock: Clock, outcome: Re
     breaker.failure("earlier")
     script = Script(clock, [outcome])
     assert _run(script, breaker) == outcome  # handed to the flow, which decides
-    assert script.sent == ["update_item"] and breaker.failures == 0
+    assert script.sent == ["WriteBuckets"] and breaker.failures == 0
 
 
 def test_errors_that_never_reached_the_endpoint_leave_the_breaker_alone(clock: Clock) -> None:
@@ -236,10 +247,10 @@ def test_open_breaker_costs_no_request_in_either_mode(clock: Clock, mode: Any) -
         """Open mode grants unchecked; closed mode raises ``closed_raises``."""
         flow = limiter._guarded(limiter.engine.acquire("e", "r", {"rps": 1}, LIMITS))
         if mode == "open":
-            assert drive(flow, script).unchecked
+            assert drive(flow, script, script.sleep).unchecked
         else:
             with pytest.raises(closed_raises):
-                drive(flow, script)
+                drive(flow, script, script.sleep)
 
     for _ in range(2):
         acquire(RateLimiterUnavailable)

@@ -46,7 +46,7 @@ from zae_celery.core import (
 )
 from zae_celery.core.limits import MAX_TOKENS, check_limit_name
 from zae_celery.core.schema import check_id, entity_pk
-from zae_celery.core.transport import DEFAULT_LOCAL_REGION, client_config
+from zae_celery.core.stores.dynamodb import DEFAULT_LOCAL_REGION, client_config
 from zae_celery.infra import template_text
 from zae_celery.infra.stack import (
     DEFAULT_TABLE_NAME,
