@@ -153,14 +153,16 @@ class LimiterBase:
     @property
     def table_name(self) -> str:
         """The DynamoDB table (``memory`` for an in-memory store)."""
-        return self.store.table_name if isinstance(self.store, DynamoDBStore) else "memory"
+        name: str = getattr(self.store, "table_name", self.store.name)
+        return name
 
     @property
     def client(self) -> Any:
         """The boto3 client of a DynamoDB store (this process's; created on first use)."""
-        if not isinstance(self.store, DynamoDBStore):
+        client = getattr(self.store, "client", None)
+        if client is None:
             raise AttributeError(f"{self.store!r} has no DynamoDB client")
-        return self.store.client
+        return client
 
     def _guarded(self, flow: Flow[T]) -> Flow[T]:
         """``flow`` with this limiter's retries and circuit breaker around every call."""

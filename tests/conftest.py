@@ -14,12 +14,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.helpers import Clock
 from zae_celery import fsbroker
-from zae_celery.core import RateLimiter
+from zae_celery.core import AsyncRateLimiter, RateLimiter
+from zae_celery.core.stores import DynamoDBStore, MemoryStore, Store
 from zae_celery.local import (
     LocalServer,
     ServerUnavailable,
@@ -130,11 +132,71 @@ def clock() -> Clock:
     return Clock()
 
 
+STORES = ("memory", "moto", "dynamodb-local")
+"""Where a ``backend`` test runs: in memory, and for a ``contract`` test on both real
+endpoints as well (the in-memory store must answer as they do)."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_kind" in metafunc.fixturenames:
+        contract = metafunc.definition.get_closest_marker("contract") is not None
+        only = metafunc.definition.get_closest_marker("stores")
+        kinds = only.args if only is not None else STORES if contract else STORES[:1]
+        metafunc.parametrize("store_kind", kinds)
+
+
+@dataclass
+class Backend:
+    """The store of one test: limiters on it, and its raw contents."""
+
+    kind: str
+    clock: Clock
+    endpoint: Endpoint | None = None
+    memory: MemoryStore | None = None
+
+    def store(self, name: str = "") -> Store:
+        """A store on the test's table (``name``: another table, created by the caller)."""
+        if self.endpoint is None:
+            assert self.memory is not None
+            return self.memory if not name else MemoryStore(clock=self.clock, create=False)
+        return DynamoDBStore(self.endpoint.table_name + name, endpoint_url=self.endpoint.url)
+
+    def limiter(self, clock: Clock | None = None, **options: Any) -> RateLimiter:
+        """Another limiter (another client, its own caches) on the same table."""
+        return RateLimiter(store=self.store(), clock=clock or self.clock, **options)
+
+    def stamp_version(self, version: int) -> None:
+        """Overwrite the table's schema stamp (as an older or newer engine would leave it)."""
+        if self.memory is not None:
+            self.memory._table.version = version  # type: ignore[union-attr]
+            return
+        assert self.endpoint is not None
+        store = DynamoDBStore(self.endpoint.table_name, endpoint_url=self.endpoint.url)
+        store.client.put_item(
+            TableName=self.endpoint.table_name,
+            Item={"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}, "version": {"N": str(version)}},
+        )
+
+    def async_limiter(self, clock: Clock | None = None, **options: Any) -> AsyncRateLimiter:
+        """An asyncio limiter on the same table."""
+        return AsyncRateLimiter(store=self.store(), clock=clock or self.clock, **options)
+
+
 @pytest.fixture
-def limiter(endpoint: Endpoint, clock: Clock) -> Iterator[RateLimiter]:
-    """A limiter on a fresh table of the test's endpoint, deleted afterwards."""
-    lim = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=clock)
-    assert lim.create_table() is True
+def backend(store_kind: str, clock: Clock, request: pytest.FixtureRequest) -> Backend:
+    """The test's store: in memory, or (``@pytest.mark.contract``) each real endpoint."""
+    if store_kind == "memory":
+        return Backend(store_kind, clock, memory=MemoryStore(clock=clock))
+    server: LocalServer = request.getfixturevalue("moto" if store_kind == "moto" else "ddb_local")
+    endpoint = Endpoint(store_kind, server.url, f"zae-test-{uuid.uuid4().hex[:12]}")
+    return Backend(store_kind, clock, endpoint=endpoint)
+
+
+@pytest.fixture
+def limiter(backend: Backend) -> Iterator[RateLimiter]:
+    """A limiter on a fresh table of the test's store, deleted afterwards."""
+    lim = backend.limiter()
+    assert lim.create_table() is (backend.memory is None)  # a memory store starts created
     yield lim
     lim.delete_table()
 

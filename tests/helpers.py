@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from zae_celery.core.ops import Op, Reply
+from zae_celery.core.stores.dynamodb import Codec
+
 T0 = 1_800_000_000.0
 
 
@@ -20,16 +23,63 @@ class Clock:
         self.ms += round(seconds * 1000)
 
 
+_NAMES = Codec("counted-table")
+
+
 class Counter:
-    """Counts the DynamoDB operations a client sends."""
+    """Counts the requests a limiter sends, named as DynamoDB would name them
+    (``UpdateItem``, ``TransactWriteItems``, ``GetItem``, ``Query``...) whatever its store:
+    a decision costs the same round trips on every store."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, limiter: Any) -> None:
         self.ops: list[str] = []
-        client.meta.events.register("before-send.dynamodb.*", self._seen)
-
-    def _seen(self, event_name: str, **_: Any) -> None:
-        self.ops.append(event_name.rsplit(".", 1)[-1])
+        limiter.store = _Counting(limiter.store, self.ops)
 
     def take(self) -> list[str]:
-        ops, self.ops = self.ops, []
+        ops, self.ops[:] = list(self.ops), []
         return ops
+
+
+class _Counting:
+    """A store that records each operation's request name, then hands it on."""
+
+    def __init__(self, store: Any, ops: list[str]) -> None:
+        self._store = store
+        self._ops = ops
+        self.name = store.name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def _seen(self, op: Op) -> None:
+        request = _NAMES.encode(op)[0]
+        self._ops.append("".join(part.capitalize() for part in request.split("_")))
+
+    def send(self, op: Op) -> Reply:
+        self._seen(op)
+        reply: Reply = self._store.send(op)
+        return reply
+
+    async def asend(self, op: Op) -> Reply:
+        self._seen(op)
+        reply: Reply = await self._store.asend(op)
+        return reply
+
+    async def aclose(self) -> None:
+        await self._store.aclose()
+
+
+def table_contents(store: Any) -> list[Any]:
+    """Everything a store holds, in a stable order (to show that nothing changed)."""
+    store = getattr(store, "_store", store)  # under a Counter
+    if hasattr(store, "dump"):
+        return sorted((kind, repr(value)) for kind, value in store.dump().items())
+    items: list[dict[str, Any]] = []
+    kwargs: dict[str, Any] = {"TableName": store.table_name, "ConsistentRead": True}
+    while True:
+        page = store.client.scan(**kwargs)
+        items.extend(page.get("Items", []))
+        if "LastEvaluatedKey" not in page:
+            break
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return sorted(items, key=lambda item: (item["PK"]["S"], item["SK"]["S"]))

@@ -1,4 +1,5 @@
-"""Bad input against a real endpoint: every case raises its typed error and writes nothing.
+"""Bad input: every case raises its typed error and writes nothing (in memory; the
+matrix of entry points, which includes Celery tasks and the CLI, on moto server).
 
 Each test seeds the bucket with one good acquire, snapshots the raw bucket item (and the
 whole table), makes the bad call, and checks that the stored state is byte-for-byte the
@@ -11,13 +12,13 @@ import contextlib
 import logging
 import math
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
 
-from tests.conftest import Endpoint
-from tests.helpers import T0, Clock
+from tests.conftest import Backend, Endpoint
+from tests.helpers import T0, Clock, table_contents
 from zae_celery.core import (
     Lease,
     Limit,
@@ -28,9 +29,8 @@ from zae_celery.core import (
     ValidationError,
 )
 from zae_celery.core.limits import MAX_TOKENS
+from zae_celery.core.ops import BucketKey, ReadBucket
 from zae_celery.local import free_port
-
-pytestmark = pytest.mark.integration
 
 ENTITY = "tenant-1"
 RESOURCE = "gpt-4o"
@@ -52,28 +52,17 @@ def lease(limiter: RateLimiter) -> Lease:
 
 def raw_bucket(
     limiter: RateLimiter, entity: str = ENTITY, resource: str = RESOURCE
-) -> dict[str, Any] | None:
-    """The stored bucket item, exactly as DynamoDB returns it."""
-    reply = limiter.client.get_item(
-        TableName=limiter.table_name,
-        Key={"PK": {"S": f"E#{entity}"}, "SK": {"S": f"B#{resource}"}},
-        ConsistentRead=True,
-    )
-    item: dict[str, Any] | None = reply.get("Item")
+) -> Mapping[str, int]:
+    """The stored bucket item, exactly as the store returns it ({}: none)."""
+    reply = limiter.store.send(ReadBucket(BucketKey(entity, resource)))
+    assert reply.ok, reply
+    item: Mapping[str, int] = reply.value
     return item
 
 
-def whole_table(limiter: RateLimiter) -> list[dict[str, Any]]:
+def whole_table(limiter: RateLimiter) -> list[Any]:
     """Every item of the table, in key order."""
-    items: list[dict[str, Any]] = []
-    kwargs: dict[str, Any] = {"TableName": limiter.table_name, "ConsistentRead": True}
-    while True:
-        page = limiter.client.scan(**kwargs)
-        items.extend(page.get("Items", []))
-        if "LastEvaluatedKey" not in page:
-            break
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-    return sorted(items, key=lambda item: (item["PK"]["S"], item["SK"]["S"]))
+    return table_contents(limiter.store)
 
 
 @contextlib.contextmanager
@@ -270,13 +259,11 @@ def test_max_tokens_is_accepted_exactly(limiter: RateLimiter, clock: Clock) -> N
     big = Limit.per_second("big", MAX_TOKENS)
     granted = limiter.acquire(ENTITY, "big", {"big": MAX_TOKENS}, [big])
     item = raw_bucket(limiter, ENTITY, "big")
-    assert item is not None
     now_ms = clock.ms
-    assert int(item[big.key]["N"]) == now_ms * MAX_TOKENS + MAX_TOKENS * 1000
+    assert item[big.key] == now_ms * MAX_TOKENS + MAX_TOKENS * 1000
     granted.adjust(big=MAX_TOKENS)  # into debt by a full bucket
     item = raw_bucket(limiter, ENTITY, "big")
-    assert item is not None
-    assert int(item[big.key]["N"]) == now_ms * MAX_TOKENS + 2 * MAX_TOKENS * 1000
+    assert item[big.key] == now_ms * MAX_TOKENS + 2 * MAX_TOKENS * 1000
     assert limiter.available(ENTITY, "big", [big]) == {"big": -float(MAX_TOKENS)}
     with unchanged(limiter, "big"), pytest.raises(ValidationError) as info:
         granted.adjust(big=MAX_TOKENS + 1)
@@ -626,6 +613,7 @@ def _stored(limiter: RateLimiter) -> list[dict[str, Any]]:
     return [i for i in whole_table(limiter) if i["SK"]["S"] not in ("B#matrix", "B#adjusted")]
 
 
+@pytest.mark.stores("moto")  # Celery apps name a DynamoDB table
 @pytest.mark.parametrize(
     ("kind", "case", "field", "allowed"),
     [pytest.param(*c, id=f"{c[0]}-{c[2]}-{i}") for i, c in enumerate(MATRIX)],
@@ -633,15 +621,16 @@ def _stored(limiter: RateLimiter) -> list[dict[str, Any]]:
 def test_bad_input_matrix(
     limiter: RateLimiter,
     lease: Lease,
-    endpoint: Endpoint,
+    backend: Backend,
     kind: str,
     case: Callable[[Endpoint], Any],
     field: str,
     allowed: str,
 ) -> None:
     before = _stored(limiter)
+    assert backend.endpoint is not None
     try:
-        error = case(endpoint)  # a task case returns its failure
+        error = case(backend.endpoint)  # a task case returns its failure
     except ValidationError as exc:
         error = exc
     assert isinstance(error, ValidationError), repr(error)
@@ -662,11 +651,12 @@ def test_the_matrix_covers_every_entry_point() -> None:
     assert len(MATRIX) + len(CLI_MATRIX) >= 30
 
 
+@pytest.mark.stores("moto")  # the CLI talks to DynamoDB
 @pytest.mark.parametrize(("args", "option", "allowed"), CLI_MATRIX)
 def test_bad_cli_arguments_exit_2_and_store_nothing(
     limiter: RateLimiter,
     lease: Lease,
-    endpoint: Endpoint,
+    backend: Backend,
     args: list[str],
     option: str,
     allowed: str,
@@ -676,6 +666,8 @@ def test_bad_cli_arguments_exit_2_and_store_nothing(
     from zae_celery.cli import main
 
     before = whole_table(limiter)
+    endpoint = backend.endpoint
+    assert endpoint is not None
     base = ["--endpoint-url", endpoint.url, "--region", "us-east-1", "--table", endpoint.table_name]
     result = CliRunner().invoke(main, [*base, *args])
     assert result.exit_code == 2, result.output

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Endpoint
+from tests.conftest import Backend
 from tests.helpers import Clock
 from zae_celery.core import Limit, RateLimiter, RateLimitExceeded
 
@@ -81,19 +81,15 @@ def test_processes_and_threads_never_over_grant_nor_lose_adjusts(ddb_local: Any)
 
 
 @pytest.mark.parametrize("skew", [0.05, 0.5, 1.5, -0.5])
-def test_clock_skew_over_grants_at_most_skew_times_rate(endpoint: Endpoint, skew: float) -> None:
+def test_clock_skew_over_grants_at_most_skew_times_rate(backend: Backend, skew: float) -> None:
     limits = [Limit.per_second("rps", 10)]
     rate, burst = limits[0].rate, limits[0].burst
     honest_clock = Clock()
     skewed_clock = Clock()
     skewed_clock.advance(skew)
     # Every refusal asks the table, so retry_after reflects the other client's grants.
-    honest = RateLimiter(
-        endpoint.table_name, endpoint_url=endpoint.url, clock=honest_clock, local_refusals=False
-    )
-    skewed = RateLimiter(
-        endpoint.table_name, endpoint_url=endpoint.url, clock=skewed_clock, local_refusals=False
-    )
+    honest = RateLimiter(store=backend.store(), clock=honest_clock, local_refusals=False)
+    skewed = RateLimiter(store=backend.store(), clock=skewed_clock, local_refusals=False)
     honest.create_table()
     try:
         for _ in range(10):
@@ -121,7 +117,8 @@ def test_clock_skew_over_grants_at_most_skew_times_rate(endpoint: Endpoint, skew
         honest.delete_table()
 
 
-def test_clock_skew_bound_holds_for_a_fleet_of_skewed_clients(endpoint: Endpoint) -> None:
+@pytest.mark.contract
+def test_clock_skew_bound_holds_for_a_fleet_of_skewed_clients(backend: Backend) -> None:
     """Four clients whose clocks disagree by up to 0.5 s hammer one bucket in rounds of
     1 s, with 2 s idle between rounds (so a round starts on a full bucket).
 
@@ -137,7 +134,7 @@ def test_clock_skew_bound_holds_for_a_fleet_of_skewed_clients(endpoint: Endpoint
     clocks = [Clock() for _ in skews]
     for clock, skew in zip(clocks, skews, strict=True):
         clock.advance(skew)
-    clients = [RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=c) for c in clocks]
+    clients = [RateLimiter(store=backend.store(), clock=c) for c in clocks]
     clients[0].create_table()
     rng = random.Random(7)
     grants: list[int] = []  # true time (ms) of each grant

@@ -1,6 +1,8 @@
-"""The engine against real DynamoDB APIs over HTTP (moto server and DynamoDB Local).
+"""The engine's decisions, on the in-memory store; the ``contract`` ones also against real
+DynamoDB APIs over HTTP (moto server and DynamoDB Local).
 
-Request counts come from botocore's event hooks; time comes from an injected clock.
+Request counts are the store operations a limiter sends, named as DynamoDB requests;
+time comes from an injected clock.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Endpoint
+from tests.conftest import Backend
 from tests.helpers import Clock, Counter
 from zae_celery.core import (
     AsyncRateLimiter,
@@ -20,8 +22,6 @@ from zae_celery.core import (
     RateLimitExceeded,
 )
 from zae_celery.core.engine import LeaseState
-
-pytestmark = pytest.mark.integration
 
 
 def limits_of(n: int, per_second: int = 10) -> list[Limit]:
@@ -33,12 +33,13 @@ def consume_of(limits: list[Limit]) -> dict[str, int]:
     return {lim.name: (100 if lim.name == "tpm" else 1) for lim in limits}
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("n_limits", [1, 2, 5])
 def test_idle_grant_costs_one_write_and_no_read(
     limiter: RateLimiter, clock: Clock, n_limits: int
 ) -> None:
     limits = limits_of(n_limits)
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     limiter.acquire("tenant", "model", consume_of(limits), limits).commit()  # warms the config
     assert counter.take() == ["Query", "UpdateItem"]
     for _ in range(20):
@@ -51,15 +52,13 @@ def test_idle_grant_costs_one_write_and_no_read(
 @pytest.mark.parametrize("local_refusals", [True, False])
 @pytest.mark.parametrize("n_limits", [1, 2, 5])
 def test_saturated_bucket_grant_and_refusal_cost_at_most_one_request(
-    endpoint: Endpoint, clock: Clock, n_limits: int, local_refusals: bool
+    backend: Backend, clock: Clock, n_limits: int, local_refusals: bool
 ) -> None:
-    limiter = RateLimiter(
-        endpoint.table_name, endpoint_url=endpoint.url, clock=clock, local_refusals=local_refusals
-    )
+    limiter = backend.limiter(local_refusals=local_refusals)
     limiter.create_table()
     limits = limits_of(n_limits)
     consume = consume_of(limits)
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     for _ in range(10):  # drain the burst of 10
         limiter.acquire("tenant", "model", consume, limits)
     counter.take()
@@ -104,7 +103,7 @@ def test_reservations_are_one_write_each_and_spaced_by_their_cost(
     limits = [Limit.per_second("rps", 10)]
     for _ in range(10):
         limiter.acquire("e", "r", {"rps": 1}, limits)
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     waits = []
     for _ in range(20):
         lease = limiter.reserve("e", "r", {"rps": 1}, limits, horizon=2.0)
@@ -120,7 +119,7 @@ def test_adjust_goes_into_debt_and_debt_delays_later_requests(
     limiter: RateLimiter, clock: Clock
 ) -> None:
     limits = [Limit.per_second("rpm", 100), Limit.per_second("tpm", 1000)]
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     with limiter.acquire("e", "r", {"rpm": 1, "tpm": 500}, limits) as lease:
         counter.take()
         lease.adjust(tpm=1500)  # the call used 2000 tokens: 1000 more than the bucket holds
@@ -146,13 +145,14 @@ def test_exception_inside_the_lease_rolls_back(limiter: RateLimiter) -> None:
     assert lease.consumed == {"rps": 0}
 
 
+@pytest.mark.contract
 def test_cascade_consumes_the_parent_atomically(limiter: RateLimiter) -> None:
     limiter.create_entity("project")
     limiter.create_entity("key-1", parent_id="project", cascade=True)
     limiter.create_entity("key-2", parent_id="project", cascade=True)
     limiter.set_limits("project", [Limit.per_second("rps", 3)])
     code_limits = [Limit.per_second("rps", 10)]
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     for key in ("key-1", "key-2", "key-1"):
         limiter.acquire(key, "api", {"rps": 1}, code_limits)
     assert counter.take().count("TransactWriteItems") == 3
@@ -177,12 +177,10 @@ def test_stored_limits_override_code_limits(limiter: RateLimiter) -> None:
     assert limiter.get_limits("tenant", "gpt") == []
 
 
-def test_incompatible_schema_is_refused(limiter: RateLimiter, endpoint: Endpoint) -> None:
-    limiter.client.put_item(
-        TableName=endpoint.table_name,
-        Item={"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}, "version": {"N": "999"}},
-    )
-    other = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url)
+@pytest.mark.contract
+def test_incompatible_schema_is_refused(limiter: RateLimiter, backend: Backend) -> None:
+    backend.stamp_version(999)
+    other = backend.limiter()
     with pytest.raises(IncompatibleSchema, match="schema version 999"):
         other.acquire("e", "r", {"rps": 1}, [Limit.per_second("rps", 1)])
 
@@ -199,9 +197,10 @@ def _script(clock: Clock) -> list[tuple[str, Any]]:
     return steps
 
 
-def test_async_and_sync_decide_identically(endpoint: Endpoint) -> None:
+@pytest.mark.contract
+def test_async_and_sync_decide_identically(backend: Backend) -> None:
     sync_clock = Clock()
-    sync = RateLimiter(endpoint.table_name + "-s", endpoint_url=endpoint.url, clock=sync_clock)
+    sync = RateLimiter(store=backend.store("-s"), clock=sync_clock)
     sync.create_table()
     sync_out = []
     for op, arg in _script(sync_clock):
@@ -218,9 +217,7 @@ def test_async_and_sync_decide_identically(endpoint: Endpoint) -> None:
     async def run_async() -> list[tuple[str, float]]:
         clock = Clock()
         out = []
-        async with AsyncRateLimiter(
-            endpoint.table_name + "-a", endpoint_url=endpoint.url, clock=clock
-        ) as lim:
+        async with AsyncRateLimiter(store=backend.store("-a"), clock=clock) as lim:
             await lim.create_table()
             for op, arg in _script(clock):
                 if op == "advance":
@@ -241,10 +238,11 @@ def test_async_and_sync_decide_identically(endpoint: Endpoint) -> None:
     assert {d for d, _ in sync_out} == {"granted", "refused"}  # the script exercises both
 
 
+@pytest.mark.contract
 def test_extra_targets_share_one_bucket_atomically(limiter: RateLimiter) -> None:
     queue = [("queue:llm", "queue", [Limit.per_second("tasks", 3)])]
     own = [Limit.per_second("rps", 10)]
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     for entity in ("summarize", "translate", "summarize"):
         state = limiter._run(limiter.engine.acquire(entity, "model", {"rps": 1}, own, extra=queue))
         assert state.consumed == {"rps": 1}
@@ -317,7 +315,7 @@ def test_a_reservation_holds_every_limit_until_its_common_start(
     limits = [Limit.per_second("rps", 10), Limit.per_second("tokens", 1000)]
     for _ in range(10):
         limiter.acquire("e", "r", {"rps": 1, "tokens": 1}, limits)
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     lease = limiter.reserve("e", "r", {"rps": 1, "tokens": 1}, limits, horizon=1.0)
     assert lease.wait == pytest.approx(0.1)
     assert counter.take() == ["UpdateItem", "UpdateItem"]  # the reservation + the alignment
@@ -334,7 +332,7 @@ def test_a_close_slot_is_granted_with_its_start_counted_in_one_write(
     limits = [Limit.per_second("rps", 10)]
     for _ in range(10):
         limiter.acquire("e", "r", {"rps": 1}, limits, pace=True)
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     close = [
         limiter.acquire("e", "r", {"rps": 1}, limits, horizon=5.0, pace=True, start_within=0.35)
         for _ in range(3)
@@ -354,6 +352,7 @@ def test_a_close_slot_is_granted_with_its_start_counted_in_one_write(
     assert limiter.start(far) == 0
 
 
+@pytest.mark.contract
 def test_a_start_slot_reserved_ahead_travels_with_the_lease(
     limiter: RateLimiter, clock: Clock
 ) -> None:
@@ -377,7 +376,7 @@ def test_a_start_slot_reserved_ahead_travels_with_the_lease(
     late.state.claim = "task-1:second"
     carried = late.state.to_dict()
     assert carried["started_ms"] == late.state.started_ms
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     again = limiter.restore(carried)
     assert again.state.paced and again.started_at == pytest.approx(late.started_at or 0)
     clock.advance(1.0)
@@ -389,19 +388,19 @@ def test_a_start_slot_reserved_ahead_travels_with_the_lease(
 
 
 def test_a_client_that_saw_a_queued_bucket_guesses_it_queued_after_a_pause(
-    limiter: RateLimiter, endpoint: Endpoint, clock: Clock
+    limiter: RateLimiter, backend: Backend, clock: Clock
 ) -> None:
     """Two clients share a saturated bucket. One pauses (a worker waiting for a free
     process) while the other keeps it queued: its next write must not guess the bucket
     fresh from its own, now past, view (a refused condition and a second request)."""
     limits = [Limit.per_second("rps", 10)]
-    other = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, clock=clock)
+    other = backend.limiter()
     for _ in range(12):  # past the burst: the last grants were queued (TAT now + 1.2 s)
         limiter.reserve("e", "r", {"rps": 1}, limits, horizon=5.0)
     clock.advance(1.3)  # its own view of the TAT is now in the past...
     for _ in range(5):
         other.reserve("e", "r", {"rps": 1}, limits, horizon=5.0)  # ...the truth is not
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     lease = limiter.reserve("e", "r", {"rps": 1}, limits, horizon=5.0)
     assert counter.take() == ["UpdateItem"]  # one write: queued, as guessed
     assert lease.wait == 0.0  # the other five left it within its burst

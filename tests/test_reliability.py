@@ -410,7 +410,7 @@ def test_cost_of_a_dead_endpoint_per_call(dead: tuple[str, str]) -> None:
     # A read timeout costs 5 s per call: one call is enough to show it.
     threshold = 1 if kind == "read-timeout" else 5
     limiter = RateLimiter("zae-dead", endpoint_url=url, breaker_threshold=threshold)
-    sent = Counter(limiter.client)
+    sent = Counter(limiter)
     costs, attempts = [], []
     for _ in range(threshold):
         started = time.perf_counter()

@@ -47,7 +47,7 @@ def _carried(limiter: RateLimiter, claim: str | None) -> dict[str, Any]:
 def test_a_claimed_reservation_starts_once(limiter: RateLimiter) -> None:
     data = _carried(limiter, "task-1:nonce")
     assert LeaseState.from_dict(data).claim == "task-1:nonce"
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     first = limiter.restore(data)
     assert limiter.start(first) == 0.0
     assert counter.take() == ["TransactWriteItems"]  # claim and start count: one request
@@ -65,7 +65,7 @@ def test_a_claimed_reservation_starts_once(limiter: RateLimiter) -> None:
 
 
 def test_an_unclaimed_reservation_costs_one_update(limiter: RateLimiter) -> None:
-    counter = Counter(limiter.client)
+    counter = Counter(limiter)
     lease = limiter.restore(_carried(limiter, None))
     counter.take()
     limiter.start(lease)

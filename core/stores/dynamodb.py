@@ -82,14 +82,9 @@ READ_TIMEOUT = 5.0
 """Seconds to wait for a reply once the request is sent."""
 
 THROTTLING_CODES = frozenset(
-    {
-        "ProvisionedThroughputExceededException",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "InternalServerError",
-        "ServiceUnavailable",
-    }
+    {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"}
 )
+SERVER_ERROR_CODES = frozenset({"InternalServerError", "ServiceUnavailable"})
 
 Request = tuple[str, dict[str, Any]]
 
@@ -421,7 +416,7 @@ class Codec:
         if code in THROTTLING_CODES:
             return Reply(code=THROTTLED, message=text)
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if isinstance(status, int) and status >= 500:
+        if code in SERVER_ERROR_CODES or (isinstance(status, int) and status >= 500):
             return Reply(code=UNAVAILABLE, message=text)
         return Reply(code=ERROR, message=text)
 
