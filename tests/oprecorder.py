@@ -146,7 +146,7 @@ def install() -> None:
     BaseClient._make_api_call = make_api_call
     try:
         from aiobotocore.client import AioBaseClient
-    except ImportError:  # pragma: no cover - aioboto3 is a dependency
+    except ImportError:  # pragma: no cover - aiobotocore is a dev dependency
         return
     aio_original = AioBaseClient._make_api_call
     _originals["aiobotocore"] = aio_original

@@ -62,3 +62,32 @@ def test_template_ships_and_passes_cfn_lint(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _resolve(tmp_path: Path, name: str, *requirements: str) -> dict[str, str]:
+    """What pip would install for ``requirements`` into an empty environment."""
+    report = tmp_path / f"{name}.json"
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
+    result = subprocess.run(
+        [*pip, "--report", str(report), *requirements],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        from tests.conftest import unavailable
+
+        unavailable(f"pip could not resolve from the package index: {result.stderr[-300:]}")
+    import json
+
+    data = json.loads(report.read_text())
+    return {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in data["install"]}
+
+
+def test_installing_keeps_the_newest_boto3(tmp_path: Path) -> None:
+    """``pip install zae-celery`` beside the newest boto3 keeps it: nothing in the core
+    dependencies pins botocore (the asyncio client is the [async] extra)."""
+    newest = _resolve(tmp_path, "alone", "boto3")
+    together = _resolve(tmp_path, "with", str(REPO), "boto3")
+    assert together["boto3"] == newest["boto3"]
+    assert together["botocore"] == newest["botocore"]
+    assert "aiobotocore" not in together and "aioboto3" not in together

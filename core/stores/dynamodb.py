@@ -450,7 +450,7 @@ class DynamoDBStore:
         table_name: the table.
         endpoint_url: a local endpoint (moto server, DynamoDB Local); None for AWS.
         region: AWS region; None for the boto3 chain (``us-east-1`` for a local endpoint).
-        session: a boto3 session (sync) or an aiobotocore/aioboto3 session (asyncio) to
+        session: a boto3 session (sync) or an aiobotocore (or aioboto3) session (asyncio) to
             create the client from.
     """
 
