@@ -12,58 +12,48 @@ from __future__ import annotations
 import logging
 import math
 import random
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Literal, TypeVar
 
 from . import bucket
 from .bucket import Step
 from .errors import (
-    IncompatibleSchema,
     LeaseClaimed,
     LimitStatus,
     RateLimiterUnavailable,
     RateLimitExceeded,
     RequestExceedsBurst,
-    TableNotFound,
     ValidationError,
 )
-from .limits import MAX_TOKENS, Limit, check_limit_name, check_tokens
+from .lease import (
+    LeaseState,
+    Target,
+    start_tracks,
+    started_at_slot,
+    tracked,
+    with_start_track,
+)
+from .limits import Limit
 from .ops import (
     CLAIMED,
     CONDITION,
-    EXISTS,
-    NO_TABLE,
-    THROTTLED,
     Bucket,
-    BucketKey,
     CreateClaim,
-    CreateTable,
-    DeleteLimits,
-    DeleteTable,
-    EnableExpiry,
-    EntityRecord,
     Flow,
     ItemWrite,
-    PutEntity,
-    PutLimits,
     ReadBucket,
-    ReadEntity,
-    ReadSchema,
     Reply,
     Sleep,
-    StampSchema,
-    TableStatus,
     WriteBuckets,
 )
 from .ops import tat as _tat
+from .records import EntityConfig, Records, merge
 from .schema import (
-    ANY_RESOURCE,
-    SCHEMA_VERSION,
     check_id,
 )
+from .validation import check_amounts, check_horizon, check_limits
 
 __all__ = [
     "Clock",
@@ -84,187 +74,8 @@ OnUnavailable = Literal["closed", "open"]
 Item = Bucket
 
 
-@dataclass(frozen=True)
-class Target:
-    """One bucket item to consume from: an (entity, resource) with its limits."""
-
-    entity_id: str
-    resource: str
-    limits: tuple[Limit, ...]
-    consume: Mapping[str, int]
-
-    @property
-    def key(self) -> BucketKey:
-        """The bucket item's key."""
-        return BucketKey(self.entity_id, self.resource)
-
-    def limit(self, name: str) -> Limit | None:
-        """The limit called ``name``, if this target has one."""
-        return next((lim for lim in self.limits if lim.name == name), None)
-
-
-@dataclass
-class LeaseState:
-    """What a granted request holds: the targets it consumed from and the running totals."""
-
-    targets: tuple[Target, ...]
-    consumed: dict[str, int]
-    granted_ms: int
-    start_ms: int
-    unchecked: bool = False
-    closed: bool = False
-    started_ms: int | None = None
-    start_tracked: bool = False
-    tats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
-    """The TATs the granting write left (by attribute), when it returned them."""
-    claim: str | None = None
-    """Set on a reservation that travels (e.g. in a deferred message): its start also
-    creates a claim item named by it, so a second delivery cannot start on it again."""
-
-    @property
-    def wait(self) -> float:
-        """Seconds from the grant until the caller may start (0 unless reserved ahead)."""
-        return max(0, self.start_ms - self.granted_ms) / 1000
-
-    @property
-    def start_at(self) -> float:
-        """The clock time (seconds) at which the caller may start."""
-        return self.start_ms / 1000
-
-    @property
-    def paced(self) -> bool:
-        """True when no start remains to be counted (see :meth:`Engine.start`)."""
-        return self.start_tracked or self.unchecked or not self.targets
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly form, e.g. to travel with a deferred Celery message."""
-        return {
-            "targets": [
-                {
-                    "entity_id": t.entity_id,
-                    "resource": t.resource,
-                    "limits": [lim.to_dict() for lim in t.limits],
-                    "consume": dict(t.consume),
-                }
-                for t in self.targets
-            ],
-            "consumed": dict(self.consumed),
-            "granted_ms": self.granted_ms,
-            "start_ms": self.start_ms,
-            **({"claim": self.claim} if self.claim is not None else {}),
-            # Granted unchecked (open mode, store unreachable): nothing to start or refund.
-            **({"unchecked": True} if self.unchecked else {}),
-            # A start already counted (at a slot that may lie ahead): it travels too.
-            **(
-                {"started_ms": self.started_ms}
-                if self.start_tracked and self.started_ms is not None
-                else {}
-            ),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LeaseState:
-        """The inverse of :meth:`to_dict`; ValidationError when it is malformed."""
-        try:
-            targets = tuple(
-                Target(
-                    check_id("entity_id", t["entity_id"]),
-                    check_id("resource", t["resource"]),
-                    tuple(Limit.from_dict(d) for d in t["limits"]),
-                    _check_amounts("consume", t["consume"], negative=False),
-                )
-                for t in data["targets"]
-            )
-            claim = data.get("claim")
-            if claim is not None and (not isinstance(claim, str) or not 0 < len(claim) <= 512):
-                raise ValidationError("lease.claim", "malformed claim", "a string of 1..512")
-            started = data.get("started_ms")
-            if started is not None and (isinstance(started, bool) or not isinstance(started, int)):
-                raise ValidationError("lease.started_ms", "malformed start", "an integer of ms")
-            return cls(
-                targets,
-                _check_amounts("consumed", data["consumed"], negative=False),
-                int(data["granted_ms"]),
-                int(data["start_ms"]),
-                claim=claim,
-                started_ms=started,
-                start_tracked=started is not None,
-                unchecked=data.get("unchecked") is True,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ValidationError):
-                raise
-            raise ValidationError("lease", f"malformed lease: {exc}") from exc
-
-
-@dataclass
-class _Cached:
-    value: Any
-    expires: float
-
-
-@dataclass
-class EntityConfig:
-    """An entity's stored record: parent, cascade flag and stored limits per resource."""
-
-    entity_id: str
-    exists: bool = False
-    parent_id: str | None = None
-    cascade: bool = False
-    limits: dict[str, tuple[Limit, ...]] = field(default_factory=dict)
-
-    def limits_for(self, resource: str) -> tuple[Limit, ...]:
-        """Stored limits that apply to ``resource`` (its own over the entity-wide ones)."""
-        merged = {lim.name: lim for lim in self.limits.get(ANY_RESOURCE, ())}
-        merged.update({lim.name: lim for lim in self.limits.get(resource, ())})
-        return tuple(merged.values())
-
-
-def _merge(code: Sequence[Limit], stored: Sequence[Limit]) -> tuple[Limit, ...]:
-    merged = {lim.name: lim for lim in code}
-    merged.update({lim.name: lim for lim in stored})
-    return tuple(merged.values())
-
-
-def _check_limits(limits: Any) -> tuple[Limit, ...]:
-    if isinstance(limits, Limit) or not isinstance(limits, Iterable):
-        raise ValidationError("limits", "must be a list of Limit", "[Limit.per_minute(...), ...]")
-    result = tuple(limits)
-    names = set()
-    for lim in result:
-        if not isinstance(lim, Limit):
-            raise ValidationError("limits", f"{lim!r} is not a Limit", "Limit objects")
-        if lim.name in names:
-            raise ValidationError("limits", f"limit name {lim.name!r} appears twice", "unique")
-        names.add(lim.name)
-    return result
-
-
-def _check_amounts(field: str, amounts: Any, *, negative: bool) -> dict[str, int]:
-    if not isinstance(amounts, Mapping):
-        raise ValidationError(field, "must be a mapping of limit name to tokens", "{'rpm': 1}")
-    result: dict[str, int] = {}
-    for name, value in amounts.items():
-        check_limit_name(f"{field}[{name!r}]", name)
-        if negative:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValidationError(
-                    f"{field}.{name}",
-                    "must be an integer number of tokens",
-                    f"an integer -{MAX_TOKENS}..{MAX_TOKENS}",
-                )
-            if abs(value) > MAX_TOKENS:
-                raise ValidationError(
-                    f"{field}.{name}", f"{value} is out of range", f"-{MAX_TOKENS}..{MAX_TOKENS}"
-                )
-        else:
-            check_tokens(f"{field}.{name}", value, minimum=0)
-        result[name] = value
-    return result
-
-
-class Engine:
-    """Limiter state shared by the sync and async front ends, and their flows."""
+class Engine(Records):
+    """Limiter state shared by the sync and async front ends, and their decisions."""
 
     def __init__(
         self,
@@ -278,20 +89,13 @@ class Engine:
     ) -> None:
         if on_unavailable not in ("closed", "open"):
             raise ValidationError("on_unavailable", f"{on_unavailable!r}", "'closed' or 'open'")
-        if not isinstance(config_ttl, (int, float)) or not 0 <= config_ttl < math.inf:
-            raise ValidationError("config_ttl", f"{config_ttl!r}", "seconds >= 0")
-        self.clock = clock
+        super().__init__(clock=clock, stored_config=stored_config, config_ttl=config_ttl)
         self.on_unavailable: OnUnavailable = on_unavailable
-        self.stored_config = stored_config
-        self.config_ttl = float(config_ttl)
         self.max_attempts = max_attempts
         self.local_refusals = local_refusals
         self.unavailable_grants = 0
-        self._schema_ok = False
-        self._lock = threading.Lock()
         self._tats: dict[tuple[str, str, str], int | None] = {}
         self._busy: set[tuple[str, str, str]] = set()
-        self._configs: dict[str, _Cached] = {}
 
     # -- time and caches ----------------------------------------------------------------
     def now_ms(self) -> int:
@@ -338,145 +142,8 @@ class Engine:
         for lim in target.limits:
             self._tats[(target.entity_id, target.resource, lim.key)] = _tat(item, lim)
 
-    def forget_config(self, entity_id: str | None = None) -> None:
-        """Drop cached stored limits and entity records (all, or one entity's)."""
-        with self._lock:
-            if entity_id is None:
-                self._configs.clear()
-            else:
-                self._configs.pop(entity_id, None)
-
-    # -- errors ---------------------------------------------------------------------------
-    def raise_for(self, reply: Reply) -> None:
-        """Turn an unexpected error reply into the engine's error."""
-        if reply.ok:
-            return
-        if reply.code == NO_TABLE:
-            raise TableNotFound(reply.message)
-        if reply.code == THROTTLED:
-            raise RateLimiterUnavailable(f"the store throttled the request: {reply.message}")
-        raise RateLimiterUnavailable(reply.message or f"store error {reply.code}")
-
-    # -- schema ---------------------------------------------------------------------------
-    def ensure_schema(self) -> Flow[None]:
-        """Check (once per limiter) that the table speaks this engine's schema version."""
-        if self._schema_ok:
-            return
-        reply = yield ReadSchema()
-        self.raise_for(reply)
-        found = reply.value
-        if found is None:
-            # A table made by the CloudFormation stack: stamp it.
-            yield from self._stamp_schema()
-        elif found != SCHEMA_VERSION:
-            raise IncompatibleSchema(
-                f"the table has schema version {found}; this zae-celery speaks version "
-                f"{SCHEMA_VERSION}. Upgrade zae-celery or use another table."
-            )
-        self._schema_ok = True
-
-    def _stamp_schema(self) -> Flow[None]:
-        reply = yield StampSchema(SCHEMA_VERSION)
-        if reply.code != EXISTS:
-            self.raise_for(reply)
-
-    def create_table(self) -> Flow[bool]:
-        """Create the table (on-demand, TTL on ``ttl``) and stamp its schema version.
-
-        Returns False when it already existed (its schema version is then checked).
-        """
-        reply = yield CreateTable()
-        created = reply.ok
-        if not created and reply.code != EXISTS:
-            self.raise_for(reply)
-        for _ in range(600):
-            status = yield TableStatus()
-            self.raise_for(status)
-            if status.value:
-                break
-            yield Sleep(0.1)
-        else:
-            raise RateLimiterUnavailable("the table did not become ACTIVE within a minute")
-        if created:
-            self.raise_for((yield EnableExpiry()))
-            yield from self._stamp_schema()
-        yield from self.ensure_schema()
-        return bool(created)
-
-    def delete_table(self) -> Flow[None]:
-        """Delete the table (local endpoints, tests)."""
-        self.raise_for((yield DeleteTable()))
-        self._schema_ok = False
-
-    # -- stored configuration ---------------------------------------------------------------
-    def entity_config(self, entity_id: str, *, fresh: bool = False) -> Flow[EntityConfig]:
-        """An entity's record and stored limits (one read, cached for ``config_ttl``)."""
-        now = self.clock()
-        cached = self._configs.get(entity_id)
-        if cached is not None and cached.expires > now and not fresh:
-            config: EntityConfig = cached.value
-            return config
-        reply = yield ReadEntity(entity_id)
-        self.raise_for(reply)
-        record: EntityRecord = reply.value
-        config = EntityConfig(
-            entity_id, record.exists, record.parent_id, record.cascade, dict(record.limits)
-        )
-        with self._lock:
-            self._configs[entity_id] = _Cached(config, now + self.config_ttl)
-        return config
-
-    def create_entity(
-        self, entity_id: str, parent_id: str | None = None, cascade: bool = False
-    ) -> Flow[None]:
-        """Create or replace an entity record (``parent_id``; ``cascade`` to the parent)."""
-        check_id("entity_id", entity_id)
-        if parent_id is not None:
-            check_id("parent_id", parent_id)
-            if parent_id == entity_id:
-                raise ValidationError("parent_id", "an entity cannot be its own parent")
-        if not isinstance(cascade, bool):
-            raise ValidationError("cascade", "must be True or False")
-        if cascade and parent_id is None:
-            raise ValidationError("cascade", "cascade needs a parent_id")
-        yield from self.ensure_schema()
-        self.raise_for((yield PutEntity(entity_id, parent_id, cascade)))
-        self.forget_config(entity_id)
-
-    def set_limits(
-        self, entity_id: str, limits: Sequence[Limit], resource: str | None = None
-    ) -> Flow[None]:
-        """Store limits for an entity (one resource, or every resource when None)."""
-        check_id("entity_id", entity_id)
-        if resource is not None:
-            check_id("resource", resource)
-        checked = _check_limits(limits)
-        if not checked:
-            raise ValidationError("limits", "is empty", "at least one Limit (or delete_limits)")
-        yield from self.ensure_schema()
-        self.raise_for((yield PutLimits(entity_id, resource, checked)))
-        self.forget_config(entity_id)
-
-    def get_limits(self, entity_id: str, resource: str | None = None) -> Flow[list[Limit]]:
-        """The limits stored for an entity and resource (``None``: entity-wide), or []."""
-        check_id("entity_id", entity_id)
-        if resource is not None:
-            check_id("resource", resource)
-        yield from self.ensure_schema()
-        config = yield from self.entity_config(entity_id, fresh=True)
-        return list(config.limits.get(ANY_RESOURCE if resource is None else resource, ()))
-
-    def delete_limits(self, entity_id: str, resource: str | None = None) -> Flow[None]:
-        """Delete the limits stored for an entity and resource."""
-        check_id("entity_id", entity_id)
-        if resource is not None:
-            check_id("resource", resource)
-        yield from self.ensure_schema()
-        self.raise_for((yield DeleteLimits(entity_id, resource)))
-        self.forget_config(entity_id)
-
     # -- targets --------------------------------------------------------------------------
-    def targets(
+    def _targets(
         self,
         entity_id: str,
         resource: str,
@@ -492,18 +159,18 @@ class Engine:
         """
         check_id("entity_id", entity_id)
         check_id("resource", resource)
-        code_limits = _check_limits(limits)
-        amounts = _check_amounts("consume", consume, negative=False)
+        code_limits = check_limits(limits)
+        amounts = check_amounts("consume", consume, negative=False)
         yield from self.ensure_schema()
         own = code_limits
         chain: list[tuple[str, tuple[Limit, ...]]] = []
         if self.stored_config:
-            config = yield from self.entity_config(entity_id)
-            own = _merge(code_limits, config.limits_for(resource))
+            config = yield from self._entity_config(entity_id)
+            own = merge(code_limits, config.limits_for(resource))
             chain.append((entity_id, own))
             if config.cascade and config.parent_id:
-                parent = yield from self.entity_config(config.parent_id)
-                chain.append((config.parent_id, _merge(code_limits, parent.limits_for(resource))))
+                parent = yield from self._entity_config(config.parent_id)
+                chain.append((config.parent_id, merge(code_limits, parent.limits_for(resource))))
         else:
             chain.append((entity_id, own))
         if not own:
@@ -527,7 +194,7 @@ class Engine:
         for ent, res, extra_limits in extra:
             check_id("entity_id", ent)
             check_id("resource", res)
-            checked = _check_limits(extra_limits)
+            checked = check_limits(extra_limits)
             theirs = {lim.name: amounts.get(lim.name, 1) for lim in checked}
             for lim in checked:
                 if theirs[lim.name] > lim.burst:
@@ -556,13 +223,13 @@ class Engine:
         does not (the caller calls :meth:`start` at its slot).
         In ``open`` mode an unavailable store grants an unchecked lease and logs a warning.
         """
-        horizon_ms = _horizon_ms(horizon)
-        within_ms = min(_horizon_ms(start_within), horizon_ms)
+        horizon_ms = check_horizon(horizon)
+        within_ms = min(check_horizon(start_within), horizon_ms)
         try:
-            targets = yield from self.targets(entity_id, resource, consume, limits, extra)
+            targets = yield from self._targets(entity_id, resource, consume, limits, extra)
             if not pace:
                 return (yield from self._consume(targets, horizon_ms, align=True))
-            paced = _with_start_track(targets)
+            paced = with_start_track(targets)
             if horizon_ms == 0 or self._may_grant_within(paced, within_ms):
                 try:
                     lease = yield from self._consume(paced, within_ms, align=True)
@@ -570,7 +237,7 @@ class Engine:
                     if horizon_ms == 0 or exc.retry_after * 1000 > horizon_ms:
                         raise
                 else:
-                    return _started_at_slot(lease, targets)
+                    return started_at_slot(lease, targets)
             return (yield from self._consume(targets, horizon_ms))
         except RateLimiterUnavailable as exc:
             now = self._unchecked(exc, "granting unchecked")
@@ -624,12 +291,12 @@ class Engine:
                 if lease.started_ms is None:
                     lease.started_ms = self.now_ms()
                 return 0.0
-            tracks = _start_tracks(lease.targets)
+            tracks = start_tracks(lease.targets)
             claim = None
             if lease.claim is not None:
                 claim = (lease.targets[0].entity_id, lease.claim)
             counted = yield from self._consume(
-                tracks, _horizon_ms(horizon), align=True, claim=claim
+                tracks, check_horizon(horizon), align=True, claim=claim
             )
         except RateLimiterUnavailable as exc:
             lease.started_ms = self._unchecked(exc, "the lease starts its reserved slot unchecked")
@@ -645,7 +312,7 @@ class Engine:
         reply = yield CreateClaim(lease.targets[0].entity_id, str(lease.claim), ttl)
         if reply.code == CLAIMED:
             raise LeaseClaimed("this reservation was already started by another delivery")
-        self.raise_for(reply)
+        self._raise_for(reply)
 
     def block(
         self, entity_id: str, resource: str, limits: Sequence[Limit], seconds: float
@@ -659,9 +326,9 @@ class Engine:
         check_id("resource", resource)
         # The start track too: tasks already holding reservations must not start
         # during the block either.
-        checked = _check_limits(limits)
+        checked = check_limits(limits)
         checked += tuple(lim.start_track() for lim in checked)
-        wait_ms = _horizon_ms(seconds)
+        wait_ms = check_horizon(seconds)
         target = Target(entity_id, resource, checked, {lim.name: 0 for lim in checked})
         pending = list(checked)
         for _ in range(self.max_attempts):
@@ -707,7 +374,7 @@ class Engine:
             # TATs only grow (but for refunds), so the last values this process saw are
             # lower bounds: a refusal they predict is certain, and costs no request.
             now_ms = self.now_ms()
-            violations, passed = self.statuses(targets, self._seen(targets), now_ms, horizon_ms)
+            violations, passed = self._statuses(targets, self._seen(targets), now_ms, horizon_ms)
             if violations:
                 raise RateLimitExceeded(violations, passed)
         known: Sequence[Item | None] | None = None
@@ -759,7 +426,7 @@ class Engine:
             for t, item in returned:
                 self._remember(t, item)
                 self._note_seen(t, item, now_ms)
-            violations, passed = self.statuses(
+            violations, passed = self._statuses(
                 [t for t, _ in returned], [item for _, item in returned], now_ms, horizon_ms
             )
             if violations:
@@ -767,7 +434,7 @@ class Engine:
                 raise RateLimitExceeded(violations, passed + self._held(held, now_ms))
             if len(returned) < len(targets):
                 current = yield from self._read(targets)
-                violations, passed = self.statuses(targets, current, now_ms, horizon_ms)
+                violations, passed = self._statuses(targets, current, now_ms, horizon_ms)
                 if violations:
                     raise RateLimitExceeded(violations, passed)
             known = current
@@ -785,7 +452,7 @@ class Engine:
     def _held(self, targets: Sequence[Target], now_ms: int) -> list[LimitStatus]:
         """The statuses of the items of a refused transaction whose condition held (the
         store returns none of them): as this process last saw them, none refused."""
-        violations, passed = self.statuses(targets, self._seen(targets), now_ms)
+        violations, passed = self._statuses(targets, self._seen(targets), now_ms)
         return passed + [
             replace(v, available=max(v.available, float(v.requested)), retry_after=0.0)
             for v in violations
@@ -843,18 +510,18 @@ class Engine:
             (ItemWrite(target.key, tuple(pads)),),
             self._ttl(lease.granted_ms, start - lease.granted_ms, None, [target]),
         )
-        self.raise_for(reply)
+        self._raise_for(reply)
         self._remember(target, reply.value[0])
 
     def _read(self, targets: Sequence[Target]) -> Flow[Sequence[Item | None]]:
         items: list[Item | None] = []
         for t in targets:
             reply = yield ReadBucket(t.key)
-            self.raise_for(reply)
+            self._raise_for(reply)
             items.append(reply.value)
         return items
 
-    def statuses(
+    def _statuses(
         self,
         targets: Sequence[Target],
         items: Sequence[Item | None],
@@ -890,7 +557,7 @@ class Engine:
             raise ValidationError("lease", "is already committed or rolled back")
         if lease.unchecked or not lease.targets:
             return
-        amounts = _check_amounts("adjust", deltas, negative=True)
+        amounts = check_amounts("adjust", deltas, negative=True)
         own = lease.targets[0]
         for name, delta in amounts.items():
             if own.limit(name) is None:
@@ -908,7 +575,7 @@ class Engine:
         changes = {n: d for n, d in amounts.items() if d}
         if not changes:
             return
-        yield from self._change(_tracked(lease), changes)
+        yield from self._change(tracked(lease), changes)
         for name, delta in changes.items():
             lease.consumed[name] = lease.consumed.get(name, 0) + delta
 
@@ -961,7 +628,7 @@ class Engine:
             return
         refund = {name: -n for name, n in lease.consumed.items() if n}
         if refund and not lease.unchecked:
-            yield from self._change(_tracked(lease), refund)
+            yield from self._change(tracked(lease), refund)
             lease.consumed = {name: 0 for name in lease.consumed}
         lease.closed = True
 
@@ -970,7 +637,7 @@ class Engine:
         self, entity_id: str, resource: str, limits: Sequence[Limit]
     ) -> Flow[dict[str, float]]:
         """Tokens available now per limit name (negative: debt), without consuming."""
-        targets = yield from self.targets(entity_id, resource, {}, limits)
+        targets = yield from self._targets(entity_id, resource, {}, limits)
         own = targets[0]
         items = yield from self._read([own])
         now_ms = self.now_ms()
@@ -993,36 +660,6 @@ class Engine:
         return (now_ms + horizon_ms + longest) // 1000 + 86_400
 
 
-def _start_tracks(targets: tuple[Target, ...]) -> tuple[Target, ...]:
-    """The start-track copies of the targets' limits (same buckets, counting starts)."""
-    return tuple(
-        Target(t.entity_id, t.resource, tuple(lim.start_track() for lim in t.limits), t.consume)
-        for t in targets
-    )
-
-
-def _with_start_track(targets: tuple[Target, ...]) -> tuple[Target, ...]:
-    """Each target with its limits and their start-track copies, for one write."""
-    return tuple(
-        Target(t.entity_id, t.resource, t.limits + s.limits, t.consume)
-        for t, s in zip(targets, _start_tracks(targets), strict=True)
-    )
-
-
-def _started_at_slot(lease: LeaseState, targets: tuple[Target, ...]) -> LeaseState:
-    """A lease whose start was counted at its slot, holding only the quota targets."""
-    lease.targets = targets
-    lease.start_tracked = True
-    lease.started_ms = lease.start_ms
-    return lease
-
-
-def _tracked(lease: LeaseState) -> tuple[Target, ...]:
-    """The targets an adjustment applies to: with the start track when it was counted,
-    so reported usage also delays the *starts* of tasks already holding reservations."""
-    return _with_start_track(lease.targets) if lease.start_tracked else lease.targets
-
-
 def _backoff(attempt: int) -> Sleep:
     """A short random pause after losing the same item twice to other writers."""
     return Sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
@@ -1032,14 +669,6 @@ def _refused(engine: Engine, reply: Reply) -> tuple[Item | None, ...]:
     """The current items of a write refused for its condition; the engine's error for
     any other failure."""
     if reply.code != CONDITION:
-        engine.raise_for(reply)
+        engine._raise_for(reply)
         raise RateLimiterUnavailable(f"unexpected reply {reply.code}")
     return reply.current
-
-
-def _horizon_ms(horizon: Any) -> int:
-    if isinstance(horizon, bool) or not isinstance(horizon, (int, float)):
-        raise ValidationError("horizon", "must be a number of seconds")
-    if not math.isfinite(horizon) or horizon < 0 or horizon > 86_400:
-        raise ValidationError("horizon", f"{horizon!r}", "0..86400 seconds")
-    return math.floor(horizon * 1000)

@@ -1,0 +1,172 @@
+"""What a granted request holds (:class:`LeaseState`) and how it travels (its ticket).
+
+Private to the core: callers hold a :class:`~.limiter.Lease` (or ``AsyncLease``), whose
+:meth:`~.transport.LeaseView.ticket` is the documented, versioned serialised form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ValidationError
+from .limits import Limit
+from .ops import BucketKey
+from .validation import check_amounts, check_id
+
+__all__ = [
+    "TICKET_VERSION",
+    "LeaseState",
+    "Target",
+    "start_tracks",
+    "started_at_slot",
+    "tracked",
+    "with_start_track",
+]
+
+TICKET_VERSION = 1
+"""The version of a lease's ticket; a ticket of another version is refused."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One bucket item to consume from: an (entity, resource) with its limits."""
+
+    entity_id: str
+    resource: str
+    limits: tuple[Limit, ...]
+    consume: Mapping[str, int]
+
+    @property
+    def key(self) -> BucketKey:
+        """The bucket item's key."""
+        return BucketKey(self.entity_id, self.resource)
+
+    def limit(self, name: str) -> Limit | None:
+        """The limit called ``name``, if this target has one."""
+        return next((lim for lim in self.limits if lim.name == name), None)
+
+
+@dataclass
+class LeaseState:
+    """What a granted request holds: the targets it consumed from and the running totals."""
+
+    targets: tuple[Target, ...]
+    consumed: dict[str, int]
+    granted_ms: int
+    start_ms: int
+    unchecked: bool = False
+    closed: bool = False
+    started_ms: int | None = None
+    start_tracked: bool = False
+    tats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    """The TATs the granting write left (by attribute), when it returned them."""
+    claim: str | None = None
+    """Set on a reservation that travels (e.g. in a deferred message): its start also
+    creates a claim item named by it, so a second delivery cannot start on it again."""
+
+    @property
+    def wait(self) -> float:
+        """Seconds from the grant until the caller may start (0 unless reserved ahead)."""
+        return max(0, self.start_ms - self.granted_ms) / 1000
+
+    @property
+    def start_at(self) -> float:
+        """The clock time (seconds) at which the caller may start."""
+        return self.start_ms / 1000
+
+    @property
+    def paced(self) -> bool:
+        """True when no start remains to be counted (see :meth:`Engine.start`)."""
+        return self.start_tracked or self.unchecked or not self.targets
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly form, e.g. to travel with a deferred Celery message."""
+        return {
+            "targets": [
+                {
+                    "entity_id": t.entity_id,
+                    "resource": t.resource,
+                    "limits": [lim.to_dict() for lim in t.limits],
+                    "consume": dict(t.consume),
+                }
+                for t in self.targets
+            ],
+            "consumed": dict(self.consumed),
+            "granted_ms": self.granted_ms,
+            "start_ms": self.start_ms,
+            **({"claim": self.claim} if self.claim is not None else {}),
+            # Granted unchecked (open mode, store unreachable): nothing to start or refund.
+            **({"unchecked": True} if self.unchecked else {}),
+            # A start already counted (at a slot that may lie ahead): it travels too.
+            **(
+                {"started_ms": self.started_ms}
+                if self.start_tracked and self.started_ms is not None
+                else {}
+            ),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LeaseState:
+        """The inverse of :meth:`to_dict`; ValidationError when it is malformed."""
+        try:
+            targets = tuple(
+                Target(
+                    check_id("entity_id", t["entity_id"]),
+                    check_id("resource", t["resource"]),
+                    tuple(Limit.from_dict(d) for d in t["limits"]),
+                    check_amounts("consume", t["consume"], negative=False),
+                )
+                for t in data["targets"]
+            )
+            claim = data.get("claim")
+            if claim is not None and (not isinstance(claim, str) or not 0 < len(claim) <= 512):
+                raise ValidationError("lease.claim", "malformed claim", "a string of 1..512")
+            started = data.get("started_ms")
+            if started is not None and (isinstance(started, bool) or not isinstance(started, int)):
+                raise ValidationError("lease.started_ms", "malformed start", "an integer of ms")
+            return cls(
+                targets,
+                check_amounts("consumed", data["consumed"], negative=False),
+                int(data["granted_ms"]),
+                int(data["start_ms"]),
+                claim=claim,
+                started_ms=started,
+                start_tracked=started is not None,
+                unchecked=data.get("unchecked") is True,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ValidationError):
+                raise
+            raise ValidationError("lease", f"malformed lease: {exc}") from exc
+
+
+def start_tracks(targets: tuple[Target, ...]) -> tuple[Target, ...]:
+    """The start-track copies of the targets' limits (same buckets, counting starts)."""
+    return tuple(
+        Target(t.entity_id, t.resource, tuple(lim.start_track() for lim in t.limits), t.consume)
+        for t in targets
+    )
+
+
+def with_start_track(targets: tuple[Target, ...]) -> tuple[Target, ...]:
+    """Each target with its limits and their start-track copies, for one write."""
+    return tuple(
+        Target(t.entity_id, t.resource, t.limits + s.limits, t.consume)
+        for t, s in zip(targets, start_tracks(targets), strict=True)
+    )
+
+
+def started_at_slot(lease: LeaseState, targets: tuple[Target, ...]) -> LeaseState:
+    """A lease whose start was counted at its slot, holding only the quota targets."""
+    lease.targets = targets
+    lease.start_tracked = True
+    lease.started_ms = lease.start_ms
+    return lease
+
+
+def tracked(lease: LeaseState) -> tuple[Target, ...]:
+    """The targets an adjustment applies to: with the start track when it was counted,
+    so reported usage also delays the *starts* of tasks already holding reservations."""
+    return with_start_track(lease.targets) if lease.start_tracked else lease.targets
