@@ -4,6 +4,7 @@
 """
 
 from .aio import AsyncLease, AsyncRateLimiter
+from .engine import BucketStatus
 from .errors import (
     CircuitOpen,
     EndpointUnreachable,
@@ -17,12 +18,15 @@ from .errors import (
     ValidationError,
     ZaeError,
 )
+from .lease import BucketRef, Slot
 from .limiter import Lease, RateLimiter
 from .limits import Limit
 
 __all__ = [
     "AsyncLease",
     "AsyncRateLimiter",
+    "BucketRef",
+    "BucketStatus",
     "CircuitOpen",
     "EndpointUnreachable",
     "IncompatibleSchema",
@@ -34,6 +38,7 @@ __all__ = [
     "RateLimiter",
     "RateLimiterUnavailable",
     "RequestExceedsBurst",
+    "Slot",
     "TableNotFound",
     "ValidationError",
     "ZaeError",

@@ -10,11 +10,11 @@ from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .engine import Flow, LeaseState
+from .engine import BucketStatus, Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
 from .ops import Done, Op, Reply, Sleep, resume
-from .transport import LeaseView, LimiterBase
+from .transport import LeaseView, LimiterBase, Slot
 
 __all__ = ["AsyncLease", "AsyncRateLimiter"]
 
@@ -133,18 +133,14 @@ class AsyncRateLimiter(LimiterBase):
         *,
         horizon: float = 0.0,
         rollback_on_error: bool = True,
-        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
-        pace: bool = False,
-        start_within: float = 0.0,
+        slot: Slot | None = None,
     ) -> _Acquiring:
-        """Like :meth:`RateLimiter.acquire` (same arguments, including ``extra``,
-        ``pace`` and ``start_within``); ``await`` it or use ``async with``."""
+        """Like :meth:`RateLimiter.acquire` (same arguments, ``slot`` included);
+        ``await`` it or use ``async with``."""
 
         async def make() -> AsyncLease:
             state = await self._run(
-                self.engine.acquire(
-                    entity_id, resource, consume or {}, limits, horizon, extra, pace, start_within
-                )
+                self.engine.acquire(entity_id, resource, consume or {}, limits, horizon, slot)
             )
             return AsyncLease(self, state, rollback_on_error)
 
@@ -159,9 +155,7 @@ class AsyncRateLimiter(LimiterBase):
         *,
         horizon: float = 60.0,
         rollback_on_error: bool = True,
-        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
-        pace: bool = False,
-        start_within: float = 0.0,
+        slot: Slot | None = None,
     ) -> _Acquiring:
         """Like :meth:`RateLimiter.reserve`."""
         return self.acquire(
@@ -171,9 +165,7 @@ class AsyncRateLimiter(LimiterBase):
             limits,
             horizon=horizon,
             rollback_on_error=rollback_on_error,
-            extra=extra,
-            pace=pace,
-            start_within=start_within,
+            slot=slot,
         )
 
     async def available(
@@ -181,6 +173,13 @@ class AsyncRateLimiter(LimiterBase):
     ) -> dict[str, float]:
         """Tokens available now per limit (negative while in debt). One read."""
         return await self._run(self.engine.available(entity_id, resource, limits))
+
+    async def buckets(
+        self, entity_id: str, resource: str | None = None, limits: Sequence[Limit] = ()
+    ) -> list[BucketStatus]:
+        """Every limit's state in the buckets of ``entity_id`` (or one resource): stored
+        limits over ``limits``; see :class:`~zae_celery.core.BucketStatus`."""
+        return await self._run(self.engine.buckets(entity_id, resource, limits))
 
     async def warm_up(self) -> None:
         """Create the client and check the table's schema (one GetItem, once), so that
@@ -190,7 +189,7 @@ class AsyncRateLimiter(LimiterBase):
     async def start(self, lease: AsyncLease, horizon: float = 0.0) -> float:
         """Count a reserved lease's actual start; returns the seconds to wait first (up to
         ``horizon``), RateLimitExceeded beyond it."""
-        return await self._run(self.engine.start(lease.state, horizon))
+        return await self._run(self.engine.start(lease._state, horizon))
 
     async def block(
         self, entity_id: str, resource: str, limits: Sequence[Limit], seconds: float
@@ -198,9 +197,10 @@ class AsyncRateLimiter(LimiterBase):
         """Empty the buckets for ``seconds`` (a provider answered 429 with Retry-After)."""
         await self._run(self.engine.block(entity_id, resource, limits, seconds))
 
-    def restore(self, data: Mapping[str, Any], rollback_on_error: bool = True) -> AsyncLease:
-        """A lease from :meth:`LeaseState.to_dict` (e.g. carried by a deferred message)."""
-        return AsyncLease(self, LeaseState.from_dict(data), rollback_on_error)
+    def resume(self, ticket: Mapping[str, Any], rollback_on_error: bool = True) -> AsyncLease:
+        """The lease a ticket holds (``lease.ticket()``, e.g. carried by a deferred
+        message); ValidationError when the ticket is malformed or of another version."""
+        return AsyncLease(self, LeaseState.from_dict(ticket), rollback_on_error)
 
     async def create_entity(
         self, entity_id: str, parent_id: str | None = None, cascade: bool = False

@@ -9,12 +9,15 @@ hand back the reply
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
+import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
 from . import bucket
@@ -29,6 +32,7 @@ from .errors import (
 )
 from .lease import (
     LeaseState,
+    Slot,
     Target,
     start_tracks,
     started_at_slot,
@@ -43,6 +47,7 @@ from .ops import (
     CreateClaim,
     Flow,
     ItemWrite,
+    ListBuckets,
     ReadBucket,
     Reply,
     Sleep,
@@ -56,6 +61,7 @@ from .schema import (
 from .validation import check_amounts, check_horizon, check_limits
 
 __all__ = [
+    "BucketStatus",
     "Clock",
     "Engine",
     "EntityConfig",
@@ -67,6 +73,35 @@ __all__ = [
 ]
 
 log = logging.getLogger("zae_celery.core")
+
+_ATTRIBUTE = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*)@(?P<amount>\d+)/(?P<period>\d+)$")
+"""A limit's attribute in a bucket item (see ``Limit.key``); start tracks end in ``~start``."""
+
+
+@dataclass(frozen=True)
+class BucketStatus:
+    """One limit's state in one bucket, as :meth:`RateLimiter.buckets` reads it.
+
+    ``burst`` and ``available`` are None for an attribute whose limit is not known (not
+    passed, not stored): only the tokens in use can be told from its state then.
+    """
+
+    entity_id: str
+    resource: str
+    limit_name: str
+    refill_amount: int
+    refill_period_ms: int
+    burst: int | None
+    available: float | None
+    in_use: float
+    full_in: float
+    """Seconds until the bucket is full again (0: full)."""
+
+    @property
+    def in_debt(self) -> bool:
+        """True while more tokens are owed than the bucket holds (negative available)."""
+        return self.available is not None and self.available < 0
+
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -96,6 +131,7 @@ class Engine(Records):
         self.unavailable_grants = 0
         self._tats: dict[tuple[str, str, str], int | None] = {}
         self._busy: set[tuple[str, str, str]] = set()
+        self._tats_lock = threading.Lock()
 
     # -- time and caches ----------------------------------------------------------------
     def now_ms(self) -> int:
@@ -140,7 +176,21 @@ class Engine(Records):
 
     def _remember(self, target: Target, item: Item | None) -> None:
         for lim in target.limits:
-            self._tats[(target.entity_id, target.resource, lim.key)] = _tat(item, lim)
+            self._set_tat((target.entity_id, target.resource, lim.key), _tat(item, lim))
+
+    def _set_tat(self, key: tuple[str, str, str], tat: int | None) -> None:
+        """Remember a bucket's TAT; past ``cache_size`` buckets, the least recently
+        written quarter is forgotten (a worker seeing millions of tenants stays bounded;
+        a forgotten bucket only costs a wrong first guess)."""
+        with self._tats_lock:
+            tats = self._tats
+            tats.pop(key, None)
+            tats[key] = tat
+            excess = len(tats) - self.cache_size
+            if excess > 0:
+                for old in list(itertools.islice(tats, excess + self.cache_size // 4)):
+                    del tats[old]
+                    self._busy.discard(old)
 
     # -- targets --------------------------------------------------------------------------
     def _targets(
@@ -211,18 +261,20 @@ class Engine(Records):
         consume: Mapping[str, int],
         limits: Sequence[Limit],
         horizon: float = 0.0,
-        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
-        pace: bool = False,
-        start_within: float = 0.0,
+        slot: Slot | None = None,
     ) -> Flow[LeaseState]:
         """Grant ``consume`` now, or at a slot up to ``horizon`` seconds ahead, or refuse.
 
-        With ``pace``, a grant whose slot is at most ``start_within`` seconds ahead (now,
-        by default) also counts its start on the start track at that slot, in the same
-        write: the caller waits in place and starts exactly then. A later reservation
-        does not (the caller calls :meth:`start` at its slot).
+        ``slot`` (see :class:`~.transport.Slot`): further buckets consumed in the same
+        write, and with ``pace`` a grant whose slot is at most ``start_within`` seconds
+        ahead also counts its start on the start track at that slot, in the same write:
+        the caller waits in place and starts exactly then. A later reservation does not
+        (the caller calls :meth:`start` at its slot).
         In ``open`` mode an unavailable store grants an unchecked lease and logs a warning.
         """
+        extra, pace, start_within = (
+            (slot.extra, slot.pace, slot.start_within) if slot is not None else ((), False, 0.0)
+        )
         horizon_ms = check_horizon(horizon)
         within_ms = min(check_horizon(start_within), horizon_ms)
         try:
@@ -480,7 +532,7 @@ class Engine(Records):
             for t, w in zip(targets, writes, strict=False):
                 for step in w.steps:
                     if step.shape in (bucket.Shape.FRESH, bucket.Shape.EXACT):
-                        self._tats[(t.entity_id, t.resource, step.limit.key)] = step.amount
+                        self._set_tat((t.entity_id, t.resource, step.limit.key), step.amount)
                         start = max(start, bucket.start_ms(step.limit, step.amount, now_ms))
         consumed = {name: n for name, n in targets[0].consume.items()}
         return LeaseState(targets, consumed, now_ms, start, tats=tats)
@@ -636,12 +688,84 @@ class Engine(Records):
     def available(
         self, entity_id: str, resource: str, limits: Sequence[Limit]
     ) -> Flow[dict[str, float]]:
-        """Tokens available now per limit name (negative: debt), without consuming."""
+        """Tokens available now per limit name (negative: debt), without consuming: the
+        least of the entity's bucket and, with a cascade, its parent's (one read each)."""
         targets = yield from self._targets(entity_id, resource, {}, limits)
-        own = targets[0]
-        items = yield from self._read([own])
+        items = yield from self._read(targets)
         now_ms = self.now_ms()
-        return {lim.name: bucket.available(lim, _tat(items[0], lim), now_ms) for lim in own.limits}
+        result: dict[str, float] = {}
+        for target, item in zip(targets, items, strict=True):
+            for lim in target.limits:
+                tokens = bucket.available(lim, _tat(item, lim), now_ms)
+                result[lim.name] = min(result.get(lim.name, tokens), tokens)
+        return {lim.name: result[lim.name] for lim in targets[0].limits}
+
+    def buckets(
+        self, entity_id: str, resource: str | None = None, limits: Sequence[Limit] = ()
+    ) -> Flow[list[BucketStatus]]:
+        """Every limit's state in the buckets of ``entity_id`` (or of one resource).
+
+        Limits are those a request would apply: ``limits`` (a caller's code limits),
+        overridden by the entity's stored limits. A bucket attribute of no known limit
+        shows its tokens in use only. One read of the entity and one per page of buckets.
+        """
+        check_id("entity_id", entity_id)
+        if resource is not None:
+            check_id("resource", resource)
+        code_limits = check_limits(limits)
+        yield from self.ensure_schema()
+        config = yield from self._entity_config(entity_id, fresh=True)
+        items: dict[str, Item] = {}
+        after = None
+        while True:
+            reply = yield ListBuckets(entity_id, resource, after)
+            self._raise_for(reply)
+            page, after = reply.value
+            items.update(page)
+            if after is None:
+                break
+        now_ms = self.now_ms()
+        rows: list[BucketStatus] = []
+        for res in sorted(set(items) | ({resource} if resource is not None else set())):
+            item = items.get(res, {})
+            merged = merge(code_limits, config.limits_for(res))
+            for lim in merged:
+                available = bucket.available(lim, _tat(item, lim), now_ms)
+                in_use = lim.burst - available
+                rows.append(
+                    BucketStatus(
+                        entity_id,
+                        res,
+                        lim.name,
+                        lim.refill_amount,
+                        lim.refill_period_ms,
+                        lim.burst,
+                        available,
+                        in_use,
+                        max(0.0, in_use) / lim.rate,
+                    )
+                )
+            known = {lim.key for lim in merged}
+            for key, tat in sorted(item.items()):
+                match = _ATTRIBUTE.match(key)
+                if key in known or match is None:
+                    continue  # a known limit, or a start track
+                amount, period = int(match["amount"]), int(match["period"])
+                in_use = max(0.0, (tat - now_ms * amount) / period)
+                rows.append(
+                    BucketStatus(
+                        entity_id,
+                        res,
+                        match["name"],
+                        amount,
+                        period,
+                        None,
+                        None,
+                        in_use,
+                        in_use * period / amount / 1000,
+                    )
+                )
+        return rows
 
     def _ttl(
         self,

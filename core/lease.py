@@ -6,10 +6,12 @@ Private to the core: callers hold a :class:`~.limiter.Lease` (or ``AsyncLease``)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import bucket
 from .errors import ValidationError
 from .limits import Limit
 from .ops import BucketKey
@@ -17,7 +19,9 @@ from .validation import check_amounts, check_id
 
 __all__ = [
     "TICKET_VERSION",
+    "BucketRef",
     "LeaseState",
+    "Slot",
     "Target",
     "start_tracks",
     "started_at_slot",
@@ -81,9 +85,36 @@ class LeaseState:
         """True when no start remains to be counted (see :meth:`Engine.start`)."""
         return self.start_tracked or self.unchecked or not self.targets
 
+    def spacing(self) -> float:
+        """Seconds between two starts like this one on its tightest limit (its cost over
+        the limit's rate); 0 when it consumed nothing."""
+        return min(
+            (
+                bucket.cost(lim, tokens) / lim.refill_amount / 1000
+                for t in self.targets
+                for lim in t.limits
+                if (tokens := t.consume.get(lim.name, 0)) > 0
+            ),
+            default=0.0,
+        )
+
+    def claim_for(self, owner: str) -> None:
+        """Make the lease travel with a claim of ``owner`` (e.g. a task id): the first
+        start of its ticket creates the claim, a second one raises LeaseClaimed. A lease
+        resumed from a claimed ticket keeps its claim until its start is counted."""
+        if not isinstance(owner, str) or not 0 < len(owner) <= 256:
+            raise ValidationError("owner", f"{owner!r}", "a string of 1..256 characters")
+        if self.claim is None or self.start_tracked:
+            self.claim = f"{owner}:{uuid.uuid4().hex}"
+
+    def claimed_by(self, owner: str) -> bool:
+        """True when the lease carries a claim made for ``owner``."""
+        return self.claim is not None and self.claim.startswith(f"{owner}:")
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly form, e.g. to travel with a deferred Celery message."""
+        """The ticket: a JSON-friendly, versioned form (e.g. in a deferred message)."""
         return {
+            "v": TICKET_VERSION,
             "targets": [
                 {
                     "entity_id": t.entity_id,
@@ -109,7 +140,15 @@ class LeaseState:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LeaseState:
-        """The inverse of :meth:`to_dict`; ValidationError when it is malformed."""
+        """The inverse of :meth:`to_dict`; ValidationError when it is malformed or of
+        another version (a ticket without one is of version 1, as older releases wrote)."""
+        if not isinstance(data, Mapping):
+            raise ValidationError("ticket", f"{type(data).__name__}", "a lease's ticket (a dict)")
+        version = data.get("v", TICKET_VERSION)
+        if version != TICKET_VERSION:
+            raise ValidationError(
+                "ticket.v", f"version {version!r}", f"{TICKET_VERSION}: upgrade zae-celery"
+            )
         try:
             targets = tuple(
                 Target(
@@ -122,10 +161,10 @@ class LeaseState:
             )
             claim = data.get("claim")
             if claim is not None and (not isinstance(claim, str) or not 0 < len(claim) <= 512):
-                raise ValidationError("lease.claim", "malformed claim", "a string of 1..512")
+                raise ValidationError("ticket.claim", "malformed claim", "a string of 1..512")
             started = data.get("started_ms")
             if started is not None and (isinstance(started, bool) or not isinstance(started, int)):
-                raise ValidationError("lease.started_ms", "malformed start", "an integer of ms")
+                raise ValidationError("ticket.started_ms", "malformed start", "an integer of ms")
             return cls(
                 targets,
                 check_amounts("consumed", data["consumed"], negative=False),
@@ -139,7 +178,7 @@ class LeaseState:
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ValidationError):
                 raise
-            raise ValidationError("lease", f"malformed lease: {exc}") from exc
+            raise ValidationError("ticket", f"malformed ticket: {exc}") from exc
 
 
 def start_tracks(targets: tuple[Target, ...]) -> tuple[Target, ...]:
@@ -170,3 +209,31 @@ def tracked(lease: LeaseState) -> tuple[Target, ...]:
     """The targets an adjustment applies to: with the start track when it was counted,
     so reported usage also delays the *starts* of tasks already holding reservations."""
     return with_start_track(lease.targets) if lease.start_tracked else lease.targets
+
+
+@dataclass(frozen=True)
+class BucketRef:
+    """A bucket a lease consumed from: its entity, resource and limits."""
+
+    entity_id: str
+    resource: str
+    limits: tuple[Limit, ...]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """How a scheduler takes its slot (the Celery integration's options of ``acquire``).
+
+    Args:
+        extra: further ``(entity_id, resource, limits)`` consumed in the same atomic write
+            (a queue's limits); each limit takes the amount of the same name in
+            ``consume``, or 1.
+        pace: count the start on the start track as well, in the same write, when the
+            slot is at most ``start_within`` seconds ahead (the caller waits in place and
+            starts exactly then); a later reservation is started with ``start()``.
+        start_within: see ``pace``.
+    """
+
+    extra: Sequence[tuple[str, str, Sequence[Limit]]] = ()
+    pace: bool = False
+    start_within: float = 0.0

@@ -7,11 +7,11 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .engine import Flow, LeaseState
+from .engine import BucketStatus, Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
 from .ops import Done, Op, Reply, Sleep, resume
-from .transport import LeaseView, LimiterBase
+from .transport import LeaseView, LimiterBase, Slot
 
 __all__ = ["Lease", "RateLimiter"]
 
@@ -104,24 +104,16 @@ class RateLimiter(LimiterBase):
         *,
         horizon: float = 0.0,
         rollback_on_error: bool = True,
-        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
-        pace: bool = False,
-        start_within: float = 0.0,
+        slot: Slot | None = None,
     ) -> Lease:
         """Consume ``consume`` tokens from every limit now, or raise RateLimitExceeded.
 
         With ``horizon`` > 0 a request short of tokens is granted at a future slot up to
-        ``horizon`` seconds ahead (see :meth:`reserve`). ``extra`` lists further
-        ``(entity_id, resource, limits)`` consumed in the same atomic write (a queue's
-        limits). ``pace`` counts the start of an immediate grant on the start track, and
-        of a grant whose slot is at most ``start_within`` seconds ahead (the caller waits
-        in place until ``lease.start_at``); a later reservation is started with
-        :meth:`start` at its slot.
+        ``horizon`` seconds ahead (see :meth:`reserve`). ``slot``: a scheduler's options
+        (further buckets in the same write, counting the start; see :class:`Slot`).
         """
         state = self._run(
-            self.engine.acquire(
-                entity_id, resource, consume or {}, limits, horizon, extra, pace, start_within
-            )
+            self.engine.acquire(entity_id, resource, consume or {}, limits, horizon, slot)
         )
         return Lease(self, state, rollback_on_error)
 
@@ -134,9 +126,7 @@ class RateLimiter(LimiterBase):
         *,
         horizon: float = 60.0,
         rollback_on_error: bool = True,
-        extra: Sequence[tuple[str, str, Sequence[Limit]]] = (),
-        pace: bool = False,
-        start_within: float = 0.0,
+        slot: Slot | None = None,
     ) -> Lease:
         """Take a place in line: consume now (into debt if need be) and return a lease whose
         ``start_at``/``wait`` says when the caller may start. Beyond ``horizon`` seconds:
@@ -148,9 +138,7 @@ class RateLimiter(LimiterBase):
             limits,
             horizon=horizon,
             rollback_on_error=rollback_on_error,
-            extra=extra,
-            pace=pace,
-            start_within=start_within,
+            slot=slot,
         )
 
     def available(
@@ -158,6 +146,13 @@ class RateLimiter(LimiterBase):
     ) -> dict[str, float]:
         """Tokens available now per limit (negative while in debt). One read."""
         return self._run(self.engine.available(entity_id, resource, limits))
+
+    def buckets(
+        self, entity_id: str, resource: str | None = None, limits: Sequence[Limit] = ()
+    ) -> list[BucketStatus]:
+        """Every limit's state in the buckets of ``entity_id`` (or one resource): stored
+        limits over ``limits``; see :class:`~zae_celery.core.BucketStatus`."""
+        return self._run(self.engine.buckets(entity_id, resource, limits))
 
     def warm_up(self) -> None:
         """Create the client and check the table's schema (one GetItem, once), so that
@@ -167,15 +162,16 @@ class RateLimiter(LimiterBase):
     def start(self, lease: Lease, horizon: float = 0.0) -> float:
         """Count a reserved lease's actual start; returns the seconds to wait first (up to
         ``horizon``), RateLimitExceeded beyond it."""
-        return self._run(self.engine.start(lease.state, horizon))
+        return self._run(self.engine.start(lease._state, horizon))
 
     def block(self, entity_id: str, resource: str, limits: Sequence[Limit], seconds: float) -> None:
         """Empty the buckets for ``seconds`` (a provider answered 429 with Retry-After)."""
         self._run(self.engine.block(entity_id, resource, limits, seconds))
 
-    def restore(self, data: Mapping[str, Any], rollback_on_error: bool = True) -> Lease:
-        """A lease from :meth:`LeaseState.to_dict` (e.g. carried by a deferred message)."""
-        return Lease(self, LeaseState.from_dict(data), rollback_on_error)
+    def resume(self, ticket: Mapping[str, Any], rollback_on_error: bool = True) -> Lease:
+        """The lease a ticket holds (``lease.ticket()``, e.g. carried by a deferred
+        message); ValidationError when the ticket is malformed or of another version."""
+        return Lease(self, LeaseState.from_dict(ticket), rollback_on_error)
 
     # -- entities and stored limits ---------------------------------------------------------
     def create_entity(

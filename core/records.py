@@ -39,7 +39,9 @@ from .ops import (
 from .schema import ANY_RESOURCE, SCHEMA_VERSION
 from .validation import check_id, check_limits
 
-__all__ = ["EntityConfig", "Records", "merge"]
+__all__ = ["CACHE_SIZE", "EntityConfig", "Records", "merge"]
+
+CACHE_SIZE = 100_000
 
 Clock = Callable[[], float]
 
@@ -87,6 +89,8 @@ class Records:
         self._schema_ok = False
         self._lock = threading.Lock()
         self._configs: dict[str, _Cached] = {}
+        self.cache_size = CACHE_SIZE
+        """Entities (and, in the engine, buckets) whose last seen state is kept at most."""
 
     def forget_config(self, entity_id: str | None = None) -> None:
         """Drop cached stored limits and entity records (all, or one entity's)."""
@@ -173,7 +177,12 @@ class Records:
             entity_id, record.exists, record.parent_id, record.cascade, dict(record.limits)
         )
         with self._lock:
-            self._configs[entity_id] = _Cached(config, now + self.config_ttl)
+            configs = self._configs
+            configs.pop(entity_id, None)
+            configs[entity_id] = _Cached(config, now + self.config_ttl)
+            if len(configs) > self.cache_size:  # the oldest fetched go first
+                for old in list(configs)[: len(configs) - self.cache_size * 3 // 4]:
+                    del configs[old]
         return config
 
     def create_entity(

@@ -7,13 +7,14 @@ import time
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from .engine import Clock, Engine, LeaseState, OnUnavailable
+from .engine import Clock, Engine, OnUnavailable
 from .errors import ValidationError
+from .lease import BucketRef, LeaseState, Slot
 from .ops import Flow
 from .resilience import CircuitBreaker, RetryPolicy, guard
 from .stores import DynamoDBStore, Store, from_url
 
-__all__ = ["LeaseView", "LimiterBase"]
+__all__ = ["BucketRef", "LeaseView", "LimiterBase", "Slot"]
 
 T = TypeVar("T")
 L = TypeVar("L", bound="LimiterBase")
@@ -58,9 +59,42 @@ class LeaseView:
         return self._state.closed
 
     @property
-    def state(self) -> LeaseState:
-        """The engine's state of this lease."""
-        return self._state
+    def start_counted(self) -> bool:
+        """True when the lease's start was counted on the start track (at ``started_at``)."""
+        return self._state.start_tracked
+
+    def recount_start(self) -> None:
+        """Forget a counted start whose moment has passed (the caller came late): the
+        next ``start()`` counts a fresh one. The missed slot stays counted."""
+        self._state.start_tracked = False
+        self._state.started_ms = None
+
+    @property
+    def spacing(self) -> float:
+        """Seconds between two requests like this one on its tightest limit."""
+        return self._state.spacing()
+
+    @property
+    def buckets(self) -> tuple[BucketRef, ...]:
+        """The buckets the lease consumed from: its own first, then a cascade parent's
+        and any ``extra`` buckets (empty for an unchecked lease)."""
+        return tuple(BucketRef(t.entity_id, t.resource, t.limits) for t in self._state.targets)
+
+    def claim_for(self, owner: str) -> None:
+        """Let the lease's ticket be started once only, by a holder that names ``owner``
+        (e.g. a task id): the first :meth:`~.RateLimiter.start` of a resumed ticket
+        creates the claim; another raises :class:`~.errors.LeaseClaimed`. A lease resumed
+        from a claimed ticket keeps its claim until its start is counted."""
+        self._state.claim_for(owner)
+
+    def claimed_by(self, owner: str) -> bool:
+        """True when the lease carries a claim made by ``claim_for(owner)``."""
+        return self._state.claimed_by(owner)
+
+    def ticket(self) -> dict[str, Any]:
+        """The lease as a JSON-friendly, versioned dict, to resume it elsewhere (another
+        process, a deferred message) with ``limiter.resume(ticket)``."""
+        return self._state.to_dict()
 
     def __repr__(self) -> str:
         return (
@@ -163,6 +197,12 @@ class LimiterBase:
         if client is None:
             raise AttributeError(f"{self.store!r} has no DynamoDB client")
         return client
+
+    @property
+    def unavailable_grants(self) -> int:
+        """Leases granted (or started) unchecked in ``open`` mode while the store was
+        unavailable, in this process."""
+        return self.engine.unavailable_grants
 
     def _guarded(self, flow: Flow[T]) -> Flow[T]:
         """``flow`` with this limiter's retries and circuit breaker around every call."""

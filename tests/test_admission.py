@@ -26,13 +26,14 @@ from celery import Celery
 
 from tests.conftest import Broker
 from tests.test_celery_workers import Fleet, _max_window_excess, _start_fleet
-from zae_celery.core import Limit, RateLimiter
+from zae_celery.core import Limit, RateLimiter, Slot
 from zae_celery.local import CountingProxy, LocalServer, log_text, worker_fleet
 from zae_celery.task import HEADER_DEFERRALS, HEADER_LEASE
 
 pytestmark = pytest.mark.integration
 
 RPS = 10  # tests.celery.app's "limited" task: RPS per second, a bucket of RPS
+PACED_AHEAD = Slot(pace=True, start_within=60)  # a start counted up to a minute ahead
 
 
 @pytest.fixture
@@ -151,9 +152,9 @@ def test_late_counted_starts_take_fresh_slots_on_rabbitmq(
         results = []
         for _ in range(2 * RPS):
             lease = limiter.acquire(
-                "default", "adherence", {"rps": 1}, limits, pace=True, horizon=60, start_within=60
+                "default", "adherence", {"rps": 1}, limits, horizon=60, slot=PACED_AHEAD
             )
-            data = lease.state.to_dict()
+            data = lease.ticket()
             data["started_ms"] = round(sent_at * 1000) - 5_000  # counted 5 s ago: it is late
             task_id = str(uuid.uuid4())
             data["claim"] = f"{task_id}:{uuid.uuid4().hex}"

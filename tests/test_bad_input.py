@@ -598,7 +598,7 @@ def _lim(endpoint: Endpoint) -> RateLimiter:
 def _granted(endpoint: Endpoint) -> Lease:
     lease = _lim(endpoint).acquire("matrix", "adjusted", {"total": 1}, [YEARLY])
     lease.commit()  # closed leases refuse adjust: keep one open instead
-    lease.state.closed = False
+    lease._state.closed = False
     return lease
 
 

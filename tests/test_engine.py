@@ -17,11 +17,18 @@ from tests.helpers import Clock, Counter
 from zae_celery.core import (
     AsyncRateLimiter,
     IncompatibleSchema,
+    Lease,
     Limit,
     RateLimiter,
     RateLimitExceeded,
+    Slot,
+    ValidationError,
 )
-from zae_celery.core.engine import LeaseState
+from zae_celery.core.lease import LeaseState
+
+PACE = Slot(pace=True)
+CLOSE = Slot(pace=True, start_within=0.35)
+WITHIN_2S = Slot(pace=True, start_within=2.0)
 
 
 def limits_of(n: int, per_second: int = 10) -> list[Limit]:
@@ -162,7 +169,48 @@ def test_cascade_consumes_the_parent_atomically(limiter: RateLimiter) -> None:
         limiter.acquire("key-2", "api", {"rps": 1}, code_limits)
     assert counter.take() == ["TransactWriteItems"]  # a refusal is one request
     assert [(v.entity_id, v.limit_name) for v in refused.value.violations] == [("project", "rps")]
+    # The child's own bucket had room: it is reported as passed, though the store
+    # returned only the parent's item (its condition failed, the child's held).
+    assert [(p.entity_id, p.limit_name, p.retry_after) for p in refused.value.passed] == [
+        ("key-2", "rps", 0.0)
+    ]
+    assert refused.value.passed[0].available >= 1
     assert limiter.available("key-2", "api", code_limits) == child_before
+    # What a request of key-2 can take now: the least of its bucket and its parent's.
+    assert child_before == {"rps": 0.0}
+    assert limiter.available("key-2", "api", code_limits) != limiter.available(
+        "other", "api", code_limits
+    )
+
+
+@pytest.mark.contract
+def test_buckets_reads_every_limit_of_an_entity(limiter: RateLimiter, clock: Clock) -> None:
+    limiter.set_limits("tenant", [Limit.per_minute("tpm", 6000)], resource="gpt")
+    code = [Limit.per_second("rps", 10)]
+    limiter.acquire("tenant", "gpt", {"rps": 4, "tpm": 600}, code)
+    limiter.acquire("tenant", "mini", {"rps": 1}, code)
+    limiter.acquire("tenant", "old", {"gone": 5}, [Limit.per_second("gone", 10)])
+    rows = {(r.resource, r.limit_name): r for r in limiter.buckets("tenant", limits=code)}
+    # The code limits apply to every resource; "gone" is known to no one.
+    expected = {("gpt", "rps"), ("gpt", "tpm"), ("mini", "rps"), ("old", "rps"), ("old", "gone")}
+    assert set(rows) == expected
+    assert rows[("gpt", "rps")].available == 6 and rows[("gpt", "rps")].burst == 10
+    assert rows[("gpt", "tpm")].available == 5400 and rows[("gpt", "tpm")].in_use == 600
+    assert rows[("gpt", "tpm")].full_in == pytest.approx(6.0)
+    unknown = rows[("old", "gone")]  # no limit passed nor stored: its use only
+    assert (unknown.burst, unknown.available, unknown.in_use) == (None, None, 5)
+    assert unknown.full_in == pytest.approx(0.5)
+    assert [r.resource for r in limiter.buckets("tenant", "mini", code)] == ["mini"]
+    assert limiter.buckets("nobody") == []
+
+
+def test_caches_of_a_process_stay_bounded(limiter: RateLimiter) -> None:
+    limiter.engine.cache_size = 40
+    limits = [Limit.per_second("rps", 10)]
+    for i in range(200):
+        limiter.acquire(f"tenant-{i}", "model", {"rps": 1}, limits)
+    assert len(limiter.engine._tats) <= 40 and len(limiter.engine._configs) <= 40
+    assert ("tenant-199", "model", limits[0].key) in limiter.engine._tats  # the newest stay
 
 
 def test_stored_limits_override_code_limits(limiter: RateLimiter) -> None:
@@ -244,8 +292,8 @@ def test_extra_targets_share_one_bucket_atomically(limiter: RateLimiter) -> None
     own = [Limit.per_second("rps", 10)]
     counter = Counter(limiter)
     for entity in ("summarize", "translate", "summarize"):
-        state = limiter._run(limiter.engine.acquire(entity, "model", {"rps": 1}, own, extra=queue))
-        assert state.consumed == {"rps": 1}
+        lease = limiter.acquire(entity, "model", {"rps": 1}, own, slot=Slot(extra=queue))
+        assert lease.consumed == {"rps": 1}
     assert counter.take() == [
         "Query",
         "TransactWriteItems",
@@ -254,7 +302,7 @@ def test_extra_targets_share_one_bucket_atomically(limiter: RateLimiter) -> None
         "TransactWriteItems",
     ]
     with pytest.raises(RateLimitExceeded) as refused:
-        limiter._run(limiter.engine.acquire("translate", "model", {"rps": 1}, own, extra=queue))
+        limiter.acquire("translate", "model", {"rps": 1}, own, slot=Slot(extra=queue))
     assert [(v.entity_id, v.limit_name) for v in refused.value.violations] == [
         ("queue:llm", "tasks")
     ]
@@ -264,19 +312,17 @@ def test_extra_targets_share_one_bucket_atomically(limiter: RateLimiter) -> None
 def test_start_track_keeps_late_starts_within_the_burst(limiter: RateLimiter, clock: Clock) -> None:
     limits = [Limit.per_second("rps", 10)]
 
-    def acquire(horizon: float = 0.0) -> Any:
-        return limiter._run(
-            limiter.engine.acquire("e", "r", {"rps": 1}, limits, horizon=horizon, pace=True)
-        )
+    def acquire(horizon: float = 0.0) -> Lease:
+        return limiter.acquire("e", "r", {"rps": 1}, limits, horizon=horizon, slot=PACE)
 
     for _ in range(10):
-        assert acquire().paced  # immediate grants count their start in the same write
+        assert acquire().start_counted  # immediate grants count their start in the same write
     reserved = [acquire(horizon=5.0) for _ in range(5)]
-    assert [not lease.paced for lease in reserved] == [True] * 5
+    assert [not lease.start_counted for lease in reserved] == [True] * 5
     assert [lease.wait for lease in reserved] == [pytest.approx(0.1 * (i + 1)) for i in range(5)]
     clock.advance(2.0)  # the deferred messages arrive late, all at once
     for lease in reserved:
-        limiter._run(limiter.engine.start(lease))
+        limiter.start(lease)
     fresh = 0
     with pytest.raises(RateLimitExceeded) as refused:
         for _ in range(10):
@@ -290,8 +336,8 @@ def test_start_track_keeps_late_starts_within_the_burst(limiter: RateLimiter, cl
 def test_block_empties_the_buckets_until_retry_after(limiter: RateLimiter, clock: Clock) -> None:
     limits = [Limit.per_second("rps", 10), Limit.per_minute("tpm", 6000)]
     limiter.acquire("e", "r", {"rps": 1, "tpm": 10}, limits)
-    limiter._run(limiter.engine.block("e", "r", limits, 2.0))
-    limiter._run(limiter.engine.block("e", "r", limits, 0.5))  # never shortens a block
+    limiter.block("e", "r", limits, 2.0)
+    limiter.block("e", "r", limits, 0.5)  # never shortens a block
     with pytest.raises(RateLimitExceeded) as refused:
         limiter.acquire("e", "r", {"rps": 1, "tpm": 10}, limits)
     assert refused.value.retry_after == pytest.approx(2.1)  # 2 s, then one token of rps
@@ -299,12 +345,22 @@ def test_block_empties_the_buckets_until_retry_after(limiter: RateLimiter, clock
     limiter.acquire("e", "r", {"rps": 1}, limits)
 
 
-def test_lease_state_round_trips_through_a_dict(limiter: RateLimiter) -> None:
-    from zae_celery.core.engine import LeaseState
-
+def test_a_lease_round_trips_through_its_ticket(limiter: RateLimiter) -> None:
     lease = limiter.reserve("e", "r", {"rps": 1}, [Limit.per_second("rps", 10)], horizon=1)
-    copy = LeaseState.from_dict(lease.state.to_dict())
-    assert copy == lease.state
+    lease.claim_for("task-1")
+    ticket = lease.ticket()
+    assert ticket["v"] == 1
+    copy = limiter.resume(ticket)
+    assert copy.ticket() == ticket and copy.claimed_by("task-1")
+    assert (copy.consumed, copy.start_at, copy.buckets) == (
+        lease.consumed,
+        lease.start_at,
+        lease.buckets,
+    )
+    with pytest.raises(ValidationError, match=r"ticket\.v"):
+        limiter.resume({**ticket, "v": 2})
+    del ticket["v"]  # as releases before tickets had a version wrote them
+    assert limiter.resume(ticket).ticket() == copy.ticket()
 
 
 def test_a_reservation_holds_every_limit_until_its_common_start(
@@ -331,19 +387,18 @@ def test_a_close_slot_is_granted_with_its_start_counted_in_one_write(
 ) -> None:
     limits = [Limit.per_second("rps", 10)]
     for _ in range(10):
-        limiter.acquire("e", "r", {"rps": 1}, limits, pace=True)
+        limiter.acquire("e", "r", {"rps": 1}, limits, slot=PACE)
     counter = Counter(limiter)
     close = [
-        limiter.acquire("e", "r", {"rps": 1}, limits, horizon=5.0, pace=True, start_within=0.35)
-        for _ in range(3)
+        limiter.acquire("e", "r", {"rps": 1}, limits, horizon=5.0, slot=CLOSE) for _ in range(3)
     ]
     # Slots 0.1, 0.2, 0.3 s ahead: each started at its slot, in one write.
     assert [lease.wait for lease in close] == [pytest.approx(0.1 * (i + 1)) for i in range(3)]
-    assert all(lease.state.paced and lease.started_at == lease.start_at for lease in close)
+    assert all(lease.start_counted and lease.started_at == lease.start_at for lease in close)
     assert counter.take() == ["UpdateItem"] * 3
     # The next slot (0.4 s) is beyond start_within: a reservation, its start not counted.
-    far = limiter.acquire("e", "r", {"rps": 1}, limits, horizon=5.0, pace=True, start_within=0.35)
-    assert far.wait == pytest.approx(0.4) and not far.state.paced
+    far = limiter.acquire("e", "r", {"rps": 1}, limits, horizon=5.0, slot=CLOSE)
+    assert far.wait == pytest.approx(0.4) and not far.start_counted
     assert counter.take() == ["UpdateItem"]  # the refusal within 0.35 s was predicted locally
     # The start track holds the three close starts: a late start of `far` at 0.4 s fits,
     # but nothing may start before the close ones' slots have passed.
@@ -357,34 +412,35 @@ def test_a_start_slot_reserved_ahead_travels_with_the_lease(
     limiter: RateLimiter, clock: Clock
 ) -> None:
     from zae_celery.core import LeaseClaimed
-    from zae_celery.core.engine import LeaseState
 
     limits = [Limit.per_second("rps", 10)]
     for _ in range(10):
-        limiter.acquire("e", "r", {"rps": 1}, limits, pace=True)
-    late = limiter.reserve("e", "r", {"rps": 1}, limits, horizon=5.0, pace=True)
-    assert late.wait == pytest.approx(0.1) and not late.state.paced
+        limiter.acquire("e", "r", {"rps": 1}, limits, slot=PACE)
+    late = limiter.reserve("e", "r", {"rps": 1}, limits, horizon=5.0, slot=PACE)
+    assert late.wait == pytest.approx(0.1) and not late.start_counted
     # Ten tasks waiting in place start at 0.2 s .. 1.1 s (counted on the start track).
     for _ in range(10):
-        limiter.acquire("e", "r", {"rps": 1}, limits, horizon=5.0, pace=True, start_within=2.0)
+        limiter.acquire(
+            "e", "r", {"rps": 1}, limits, horizon=5.0, slot=Slot(pace=True, start_within=2.0)
+        )
     clock.advance(0.1)  # the reserved task arrives at its slot: 20 starts by 1.1 s already
-    late.state.claim = "task-1:first"
+    late.claim_for("task-1")
     # The next start slot: 21 starts in [0, 1.1 s] is exactly burst + rate * 1.1 s.
     assert limiter.start(late, horizon=5.0) == pytest.approx(1.0)
     # Deferred again with its counted start and a fresh claim: its next arrival counts
     # nothing more, it only creates the claim, once.
-    late.state.claim = "task-1:second"
-    carried = late.state.to_dict()
-    assert carried["started_ms"] == late.state.started_ms
+    late.claim_for("task-1")  # its start was counted: a fresh claim
+    carried = late.ticket()
+    assert carried["started_ms"] == round((late.started_at or 0) * 1000)
     counter = Counter(limiter)
-    again = limiter.restore(carried)
-    assert again.state.paced and again.started_at == pytest.approx(late.started_at or 0)
+    again = limiter.resume(carried)
+    assert again.start_counted and again.started_at == pytest.approx(late.started_at or 0)
     clock.advance(1.0)
     assert limiter.start(again) == 0
     assert counter.take() == ["UpdateItem"]  # the claim item alone
     with pytest.raises(LeaseClaimed):  # another delivery of the same message
-        limiter.start(limiter.restore(carried))
-    assert LeaseState.from_dict(carried).start_tracked
+        limiter.start(limiter.resume(carried))
+    assert limiter.resume(carried).start_counted
 
 
 def test_a_client_that_saw_a_queued_bucket_guesses_it_queued_after_a_pause(

@@ -18,7 +18,7 @@ import pytest
 
 from tests import oprecorder
 from tests.conftest import Endpoint
-from zae_celery.core import AsyncRateLimiter, Limit, RateLimiter, RateLimitExceeded
+from zae_celery.core import AsyncRateLimiter, Limit, RateLimiter, RateLimitExceeded, Slot
 from zae_celery.core.engine import Engine
 from zae_celery.core.schema import TTL_ATTRIBUTE
 from zae_celery.core.stores.dynamodb import Codec
@@ -234,7 +234,9 @@ def _worker_script(endpoint: Endpoint) -> None:
     # slot, and a provider's 429.
     clock.now += 60
     queue = [("queue-a", "model", [Limit.per_second("qps", 5)])]
-    limiter.acquire("tenant", "model", {"rps": 1}, limits, extra=queue, pace=True).commit()
+    limiter.acquire(
+        "tenant", "model", {"rps": 1}, limits, slot=Slot(extra=queue, pace=True)
+    ).commit()
     clock.now += 60
     reserved = limiter.reserve("tenant", "model", {"rps": 1}, limits, horizon=5)
     clock.now += reserved.wait

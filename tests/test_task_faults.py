@@ -24,8 +24,8 @@ from celery import Celery
 
 from tests.helpers import Clock, Counter
 from tests.test_bad_input import whole_table
-from zae_celery.core import LeaseClaimed, Limit, RateLimiter, RateLimitExceeded
-from zae_celery.core.engine import LeaseState
+from zae_celery.core import LeaseClaimed, Limit, RateLimiter, RateLimitExceeded, Slot
+from zae_celery.core.lease import LeaseState
 from zae_celery.local import LocalServer, free_port, log_text, worker_fleet
 
 pytestmark = pytest.mark.integration
@@ -40,15 +40,16 @@ RPS = Limit.per_second("rps", 2)
 def _carried(limiter: RateLimiter, claim: str | None) -> dict[str, Any]:
     """A reservation as a deferred message carries it (granted, start not yet counted)."""
     lease = limiter.reserve("tenant", "model", {"rps": 1, "total": 1}, [RPS, TOTAL], horizon=60)
-    lease.state.claim = claim
-    return lease.state.to_dict()
+    ticket = lease.ticket()
+    ticket.pop("claim", None)
+    return ticket if claim is None else {**ticket, "claim": claim}
 
 
 def test_a_claimed_reservation_starts_once(limiter: RateLimiter) -> None:
     data = _carried(limiter, "task-1:nonce")
-    assert LeaseState.from_dict(data).claim == "task-1:nonce"
+    assert limiter.resume(data).claimed_by("task-1")
     counter = Counter(limiter)
-    first = limiter.restore(data)
+    first = limiter.resume(data)
     assert limiter.start(first) == 0.0
     assert counter.take() == ["TransactWriteItems"]  # claim and start count: one request
     before = whole_table(limiter)
@@ -57,16 +58,16 @@ def test_a_claimed_reservation_starts_once(limiter: RateLimiter) -> None:
     assert len(claims) == 1 and "ttl" in claims[0]
     assert claims[0]["PK"] == {"S": "E#tenant"}
     with pytest.raises(LeaseClaimed):
-        limiter.start(limiter.restore(data))  # the same message, delivered again
+        limiter.start(limiter.resume(data))  # the same message, delivered again
     assert counter.take() == ["TransactWriteItems"]
     assert whole_table(limiter) == before  # the refused start counted nothing
     # Another reservation (another claim) starts as usual.
-    limiter.start(limiter.restore(_carried(limiter, "task-1:other")))
+    limiter.start(limiter.resume(_carried(limiter, "task-1:other")))
 
 
 def test_an_unclaimed_reservation_costs_one_update(limiter: RateLimiter) -> None:
     counter = Counter(limiter)
-    lease = limiter.restore(_carried(limiter, None))
+    lease = limiter.resume(_carried(limiter, None))
     counter.take()
     limiter.start(lease)
     assert counter.take() == ["UpdateItem"]
@@ -76,14 +77,14 @@ def test_a_refused_claimed_start_leaves_the_claim_free(limiter: RateLimiter, clo
     """A start refused beyond its horizon writes no claim: the deferred message that
     follows can still start on the reservation."""
     data = [_carried(limiter, f"task-{i}:n") for i in range(3)]  # rps 2: slot of #3 is ahead
-    limiter.start(limiter.restore(data[0]))
-    limiter.start(limiter.restore(data[1]))
+    limiter.start(limiter.resume(data[0]))
+    limiter.start(limiter.resume(data[1]))
     before = whole_table(limiter)
     with pytest.raises(RateLimitExceeded):
-        limiter.start(limiter.restore(data[2]), horizon=0)
+        limiter.start(limiter.resume(data[2]), horizon=0)
     assert whole_table(limiter) == before
     clock.advance(1)
-    assert limiter.start(limiter.restore(data[2]), horizon=0) == 0.0
+    assert limiter.start(limiter.resume(data[2]), horizon=0) == 0.0
 
 
 def test_the_claim_travels_and_is_checked() -> None:
@@ -95,7 +96,7 @@ def test_the_claim_travels_and_is_checked() -> None:
     for bad in (5, "", "x" * 513):
         with pytest.raises(ValidationError) as info:
             LeaseState.from_dict({**state.to_dict(), "claim": bad})
-        assert info.value.field == "lease.claim"
+        assert info.value.field == "ticket.claim"
 
 
 # -- real workers ---------------------------------------------------------------------------
@@ -203,8 +204,8 @@ def test_a_redelivered_deferred_message_does_not_start_twice(
         # A deferred message as _defer() publishes it: its reservation is paid.
         lease = f.limiter.reserve("default", "faults", {"total": 1}, [TOTAL], horizon=60)
         task_id = str(uuid.uuid4())
-        lease.state.claim = f"{task_id}:{uuid.uuid4().hex}"
-        headers = {"zae_deferrals": 1, "zae_lease": lease.state.to_dict()}
+        lease.claim_for(task_id)
+        headers = {"zae_deferrals": 1, "zae_lease": lease.ticket()}
         assert f.left("faults") == 1000 - 1
         # The same message twice: same id, same headers (a visibility timeout, a
         # duplicate publish, a requeue after a lost worker).
@@ -213,7 +214,7 @@ def test_a_redelivered_deferred_message_does_not_start_twice(
         for r in results:
             r.get(timeout=90)
         claims = sorted((run["claim"] or "") for run in runs)
-        assert claims == ["", lease.state.claim], claims  # one started on it, one fresh
+        assert claims == ["", lease.ticket()["claim"]], claims  # one started on it, one fresh
         assert all(run["deferrals"] == 1 for run in runs)
         # The reservation was consumed once; the second delivery paid for itself.
         assert f.left("faults") == 1000 - 2
@@ -294,14 +295,14 @@ def test_open_mode_starts_a_carried_reservation_unchecked_in_an_outage(
     with fleet(redis, moto, tmp_path, env=env) as f:
         lease = f.limiter.reserve("default", "faults", {"total": 1}, [TOTAL], horizon=60)
         task_id = str(uuid.uuid4())
-        lease.state.claim = f"{task_id}:{uuid.uuid4().hex}"
-        headers = {"zae_deferrals": 1, "zae_lease": lease.state.to_dict()}
+        lease.claim_for(task_id)
+        headers = {"zae_deferrals": 1, "zae_lease": lease.ticket()}
         result = f.send("gated", gate, False, task_id=task_id, headers=headers)
         run = f.next_run(gate)
         result.get(timeout=90)
         assert result.state == "SUCCESS"
         assert run["deferrals"] == 1  # started on its reservation, not deferred again
-        assert run["claim"] == lease.state.claim
+        assert run["claim"] == lease.ticket()["claim"]
         assert "starts its reserved slot unchecked" in log_text(f.logs)
         assert f.left("faults") == 1000 - 1  # the reservation, charged before the outage
 
@@ -319,20 +320,20 @@ def test_a_late_task_reserves_its_start_slot_and_is_never_pushed_back_again(
         ahead = [
             f.limiter.acquire(
                 "default", "paced-faults", {"rps": 1, "total": 1}, limits,
-                horizon=60, pace=True, start_within=60,
+                horizon=60, slot=Slot(pace=True, start_within=60),
             )
             for _ in range(3)
         ]  # fmt: skip
-        last = max(a.state.started_ms or 0 for a in ahead)
+        last = max(round((a.started_at or 0) * 1000) for a in ahead)
         task_id = str(uuid.uuid4())
-        lease.state.claim = f"{task_id}:{uuid.uuid4().hex}"
-        headers = {"zae_deferrals": 1, "zae_lease": lease.state.to_dict()}
+        lease.claim_for(task_id)
+        headers = {"zae_deferrals": 1, "zae_lease": lease.ticket()}
         result = f.send("paced", gate, task_id=task_id, headers=headers)
         run = f.next_run(gate)
         result.get(timeout=90)
         assert result.state == "SUCCESS"
         assert run["deferrals"] == 2  # once to its slot (the header), once to its start
         assert run["started_ms"] >= last + 1000  # after the starts already counted
-        assert run["claim"] != lease.state.claim  # the second delivery claimed anew
+        assert run["claim"] != lease.ticket()["claim"]  # the second delivery claimed anew
         logs = log_text(f.logs)
         assert logs.count("start slot reserved (deferral") == 1

@@ -245,7 +245,8 @@ def _record(task: Any, gate: str) -> Any:
 
     client = redis.Redis.from_url(os.environ["ZAE_TEST_RECORDS"])
     lease = task.lease
-    run = {**_run_info(task), "claim": lease.state.claim, "started_ms": lease.state.started_ms}
+    started = None if lease.started_at is None else round(lease.started_at * 1000)
+    run = {**_run_info(task), "claim": lease.ticket().get("claim"), "started_ms": started}
     client.rpush(f"{gate}:runs", json.dumps(run))
     return client
 
