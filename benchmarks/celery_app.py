@@ -45,8 +45,8 @@ from typing import Any
 
 from celery import Celery, Task
 
+from harness import fsbroker as fs_broker
 from zae_celery import Limit, RateLimitedTask
-from zae_celery import fsbroker as fs_broker
 from zae_celery.task import HEADER_DEFERRALS
 
 RATE = int(os.environ.get("ZAE_BENCH_RATE", "10"))

@@ -32,7 +32,8 @@ from typing import Any
 from celery import Celery
 
 from examples._local import dynamodb, emit, parse_args, table_name
-from zae_celery import AsyncRateLimiter, Limit, RateLimitedTask, fsbroker
+from harness import fsbroker
+from zae_celery import AsyncRateLimiter, Limit, RateLimitedTask
 
 QUEUE = "llm"
 MODEL = "gpt-4o"

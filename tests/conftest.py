@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from harness import fsbroker
 from tests.helpers import Clock
-from zae_celery import fsbroker
 from zae_celery.core import RateLimiter
-from zae_celery.local import (
+from zae_celery.testing import (
     LocalServer,
     ServerUnavailable,
     dynamodb_local,

@@ -28,7 +28,7 @@ from zae_celery.core import (
     ValidationError,
 )
 from zae_celery.core.limits import MAX_TOKENS
-from zae_celery.local import free_port
+from zae_celery.testing import free_port
 
 pytestmark = pytest.mark.integration
 

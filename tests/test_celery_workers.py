@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from harness import fsbroker
 from tests.celery.fleet import log_text, workers
 from tests.conftest import Broker
-from zae_celery import fsbroker
 from zae_celery.admission import LOOKAHEAD
 from zae_celery.core import Limit, RateLimiter
-from zae_celery.local import LocalServer, free_port
+from zae_celery.testing import LocalServer, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import pytest
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 
-from zae_celery import fsbroker
+from harness import fsbroker
 
 
 @pytest.fixture

@@ -37,8 +37,8 @@ from typing import Any
 from celery import Celery, Task
 
 from examples.llm_pipeline.workload import Prompt, call_provider, estimate_tokens, limits
+from harness import fsbroker as fs_broker
 from zae_celery import RateLimitedTask
-from zae_celery import fsbroker as fs_broker
 from zae_celery.task import HEADER_DEFERRALS
 
 BROKER = os.environ.get("ZAE_DEMO_BROKER", "memory://")

@@ -20,7 +20,8 @@ from typing import Any
 
 from celery import Celery
 
-from zae_celery import Limit, RateLimitedTask, fsbroker
+from harness import fsbroker
+from zae_celery import Limit, RateLimitedTask
 
 BROKER = os.environ.get("ZAE_TEST_BROKER", "memory://")
 DATA = os.environ.get("ZAE_TEST_DATA", "")
