@@ -245,6 +245,7 @@ def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
         broker = f"redis://127.0.0.1:{setup.redis_port}/0"
         backend = f"redis://127.0.0.1:{setup.redis_port}/1"
     else:
+        fs_broker.register()
         broker = f"{fs_broker.SCHEME}://"
         backend = f"file://{run_dir / 'results'}"
         (run_dir / "results").mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,7 @@ async def produce(limiter: AsyncRateLimiter, tenant: str) -> dict[str, Any]:
 
 async def run(endpoint_url: str, folder: Path) -> list[dict[str, Any]]:
     """Set the scene (a table, earlier usage), then one round of the producer."""
+    fsbroker.register()
     app.conf.update(
         broker_url=f"{fsbroker.SCHEME}://",
         broker_transport_options=fsbroker.transport_options(folder),

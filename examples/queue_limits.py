@@ -49,6 +49,7 @@ app = Celery("queue_limits")
 def configure(endpoint_url: str, table: str, folder: Path) -> None:
     """Point the app at DynamoDB and at a broker and result store living in ``folder``."""
     (folder / "results").mkdir(parents=True, exist_ok=True)
+    fsbroker.register()  # the workers call this too, on import (below)
     app.conf.update(
         broker_url=f"{fsbroker.SCHEME}://",
         broker_transport_options=fsbroker.transport_options(folder / "broker"),

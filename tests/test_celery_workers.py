@@ -87,6 +87,7 @@ def _start_fleet(
     }
     client = Celery("client", broker=broker.url, backend=backend)
     if broker.name == "filesystem":
+        fsbroker.register()  # before the client's first connection
         client.conf.broker_transport_options = fsbroker.transport_options(broker.data)
     queues = ",".join(f"{prefix}{q}" for q in ("limited", "shared", "other", "provider"))
     logs = tmp_path / "logs"

@@ -59,6 +59,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 if BROKER.startswith(f"{fs_broker.SCHEME}://"):
+    fs_broker.register()  # in each worker too: they load this module before connecting
     app.conf.broker_transport_options = fs_broker.transport_options(
         Path(os.environ["ZAE_DEMO_BROKER_DIR"])
     )

@@ -62,6 +62,7 @@ class Run:
 def _broker(broker: str, folder: Path) -> tuple[str, str, dict[str, Any] | None, dict[str, str]]:
     """Broker URL, backend URL, transport options and worker environment of one mode."""
     if broker == "filesystem":
+        fs_broker.register()
         (folder / "results").mkdir(parents=True, exist_ok=True)
         options = fs_broker.transport_options(folder / "broker")
         url, backend = f"{fs_broker.SCHEME}://", f"file://{folder / 'results'}"

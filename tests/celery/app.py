@@ -52,6 +52,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 if BROKER.startswith(f"{fsbroker.SCHEME}://"):
+    fsbroker.register()  # in each worker too: they load this module before connecting
     app.conf.broker_transport_options = fsbroker.transport_options(Path(DATA))
 elif os.environ.get("ZAE_TEST_VISIBILITY_TIMEOUT"):  # redis: redeliver unacked sooner
     app.conf.broker_transport_options = {
