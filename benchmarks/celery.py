@@ -15,7 +15,7 @@ The same saturated batch runs twice on ``--workers`` real ``celery worker`` proc
    consumer unless ``--no-admission`` (then gated in the pool, as before admission);
 2. Celery's built-in ``rate_limit=f"{RATE}/s"`` on a plain task (a bucket per worker).
 
-Every task calls a local HTTP provider (``zae_celery.local.LocalProvider``) that itself
+Every task calls a local HTTP provider (``harness.provider.LocalProvider``) that itself
 allows RATE requests a second (a token bucket holding RATE, no slack; ``--provider-rate``
 changes it) and answers 429 with Retry-After beyond that, then waits ``--body`` seconds
 (an I/O-bound call). The batch is published in one loop once every worker is ready; each
@@ -70,21 +70,18 @@ from celery import Celery
 from rich.console import Console
 from rich.table import Table
 
-from zae_celery import fsbroker as fs_broker
+from harness import fsbroker as fs_broker
+from harness.provider import LocalProvider
+from harness.workers import FleetError, signals_held, stop_workers, worker_fleet
 from zae_celery.core import Limit, RateLimiter
-from zae_celery.local import (
+from zae_celery.testing import (
     CountingProxy,
-    FleetError,
-    LocalProvider,
     LocalServer,
     dynamodb_local,
     moto_server,
     redis_server,
-    signals_held,
     use_local_credentials,
-    worker_fleet,
 )
-from zae_celery.local.workers import stop_workers
 
 REPO = Path(__file__).resolve().parents[1]
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
@@ -248,6 +245,7 @@ def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
         broker = f"redis://127.0.0.1:{setup.redis_port}/0"
         backend = f"redis://127.0.0.1:{setup.redis_port}/1"
     else:
+        fs_broker.register()
         broker = f"{fs_broker.SCHEME}://"
         backend = f"file://{run_dir / 'results'}"
         (run_dir / "results").mkdir(parents=True, exist_ok=True)
@@ -311,7 +309,7 @@ def run_mode(setup: Setup, mode: str, console: Console) -> Run:
     proxy = CountingProxy(setup.endpoint_url)  # counts every process's requests
     env["ZAE_BENCH_ENDPOINT"] = proxy.url
     # The provider enforces the limit under test exactly: a bucket of one second of it,
-    # with no slack for jitter (zae_celery.local.provider).
+    # with no slack for jitter (harness.provider).
     provider = LocalProvider(rpm=setup.provider_rate * 60, window=1.0, slack_requests=0)
     env.update(ZAE_BENCH_TABLE=table, ZAE_BENCH_PROVIDER=provider.url)
     logs = run_dir / "logs"
@@ -511,7 +509,7 @@ def endpoint_server(kind: str, logs: Path) -> Iterator[LocalServer]:
     default="redis",
     show_default=True,
     help="A private redis-server, RabbitMQ at 127.0.0.1:5672 (guest/guest; results in a "
-    "private redis), or filesystem:// with atomic writes (zae_celery/fsbroker.py).",
+    "private redis), or filesystem:// with atomic writes (harness/fsbroker.py).",
 )
 @click.option(
     "--endpoint",
@@ -562,7 +560,7 @@ def main(
     runs: list[Run] = []
     try:
         with contextlib.ExitStack() as stack:
-            # zae_celery.local stops a server only once it serves: an interruption
+            # zae_celery.testing stops a server only once it serves: an interruption
             # while one starts is held until then (a few seconds at most).
             starting = f"starting {endpoint}" + (" and redis" * (broker != "filesystem"))
             with console.status(starting), signals_held():

@@ -45,8 +45,8 @@ from typing import Any
 
 from celery import Celery, Task
 
+from harness import fsbroker as fs_broker
 from zae_celery import Limit, RateLimitedTask
-from zae_celery import fsbroker as fs_broker
 from zae_celery.task import HEADER_DEFERRALS
 
 RATE = int(os.environ.get("ZAE_BENCH_RATE", "10"))
@@ -71,6 +71,7 @@ if os.environ.get("ZAE_BENCH_ACKS_LATE") == "1":
     app.conf.task_reject_on_worker_lost = True
 BODY = float(os.environ.get("ZAE_BENCH_BODY", "0"))
 if BROKER.startswith(f"{fs_broker.SCHEME}://"):
+    fs_broker.register()  # in each worker too: they load this module before connecting
     app.conf.broker_transport_options = fs_broker.transport_options(
         Path(os.environ["ZAE_BENCH_BROKER_DIR"])
     )

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zae_celery.core import Limit, RateLimiter, RateLimitExceeded
-from zae_celery.local import LocalServer, dynamodb_local, moto_server, use_local_credentials
+from zae_celery.testing import LocalServer, dynamodb_local, moto_server, use_local_credentials
 
 WARMUP = 50
 ROUNDS = 3

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from zae_celery.local import moto_server, use_local_credentials
+from zae_celery.testing import moto_server, use_local_credentials
 
 __all__ = ["ENDPOINT_ENV", "Endpoint", "dynamodb", "emit", "parse_args", "table_name"]
 

@@ -32,7 +32,8 @@ from typing import Any
 from celery import Celery
 
 from examples._local import dynamodb, emit, parse_args, table_name
-from zae_celery import AsyncRateLimiter, Limit, RateLimitedTask, fsbroker
+from harness import fsbroker
+from zae_celery import AsyncRateLimiter, Limit, RateLimitedTask
 
 QUEUE = "llm"
 MODEL = "gpt-4o"
@@ -84,6 +85,7 @@ async def produce(limiter: AsyncRateLimiter, tenant: str) -> dict[str, Any]:
 
 async def run(endpoint_url: str, folder: Path) -> list[dict[str, Any]]:
     """Set the scene (a table, earlier usage), then one round of the producer."""
+    fsbroker.register()
     app.conf.update(
         broker_url=f"{fsbroker.SCHEME}://",
         broker_transport_options=fsbroker.transport_options(folder),

@@ -10,7 +10,7 @@ seconds at most 4 + 4·W tasks start. Tasks beyond the bucket are not failed or 
 in a loop: each reserves its own slot and is republished once, to that slot.
 
 No servers are needed besides DynamoDB: the broker is ``zaefs://`` (kombu's filesystem
-transport with atomic writes, ``zae_celery.fsbroker``) and results go to ``file://``, both
+transport with atomic writes, ``harness.fsbroker``) and results go to ``file://``, both
 in a temporary folder deleted at the end. Run from the repository root (about 15 s,
 most of it starting the workers):
 
@@ -32,8 +32,9 @@ from typing import Any
 from celery import Celery
 
 from examples._local import ENDPOINT_ENV, dynamodb, emit, parse_args, table_name
-from zae_celery import Limit, RateLimitedTask, RateLimiter, fsbroker
-from zae_celery.local import worker_fleet
+from harness import fsbroker
+from harness.workers import worker_fleet
+from zae_celery import Limit, RateLimitedTask, RateLimiter
 
 QUEUE = "llm"
 QUEUE_LIMIT = Limit.per_second("starts", 4)
@@ -48,6 +49,7 @@ app = Celery("queue_limits")
 def configure(endpoint_url: str, table: str, folder: Path) -> None:
     """Point the app at DynamoDB and at a broker and result store living in ``folder``."""
     (folder / "results").mkdir(parents=True, exist_ok=True)
+    fsbroker.register()  # the workers call this too, on import (below)
     app.conf.update(
         broker_url=f"{fsbroker.SCHEME}://",
         broker_transport_options=fsbroker.transport_options(folder / "broker"),

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
+from harness import fsbroker
 from tests.helpers import Clock
-from zae_celery import fsbroker
 from zae_celery.core import AsyncRateLimiter, RateLimiter
 from zae_celery.core.stores import DynamoDBStore, MemoryStore, Store
-from zae_celery.local import (
+from zae_celery.testing import (
     LocalServer,
     ServerUnavailable,
     dynamodb_local,

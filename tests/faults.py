@@ -17,7 +17,7 @@ import struct
 import threading
 from urllib.parse import urlsplit
 
-from zae_celery.local import CountingProxy, free_port
+from zae_celery.testing import CountingProxy, free_port
 
 __all__ = ["DeadEndpoint", "FaultyHttpProxy", "TcpProxy"]
 

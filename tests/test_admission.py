@@ -24,11 +24,12 @@ import pytest
 import redis as redis_client
 from celery import Celery
 
+from harness.workers import log_text, worker_fleet
 from tests.conftest import Broker
 from tests.test_celery_workers import Fleet, _max_window_excess, _start_fleet
 from zae_celery.core import Limit, RateLimiter, Slot
-from zae_celery.local import CountingProxy, LocalServer, log_text, worker_fleet
 from zae_celery.task import HEADER_DEFERRALS, HEADER_LEASE
+from zae_celery.testing import CountingProxy, LocalServer
 
 pytestmark = pytest.mark.integration
 

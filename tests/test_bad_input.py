@@ -30,7 +30,7 @@ from zae_celery.core import (
 )
 from zae_celery.core.limits import MAX_TOKENS
 from zae_celery.core.ops import BucketKey, ReadBucket
-from zae_celery.local import free_port
+from zae_celery.testing import free_port
 
 ENTITY = "tenant-1"
 RESOURCE = "gpt-4o"

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from harness import fsbroker
 from tests.celery.fleet import log_text, workers
 from tests.conftest import Broker
-from zae_celery import fsbroker
 from zae_celery.admission import LOOKAHEAD
 from zae_celery.core import Limit, RateLimiter
-from zae_celery.local import LocalServer, free_port
+from zae_celery.testing import LocalServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -87,6 +87,7 @@ def _start_fleet(
     }
     client = Celery("client", broker=broker.url, backend=backend)
     if broker.name == "filesystem":
+        fsbroker.register()  # before the client's first connection
         client.conf.broker_transport_options = fsbroker.transport_options(broker.data)
     queues = ",".join(f"{prefix}{q}" for q in ("limited", "shared", "other", "provider"))
     logs = tmp_path / "logs"

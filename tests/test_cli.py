@@ -29,7 +29,7 @@ from zae_celery.cli import celery_command, format_limit, main, parse_limit
 from zae_celery.core import Limit, RateLimiter, RateLimiterUnavailable
 from zae_celery.core.limits import MAX_TOKENS
 from zae_celery.infra import template_text
-from zae_celery.local import LocalServer, free_port
+from zae_celery.testing import LocalServer, free_port
 
 celery_app = Celery("zae-cli-test", set_as_current=False)
 """The app of ``celery -A tests.test_cli:celery_app zae ...`` (settings set per test)."""

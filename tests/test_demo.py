@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from zae_celery.local import LocalProvider, billed_usage, count_tokens
+from harness.provider import LocalProvider, billed_usage, count_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 FLEET = ["--workers", "2", "--concurrency", "2"]

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.conftest import REPO
-from zae_celery.local import LocalServer
+from zae_celery.testing import LocalServer
 
 pytestmark = pytest.mark.integration
 

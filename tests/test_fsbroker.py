@@ -9,6 +9,8 @@ real-worker tests exercise the broker as a whole; these pin the race points.
 # mypy: disable-error-code="no-untyped-call"
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,13 @@ import pytest
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 
-from zae_celery import fsbroker
+from harness import fsbroker
+from tests.conftest import REPO
 
 
 @pytest.fixture
 def connection(tmp_path: Path) -> Iterator[Any]:
+    fsbroker.register()
     conn = Connection(
         f"{fsbroker.SCHEME}://", transport_options=fsbroker.transport_options(tmp_path)
     )
@@ -51,3 +55,19 @@ def test_a_publish_never_shows_a_partial_message_file(connection: Any, tmp_path:
     assert not [p for p in messages.iterdir() if p.name.endswith(".staging")]
     got = queue(connection.default_channel).get()
     assert got is not None and got.payload == {"n": 1}
+
+
+def test_importing_registers_nothing_until_register_is_called() -> None:
+    # A fresh interpreter: this session's fixtures have already registered the scheme.
+    code = (
+        "from kombu.transport import TRANSPORT_ALIASES as t\n"
+        "from harness import fsbroker\n"
+        "assert fsbroker.SCHEME not in t, t.get(fsbroker.SCHEME)\n"
+        "fsbroker.register()\n"
+        "print(t[fsbroker.SCHEME])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "harness.fsbroker:AtomicTransport"

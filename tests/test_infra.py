@@ -31,7 +31,7 @@ from zae_celery.infra.stack import (
     check_stack_name,
     default_stack_name,
 )
-from zae_celery.local import LocalServer
+from zae_celery.testing import LocalServer
 
 ITEM_LEVEL = {
     "dynamodb:GetItem",

@@ -1,7 +1,9 @@
-"""The wheel installs one top-level package, with core/, infra/ and templates inside it."""
+"""The wheel installs one top-level package, with core/, infra/ and templates inside it,
+and the public test helpers (``zae_celery.testing``) but not the repository's harness."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -24,6 +26,29 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)
 
 
+@pytest.fixture(scope="module")
+def unpacked(wheel: zipfile.ZipFile, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel's files, as an installer would lay them out in site-packages."""
+    site = tmp_path_factory.mktemp("site")
+    wheel.extractall(site)
+    return site
+
+
+def run_from_wheel(site: Path, code: str) -> str:
+    """Run ``code`` in a fresh interpreter that imports zae_celery from ``site`` (not from
+    the repository: the working directory is ``site``'s parent); its standard output."""
+    prelude = f"import sys\nsys.path.insert(0, {str(site)!r})\n"
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        cwd=site.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def test_only_zae_celery_at_top_level(wheel: zipfile.ZipFile) -> None:
     tops = {name.split("/", 1)[0] for name in wheel.namelist()}
     dist_info = {t for t in tops if t.endswith(".dist-info")}
@@ -39,6 +64,47 @@ def test_core_infra_and_templates_are_inside(wheel: zipfile.ZipFile) -> None:
     templates = [n for n in names if n.startswith("zae_celery/infra/templates/")]
     assert any(n.endswith(".yaml") for n in templates), templates
     assert "zae_celery/py.typed" in names and "zae_celery/core/py.typed" in names
+
+
+def test_testing_ships_and_the_harness_does_not(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    for module in ("__init__", "servers", "counting", "_moto_serial"):
+        assert f"zae_celery/testing/{module}.py" in names
+    assert not [n for n in names if n.startswith("zae_celery/local/")]
+    harness = {"provider.py", "workers.py", "fsbroker.py"}  # harness/ in the repository
+    assert not [n for n in names if n.rsplit("/", 1)[-1] in harness]
+
+
+def test_importing_the_wheel_registers_no_kombu_transport(unpacked: Path) -> None:
+    code = f"""
+import importlib, json, pkgutil
+from kombu.transport import TRANSPORT_ALIASES
+before = dict(TRANSPORT_ALIASES)
+import zae_celery, zae_celery.testing
+assert zae_celery.__file__.startswith({str(unpacked)!r}), zae_celery.__file__
+modules = ["zae_celery", "zae_celery.testing"]
+for info in pkgutil.walk_packages(zae_celery.__path__, "zae_celery."):
+    importlib.import_module(info.name)
+    modules.append(info.name)
+changed = {{k: v for k, v in TRANSPORT_ALIASES.items() if before.get(k) != v}}
+print(json.dumps({{"modules": modules, "changed": changed}}))
+"""
+    result = json.loads(run_from_wheel(unpacked, code))
+    assert "zae_celery.testing.servers" in result["modules"]
+    assert result["changed"] == {}
+
+
+def test_the_harness_is_not_importable_from_the_wheel(unpacked: Path) -> None:
+    code = """
+import importlib
+for name in ("zae_celery.local", "zae_celery.fsbroker", "harness"):
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError:
+        print(name)
+"""
+    gone = run_from_wheel(unpacked, code).split()
+    assert gone == ["zae_celery.local", "zae_celery.fsbroker", "harness"]
 
 
 def test_editable_install_maps_core_into_the_package() -> None:

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
+from harness import fsbroker
 from tests.celery.fleet import log_text
 from tests.conftest import Broker
 from tests.faults import DeadEndpoint, FaultyHttpProxy, TcpProxy
 from tests.helpers import Clock, Counter
 from tests.test_celery_workers import RPS, _max_window_excess, _start_fleet
-from zae_celery import fsbroker
 from zae_celery.core import (
     AsyncRateLimiter,
     CircuitOpen,
@@ -40,8 +40,8 @@ from zae_celery.core.limiter import drive
 from zae_celery.core.ops import BucketKey, Flow, ItemWrite, Op, Reply, WriteBuckets
 from zae_celery.core.resilience import CircuitBreaker, RetryPolicy, guard
 from zae_celery.core.stores.dynamodb import Codec
-from zae_celery.local import LocalServer, free_port
 from zae_celery.settings import Settings
+from zae_celery.testing import LocalServer, free_port
 
 LIMITS = [Limit.per_second("rps", 1000)]
 THROTTLING = [

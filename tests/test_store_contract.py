@@ -44,7 +44,7 @@ from zae_celery.core.ops import (
     WriteBuckets,
 )
 from zae_celery.core.stores import DynamoDBStore, MemoryStore, Store
-from zae_celery.local import free_port
+from zae_celery.testing import free_port
 
 pytestmark = pytest.mark.contract
 

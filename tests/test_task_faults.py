@@ -22,11 +22,12 @@ import pytest
 import redis as redis_client
 from celery import Celery
 
+from harness.workers import log_text, worker_fleet
 from tests.helpers import Clock, Counter
 from tests.test_bad_input import whole_table
 from zae_celery.core import LeaseClaimed, Limit, RateLimiter, RateLimitExceeded, Slot
 from zae_celery.core.lease import LeaseState
-from zae_celery.local import LocalServer, free_port, log_text, worker_fleet
+from zae_celery.testing import LocalServer, free_port
 
 pytestmark = pytest.mark.integration
 

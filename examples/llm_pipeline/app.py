@@ -37,8 +37,8 @@ from typing import Any
 from celery import Celery, Task
 
 from examples.llm_pipeline.workload import Prompt, call_provider, estimate_tokens, limits
+from harness import fsbroker as fs_broker
 from zae_celery import RateLimitedTask
-from zae_celery import fsbroker as fs_broker
 from zae_celery.task import HEADER_DEFERRALS
 
 BROKER = os.environ.get("ZAE_DEMO_BROKER", "memory://")
@@ -59,6 +59,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 if BROKER.startswith(f"{fs_broker.SCHEME}://"):
+    fs_broker.register()  # in each worker too: they load this module before connecting
     app.conf.broker_transport_options = fs_broker.transport_options(
         Path(os.environ["ZAE_DEMO_BROKER_DIR"])
     )

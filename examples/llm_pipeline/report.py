@@ -13,7 +13,7 @@ from typing import Any
 from rich.table import Table
 
 from examples.llm_pipeline.workload import bucket_size
-from zae_celery.local import ProviderRecord
+from harness.provider import ProviderRecord
 
 MODES = {"zae": "zae-celery", "builtin": "Celery rate_limit"}
 PEAK_WINDOW = 10.0
@@ -162,7 +162,7 @@ def table(figures: Sequence[dict[str, Any]], config: Config) -> Table:
         ("tpm achieved: mean from the first send", _k(config.tpm), "{tpm_mean_k}"),
         ("tpm achieved: busiest 10 s, less the bucket", _k(config.tpm), "{tpm_peak_k}"),
         # Starts are conformant on the engine's clock; the provider counts arrivals, a few
-        # ms of scheduling later, and holds that much slack (zae_celery.local.provider).
+        # ms of scheduling later, and holds that much slack (harness.provider).
         (
             "requests sent beyond the rpm bucket (worst window)",
             "<= 1 (slack)",

@@ -20,19 +20,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from examples.llm_pipeline import report
 from examples.llm_pipeline.workload import Prompt, batch, bucket_size, estimate_tokens
+from harness import fsbroker as fs_broker
+from harness.provider import LocalProvider, billed_usage
+from harness.workers import FleetError, signals_held, worker_fleet
 from zae_celery import RateLimiter
-from zae_celery import fsbroker as fs_broker
-from zae_celery.local import (
+from zae_celery.testing import (
     CountingProxy,
-    FleetError,
-    LocalProvider,
     LocalServer,
     ServerUnavailable,
-    billed_usage,
     moto_server,
-    signals_held,
     use_local_credentials,
-    worker_fleet,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +62,7 @@ class Run:
 def _broker(broker: str, folder: Path) -> tuple[str, str, dict[str, Any] | None, dict[str, str]]:
     """Broker URL, backend URL, transport options and worker environment of one mode."""
     if broker == "filesystem":
+        fs_broker.register()
         (folder / "results").mkdir(parents=True, exist_ok=True)
         options = fs_broker.transport_options(folder / "broker")
         url, backend = f"{fs_broker.SCHEME}://", f"file://{folder / 'results'}"
@@ -225,7 +223,7 @@ def _collect(
 
 @contextlib.contextmanager
 def _endpoint(run: Run, console: Console) -> Iterator[LocalServer]:
-    # zae_celery.local stops a server once it serves: Ctrl-C while it starts is held.
+    # zae_celery.testing stops a server once it serves: Ctrl-C while it starts is held.
     with console.status("starting the DynamoDB endpoint (moto server)"), signals_held():
         stack = contextlib.ExitStack()
         server = stack.enter_context(moto_server(log_dir=run.folder / "servers"))

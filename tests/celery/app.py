@@ -20,7 +20,8 @@ from typing import Any
 
 from celery import Celery
 
-from zae_celery import Limit, RateLimitedTask, fsbroker
+from harness import fsbroker
+from zae_celery import Limit, RateLimitedTask
 
 BROKER = os.environ.get("ZAE_TEST_BROKER", "memory://")
 DATA = os.environ.get("ZAE_TEST_DATA", "")
@@ -51,6 +52,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 if BROKER.startswith(f"{fsbroker.SCHEME}://"):
+    fsbroker.register()  # in each worker too: they load this module before connecting
     app.conf.broker_transport_options = fsbroker.transport_options(Path(DATA))
 elif os.environ.get("ZAE_TEST_VISIBILITY_TIMEOUT"):  # redis: redeliver unacked sooner
     app.conf.broker_transport_options = {

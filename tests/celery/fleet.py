@@ -1,5 +1,5 @@
 """Real ``celery worker`` processes of ``tests.celery.app`` for tests (see
-:func:`zae_celery.local.worker_fleet`: own process groups, ready before use, stopped by
+:func:`harness.workers.worker_fleet`: own process groups, ready before use, stopped by
 PID)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from zae_celery.local import log_text, worker_fleet
+from harness.workers import log_text, worker_fleet
 
 __all__ = ["log_text", "workers"]
 

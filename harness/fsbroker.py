@@ -12,8 +12,11 @@ moment as another may read it empty and die; here a table is created, read and r
 under one exclusive lock, and an empty table reads as no bindings. Used by the
 real-worker tests, the benchmarks and the demo.
 
-Importing this module registers the transport under :data:`SCHEME`: use the broker URL
-``zaefs://`` with ``broker_transport_options = transport_options(folder)``.
+Importing this module changes nothing. Call :func:`register` to register the transport
+with kombu under :data:`SCHEME`, in every process that uses it, before the broker URL is
+used: a Celery app module that ``celery worker`` loads calls it where it sets the broker.
+Then use the broker URL ``zaefs://`` with ``broker_transport_options =
+transport_options(folder)``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.json import dumps, loads
 
 SCHEME = "zaefs"
+"""The broker URL scheme of this transport (``zaefs://``), once :func:`register` ran."""
+
+
+def register() -> None:
+    """Register :class:`AtomicTransport` with kombu under :data:`SCHEME` (idempotent)."""
+    TRANSPORT_ALIASES[SCHEME] = f"{__name__}:AtomicTransport"
 
 
 def transport_options(folder: Path) -> dict[str, Any]:
@@ -112,6 +121,3 @@ class AtomicTransport(filesystem.Transport):
     """The filesystem transport with :class:`AtomicChannel`."""
 
     Channel = AtomicChannel
-
-
-TRANSPORT_ALIASES[SCHEME] = f"{__name__}:AtomicTransport"

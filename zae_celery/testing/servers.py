@@ -191,8 +191,8 @@ def moto_server(log_dir: Path | None = None) -> Iterator[LocalServer]:
         ) from exc
     port = free_port()
     # One request at a time: moto's threaded server does not apply a conditional update
-    # of several attributes atomically (see zae_celery/local/_moto_serial.py).
-    argv = [sys.executable, "-m", "zae_celery.local._moto_serial", str(port)]
+    # of several attributes atomically (see zae_celery/testing/_moto_serial.py).
+    argv = [sys.executable, "-m", "zae_celery.testing._moto_serial", str(port)]
     server = _start("moto-server", argv, port, "http", log_dir)
     try:
         yield server

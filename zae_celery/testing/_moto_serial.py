@@ -1,4 +1,4 @@
-"""Run moto's server one request at a time: ``python -m zae_celery.local._moto_serial PORT``.
+"""Run moto's server one request at a time: ``python -m zae_celery.testing._moto_serial PORT``.
 
 ``moto_server`` serves requests in threads without a lock around each item, so two
 concurrent conditional updates of several attributes of one item can both pass their

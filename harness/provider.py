@@ -42,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from zae_celery.local.servers import free_port
+from zae_celery.testing import free_port
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",

@@ -1,0 +1,59 @@
+"""Helpers for testing code that uses zae-celery, without AWS.
+
+- Local servers, each a child process on a free 127.0.0.1 port, stopped by its PID when
+  its context manager exits (errors and Ctrl-C included): :func:`moto_server` (pip only,
+  served one request at a time so conditional writes are atomic as on DynamoDB),
+  :func:`dynamodb_local` (Amazon's DynamoDB Local, needs Java) and :func:`redis_server`
+  (a throw-away broker). Each yields a :class:`LocalServer`; one that cannot start raises
+  :class:`ServerUnavailable` saying what is missing.
+- Request counting: :class:`RequestCounter` counts the DynamoDB requests of a boto3
+  client per operation, :func:`count_worker_requests` installs one in every worker pool
+  process of a Celery app, and :class:`CountingProxy` counts at the endpoint, for every
+  process pointed at it.
+
+>>> import pytest                                          # doctest: +SKIP
+>>> from zae_celery import Limit, RateLimiter
+>>> from zae_celery.testing import moto_server, use_local_credentials
+>>> @pytest.fixture(scope="session")
+... def dynamodb():
+...     use_local_credentials()
+...     with moto_server() as server:
+...         yield server
+>>> def test_limit(dynamodb):
+...     limiter = RateLimiter("limits", endpoint_url=dynamodb.url)
+...     limiter.create_table()
+
+Nothing here is needed in production, and importing it starts nothing.
+"""
+
+from zae_celery.testing.counting import CountingProxy, RequestCounter, count_worker_requests
+from zae_celery.testing.servers import (
+    DYNAMODB_LOCAL_NPM_PACKAGE,
+    LocalServer,
+    ServerUnavailable,
+    dynamodb_local,
+    dynamodb_local_dir,
+    free_port,
+    moto_server,
+    redis_server,
+    redis_server_path,
+    reset_moto,
+    use_local_credentials,
+)
+
+__all__ = [
+    "DYNAMODB_LOCAL_NPM_PACKAGE",
+    "CountingProxy",
+    "LocalServer",
+    "RequestCounter",
+    "ServerUnavailable",
+    "count_worker_requests",
+    "dynamodb_local",
+    "dynamodb_local_dir",
+    "free_port",
+    "moto_server",
+    "redis_server",
+    "redis_server_path",
+    "reset_moto",
+    "use_local_credentials",
+]
