@@ -6,6 +6,9 @@
   :func:`dynamodb_local` (Amazon's DynamoDB Local, needs Java) and :func:`redis_server`
   (a throw-away broker). Each yields a :class:`LocalServer`; one that cannot start raises
   :class:`ServerUnavailable` saying what is missing.
+- The in-memory store: :class:`MemoryStore` (``RateLimiter(store=MemoryStore())`` or
+  ``RateLimiter.from_url("memory://")``) answers like DynamoDB, in this process, with
+  injectable failures (:meth:`MemoryStore.fail_next`): fast unit tests need no server.
 - Request counting: :class:`RequestCounter` counts the DynamoDB requests of a boto3
   client per operation, :func:`count_worker_requests` installs one in every worker pool
   process of a Celery app, and :class:`CountingProxy` counts at the endpoint, for every
@@ -26,6 +29,7 @@
 Nothing here is needed in production, and importing it starts nothing.
 """
 
+from zae_celery.core.stores import MemoryStore
 from zae_celery.testing.counting import CountingProxy, RequestCounter, count_worker_requests
 from zae_celery.testing.servers import (
     DYNAMODB_LOCAL_NPM_PACKAGE,
@@ -45,6 +49,7 @@ __all__ = [
     "DYNAMODB_LOCAL_NPM_PACKAGE",
     "CountingProxy",
     "LocalServer",
+    "MemoryStore",
     "RequestCounter",
     "ServerUnavailable",
     "count_worker_requests",
