@@ -371,7 +371,7 @@ def _period(field: str, text: str) -> int:
         raise ValidationError(
             field,
             f"period {text.strip()!r} is not [COUNT]UNIT with UNIT one of ms, s, m, h, d",
-            "e.g. m, 10s, 500ms (also sec, min, hour, day)",
+            "[COUNT]UNIT, UNIT one of ms, s, m, h, d (or sec, min, hour, day), e.g. m, 10s",
         )
     count = int(match.group("count") or 1)
     if count < 1:
