@@ -270,7 +270,7 @@ class Admission:
         horizon would instead refuse every request of a worker whose view is a few
         grants old (other workers' grants), at one wasted request each.
         """
-        task_horizon: float = head.request.task._horizon(self.settings)
+        task_horizon = head.spec.run.horizon  # rate_horizon, else zae_horizon
         return min(MAX_HORIZON, max(task_horizon, self.settings.admission_max_hold))
 
     def _answered(self, line: _Line, head: _Held, generation: int, outcome: Any) -> None:

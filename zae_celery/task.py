@@ -18,9 +18,9 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
+from decimal import Decimal
 from typing import Any, NoReturn
 
 from celery import Task, states
@@ -38,10 +38,10 @@ from zae_celery.core import (
     TableNotFound,
     ValidationError,
     ZaeError,
-    bucket,
 )
-from zae_celery.core.limits import check_tokens
-from zae_celery.core.schema import check_id
+from zae_celery.core.bucket import cost
+from zae_celery.core.limits import RATE_SYNTAX, check_tokens, parse_rate
+from zae_celery.options import OnError, TaskOptions
 from zae_celery.settings import Settings
 
 __all__ = [
@@ -97,30 +97,40 @@ def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
     return found
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
 def parse_celery_rate(value: Any) -> Limit | None:
-    """Celery's ``rate_limit`` ("100/m", "10/s", "0.5/s", or a number per second) as a
-    global :class:`Limit` named ``rate_limit`` that holds one request at a time, the same
-    smoothing as Celery's own per-worker bucket."""
-    if value is None or value == "" or value == 0:
+    """Celery's ``rate_limit`` as a global :class:`Limit` named ``rate_limit`` that holds
+    one request at a time, the same smoothing as Celery's own per-worker bucket.
+
+    The text is a rate in the grammar of :func:`zae_celery.core.limits.parse_rate`
+    (``"100/m"``, ``"10/s"``, ``"0.5/s"``, ``"7/10s"``), or, as in Celery, a number
+    per second (``10``, ``"10"``). None, ``""`` and ``0`` mean no limit.
+    """
+    if value is None or value == "" or (value == 0 and not isinstance(value, bool)):
         return None
-    text = str(value).strip()
-    amount_text, _, unit = text.partition("/")
-    unit = unit.strip() or "s"
-    try:
-        amount = Fraction(amount_text.strip()).limit_denominator(1000)
-    except (ValueError, ZeroDivisionError) as exc:
-        raise ValidationError("rate_limit", f"{value!r}", "like '100/m', '10/s', '2/h'") from exc
-    if unit[0] not in _UNITS or amount <= 0:
-        raise ValidationError("rate_limit", f"{value!r}", "like '100/m', '10/s', '2/h'")
-    return Limit.custom(
-        "rate_limit",
-        capacity=1,
-        refill_amount=amount.numerator,
-        refill_period_seconds=_UNITS[unit[0]] * amount.denominator,
-    )
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        # The shortest decimal that round-trips: 0.1, not 0.1000000000000000055...
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        if not number.is_finite():
+            raise ValidationError("rate_limit", f"{value!r} is not a finite number", RATE_SYNTAX)
+        text = format(number, "f") + "/s"
+    elif isinstance(value, str):
+        text = value if "/" in value else f"{value}/s"
+    else:
+        raise ValidationError(
+            "rate_limit", f"must be a string or a number, got {type(value).__name__}", RATE_SYNTAX
+        )
+    amount, period_ms = parse_rate(text, field="rate_limit")
+    return Limit("rate_limit", 1, 1, amount, period_ms)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """This run's horizon, outage-deferral limit and on-error policy (callables called
+    once, before the run takes or starts a lease)."""
+
+    horizon: float
+    max_deferrals: int
+    on_error: OnError
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,7 @@ class _Spec:
     consume: dict[str, int]
     limits: tuple[Limit, ...]
     extra: tuple[tuple[str, str, Sequence[Limit]], ...]
+    run: _Run
 
     def acquire(self, limiter: RateLimiter, horizon: float, start_within: float) -> Lease:
         """A slot up to ``horizon`` ahead, its start counted with it when it is at most
@@ -148,43 +159,16 @@ class _Spec:
         )
 
 
-def _option(task: Task, name: str, args: Any, kwargs: Any) -> Any:
-    """A ``rate_*`` option: the value, or the value a callable of (args, kwargs) returns."""
-    # Read from the class: a function stored as a class attribute would otherwise come
-    # back bound to the task instance.
-    value = getattr(type(task), name)
-    if isinstance(value, staticmethod):
-        value = value.__func__
-    if not callable(value):
-        return value
-    try:
-        return value(tuple(args or ()), dict(kwargs or {}))
-    except Exception as exc:
-        # The exception's text may quote task arguments: only its type is reported.
-        raise ValidationError(
-            name,
-            f"the callable raised {type(exc).__name__} for task {task.name}",
-            "a value, or a callable of (args, kwargs) that returns one",
-        ) from None
-
-
-def _check_task_id(field: str, value: Any) -> None:
-    """check_id, without quoting the value: it may come from the task's arguments."""
-    try:
-        check_id(field, value)
-    except ValidationError:
-        raise ValidationError(
-            field,
-            f"is not a valid id ({type(value).__name__}; the value is not shown)",
-            "1..256 letters, digits and _ . : @ / + = , - not starting with punctuation",
-        ) from None
-
-
 class RateLimitedTask(Task):  # type: ignore[misc]
     """A task whose start is gated by global token buckets.
 
     Options (set with ``@app.task(base=RateLimitedTask, rate_limits=[...], ...)``; each
-    may be a value or a callable of the task's ``(args, kwargs)``):
+    may be a value or a callable of the task's ``(args, kwargs)``, declared in
+    :data:`zae_celery.options.TASK_OPTIONS`). Values are validated once, when the task
+    class is bound to its app; a bad one is a ValidationError naming the option, raised by
+    every use of the task: ``apply_async``/``delay`` (nothing is published) and each run
+    (before anything is acquired). A callable is called once per run, before any lease is
+    taken, and its result validated the same way:
 
     - ``rate_limits``: ``[Limit, ...]`` of the task (default none: only queue limits).
     - ``rate_resource``: what the limits protect (default: the task's name).
@@ -208,50 +192,87 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     rate_entity: Any = None
     rate_consume: Any = None
     rate_on_error: Any = "keep"
-    rate_max_deferrals: int | None = None
-    rate_horizon: float | None = None
+    rate_max_deferrals: Any = None
+    rate_horizon: Any = None
     _global_rate_limit: Limit | None = None
+    _zae_options: TaskOptions | None = None
+    _zae_error: ValidationError | None = None
+    _zae_rate_limit_error: ValidationError | None = None
 
     @classmethod
     def bind(cls, app: Any) -> Any:
-        """Bind to the app; move a string ``rate_limit`` from Celery's per-worker bucket
-        to a global limit."""
-        bound = super().bind(app)
-        own = parse_celery_rate(cls.rate_limit)
-        if own is not None:
-            cls._global_rate_limit = own
-            cls.rate_limit = None  # the worker builds no per-process bucket for the task
+        """Bind to the app: resolve and validate the ``rate_*`` options, and move a string
+        ``rate_limit`` from Celery's per-worker bucket to a global limit.
+
+        A bad option is kept and raised by every use of the task (:meth:`_options`), not
+        here: Celery registers a task before binding it, and adds a shared task to every
+        app finalized later, so an error raised while binding would leave a half-bound
+        task behind and break the finalization of unrelated apps.
+        """
+        bound = super().bind(app)  # applies task_annotations, which may set options
+        if cls.rate_limit is not None:  # not yet moved (Celery binds a task again later)
+            text, cls.rate_limit = cls.rate_limit, None  # no per-worker bucket for the task
+            try:
+                cls._global_rate_limit = parse_celery_rate(text)
+                cls._zae_rate_limit_error = None
+            except ValidationError as exc:
+                cls._global_rate_limit, cls._zae_rate_limit_error = None, exc
+        cls._zae_options, cls._zae_error = None, cls._zae_rate_limit_error
+        try:
+            cls._zae_options = TaskOptions.of(cls)
+        except ValidationError as exc:
+            cls._zae_error = exc
         return bound
 
+    @classmethod
+    def _options(cls) -> TaskOptions:
+        """The options resolved at bind (resolved now for a class never bound); raises
+        the ValidationError of a bad option."""
+        error = cls.__dict__.get("_zae_error")
+        if error is not None:
+            raise ValidationError(error.field, error.problem, error.allowed)
+        options = cls.__dict__.get("_zae_options")
+        if options is None:
+            options = cls._zae_options = TaskOptions.of(cls)
+        return options
+
+    def apply_async(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's ``apply_async``; a task with a bad option raises its ValidationError
+        here, before anything is published."""
+        self._options()
+        return super().apply_async(*args, **kwargs)
+
     # -- what to consume --------------------------------------------------------------------
-    def _spec(self, settings: Settings, args: Any, kwargs: Any, queue: str) -> _Spec | None:
+    def _run(self, settings: Settings, args: Any, kwargs: Any) -> _Run:
+        """This run's horizon, outage-deferral limit and on-error policy."""
+        options = self._options()
+        return _Run(
+            horizon=options.horizon(settings, args, kwargs),
+            max_deferrals=options.max_deferrals(settings, args, kwargs),
+            on_error=options.on_error(args, kwargs),
+        )
+
+    def _spec(
+        self, settings: Settings, args: Any, kwargs: Any, queue: str, run: _Run | None = None
+    ) -> _Spec | None:
         """What this run consumes, and from which buckets (None: no limits apply).
 
         ``queue`` is the routing key the message came with (its queue's limits apply).
-        Called by the consumer (admission) and by ``before_start`` alike.
+        Called by the consumer (admission) and by ``before_start`` alike, on the options
+        resolved at bind; ``run`` is this run's :meth:`_run` when already known.
         """
-        limits = _option(self, "rate_limits", args, kwargs) or ()
-        if isinstance(limits, Limit) or not all(isinstance(lim, Limit) for lim in limits):
-            raise ValidationError("rate_limits", "must be a list of Limit", "[Limit, ...]")
-        limits = tuple(limits)
+        options = self._options()
+        limits = options.limits(args, kwargs)
         if self._global_rate_limit is not None:
             limits += (self._global_rate_limit,)
         queue_limits = settings.queue_limits.get(queue, ())
         if not limits and not queue_limits:
             return None
-        entity = _option(self, "rate_entity", args, kwargs)
+        entity = options.get("rate_entity", args, kwargs)
         entity = settings.default_entity if entity is None else entity
-        resource = _option(self, "rate_resource", args, kwargs) or self.name
-        _check_task_id("rate_entity", entity)
-        _check_task_id("rate_resource", resource)
-        consume = _option(self, "rate_consume", args, kwargs)
-        if consume is None:
-            consume = {lim.name: 1 for lim in limits}
-        if not isinstance(consume, Mapping):
-            raise ValidationError(
-                "rate_consume", "must return a dict", "{'rpm': 1, ...}: limit name to tokens"
-            )
-        consume = dict(consume)
+        resource = options.get("rate_resource", args, kwargs) or self.name
+        given = options.get("rate_consume", args, kwargs)
+        consume = {lim.name: 1 for lim in limits} if given is None else dict(given)
         if self._global_rate_limit is not None:
             consume.setdefault("rate_limit", 1)
         extra: tuple[tuple[str, str, Sequence[Limit]], ...] = ()
@@ -260,13 +281,18 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         if not limits:  # queue limits only: the queue's bucket is the task's own
             entity, resource, limits, extra = f"queue:{queue}", "queue", tuple(queue_limits), ()
             consume = {lim.name: consume.get(lim.name, 1) for lim in limits}
-        return _Spec(entity, resource, consume, limits, extra)
+        if run is None:
+            run = self._run(settings, args, kwargs)
+        return _Spec(entity, resource, consume, limits, extra, run)
 
     # -- the gate ---------------------------------------------------------------------------
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Acquire (or take up a reserved slot) before the body runs; defer when refused."""
         settings, limiter = limiter_for(self.app)
         request = self.request
+        # Every option a callable decides is decided (and validated) here, once, before
+        # this run takes or starts a lease: a bad value fails the task with nothing held.
+        run = request.zae_run = self._run(settings, args, kwargs)
         headers = request.headers or {}
         deferrals = int(headers.get(HEADER_DEFERRALS) or 0)
         admitted = getattr(request, ADMITTED, None)
@@ -298,10 +324,10 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             # A reservation not made for this task id (or before claims existed) is
             # never started: the task acquires like a new one.
         queue = (request.delivery_info or {}).get("routing_key") or ""
-        spec = self._spec(settings, args, kwargs, queue)
+        spec = self._spec(settings, args, kwargs, queue, run)
         if spec is None:
             return
-        horizon = self._horizon(settings)
+        horizon = run.horizon
         try:
             lease = spec.acquire(limiter, horizon, settings.start_wait)
         except RateLimitExceeded as exc:
@@ -357,7 +383,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             lease.state.start_tracked = False
             lease.state.started_ms = None
         try:
-            wait = limiter.start(lease, horizon=max(self._horizon(settings), wait_limit))
+            wait = limiter.start(lease, horizon=max(self.request.zae_run.horizon, wait_limit))
         except RateLimitExceeded as exc:
             self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc))
         except RateLimiterUnavailable:  # "closed"; "open" starts unchecked in the engine
@@ -367,10 +393,6 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             self._defer(settings, deferrals, wait, lease, "start slot reserved")
         if wait > 0:
             time.sleep(wait)  # this task's own start slot, reserved on the start track
-
-    def _horizon(self, settings: Settings) -> float:
-        """Seconds a slot may be reserved ahead: ``rate_horizon``, else ``zae_horizon``."""
-        return settings.horizon if self.rate_horizon is None else self.rate_horizon
 
     def _defer(
         self,
@@ -394,9 +416,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         error.
         """
         request = self.request
-        limit = (
-            settings.max_deferrals if self.rate_max_deferrals is None else self.rate_max_deferrals
-        )
+        limit = request.zae_run.max_deferrals
         outages = int((request.headers or {}).get(HEADER_OUTAGES) or 0)
         if outage and outages >= limit:
             if lease is not None:
@@ -499,20 +519,18 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             log.exception("zae-celery could not settle the lease of task %s", task_id)
 
     def _settle_error(self, lease: Lease) -> None:
-        policy = self.rate_on_error
+        """Apply this run's ``rate_on_error`` (decided and validated in before_start)."""
+        run: _Run | None = getattr(self.request, "zae_run", None)
+        policy = "keep" if run is None else run.on_error
         if policy == "keep":
             lease.commit()
         elif policy == "refund":
             lease.rollback()
-        elif isinstance(policy, (tuple, list, frozenset, set)):
+        else:
             refund = {n: -v for n, v in lease.consumed.items() if n not in policy and v}
             if refund:
                 lease.adjust(**refund)
             lease.commit()
-        else:
-            raise ValidationError(
-                "rate_on_error", f"{policy!r}", "'keep', 'refund' or a tuple of names to keep"
-            )
 
 
 def _late_tolerance(lease: Lease) -> float:
@@ -520,7 +538,7 @@ def _late_tolerance(lease: Lease) -> float:
     own spacing on its tightest limit (cost / rate), so that a late start cannot share a
     slot with the next one; at least ``LATE_START``."""
     spacing = [  # a cost in the bucket's units; 1 ms is refill_amount units
-        bucket.cost(lim, tokens) / lim.refill_amount / 1000
+        cost(lim, tokens) / lim.refill_amount / 1000
         for target in lease.state.targets
         for lim in target.limits
         if (tokens := target.consume.get(lim.name, 0)) > 0
