@@ -1,6 +1,6 @@
 """A RateLimitedTask's options: declared once, validated when the task class is bound (a
 bad value is reported by every use of the task, naming the option), callables called
-once per run before any lease is taken.
+once per run before any lease is taken; and the limiter cache, kept per app.
 
 Tasks run in-process through Celery's tracer (``apply``: before_start, body,
 after_return) with the engine on moto server; a republish is captured, not sent.
@@ -8,7 +8,9 @@ after_return) with the engine on moto server; a republish is captured, not sent.
 
 from __future__ import annotations
 
+import gc
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -299,3 +301,27 @@ def test_each_callable_is_called_once_per_run(table: RateLimiter) -> None:
     )
     available = table.available("tenant-1", task.rate_resource, [YEARLY])
     assert available == {"total": pytest.approx(998, abs=1e-3)}
+
+
+# -- the limiter cache ---------------------------------------------------------------------
+def test_an_app_never_gets_the_limiter_of_another_app_with_the_same_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``id()`` of a collected app is reused by a later object: simulate that reuse."""
+    import zae_celery.task
+
+    monkeypatch.setattr(zae_celery.task, "id", lambda obj: 42, raising=False)
+    first = limiter_for(make_app(zae_table_name="zae-first"))
+    second = limiter_for(make_app(zae_table_name="zae-second"))
+    assert (first[0].table_name, second[0].table_name) == ("zae-first", "zae-second")
+    assert second[1] is not first[1]
+
+
+def test_the_limiter_cache_does_not_keep_an_app_alive() -> None:
+    app = make_app()
+    limiter = limiter_for(app)[1]
+    assert limiter_for(app)[1] is limiter  # one limiter per app and process
+    gone = weakref.ref(app)
+    del app
+    gc.collect()
+    assert gone() is None

@@ -18,6 +18,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -68,21 +69,26 @@ class DeferralsExhausted(ZaeError):
     """A task was deferred ``rate_max_deferrals`` times while the store was unreachable."""
 
 
-_limiters: dict[tuple[int, int], tuple[Settings, RateLimiter]] = {}
+_limiters: weakref.WeakKeyDictionary[Any, dict[int, tuple[Settings, RateLimiter]]] = (
+    weakref.WeakKeyDictionary()
+)
 _limiters_lock = threading.Lock()
 
 
 def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
     """The settings and limiter of ``app`` in this process, created on first use.
 
-    Created lazily (not in ``worker_process_init``) and keyed by PID, so a forked pool
-    child never shares its parent's connections.
+    Created lazily (not in ``worker_process_init``) and kept per PID, so a forked pool
+    child never shares its parent's connections. The cache holds the app weakly: an app
+    that is garbage-collected takes its limiters with it, and a later app (which may
+    reuse its ``id()``) gets its own.
     """
-    key = (id(app), os.getpid())
-    found = _limiters.get(key)
+    pid = os.getpid()
+    found = _limiters.get(app, {}).get(pid)
     if found is None:
         with _limiters_lock:
-            found = _limiters.get(key)
+            per_process = _limiters.setdefault(app, {})
+            found = per_process.get(pid)
             if found is None:
                 settings = Settings.from_app(app)
                 limiter = RateLimiter(
@@ -93,7 +99,7 @@ def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
                     breaker_threshold=settings.breaker_threshold,
                     breaker_cooldown=settings.breaker_cooldown,
                 )
-                found = _limiters[key] = (settings, limiter)
+                found = per_process[pid] = (settings, limiter)
     return found
 
 
