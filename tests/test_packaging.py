@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import zae_celery
+import zae_celery.core
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -62,3 +65,10 @@ def test_template_ships_and_passes_cfn_lint(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_zae_celery_reexports_every_public_name_of_the_core() -> None:
+    missing = set(zae_celery.core.__all__) - set(zae_celery.__all__)
+    assert not missing, f"zae_celery does not re-export {sorted(missing)}"
+    for name in zae_celery.core.__all__:
+        assert getattr(zae_celery, name) is getattr(zae_celery.core, name)

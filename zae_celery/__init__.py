@@ -1,13 +1,17 @@
 """zae-celery: global rate limits for Celery tasks, shared by every worker.
 
-The engine lives in :mod:`zae_celery.core`; its public names are re-exported here.
+The engine lives in :mod:`zae_celery.core`; every one of its public names
+(``zae_celery.core.__all__``) is re-exported here.
 """
 
 from zae_celery.core import (
     AsyncLease,
     AsyncRateLimiter,
+    CircuitOpen,
+    EndpointUnreachable,
     IncompatibleSchema,
     Lease,
+    LeaseClaimed,
     Limit,
     LimitStatus,
     RateLimiter,
@@ -25,9 +29,12 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AsyncLease",
     "AsyncRateLimiter",
+    "CircuitOpen",
     "DeferralsExhausted",
+    "EndpointUnreachable",
     "IncompatibleSchema",
     "Lease",
+    "LeaseClaimed",
     "Limit",
     "LimitStatus",
     "RateLimitExceeded",
