@@ -39,6 +39,8 @@ def test_core_infra_and_templates_are_inside(wheel: zipfile.ZipFile) -> None:
     for module in ("engine", "bucket", "limiter", "aio", "limits", "errors"):
         assert f"zae_celery/core/{module}.py" in names
     assert "zae_celery/infra/__init__.py" in names
+    for module in ("__init__", "options", "errors", "stack", "table", "limits", "buckets"):
+        assert f"zae_celery/cli/{module}.py" in names  # the console script's package
     templates = [n for n in names if n.startswith("zae_celery/infra/templates/")]
     assert any(n.endswith(".yaml") for n in templates), templates
     assert "zae_celery/py.typed" in names and "zae_celery/core/py.typed" in names

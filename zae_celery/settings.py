@@ -203,7 +203,9 @@ class TableName:
     def __call__(self, name: str, value: Any, quote: bool = True) -> str:
         """The value, or ValidationError."""
         if value is None or value == "":
-            raise ValidationError(name, "is not set", f"app.conf.{name} = 'rate_limits'")
+            raise ValidationError(
+                name, "is not set", f"{self.allowed}, e.g. app.conf.{name} = 'rate_limits'"
+            )
         if not isinstance(value, str):
             raise ValidationError(
                 name, f"must be a string, got {type(value).__name__}", self.allowed
@@ -221,7 +223,7 @@ class Url:
     @property
     def allowed(self) -> str:
         """What is accepted."""
-        return "an http:// or https:// URL (e.g. http://127.0.0.1:8000), or None"
+        return "an http:// or https:// URL, e.g. http://127.0.0.1:8000"
 
     def __call__(self, name: str, value: Any, quote: bool = True) -> str | None:
         """The value, or ValidationError."""
