@@ -2,11 +2,14 @@
 resolved when the task class is bound to its app.
 
 Every option is a value or a callable of the task's ``(args, kwargs)``. A value is
-validated once, at bind (``Task.bind(app)``, when the task is registered or first used):
-a bad one raises a :class:`~zae_celery.ValidationError` naming the option there, before
-any task runs. A callable is checked at bind to accept ``(args, kwargs)``; it is called
-once per run, before the run takes or starts a lease, and its result is validated the
-same way (the message never quotes it: it may come from the task's arguments).
+validated once, at bind (``Task.bind(app)``, when the task is registered or first used);
+a bad one is a :class:`~zae_celery.ValidationError` naming the option, which
+:class:`~zae_celery.RateLimitedTask` raises on every use of the task (``delay``,
+``apply_async``, each run) so that it never runs. A callable is checked at bind to accept
+``(args, kwargs)``; it is called when a run needs its value, before the run takes or
+starts a lease (the consumer that admits a task and the pool process that runs it may
+each call it: keep it cheap and deterministic), and its result is validated the same way
+(the message never quotes it: it may come from the task's arguments).
 """
 
 from __future__ import annotations

@@ -173,8 +173,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     :data:`zae_celery.options.TASK_OPTIONS`). Values are validated once, when the task
     class is bound to its app; a bad one is a ValidationError naming the option, raised by
     every use of the task: ``apply_async``/``delay`` (nothing is published) and each run
-    (before anything is acquired). A callable is called once per run, before any lease is
-    taken, and its result validated the same way:
+    (before anything is acquired). A callable is called when a run needs its value, before
+    any lease is taken (by the consumer that admits the task and by the pool process that
+    runs it: keep it cheap and deterministic), and its result validated the same way:
 
     - ``rate_limits``: ``[Limit, ...]`` of the task (default none: only queue limits).
     - ``rate_resource``: what the limits protect (default: the task's name).
@@ -296,8 +297,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         """Acquire (or take up a reserved slot) before the body runs; defer when refused."""
         settings, limiter = limiter_for(self.app)
         request = self.request
-        # Every option a callable decides is decided (and validated) here, once, before
-        # this run takes or starts a lease: a bad value fails the task with nothing held.
+        # How this run handles a lease (horizon, outage deferrals, rate_on_error) is
+        # decided and validated here, before it takes or starts one: a bad value (or a
+        # bad option found at bind) fails the task with nothing held.
         run = request.zae_run = self._run(settings, args, kwargs)
         headers = request.headers or {}
         deferrals = int(headers.get(HEADER_DEFERRALS) or 0)
