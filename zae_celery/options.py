@@ -54,9 +54,9 @@ def _check_consume(name: str, value: Any, quote: bool = True) -> dict[str, int] 
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ValidationError(
+        raise ValidationError(  # quote=False: what a callable returned
             name,
-            f"must be a dict, got {type(value).__name__}",
+            f"must {'be' if quote else 'return'} a dict, got {type(value).__name__}",
             "{'rpm': 1, ...}: limit name to tokens",
         )
     return dict(value)
