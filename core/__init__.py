@@ -21,6 +21,7 @@ from .errors import (
 from .lease import BucketRef, Slot
 from .limiter import Lease, RateLimiter
 from .limits import Limit
+from .schema import check_id
 
 __all__ = [
     "AsyncLease",
@@ -42,4 +43,5 @@ __all__ = [
     "TableNotFound",
     "ValidationError",
     "ZaeError",
+    "check_id",
 ]

@@ -1,15 +1,33 @@
-"""Limit definitions: a token bucket's size and refill rate, validated on construction."""
+"""Limit definitions: a token bucket's size and refill rate, validated on construction,
+and the one text form of a limit that the command line and Celery's ``rate_limit`` share.
+
+The grammar (:meth:`Limit.parse`, :meth:`Limit.format`, :func:`parse_rate`)::
+
+    LIMIT  = NAME "=" RATE [":capacity=" WHOLE] [":burst=" WHOLE]
+    RATE   = AMOUNT "/" PERIOD
+    AMOUNT = WHOLE | DECIMAL            500, 90_000, 90k, 2M; 0.5, 1.5k
+    WHOLE  = digits with "_" separators, then an optional "k" (1 000) or "M" (1 000 000)
+    PERIOD = [COUNT] UNIT               m, 10s, 500ms
+    UNIT   = ms | s | m | h | d         (also sec, second(s), min, minute(s), hour(s), day(s))
+
+``rpm=500/m`` is 500 tokens a minute in a bucket of 500; ``tpm=90k/m:burst=120k`` may
+burst to 120 000; ``rpm=600/m:capacity=10`` never holds more than 10. A decimal AMOUNT
+is made whole over a longer period, exactly: ``0.5/s`` is ``1/2s``, ``1.5/s`` is
+``3/2s`` (and the capacity defaults to that whole amount). Whitespace around the parts
+is ignored.
+"""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Any
 
 from .errors import ValidationError
 
-__all__ = ["MAX_TOKENS", "Limit"]
+__all__ = ["LIMIT_SYNTAX", "MAX_TOKENS", "RATE_SYNTAX", "Limit", "format_rate", "parse_rate"]
 
 MAX_TOKENS = 10**18
 """Largest capacity, burst, refill amount or single consume/adjust, in tokens.
@@ -18,6 +36,30 @@ It keeps every number the engine stores well inside DynamoDB's 38 significant di
 """
 MAX_PERIOD_MS = 10 * 365 * 86_400_000
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+LIMIT_SYNTAX = "NAME=AMOUNT/PERIOD[:capacity=N][:burst=N], e.g. rpm=500/m or tpm=90k/m:burst=120k"
+"""The text form of a limit, as error messages and help texts show it."""
+RATE_SYNTAX = "AMOUNT/PERIOD, e.g. 500/m, 90k/m, 10/s, 0.5/s or 7/10s"
+"""The text form of a rate (a limit's refill), as error messages show it."""
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_UNIT_ALIASES = {
+    "sec": "s",
+    "second": "s",
+    "seconds": "s",
+    "min": "m",
+    "minute": "m",
+    "minutes": "m",
+    "hour": "h",
+    "hours": "h",
+    "day": "d",
+    "days": "d",
+}
+_SUFFIXES = {"": 1, "k": 1000, "M": 1_000_000}
+_NUMBER = re.compile(r"(?P<whole>\d+(?:_\d+)*)(?:\.(?P<fraction>\d+))?(?P<suffix>[kM]?)")
+_PERIOD = re.compile(r"(?P<count>\d+)?(?P<unit>[a-z]+)")
+_LIMIT = re.compile(r"(?P<name>[^=]+)=(?P<amount>[^/:]+)/(?P<period>[^:]+)(?P<options>(?::.*)?)")
+_WHOLE_EXAMPLES = "e.g. 500, 90_000, 90k, 2M"
 
 
 def check_tokens(field: str, value: Any, *, minimum: int = 1) -> int:
@@ -119,6 +161,65 @@ class Limit:
         """``capacity`` tokens per day."""
         return cls.custom(name, capacity, capacity, 86_400, burst)
 
+    # -- text form --------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str, field: str = "limit") -> Limit:
+        """A limit from its text form ``NAME=AMOUNT/PERIOD[:capacity=N][:burst=N]`` (see the
+        module's docstring); the inverse of :meth:`format`.
+
+        >>> Limit.parse("tpm=90k/m:burst=120k")
+        Limit(name='tpm', capacity=90000, burst=120000, refill_amount=90000, refill_period_ms=60000)
+
+        Raises ValidationError naming ``field``, saying which part is wrong and what is
+        allowed.
+        """
+        if not isinstance(text, str):
+            raise ValidationError(
+                field, f"must be a string, got {type(text).__name__}", LIMIT_SYNTAX
+            )
+        match = _LIMIT.fullmatch(text.strip())
+        if not match:
+            raise ValidationError(field, f"{text!r} is not a limit", LIMIT_SYNTAX)
+        name = match.group("name").strip()
+        check_limit_name(field, name)
+        amount, period_ms = _rate(field, match.group("amount"), match.group("period"))
+        options: dict[str, int] = {}
+        for part in match.group("options").split(":")[1:]:
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or key not in ("capacity", "burst"):
+                raise ValidationError(
+                    field, f"unknown option {part!r} in {text!r}", "capacity=N or burst=N"
+                )
+            if key in options:
+                raise ValidationError(field, f"option {key!r} appears twice in {text!r}")
+            options[key] = _whole(field, key, value)
+        capacity = options.get("capacity", amount)
+        try:
+            return cls(name, capacity, options.get("burst", capacity), amount, period_ms)
+        except ValidationError as exc:
+            raise ValidationError(
+                field, f"{text!r}: {exc.field} {exc.problem}", exc.allowed
+            ) from None
+
+    def format(self) -> str:
+        """The text form of this limit (the inverse of :meth:`parse`); also ``str(limit)``.
+
+        >>> Limit.per_minute("tpm", 90_000, burst=120_000).format()
+        'tpm=90000/m:burst=120000'
+
+        The internal ``track`` is not part of it.
+        """
+        text = f"{self.name}={format_rate(self.refill_amount, self.refill_period_ms)}"
+        if self.capacity != self.refill_amount:
+            text += f":capacity={self.capacity}"
+        if self.burst != self.capacity:
+            text += f":burst={self.burst}"
+        return text
+
+    def __str__(self) -> str:
+        return self.format()
+
     # -- derived values ---------------------------------------------------------------
     @property
     def rate(self) -> float:
@@ -184,3 +285,99 @@ def _period_ms(seconds: Any) -> int:
             "a whole number of milliseconds, at least 1 ms",
         )
     return round(ms)
+
+
+# -- the text form of rates -------------------------------------------------------------------
+def parse_rate(text: str, field: str = "rate") -> tuple[int, int]:
+    """``AMOUNT/PERIOD`` (``"500/m"``, ``"90k/m"``, ``"0.5/s"``, ``"7/10s"``) as a whole
+    ``(refill_amount, refill_period_ms)``; see the module's docstring for the grammar.
+
+    >>> parse_rate("0.5/s")
+    (1, 2000)
+
+    Raises ValidationError naming ``field`` on bad input.
+    """
+    if not isinstance(text, str):
+        raise ValidationError(field, f"must be a string, got {type(text).__name__}", RATE_SYNTAX)
+    amount, sep, period = text.strip().partition("/")
+    if not sep or not amount.strip() or not period.strip():
+        raise ValidationError(field, f"{text!r} is not a rate", RATE_SYNTAX)
+    return _rate(field, amount, period)
+
+
+def format_rate(amount: int, period_ms: int) -> str:
+    """The text form of ``amount`` tokens every ``period_ms`` ms (inverse of
+    :func:`parse_rate` for whole amounts): the period in the largest unit that divides it.
+
+    >>> format_rate(90_000, 60_000), format_rate(3, 2_000), format_rate(5, 1_500)
+    ('90000/m', '3/2s', '5/1500ms')
+    """
+    for unit in ("d", "h", "m", "s"):
+        size = _UNITS_MS[unit]
+        if period_ms % size == 0:
+            count = period_ms // size
+            return f"{amount}/{unit if count == 1 else f'{count}{unit}'}"
+    return f"{amount}/{period_ms}ms"
+
+
+def _rate(field: str, amount_text: str, period_text: str) -> tuple[int, int]:
+    """A whole (refill_amount, refill_period_ms) from the two parts of a rate."""
+    amount = _number(field, "amount", amount_text)
+    period_ms = _period(field, period_text) * amount.denominator
+    if not 1 <= amount.numerator <= MAX_TOKENS:
+        raise ValidationError(
+            field,
+            f"amount {amount_text.strip()!r} is out of range",
+            f"1..{MAX_TOKENS}, or a decimal above 0 (e.g. 0.5)",
+        )
+    if period_ms > MAX_PERIOD_MS:
+        raise ValidationError(
+            field,
+            f"{amount_text.strip()}/{period_text.strip()} refills over more than 10 years",
+            f"a period of at most {MAX_PERIOD_MS} ms, after a decimal amount is made whole",
+        )
+    return amount.numerator, period_ms
+
+
+def _number(field: str, what: str, text: str) -> Fraction:
+    match = _NUMBER.fullmatch(text.strip())
+    if not match:
+        raise ValidationError(
+            field,
+            f"{what} {text.strip()!r} is not a whole number or a decimal",
+            f"{_WHOLE_EXAMPLES}, 0.5, 1.5k",
+        )
+    digits = match.group("whole").replace("_", "")
+    if match.group("fraction"):
+        digits += "." + match.group("fraction")
+    return Fraction(digits) * _SUFFIXES[match.group("suffix")]
+
+
+def _whole(field: str, what: str, text: str) -> int:
+    value = _number(field, what, text)
+    if value.denominator != 1 or "." in text:
+        raise ValidationError(
+            field, f"{what} {text.strip()!r} is not a whole number", _WHOLE_EXAMPLES
+        )
+    if not 1 <= value.numerator <= MAX_TOKENS:
+        raise ValidationError(field, f"{what} {text.strip()!r} is out of range", f"1..{MAX_TOKENS}")
+    return value.numerator
+
+
+def _period(field: str, text: str) -> int:
+    match = _PERIOD.fullmatch(text.strip())
+    unit = _UNIT_ALIASES.get(match.group("unit"), match.group("unit")) if match else ""
+    if not match or unit not in _UNITS_MS:
+        raise ValidationError(
+            field,
+            f"period {text.strip()!r} is not [COUNT]UNIT with UNIT one of ms, s, m, h, d",
+            "[COUNT]UNIT, UNIT one of ms, s, m, h, d (or sec, min, hour, day), e.g. m, 10s",
+        )
+    count = int(match.group("count") or 1)
+    if count < 1:
+        raise ValidationError(field, f"period {text.strip()!r} is zero", f"at least 1 {unit}")
+    if count * _UNITS_MS[unit] > MAX_PERIOD_MS:
+        raise ValidationError(
+            field, f"period {text.strip()!r} is longer than 10 years", f"<= {MAX_PERIOD_MS} ms"
+        )
+    return count * _UNITS_MS[unit]

@@ -510,6 +510,7 @@ def _run_task(endpoint: Endpoint, options: dict[str, Any], body: Any = None, **c
         base=RateLimitedTask,
         bind=True,
         max_retries=0,
+        shared=False,  # a shared task would be added to every app created later
         name=f"matrix.{uuid.uuid4().hex[:6]}",
         **{"rate_limits": [YEARLY], "rate_resource": "matrix", **options},
     )(run)
@@ -561,7 +562,11 @@ MATRIX: list[Any] = [
     ("task", _task(rate_consume={"total": 1001}), "consume.total", "at most 1000"),
     ("task", _task(rate_entity=lambda a, k: "t#" + k["prompt"]), "rate_entity", IDS),
     ("task", _task(rate_resource="a*"), "rate_resource", IDS),
-    ("task", _task(rate_horizon=-5), "horizon", "0..86400"),
+    ("task", _task(rate_horizon=-5), "rate_horizon", "0.0..900.0"),
+    ("task", _task(rate_limits=5), "rate_limits", "Limit"),
+    ("task", _task(rate_on_error="refnud"), "rate_on_error", "'refund'"),
+    ("task", _task(rate_on_error=lambda a, k: "refnud"), "rate_on_error", "'refund'"),
+    ("task", _task(rate_max_deferrals=lambda a, k: 0), "rate_max_deferrals", ">= 1"),
     # report_usage (inside the body; the estimate is refunded by rate_on_error)
     ("report_usage", _report(tokens=5), "report_usage.tokens", "total"),
     ("report_usage", _report(total=-1), "report_usage.total", "0.."),
@@ -573,6 +578,7 @@ MATRIX: list[Any] = [
     ("settings", _setting(zae_max_deferrals=0), "zae_max_deferrals", ">= 1"),
     ("settings", _setting(zae_default_entity="a#b"), "zae_default_entity", "no #"),
     ("settings", _setting(zae_queue_limits=["q"]), "zae_queue_limits", "{'"),
+    ("settings", _setting(zae_queue_limits={"q": 5}), "zae_queue_limits['q']", "[Limit"),
     ("settings", _setting(zae_breaker_threshold=True), "zae_breaker_threshold", ">= 1"),
     ("settings", _setting(zae_table_name=""), "zae_table_name", "zae_table_name ="),
     ("settings", _setting(zae_admission="yes"), "zae_admission", "True or False"),

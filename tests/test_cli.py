@@ -4,6 +4,7 @@ limit commands against moto server and DynamoDB Local, and bad input."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.metadata
 import json
@@ -23,9 +24,11 @@ from click.testing import CliRunner, Result
 from hypothesis import given
 from hypothesis import strategies as st
 
+import zae_celery.core
 from tests import oprecorder
 from tests.conftest import Endpoint
 from zae_celery.cli import celery_command, format_limit, main, parse_limit
+from zae_celery.cli.options import GLOBAL_OPTIONS
 from zae_celery.core import Limit, RateLimiter, RateLimiterUnavailable
 from zae_celery.core.limits import MAX_TOKENS
 from zae_celery.infra import template_text
@@ -116,11 +119,13 @@ def test_template_prints_the_shipped_template() -> None:
             Limit.custom("x", capacity=2, refill_amount=5, refill_period_seconds=0.5, burst=3),
         ),
         ("w=7/10s", Limit.custom("w", capacity=7, refill_amount=7, refill_period_seconds=10)),
+        ("rps=0.5/s", Limit.custom("rps", capacity=1, refill_amount=1, refill_period_seconds=2)),
     ],
 )
 def test_limit_syntax(spec: str, limit: Limit) -> None:
-    assert parse_limit(spec) == limit
+    assert parse_limit(spec) == limit == Limit.parse(spec)  # the one grammar
     assert parse_limit(format_limit(limit)) == limit
+    assert format_limit(limit) == limit.format() == str(limit)
 
 
 @pytest.mark.parametrize(
@@ -766,3 +771,49 @@ def test_celery_entry_point_is_registered() -> None:
             "and reinstall (make does so when pyproject.toml changes)"
         )
     assert found[0].load() is celery_command
+
+
+# -- one declaration of the settings, public names of the core ------------------------------
+def test_the_global_options_are_the_declared_settings() -> None:
+    assert [(o.flag, o.setting.name) for o in GLOBAL_OPTIONS] == [
+        ("--table", "zae_table_name"),
+        ("--region", "zae_region"),
+        ("--endpoint-url", "zae_endpoint_url"),
+    ]
+    text = " ".join(run(["--help"]).stdout.split())
+    for option in GLOBAL_OPTIONS:  # the option's help names the setting it sets
+        assert f"setting {option.setting.name})" in text
+
+
+def test_bad_global_options_are_refused_by_the_settings_checks() -> None:
+    result = run(["--table", "ab", "--region", "us-east-1", "limits", "get", "x"])
+    assert result.exit_code == 2
+    table_allowed = next(o for o in GLOBAL_OPTIONS if o.flag == "--table").setting.check.allowed
+    assert table_allowed in " ".join(result.stderr.split())
+
+
+def test_celery_zae_refuses_a_bad_endpoint_setting_naming_it(
+    celery_group: click.Group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        celery_app, "conf", {"zae_table_name": "zae-cli", "zae_endpoint_url": "ftp://host"}
+    )
+    result = run(
+        ["-A", "tests.test_cli:celery_app", "zae", "limits", "get", "t"], group=celery_group
+    )
+    assert result.exit_code == 2
+    assert "zae_endpoint_url: 'ftp://host' is not an http:// or https:// URL" in result.stderr
+
+
+def test_the_celery_layer_and_the_cli_import_only_public_names_of_the_core() -> None:
+    """zae_celery.core exports what the other layers may use; submodules (core.bucket,
+    core.limits...) are imported by their own name."""
+    package = Path(__file__).resolve().parent.parent / "zae_celery"
+    sources = [package / "task.py", package / "admission.py", package / "settings.py"]
+    sources += sorted((package / "cli").glob("*.py"))
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "zae_celery.core":
+                names = {alias.name for alias in node.names}
+                private = names - set(zae_celery.core.__all__)
+                assert not private, f"{path.name} imports {sorted(private)} from zae_celery.core"

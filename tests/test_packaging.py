@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import zae_celery
+import zae_celery.core
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -61,6 +64,8 @@ def test_core_infra_and_templates_are_inside(wheel: zipfile.ZipFile) -> None:
     for module in ("engine", "bucket", "limiter", "aio", "limits", "errors"):
         assert f"zae_celery/core/{module}.py" in names
     assert "zae_celery/infra/__init__.py" in names
+    for module in ("__init__", "options", "errors", "stack", "table", "limits", "buckets"):
+        assert f"zae_celery/cli/{module}.py" in names  # the console script's package
     templates = [n for n in names if n.startswith("zae_celery/infra/templates/")]
     assert any(n.endswith(".yaml") for n in templates), templates
     assert "zae_celery/py.typed" in names and "zae_celery/core/py.typed" in names
@@ -157,3 +162,10 @@ def test_installing_keeps_the_newest_boto3(tmp_path: Path) -> None:
     assert together["boto3"] == newest["boto3"]
     assert together["botocore"] == newest["botocore"]
     assert "aiobotocore" not in together and "aioboto3" not in together
+
+
+def test_zae_celery_reexports_every_public_name_of_the_core() -> None:
+    missing = set(zae_celery.core.__all__) - set(zae_celery.__all__)
+    assert not missing, f"zae_celery does not re-export {sorted(missing)}"
+    for name in zae_celery.core.__all__:
+        assert getattr(zae_celery, name) is getattr(zae_celery.core, name)

@@ -1,6 +1,7 @@
 """The Celery layer and the CLI use the core's public API only (docs/api.md).
 
-They import from ``zae_celery.core`` and ``zae_celery.core.stores`` and nothing deeper,
+They import from ``zae_celery.core``, ``zae_celery.core.limits`` (the limit grammar) and
+``zae_celery.core.stores`` and nothing deeper,
 and they reach into no lease's state, no limiter's engine and no private member of a
 core object. Changing the engine's internals then never breaks them.
 """
@@ -17,8 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 LAYER = sorted(
     p for p in (REPO / "zae_celery").rglob("*.py") if "core" not in p.relative_to(REPO).parts[1:2]
 )
-PUBLIC_MODULES = {"zae_celery.core", "zae_celery.core.stores"}
-PRIVATE_ATTRIBUTES = {"engine", "state", "_state", "_run", "_guarded", "_targets"}
+PUBLIC_MODULES = {"zae_celery.core", "zae_celery.core.limits", "zae_celery.core.stores"}
+"""The core, its limit grammar and token checks, its stores."""
+PRIVATE_ATTRIBUTES = {"engine", "state", "_state", "_guarded", "_targets"}
 
 
 def _violations(path: Path) -> list[str]:

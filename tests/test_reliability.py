@@ -281,7 +281,7 @@ def test_resilience_options_are_validated(option: str, value: Any) -> None:
 
 
 def test_celery_settings_reach_the_breaker() -> None:
-    conf = {"zae_table_name": "t", "zae_breaker_threshold": 3, "zae_breaker_cooldown": 1.5}
+    conf = {"zae_table_name": "zae-t", "zae_breaker_threshold": 3, "zae_breaker_cooldown": 1.5}
     settings = Settings.from_app(SimpleNamespace(conf=conf))
     assert (settings.breaker_threshold, settings.breaker_cooldown) == (3, 1.5)
     for name, bad in [("zae_breaker_threshold", 0), ("zae_breaker_cooldown", "soon")]:

@@ -270,7 +270,7 @@ class Admission:
         horizon would instead refuse every request of a worker whose view is a few
         grants old (other workers' grants), at one wasted request each.
         """
-        task_horizon: float = head.request.task._horizon(self.settings)
+        task_horizon = head.spec.run.horizon  # rate_horizon, else zae_horizon
         return min(MAX_HORIZON, max(task_horizon, self.settings.admission_max_hold))
 
     def _answered(self, line: _Line, head: _Held, generation: int, outcome: Any) -> None:
@@ -308,7 +308,7 @@ class Admission:
             ahead = slot - time.time()
             line.not_before = now + ahead - self.settings.admission_window
             line.saturated = ahead > DISPATCH_LEAD
-            head.request.request_dict[ADMITTED] = lease.state.to_dict()
+            head.request.request_dict[ADMITTED] = lease.ticket()
             log.info(
                 "zae-celery admitted task %s (%s): slot in %.3f s",
                 head.request.id,

@@ -1,33 +1,12 @@
 """zae-celery's settings, read from a Celery app's configuration (``zae_`` prefix).
 
-=======================  ==========  ===================================================
-setting                  default     meaning
-=======================  ==========  ===================================================
-``zae_table_name``       (required)  the DynamoDB table of the buckets
-``zae_endpoint_url``     None        a local endpoint (moto server, DynamoDB Local)
-``zae_region``           None        AWS region (else the boto3 chain)
-``zae_on_unavailable``   "closed"    "closed": defer tasks while DynamoDB is unreachable;
-                                     "open": run them unchecked and log a warning
-``zae_queue_limits``     {}          ``{"queue": [Limit, ...]}``: limits shared by every
-                                     rate-aware task consumed from that queue
-``zae_default_entity``   "default"   the entity of tasks without ``rate_entity``
-``zae_horizon``          60.0        seconds: how far ahead a refused task may reserve a
-                                     slot (see below)
-``zae_max_deferrals``    100         deferrals of one task before it fails
-``zae_jitter``           0.5         seconds of random spread added to blind deferrals
-``zae_start_wait``       1.0         seconds a worker may wait in place for its slot
-                                     rather than republish the task (0: always
-                                     republish a task that cannot start now)
-``zae_unavailable_retry``  5.0       seconds before a task deferred by an outage retries
-``zae_admission``        True        the worker's consumer admits rate-limited tasks at
-                                     the buckets' pace; the rest wait in the broker
-``zae_admission_window``  1.0        seconds ahead a held task's slot is asked for
-``zae_admission_hold``   16          messages a queue may hold in a worker before it
-                                     pauses (``basic.cancel``) until half are gone
-``zae_admission_max_hold``  600.0    seconds a message may wait for a slot in a worker
-                                     before the pool republishes it (keep it well below
-                                     the broker's visibility timeout/consumer_timeout)
-=======================  ==========  ===================================================
+Every setting is declared once, in :data:`SETTINGS`: its name, default, the check that
+validates it (and says what is allowed) and what it means. :class:`Settings` reads an
+app's configuration through those declarations, task options that override a setting
+(``rate_horizon``, ``rate_max_deferrals``) are checked by the same check, and the
+command line's global options (``--table``, ``--endpoint-url``, ``--region``) validate
+with the declarations of ``zae_table_name``, ``zae_endpoint_url`` and ``zae_region``.
+:func:`settings_table` renders the declarations (docs/celery.md shows that table).
 
 Why the horizon is short: a deferred task is a countdown message that the worker holds in
 memory until it is due (outside the prefetch window), and a Redis or SQS broker redelivers
@@ -37,118 +16,486 @@ the number of messages held in worker memory to one minute of traffic. It may be
 to 900 s.
 
 When DynamoDB fails (no reply, throttling or 5xx beyond the engine's retries),
-``zae_breaker_threshold`` (5) calls in a row open each worker process's circuit breaker:
-its tasks are then deferred (or, with "open", run unchecked) without any request, and
-after ``zae_breaker_cooldown`` (5.0) seconds one probe request decides whether it closes.
+``zae_breaker_threshold`` calls in a row open each worker process's circuit breaker: its
+tasks are then deferred (or, with "open", run unchecked) without any request, and after
+``zae_breaker_cooldown`` seconds one probe request decides whether it closes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
-from zae_celery.core import Limit, ValidationError
-from zae_celery.core.schema import check_id
+from zae_celery.core import Limit, ValidationError, check_id
+from zae_celery.infra.stack import check_table_name
 
-__all__ = ["MAX_HORIZON", "Settings"]
+__all__ = [
+    "ADMISSION",
+    "ADMISSION_HOLD",
+    "ADMISSION_MAX_HOLD",
+    "ADMISSION_WINDOW",
+    "BREAKER_COOLDOWN",
+    "BREAKER_THRESHOLD",
+    "DEFAULT_ENTITY",
+    "ENDPOINT_URL",
+    "HORIZON",
+    "JITTER",
+    "MAX_DEFERRALS",
+    "MAX_HORIZON",
+    "ON_UNAVAILABLE",
+    "QUEUE_LIMITS",
+    "REGION",
+    "REQUIRED",
+    "SETTINGS",
+    "START_WAIT",
+    "TABLE_NAME",
+    "UNAVAILABLE_RETRY",
+    "Check",
+    "Count",
+    "EntityId",
+    "Flag",
+    "OneOf",
+    "QueueLimits",
+    "Seconds",
+    "Setting",
+    "Settings",
+    "TableName",
+    "Text",
+    "Url",
+    "check_limits",
+    "settings_table",
+]
 
 MAX_HORIZON = 900.0
+"""The longest ``zae_horizon``/``rate_horizon``, in seconds (see the module's docstring)."""
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
-def _seconds(name: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValidationError(
-            name, f"{value!r} is not a number of seconds", f"{low}..{high} seconds"
+class Check(Protocol[T_co]):
+    """Validates one value: returns it (normalised) or raises a ValidationError naming
+    ``name`` that says what is ``allowed``. ``quote=False`` keeps the value out of the
+    message (it may come from a task's arguments)."""
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted, for messages and docs."""
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> T_co:
+        """The value, or ValidationError."""
+
+
+def _shown(value: Any, quote: bool) -> str:
+    return repr(value) if quote else f"a {type(value).__name__} (the value is not shown)"
+
+
+@dataclass(frozen=True)
+class Seconds:
+    """A number of seconds in ``low..high`` (no bool, NaN or infinity)."""
+
+    low: float
+    high: float
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return f"{self.low}..{self.high} seconds"
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> float:
+        """The value as a float, or ValidationError."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValidationError(
+                name, f"{_shown(value, quote)} is not a number of seconds", self.allowed
+            )
+        if not self.low <= value <= self.high:
+            raise ValidationError(name, f"{_shown(value, quote)} is out of range", self.allowed)
+        return float(value)
+
+
+@dataclass(frozen=True)
+class Count:
+    """A whole number >= 1 (no bool)."""
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return "an integer >= 1"
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> int:
+        """The value, or ValidationError."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValidationError(name, _shown(value, quote), self.allowed)
+        return value
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a few strings."""
+
+    choices: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return " or ".join(repr(c) for c in self.choices)
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> str:
+        """The value, or ValidationError."""
+        if not isinstance(value, str) or value not in self.choices:
+            raise ValidationError(name, _shown(value, quote), self.allowed)
+        return value
+
+
+@dataclass(frozen=True)
+class Flag:
+    """True or False (not a truthy value)."""
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return "True or False"
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> bool:
+        """The value, or ValidationError."""
+        if not isinstance(value, bool):
+            raise ValidationError(name, _shown(value, quote), self.allowed)
+        return value
+
+
+@dataclass(frozen=True)
+class EntityId:
+    """An entity or resource id (the engine's rules)."""
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return (
+            "1..256 letters, digits and _ . : @ / + = , - (not starting with punctuation); "
+            "no # or *"
         )
-    if not low <= value <= high:
-        raise ValidationError(name, f"{value!r} is out of range", f"{low}..{high} seconds")
-    return float(value)
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> str:
+        """The value, or ValidationError."""
+        try:
+            return check_id(name, value)
+        except ValidationError as exc:
+            problem = (
+                exc.problem
+                if quote
+                else f"is not a valid id ({type(value).__name__}; the value is not shown)"
+            )
+            raise ValidationError(name, problem, self.allowed) from None
 
 
-def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError(name, f"{value!r}", "an integer >= 1")
-    return value
+@dataclass(frozen=True)
+class TableName:
+    """A DynamoDB table name (required)."""
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return "3-255 letters, digits, underscores, dots or dashes"
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> str:
+        """The value, or ValidationError."""
+        if value is None or value == "":
+            raise ValidationError(
+                name, "is not set", f"{self.allowed}, e.g. app.conf.{name} = 'rate_limits'"
+            )
+        if not isinstance(value, str):
+            raise ValidationError(
+                name, f"must be a string, got {type(value).__name__}", self.allowed
+            )
+        try:
+            return check_table_name(value)
+        except ValueError:
+            raise ValidationError(name, f"invalid table name {value!r}", self.allowed) from None
+
+
+@dataclass(frozen=True)
+class Url:
+    """An http:// or https:// URL, or None (an empty string is None)."""
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return "an http:// or https:// URL, e.g. http://127.0.0.1:8000"
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> str | None:
+        """The value, or ValidationError."""
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+            raise ValidationError(
+                name, f"{_shown(value, quote)} is not an http:// or https:// URL", self.allowed
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string, or None (an empty string is None)."""
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return "a string, or None"
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> str | None:
+        """The value, or ValidationError."""
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise ValidationError(
+                name, f"must be a string, got {type(value).__name__}", self.allowed
+            )
+        return value
+
+
+def check_limits(name: str, value: Any, quote: bool = True) -> tuple[Limit, ...]:
+    """A list (or tuple) of :class:`Limit` with distinct names, as a tuple; None is none.
+
+    A single Limit, a string, a mapping or anything not iterable is refused with a
+    ValidationError naming ``name`` (never a TypeError)."""
+    allowed = "[Limit, ...]: a list of Limit objects with distinct names"
+    if value is None:
+        return ()
+    if isinstance(value, (Limit, str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValidationError(name, f"must be a list of Limit, got {type(value).__name__}", allowed)
+    limits = tuple(value)
+    for item in limits:
+        if not isinstance(item, Limit):
+            raise ValidationError(
+                name, f"must be a list of Limit, holds a {type(item).__name__}", allowed
+            )
+    names = [lim.name for lim in limits]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValidationError(name, f"limit {', '.join(twice)} given twice", allowed)
+    return limits
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """``{"queue name": [Limit, ...]}``; None is none."""
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return "{'queue name': [Limit, ...]}"
+
+    def __call__(
+        self, name: str, value: Any, quote: bool = True
+    ) -> Mapping[str, tuple[Limit, ...]]:
+        """The value with tuples of limits, or ValidationError."""
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ValidationError(name, "must be a dict", self.allowed)
+        checked: dict[str, tuple[Limit, ...]] = {}
+        for queue, limits in value.items():
+            check_id(f"{name}[{queue!r}]", queue)
+            checked[queue] = check_limits(f"{name}[{queue!r}]", limits)
+        return checked
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""The default of a setting that has none (it must be set)."""
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One ``zae_`` setting, declared once: its name in ``app.conf``, its default (or
+    :data:`REQUIRED`), the check that validates it and what it means."""
+
+    name: str
+    default: Any
+    check: Check[T]
+    doc: str
+
+    @property
+    def attr(self) -> str:
+        """Its field in :class:`Settings` (the name without ``zae_``)."""
+        return self.name.removeprefix("zae_")
+
+    def validate(self, value: Any) -> T:
+        """``value`` checked as this setting (ValidationError names the setting)."""
+        return self.check(self.name, value)
+
+    def read(self, conf: Any) -> T:
+        """This setting's value in a Celery configuration (or any mapping), checked."""
+        value = conf.get(self.name, None)
+        if value is None and self.default is not REQUIRED:
+            value = self.default
+        return self.validate(value)
+
+
+TABLE_NAME: Setting[str] = Setting(
+    "zae_table_name", REQUIRED, TableName(), "the DynamoDB table of the buckets"
+)
+ENDPOINT_URL: Setting[str | None] = Setting(
+    "zae_endpoint_url", None, Url(), "a local endpoint (moto server, DynamoDB Local)"
+)
+REGION: Setting[str | None] = Setting(
+    "zae_region", None, Text(), "the AWS region (else the boto3 chain's)"
+)
+ON_UNAVAILABLE: Setting[str] = Setting(
+    "zae_on_unavailable",
+    "closed",
+    OneOf(("closed", "open")),
+    "'closed': defer tasks while DynamoDB is unreachable; 'open': run them unchecked "
+    "and log a warning",
+)
+QUEUE_LIMITS: Setting[Mapping[str, tuple[Limit, ...]]] = Setting(
+    "zae_queue_limits",
+    {},
+    QueueLimits(),
+    "limits shared by every rate-aware task consumed from a queue",
+)
+DEFAULT_ENTITY: Setting[str] = Setting(
+    "zae_default_entity", "default", EntityId(), "the entity of tasks without rate_entity"
+)
+HORIZON: Setting[float] = Setting(
+    "zae_horizon",
+    60.0,
+    Seconds(0.0, MAX_HORIZON),
+    "how far ahead a refused task may reserve a slot (bounded by brokers' visibility timeouts)",
+)
+MAX_DEFERRALS: Setting[int] = Setting(
+    "zae_max_deferrals",
+    100,
+    Count(),
+    "deferrals of one task caused by an unreachable DynamoDB before it fails",
+)
+JITTER: Setting[float] = Setting(
+    "zae_jitter", 0.5, Seconds(0.0, 60.0), "random spread added to blind deferrals"
+)
+START_WAIT: Setting[float] = Setting(
+    "zae_start_wait",
+    1.0,
+    Seconds(0.0, 30.0),
+    "how long a worker may wait in place for its slot rather than republish the task "
+    "(0: always republish a task that cannot start now)",
+)
+UNAVAILABLE_RETRY: Setting[float] = Setting(
+    "zae_unavailable_retry",
+    5.0,
+    Seconds(0.1, MAX_HORIZON),
+    "the wait before a task deferred by an outage retries",
+)
+BREAKER_THRESHOLD: Setting[int] = Setting(
+    "zae_breaker_threshold",
+    5,
+    Count(),
+    "failed DynamoDB calls in a row that open a worker process's circuit breaker",
+)
+BREAKER_COOLDOWN: Setting[float] = Setting(
+    "zae_breaker_cooldown",
+    5.0,
+    Seconds(0.1, MAX_HORIZON),
+    "how long an open breaker waits before one probe request",
+)
+ADMISSION: Setting[bool] = Setting(
+    "zae_admission",
+    True,
+    Flag(),
+    "the worker's consumer admits rate-limited tasks at the buckets' pace; the rest "
+    "wait in the broker",
+)
+ADMISSION_WINDOW: Setting[float] = Setting(
+    "zae_admission_window",
+    1.0,
+    Seconds(0.0, 60.0),
+    "how far ahead a held task's slot is asked for",
+)
+ADMISSION_HOLD: Setting[int] = Setting(
+    "zae_admission_hold",
+    16,
+    Count(),
+    "messages a queue may hold in a worker before it pauses until half are gone",
+)
+ADMISSION_MAX_HOLD: Setting[float] = Setting(
+    "zae_admission_max_hold",
+    600.0,
+    Seconds(1.0, 86400.0),
+    "how long a message may wait for a slot in a worker before the pool republishes it "
+    "(keep it well below the broker's visibility timeout/consumer_timeout)",
+)
+
+SETTINGS: tuple[Setting[Any], ...] = (
+    TABLE_NAME,
+    ENDPOINT_URL,
+    REGION,
+    ON_UNAVAILABLE,
+    QUEUE_LIMITS,
+    DEFAULT_ENTITY,
+    HORIZON,
+    MAX_DEFERRALS,
+    JITTER,
+    START_WAIT,
+    UNAVAILABLE_RETRY,
+    BREAKER_THRESHOLD,
+    BREAKER_COOLDOWN,
+    ADMISSION,
+    ADMISSION_WINDOW,
+    ADMISSION_HOLD,
+    ADMISSION_MAX_HOLD,
+)
+"""Every ``zae_`` setting, in the order of :class:`Settings`' fields."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The ``zae_`` settings of one Celery app, validated."""
+    """The ``zae_`` settings of one Celery app, validated (one field per :data:`SETTINGS`
+    entry; build it with :meth:`from_app` or :meth:`from_conf`)."""
 
     table_name: str
-    endpoint_url: str | None = None
-    region: str | None = None
-    on_unavailable: str = "closed"
-    queue_limits: Mapping[str, Sequence[Limit]] = field(default_factory=dict)
-    default_entity: str = "default"
-    horizon: float = 60.0
-    max_deferrals: int = 100
-    jitter: float = 0.5
-    start_wait: float = 1.0
-    unavailable_retry: float = 5.0
-    breaker_threshold: int = 5
-    breaker_cooldown: float = 5.0
-    admission: bool = True
-    admission_window: float = 1.0
-    admission_hold: int = 16
-    admission_max_hold: float = 600.0
+    endpoint_url: str | None
+    region: str | None
+    on_unavailable: str
+    queue_limits: Mapping[str, tuple[Limit, ...]]
+    default_entity: str
+    horizon: float
+    max_deferrals: int
+    jitter: float
+    start_wait: float
+    unavailable_retry: float
+    breaker_threshold: int
+    breaker_cooldown: float
+    admission: bool
+    admission_window: float
+    admission_hold: int
+    admission_max_hold: float
+
+    @classmethod
+    def from_conf(cls, conf: Any) -> Settings:
+        """Read and validate the ``zae_*`` keys of a configuration (anything with
+        ``get``); unset ones take their declared default. ValidationError names the
+        setting."""
+        return cls(**{setting.attr: setting.read(conf) for setting in SETTINGS})
 
     @classmethod
     def from_app(cls, app: Any) -> Settings:
         """Read and validate ``app.conf.zae_*``; ValidationError names the setting."""
-        conf = app.conf
-        table = conf.get("zae_table_name")
-        if not isinstance(table, str) or not table:
-            raise ValidationError(
-                "zae_table_name", "is not set", "app.conf.zae_table_name = 'rate_limits'"
-            )
-        on_unavailable = conf.get("zae_on_unavailable", "closed")
-        if on_unavailable not in ("closed", "open"):
-            raise ValidationError("zae_on_unavailable", f"{on_unavailable!r}", "'closed' or 'open'")
-        queue_limits = conf.get("zae_queue_limits") or {}
-        if not isinstance(queue_limits, Mapping):
-            raise ValidationError(
-                "zae_queue_limits", "must be a dict", "{'queue name': [Limit, ...]}"
-            )
-        checked: dict[str, tuple[Limit, ...]] = {}
-        for queue, limits in queue_limits.items():
-            check_id(f"zae_queue_limits[{queue!r}]", queue)
-            if isinstance(limits, Limit) or not all(isinstance(lim, Limit) for lim in limits):
-                raise ValidationError(
-                    f"zae_queue_limits[{queue!r}]", "must be a list of Limit", "[Limit, ...]"
-                )
-            checked[queue] = tuple(limits)
-        default_entity = check_id("zae_default_entity", conf.get("zae_default_entity", "default"))
-        max_deferrals = _count("zae_max_deferrals", conf.get("zae_max_deferrals", 100))
-        admission = conf.get("zae_admission", True)
-        if not isinstance(admission, bool):
-            raise ValidationError("zae_admission", f"{admission!r}", "True or False")
-        return cls(
-            table_name=table,
-            endpoint_url=conf.get("zae_endpoint_url"),
-            region=conf.get("zae_region"),
-            on_unavailable=on_unavailable,
-            queue_limits=checked,
-            default_entity=default_entity,
-            horizon=_seconds("zae_horizon", conf.get("zae_horizon", 60.0), 0.0, MAX_HORIZON),
-            max_deferrals=max_deferrals,
-            jitter=_seconds("zae_jitter", conf.get("zae_jitter", 0.5), 0.0, 60.0),
-            start_wait=_seconds("zae_start_wait", conf.get("zae_start_wait", 1.0), 0.0, 30.0),
-            unavailable_retry=_seconds(
-                "zae_unavailable_retry", conf.get("zae_unavailable_retry", 5.0), 0.1, MAX_HORIZON
-            ),
-            breaker_threshold=_count("zae_breaker_threshold", conf.get("zae_breaker_threshold", 5)),
-            breaker_cooldown=_seconds(
-                "zae_breaker_cooldown", conf.get("zae_breaker_cooldown", 5.0), 0.1, MAX_HORIZON
-            ),
-            admission=admission,
-            admission_window=_seconds(
-                "zae_admission_window", conf.get("zae_admission_window", 1.0), 0.0, 60.0
-            ),
-            admission_hold=_count("zae_admission_hold", conf.get("zae_admission_hold", 16)),
-            admission_max_hold=_seconds(
-                "zae_admission_max_hold", conf.get("zae_admission_max_hold", 600.0), 1.0, 86400.0
-            ),
-        )
+        return cls.from_conf(app.conf)
+
+
+def settings_table() -> str:
+    """The declared settings as a Markdown table (setting, default, allowed, meaning)."""
+    rows = [
+        "| setting | default | allowed | meaning |",
+        "|---------|---------|---------|---------|",
+    ]
+    for setting in SETTINGS:
+        default = "(required)" if setting.default is REQUIRED else f"`{setting.default!r}`"
+        allowed = setting.check.allowed.replace("|", "\\|")
+        rows.append(f"| `{setting.name}` | {default} | {allowed} | {setting.doc} |")
+    return "\n".join(rows) + "\n"

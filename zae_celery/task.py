@@ -17,10 +17,10 @@ import os
 import random
 import threading
 import time
-import uuid
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
+from decimal import Decimal
 from typing import Any, NoReturn
 
 from celery import Task, states
@@ -35,13 +35,13 @@ from zae_celery.core import (
     RateLimiter,
     RateLimiterUnavailable,
     RateLimitExceeded,
+    Slot,
     TableNotFound,
     ValidationError,
     ZaeError,
-    bucket,
 )
-from zae_celery.core.limits import check_tokens
-from zae_celery.core.schema import check_id
+from zae_celery.core.limits import RATE_SYNTAX, check_tokens, parse_rate
+from zae_celery.options import OnError, TaskOptions
 from zae_celery.settings import Settings
 
 __all__ = [
@@ -68,21 +68,26 @@ class DeferralsExhausted(ZaeError):
     """A task was deferred ``rate_max_deferrals`` times while the store was unreachable."""
 
 
-_limiters: dict[tuple[int, int], tuple[Settings, RateLimiter]] = {}
+_limiters: weakref.WeakKeyDictionary[Any, dict[int, tuple[Settings, RateLimiter]]] = (
+    weakref.WeakKeyDictionary()
+)
 _limiters_lock = threading.Lock()
 
 
 def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
     """The settings and limiter of ``app`` in this process, created on first use.
 
-    Created lazily (not in ``worker_process_init``) and keyed by PID, so a forked pool
-    child never shares its parent's connections.
+    Created lazily (not in ``worker_process_init``) and kept per PID, so a forked pool
+    child never shares its parent's connections. The cache holds the app weakly: an app
+    that is garbage-collected takes its limiters with it, and a later app (which may
+    reuse its ``id()``) gets its own.
     """
-    key = (id(app), os.getpid())
-    found = _limiters.get(key)
+    pid = os.getpid()
+    found = _limiters.get(app, {}).get(pid)
     if found is None:
         with _limiters_lock:
-            found = _limiters.get(key)
+            per_process = _limiters.setdefault(app, {})
+            found = per_process.get(pid)
             if found is None:
                 settings = Settings.from_app(app)
                 limiter = RateLimiter(
@@ -93,34 +98,44 @@ def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
                     breaker_threshold=settings.breaker_threshold,
                     breaker_cooldown=settings.breaker_cooldown,
                 )
-                found = _limiters[key] = (settings, limiter)
+                found = per_process[pid] = (settings, limiter)
     return found
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
 def parse_celery_rate(value: Any) -> Limit | None:
-    """Celery's ``rate_limit`` ("100/m", "10/s", "0.5/s", or a number per second) as a
-    global :class:`Limit` named ``rate_limit`` that holds one request at a time, the same
-    smoothing as Celery's own per-worker bucket."""
-    if value is None or value == "" or value == 0:
+    """Celery's ``rate_limit`` as a global :class:`Limit` named ``rate_limit`` that holds
+    one request at a time, the same smoothing as Celery's own per-worker bucket.
+
+    The text is a rate in the grammar of :func:`zae_celery.core.limits.parse_rate`
+    (``"100/m"``, ``"10/s"``, ``"0.5/s"``, ``"7/10s"``), or, as in Celery, a number
+    per second (``10``, ``"10"``). None, ``""`` and ``0`` mean no limit.
+    """
+    if value is None or value == "" or (value == 0 and not isinstance(value, bool)):
         return None
-    text = str(value).strip()
-    amount_text, _, unit = text.partition("/")
-    unit = unit.strip() or "s"
-    try:
-        amount = Fraction(amount_text.strip()).limit_denominator(1000)
-    except (ValueError, ZeroDivisionError) as exc:
-        raise ValidationError("rate_limit", f"{value!r}", "like '100/m', '10/s', '2/h'") from exc
-    if unit[0] not in _UNITS or amount <= 0:
-        raise ValidationError("rate_limit", f"{value!r}", "like '100/m', '10/s', '2/h'")
-    return Limit.custom(
-        "rate_limit",
-        capacity=1,
-        refill_amount=amount.numerator,
-        refill_period_seconds=_UNITS[unit[0]] * amount.denominator,
-    )
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        # The shortest decimal that round-trips: 0.1, not 0.1000000000000000055...
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        if not number.is_finite():
+            raise ValidationError("rate_limit", f"{value!r} is not a finite number", RATE_SYNTAX)
+        text = format(number, "f") + "/s"
+    elif isinstance(value, str):
+        text = value if "/" in value else f"{value}/s"
+    else:
+        raise ValidationError(
+            "rate_limit", f"must be a string or a number, got {type(value).__name__}", RATE_SYNTAX
+        )
+    amount, period_ms = parse_rate(text, field="rate_limit")
+    return Limit("rate_limit", 1, 1, amount, period_ms)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """This run's horizon, outage-deferral limit and on-error policy (callables called
+    once, before the run takes or starts a lease)."""
+
+    horizon: float
+    max_deferrals: int
+    on_error: OnError
 
 
 @dataclass(frozen=True)
@@ -132,6 +147,7 @@ class _Spec:
     consume: dict[str, int]
     limits: tuple[Limit, ...]
     extra: tuple[tuple[str, str, Sequence[Limit]], ...]
+    run: _Run
 
     def acquire(self, limiter: RateLimiter, horizon: float, start_within: float) -> Lease:
         """A slot up to ``horizon`` ahead, its start counted with it when it is at most
@@ -142,49 +158,21 @@ class _Spec:
             self.consume,
             self.limits,
             horizon=horizon,
-            extra=self.extra,
-            pace=True,
-            start_within=start_within,
+            slot=Slot(extra=self.extra, pace=True, start_within=start_within),
         )
-
-
-def _option(task: Task, name: str, args: Any, kwargs: Any) -> Any:
-    """A ``rate_*`` option: the value, or the value a callable of (args, kwargs) returns."""
-    # Read from the class: a function stored as a class attribute would otherwise come
-    # back bound to the task instance.
-    value = getattr(type(task), name)
-    if isinstance(value, staticmethod):
-        value = value.__func__
-    if not callable(value):
-        return value
-    try:
-        return value(tuple(args or ()), dict(kwargs or {}))
-    except Exception as exc:
-        # The exception's text may quote task arguments: only its type is reported.
-        raise ValidationError(
-            name,
-            f"the callable raised {type(exc).__name__} for task {task.name}",
-            "a value, or a callable of (args, kwargs) that returns one",
-        ) from None
-
-
-def _check_task_id(field: str, value: Any) -> None:
-    """check_id, without quoting the value: it may come from the task's arguments."""
-    try:
-        check_id(field, value)
-    except ValidationError:
-        raise ValidationError(
-            field,
-            f"is not a valid id ({type(value).__name__}; the value is not shown)",
-            "1..256 letters, digits and _ . : @ / + = , - not starting with punctuation",
-        ) from None
 
 
 class RateLimitedTask(Task):  # type: ignore[misc]
     """A task whose start is gated by global token buckets.
 
     Options (set with ``@app.task(base=RateLimitedTask, rate_limits=[...], ...)``; each
-    may be a value or a callable of the task's ``(args, kwargs)``):
+    may be a value or a callable of the task's ``(args, kwargs)``, declared in
+    :data:`zae_celery.options.TASK_OPTIONS`). Values are validated once, when the task
+    class is bound to its app; a bad one is a ValidationError naming the option, raised by
+    every use of the task: ``apply_async``/``delay`` (nothing is published) and each run
+    (before anything is acquired). A callable is called when a run needs its value, before
+    any lease is taken (by the consumer that admits the task and by the pool process that
+    runs it: keep it cheap and deterministic), and its result validated the same way:
 
     - ``rate_limits``: ``[Limit, ...]`` of the task (default none: only queue limits).
     - ``rate_resource``: what the limits protect (default: the task's name).
@@ -208,50 +196,87 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     rate_entity: Any = None
     rate_consume: Any = None
     rate_on_error: Any = "keep"
-    rate_max_deferrals: int | None = None
-    rate_horizon: float | None = None
+    rate_max_deferrals: Any = None
+    rate_horizon: Any = None
     _global_rate_limit: Limit | None = None
+    _zae_options: TaskOptions | None = None
+    _zae_error: ValidationError | None = None
+    _zae_rate_limit_error: ValidationError | None = None
 
     @classmethod
     def bind(cls, app: Any) -> Any:
-        """Bind to the app; move a string ``rate_limit`` from Celery's per-worker bucket
-        to a global limit."""
-        bound = super().bind(app)
-        own = parse_celery_rate(cls.rate_limit)
-        if own is not None:
-            cls._global_rate_limit = own
-            cls.rate_limit = None  # the worker builds no per-process bucket for the task
+        """Bind to the app: resolve and validate the ``rate_*`` options, and move a string
+        ``rate_limit`` from Celery's per-worker bucket to a global limit.
+
+        A bad option is kept and raised by every use of the task (:meth:`_options`), not
+        here: Celery registers a task before binding it, and adds a shared task to every
+        app finalized later, so an error raised while binding would leave a half-bound
+        task behind and break the finalization of unrelated apps.
+        """
+        bound = super().bind(app)  # applies task_annotations, which may set options
+        if cls.rate_limit is not None:  # not yet moved (Celery binds a task again later)
+            text, cls.rate_limit = cls.rate_limit, None  # no per-worker bucket for the task
+            try:
+                cls._global_rate_limit = parse_celery_rate(text)
+                cls._zae_rate_limit_error = None
+            except ValidationError as exc:
+                cls._global_rate_limit, cls._zae_rate_limit_error = None, exc
+        cls._zae_options, cls._zae_error = None, cls._zae_rate_limit_error
+        try:
+            cls._zae_options = TaskOptions.of(cls)
+        except ValidationError as exc:
+            cls._zae_error = exc
         return bound
 
+    @classmethod
+    def _options(cls) -> TaskOptions:
+        """The options resolved at bind (resolved now for a class never bound); raises
+        the ValidationError of a bad option."""
+        error = cls.__dict__.get("_zae_error")
+        if error is not None:
+            raise ValidationError(error.field, error.problem, error.allowed)
+        options = cls.__dict__.get("_zae_options")
+        if options is None:
+            options = cls._zae_options = TaskOptions.of(cls)
+        return options
+
+    def apply_async(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's ``apply_async``; a task with a bad option raises its ValidationError
+        here, before anything is published."""
+        self._options()
+        return super().apply_async(*args, **kwargs)
+
     # -- what to consume --------------------------------------------------------------------
-    def _spec(self, settings: Settings, args: Any, kwargs: Any, queue: str) -> _Spec | None:
+    def _run(self, settings: Settings, args: Any, kwargs: Any) -> _Run:
+        """This run's horizon, outage-deferral limit and on-error policy."""
+        options = self._options()
+        return _Run(
+            horizon=options.horizon(settings, args, kwargs),
+            max_deferrals=options.max_deferrals(settings, args, kwargs),
+            on_error=options.on_error(args, kwargs),
+        )
+
+    def _spec(
+        self, settings: Settings, args: Any, kwargs: Any, queue: str, run: _Run | None = None
+    ) -> _Spec | None:
         """What this run consumes, and from which buckets (None: no limits apply).
 
         ``queue`` is the routing key the message came with (its queue's limits apply).
-        Called by the consumer (admission) and by ``before_start`` alike.
+        Called by the consumer (admission) and by ``before_start`` alike, on the options
+        resolved at bind; ``run`` is this run's :meth:`_run` when already known.
         """
-        limits = _option(self, "rate_limits", args, kwargs) or ()
-        if isinstance(limits, Limit) or not all(isinstance(lim, Limit) for lim in limits):
-            raise ValidationError("rate_limits", "must be a list of Limit", "[Limit, ...]")
-        limits = tuple(limits)
+        options = self._options()
+        limits = options.limits(args, kwargs)
         if self._global_rate_limit is not None:
             limits += (self._global_rate_limit,)
         queue_limits = settings.queue_limits.get(queue, ())
         if not limits and not queue_limits:
             return None
-        entity = _option(self, "rate_entity", args, kwargs)
+        entity = options.get("rate_entity", args, kwargs)
         entity = settings.default_entity if entity is None else entity
-        resource = _option(self, "rate_resource", args, kwargs) or self.name
-        _check_task_id("rate_entity", entity)
-        _check_task_id("rate_resource", resource)
-        consume = _option(self, "rate_consume", args, kwargs)
-        if consume is None:
-            consume = {lim.name: 1 for lim in limits}
-        if not isinstance(consume, Mapping):
-            raise ValidationError(
-                "rate_consume", "must return a dict", "{'rpm': 1, ...}: limit name to tokens"
-            )
-        consume = dict(consume)
+        resource = options.get("rate_resource", args, kwargs) or self.name
+        given = options.get("rate_consume", args, kwargs)
+        consume = {lim.name: 1 for lim in limits} if given is None else dict(given)
         if self._global_rate_limit is not None:
             consume.setdefault("rate_limit", 1)
         extra: tuple[tuple[str, str, Sequence[Limit]], ...] = ()
@@ -260,26 +285,31 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         if not limits:  # queue limits only: the queue's bucket is the task's own
             entity, resource, limits, extra = f"queue:{queue}", "queue", tuple(queue_limits), ()
             consume = {lim.name: consume.get(lim.name, 1) for lim in limits}
-        return _Spec(entity, resource, consume, limits, extra)
+        if run is None:
+            run = self._run(settings, args, kwargs)
+        return _Spec(entity, resource, consume, limits, extra, run)
 
     # -- the gate ---------------------------------------------------------------------------
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Acquire (or take up a reserved slot) before the body runs; defer when refused."""
         settings, limiter = limiter_for(self.app)
         request = self.request
+        # How this run handles a lease (horizon, outage deferrals, rate_on_error) is
+        # decided and validated here, before it takes or starts one: a bad value (or a
+        # bad option found at bind) fails the task with nothing held.
+        run = request.zae_run = self._run(settings, args, kwargs)
         headers = request.headers or {}
         deferrals = int(headers.get(HEADER_DEFERRALS) or 0)
         admitted = getattr(request, ADMITTED, None)
         if admitted:
-            lease = limiter.restore(admitted)
+            lease = limiter.resume(admitted)
             self._start(settings, limiter, lease, deferrals)
             request.zae_active_lease = lease
             return
         carried = headers.get(HEADER_LEASE)
         if carried:
-            lease = limiter.restore(carried)
-            claim = lease.state.claim
-            if claim is not None and claim.startswith(f"{task_id}:"):
+            lease = limiter.resume(carried)
+            if lease.claimed_by(task_id):
                 try:
                     self._start(settings, limiter, lease, deferrals)
                 except LeaseClaimed:
@@ -298,10 +328,10 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             # A reservation not made for this task id (or before claims existed) is
             # never started: the task acquires like a new one.
         queue = (request.delivery_info or {}).get("routing_key") or ""
-        spec = self._spec(settings, args, kwargs, queue)
+        spec = self._spec(settings, args, kwargs, queue, run)
         if spec is None:
             return
-        horizon = self._horizon(settings)
+        horizon = run.horizon
         try:
             lease = spec.acquire(limiter, horizon, settings.start_wait)
         except RateLimitExceeded as exc:
@@ -343,7 +373,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             self._defer(settings, deferrals, early, lease, "arrived before its slot")
         if early > 0:
             time.sleep(early)  # a worker's timer may fire a few ms before the slot
-        elif lease.state.start_tracked and -early > _late_tolerance(lease):
+        elif lease.start_counted and -early > _late_tolerance(lease):
             # Its counted start has passed (a busy pool, a late message): starting now
             # could bunch with the starts after it. It counts a fresh start instead;
             # the slot it missed stays counted (fewer starts, never more).
@@ -354,10 +384,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 self.name,
                 -early,
             )
-            lease.state.start_tracked = False
-            lease.state.started_ms = None
+            lease.recount_start()
         try:
-            wait = limiter.start(lease, horizon=max(self._horizon(settings), wait_limit))
+            wait = limiter.start(lease, horizon=max(self.request.zae_run.horizon, wait_limit))
         except RateLimitExceeded as exc:
             self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc))
         except RateLimiterUnavailable:  # "closed"; "open" starts unchecked in the engine
@@ -367,10 +396,6 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             self._defer(settings, deferrals, wait, lease, "start slot reserved")
         if wait > 0:
             time.sleep(wait)  # this task's own start slot, reserved on the start track
-
-    def _horizon(self, settings: Settings) -> float:
-        """Seconds a slot may be reserved ahead: ``rate_horizon``, else ``zae_horizon``."""
-        return settings.horizon if self.rate_horizon is None else self.rate_horizon
 
     def _defer(
         self,
@@ -394,9 +419,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         error.
         """
         request = self.request
-        limit = (
-            settings.max_deferrals if self.rate_max_deferrals is None else self.rate_max_deferrals
-        )
+        limit = request.zae_run.max_deferrals
         outages = int((request.headers or {}).get(HEADER_OUTAGES) or 0)
         if outage and outages >= limit:
             if lease is not None:
@@ -405,16 +428,19 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 f"task {request.id} ({self.name}) was deferred {outages} times while the "
                 f"rate limiter was unavailable (rate_max_deferrals={limit}); last: {reason}"
             )
-        carried = lease is not None and lease.state.claim is not None
-        if lease is not None and (not carried or lease.state.start_tracked):
+        # A reservation carried by this message (claimed for this task) stays with the
+        # message if the republish fails; one made by this run is refunded then.
+        carried = lease is not None and lease.claimed_by(request.id)
+        if lease is not None:
             # A new reservation, or one whose start this run counted (and whose claim
-            # it used): the next delivery must create a claim of its own.
-            lease.state.claim = f"{request.id}:{uuid.uuid4().hex}"
+            # it used), gets a claim of its own for the next delivery; a carried one
+            # not started yet keeps its claim.
+            lease.claim_for(request.id)
         headers = dict(request.headers or {})
         headers.pop(ADMITTED, None)  # granted to this run only
         headers[HEADER_DEFERRALS] = deferrals + 1
         headers[HEADER_OUTAGES] = outages + 1 if outage else outages
-        headers[HEADER_LEASE] = lease.state.to_dict() if lease is not None else None
+        headers[HEADER_LEASE] = lease.ticket() if lease is not None else None
         countdown = max(0.0, countdown)
         try:
             self.signature_from_request(request, countdown=countdown, headers=headers).apply_async()
@@ -474,7 +500,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         so every worker backs off, then defer this task past it. Raises Retry."""
         settings, limiter = limiter_for(self.app)
         lease = self.lease
-        own = lease.state.targets[0] if lease.state.targets else None
+        own = lease.buckets[0] if lease.buckets else None
         if own is not None:
             limiter.block(own.entity_id, own.resource, own.limits, retry_after)
         lease.commit()
@@ -499,33 +525,25 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             log.exception("zae-celery could not settle the lease of task %s", task_id)
 
     def _settle_error(self, lease: Lease) -> None:
-        policy = self.rate_on_error
+        """Apply this run's ``rate_on_error`` (decided and validated in before_start)."""
+        run: _Run | None = getattr(self.request, "zae_run", None)
+        policy = "keep" if run is None else run.on_error
         if policy == "keep":
             lease.commit()
         elif policy == "refund":
             lease.rollback()
-        elif isinstance(policy, (tuple, list, frozenset, set)):
+        else:
             refund = {n: -v for n, v in lease.consumed.items() if n not in policy and v}
             if refund:
                 lease.adjust(**refund)
             lease.commit()
-        else:
-            raise ValidationError(
-                "rate_on_error", f"{policy!r}", "'keep', 'refund' or a tuple of names to keep"
-            )
 
 
 def _late_tolerance(lease: Lease) -> float:
     """Seconds a counted start may be late and still start unchecked: half the task's
     own spacing on its tightest limit (cost / rate), so that a late start cannot share a
     slot with the next one; at least ``LATE_START``."""
-    spacing = [  # a cost in the bucket's units; 1 ms is refill_amount units
-        bucket.cost(lim, tokens) / lim.refill_amount / 1000
-        for target in lease.state.targets
-        for lim in target.limits
-        if (tokens := target.consume.get(lim.name, 0)) > 0
-    ]
-    return max(LATE_START, min(spacing, default=0.0) / 2)
+    return max(LATE_START, lease.spacing / 2)
 
 
 def _describe(exc: RateLimitExceeded) -> str:

@@ -20,10 +20,17 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ValidationError
 from ..ops import Op, Reply
-from .dynamodb import DynamoDBStore
+from .dynamodb import DEFAULT_LOCAL_REGION, DynamoDBStore, client_config
 from .memory import MemoryStore
 
-__all__ = ["DynamoDBStore", "MemoryStore", "Store", "from_url"]
+__all__ = [
+    "DEFAULT_LOCAL_REGION",
+    "DynamoDBStore",
+    "MemoryStore",
+    "Store",
+    "client_config",
+    "from_url",
+]
 
 SCHEMES = ("dynamodb", "memory")
 
