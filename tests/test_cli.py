@@ -752,6 +752,25 @@ def test_celery_zae_reads_the_apps_settings(
     limiter.delete_table()
 
 
+@pytest.mark.integration
+def test_celery_zae_reads_a_dynamodb_store_url(
+    celery_group: click.Group, moto: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    table = unique()
+    url = f"dynamodb://{table}?region=eu-west-1&endpoint_url={moto.url}"
+    monkeypatch.setattr(celery_app, "conf", {"zae_store_url": url})
+    app = ["-A", "tests.test_cli:celery_app", "zae"]
+    result = run([*app, "create-table"], group=celery_group)
+    assert result.exit_code == 0, result.output
+    assert f"Table {table} created at {moto.url}" in result.stdout
+    assert RateLimiter.from_url(url).get_limits("t") == []
+    RateLimiter.from_url(url).delete_table()
+    monkeypatch.setattr(celery_app, "conf", {"zae_store_url": "memory://x"})
+    result = run([*app, "limits", "get", "t"], group=celery_group)
+    assert result.exit_code == 2 and "zae_store_url" in result.stderr
+
+
 def test_celery_zae_refuses_a_bad_table_setting(
     celery_group: click.Group, monkeypatch: pytest.MonkeyPatch
 ) -> None:

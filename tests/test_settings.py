@@ -27,7 +27,7 @@ def test_every_setting_is_declared_once_and_read_through_its_declaration() -> No
     assert [f.name for f in fields(Settings)] == [s.attr for s in SETTINGS]
     assert len({s.name for s in SETTINGS}) == len(SETTINGS)
     defaults = Settings.from_conf({"zae_table_name": "zae-options"})
-    for setting in SETTINGS[1:]:
+    for setting in (s for s in SETTINGS if s.name != "zae_table_name"):
         assert getattr(defaults, setting.attr) == setting.validate(setting.default)
         with pytest.raises(ValidationError) as info:
             Settings.from_conf({"zae_table_name": "zae-options", setting.name: object()})
@@ -37,3 +37,42 @@ def test_every_setting_is_declared_once_and_read_through_its_declaration() -> No
 
 def test_the_docs_show_the_declared_settings() -> None:
     assert settings_table() in (REPO / "docs" / "celery.md").read_text()
+
+
+def test_a_store_url_replaces_the_table_settings() -> None:
+    settings = Settings.from_conf({"zae_store_url": "dynamodb://zae-t?region=eu-west-1"})
+    assert (settings.store_url, settings.table_name) == ("dynamodb://zae-t?region=eu-west-1", None)
+    with pytest.raises(ValidationError) as info:
+        Settings.from_conf({"zae_store_url": "memory://x", "zae_table_name": "zae-t"})
+    assert info.value.field == "zae_store_url" and "zae_table_name" in info.value.problem
+    for bad in ("redis://h", "dynamodb://", "dynamodb://zae-t?colour=red", "memory://x?y=1"):
+        with pytest.raises(ValidationError) as info:
+            Settings.from_conf({"zae_store_url": bad})
+        assert info.value.field == "zae_store_url", bad
+    with pytest.raises(ValidationError) as info:
+        Settings.from_conf({})  # neither
+    assert info.value.field == "zae_table_name"
+
+
+def test_a_task_on_a_memory_store_url_shares_it_with_the_process(tmp_path: Path) -> None:
+    """``zae_store_url = "memory://NAME"``: the task's limiter and any limiter of the same
+    URL in the process share the buckets (eager runs, unit tests)."""
+    import uuid
+
+    from celery import Celery
+
+    from zae_celery import Limit, RateLimitedTask, RateLimiter
+
+    url = f"memory://settings-{uuid.uuid4().hex[:8]}"
+    app = Celery("store-url", set_as_current=False)
+    app.conf.zae_store_url = url
+    app.conf.zae_admission = False
+
+    @app.task(base=RateLimitedTask, bind=True, rate_limits=[Limit.per_minute("rpm", 3)])
+    def ping(self: object) -> str:
+        return "pong"
+
+    assert [ping.apply().get() for _ in range(3)] == ["pong"] * 3
+    observer = RateLimiter.from_url(url)
+    # Three of three taken (a token refills every 20 s of wall time).
+    assert observer.available("default", ping.name, [Limit.per_minute("rpm", 3)])["rpm"] < 1

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from zae_celery.core import Limit, ValidationError, check_id
+from zae_celery.core.stores import StoreUrl
 from zae_celery.infra.stack import check_table_name
 
 __all__ = [
@@ -236,6 +237,26 @@ class Url:
 
 
 @dataclass(frozen=True)
+class StoreUrlCheck:
+    """A store URL (``dynamodb://TABLE?...`` or ``memory://NAME``), or None."""
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return "dynamodb://TABLE?region=...&endpoint_url=... or memory://NAME, or None"
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> str | None:
+        """The value, or ValidationError."""
+        if value is None or value == "":
+            return None
+        try:
+            StoreUrl.parse(value, name)
+        except ValidationError as exc:
+            raise ValidationError(name, exc.problem, self.allowed) from None
+        return str(value)
+
+
+@dataclass(frozen=True)
 class Text:
     """A non-empty string, or None (an empty string is None)."""
 
@@ -338,8 +359,18 @@ class Setting(Generic[T]):
         return self.validate(value)
 
 
+STORE_URL: Setting[str | None] = Setting(
+    "zae_store_url",
+    None,
+    StoreUrlCheck(),
+    "where the buckets live, as one URL (instead of the next three settings); "
+    "memory://NAME keeps them in each worker process (tests, eager runs)",
+)
 TABLE_NAME: Setting[str] = Setting(
-    "zae_table_name", REQUIRED, TableName(), "the DynamoDB table of the buckets"
+    "zae_table_name",
+    REQUIRED,
+    TableName(),
+    "the DynamoDB table of the buckets (required unless zae_store_url is set)",
 )
 ENDPOINT_URL: Setting[str | None] = Setting(
     "zae_endpoint_url", None, Url(), "a local endpoint (moto server, DynamoDB Local)"
@@ -431,6 +462,7 @@ ADMISSION_MAX_HOLD: Setting[float] = Setting(
 )
 
 SETTINGS: tuple[Setting[Any], ...] = (
+    STORE_URL,
     TABLE_NAME,
     ENDPOINT_URL,
     REGION,
@@ -457,7 +489,8 @@ class Settings:
     """The ``zae_`` settings of one Celery app, validated (one field per :data:`SETTINGS`
     entry; build it with :meth:`from_app` or :meth:`from_conf`)."""
 
-    table_name: str
+    store_url: str | None
+    table_name: str | None
     endpoint_url: str | None
     region: str | None
     on_unavailable: str
@@ -480,7 +513,24 @@ class Settings:
         """Read and validate the ``zae_*`` keys of a configuration (anything with
         ``get``); unset ones take their declared default. ValidationError names the
         setting."""
-        return cls(**{setting.attr: setting.read(conf) for setting in SETTINGS})
+        store_url = STORE_URL.read(conf)
+        if store_url is None:
+            return cls(**{setting.attr: setting.read(conf) for setting in SETTINGS})
+        clashing = [s.name for s in (TABLE_NAME, ENDPOINT_URL, REGION) if conf.get(s.name)]
+        if clashing:
+            raise ValidationError(
+                STORE_URL.name,
+                f"is set together with {', '.join(clashing)}",
+                "one or the other: the URL names the table, region and endpoint",
+            )
+        rest = (s for s in SETTINGS if s not in (STORE_URL, TABLE_NAME, ENDPOINT_URL, REGION))
+        return cls(
+            store_url=store_url,
+            table_name=None,
+            endpoint_url=None,
+            region=None,
+            **{setting.attr: setting.read(conf) for setting in rest},
+        )
 
     @classmethod
     def from_app(cls, app: Any) -> Settings:

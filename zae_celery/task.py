@@ -90,14 +90,20 @@ def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
             found = per_process.get(pid)
             if found is None:
                 settings = Settings.from_app(app)
-                limiter = RateLimiter(
-                    settings.table_name,
-                    endpoint_url=settings.endpoint_url,
-                    region=settings.region,
-                    on_unavailable="open" if settings.on_unavailable == "open" else "closed",
-                    breaker_threshold=settings.breaker_threshold,
-                    breaker_cooldown=settings.breaker_cooldown,
-                )
+                options: dict[str, Any] = {
+                    "on_unavailable": "open" if settings.on_unavailable == "open" else "closed",
+                    "breaker_threshold": settings.breaker_threshold,
+                    "breaker_cooldown": settings.breaker_cooldown,
+                }
+                if settings.store_url is not None:
+                    limiter = RateLimiter.from_url(settings.store_url, **options)
+                else:
+                    limiter = RateLimiter(
+                        settings.table_name,
+                        endpoint_url=settings.endpoint_url,
+                        region=settings.region,
+                        **options,
+                    )
                 found = per_process[pid] = (settings, limiter)
     return found
 

@@ -54,7 +54,9 @@ from zae_celery.cli.options import (
 from zae_celery.cli.stack import delete, deploy, status, template
 from zae_celery.cli.table import create_table
 from zae_celery.core import ValidationError
+from zae_celery.core.stores import StoreUrl
 from zae_celery.infra.stack import DEFAULT_TABLE_NAME
+from zae_celery.settings import STORE_URL
 
 __all__ = [
     "OperationalError",
@@ -97,7 +99,8 @@ def celery_command(
     endpoint_url: str | None,
     profile: str | None,
 ) -> None:
-    """zae-celery commands with the app's zae_table_name, zae_endpoint_url, zae_region.
+    """zae-celery commands with the app's zae_store_url (a dynamodb:// one), or its
+    zae_table_name, zae_endpoint_url and zae_region.
 
     Options given here win over the app's settings, which win over the environment.
 
@@ -108,6 +111,20 @@ def celery_command(
     app = getattr(ctx.obj, "app", None)
     conf: Any = getattr(app, "conf", None) or {}
     given = {"table": table, "region": region, "endpoint_url": endpoint_url}
+    if conf.get(STORE_URL.name):
+        try:
+            url = StoreUrl.parse(conf.get(STORE_URL.name), STORE_URL.name)
+        except ValidationError as exc:
+            raise click.UsageError(f"{exc.field}: {problem(exc)}") from None
+        if url.kind != "dynamodb":
+            raise click.UsageError(
+                f"{STORE_URL.name}: the commands work on a DynamoDB table, not {url.kind}://"
+            )
+        from_url = {"table": url.name, "region": url.region, "endpoint_url": url.endpoint_url}
+        for param, value in from_url.items():  # over the environment, under the command line
+            source = ctx.get_parameter_source(param)
+            if value is not None and source != click.core.ParameterSource.COMMANDLINE:
+                given[param] = value
     for option in GLOBAL_OPTIONS:
         if ctx.get_parameter_source(option.param) == click.core.ParameterSource.COMMANDLINE:
             continue
