@@ -77,7 +77,8 @@ def main() -> None:
             outcomes = [
                 call(limiter, tenant) for tenant, calls in TENANTS.items() for _ in range(calls)
             ]
-            # Each entity's own bucket (stored limits apply; a parent is not included).
+            # What one more call of each could take now: the least of its own bucket and,
+            # for a tenant, the project's (stored limits apply).
             left = {e: limiter.available(e, MODEL, DEFAULT_LIMITS)["rpm"] for e in stored}
         finally:
             limiter.delete_table()
@@ -85,7 +86,10 @@ def main() -> None:
     text += [f"  {entity:<11} {rpm}" for entity, rpm in stored.items()]
     text.append(f"calls, in order (tenants cascade to {PROJECT}):")
     text += [describe(outcome) for outcome in outcomes]
-    text.append("calls left now: " + ", ".join(f"{e} {n:.2f}" for e, n in left.items()))
+    text.append(
+        "calls left now (a tenant's include the project's): "
+        + ", ".join(f"{e} {n:.2f}" for e, n in left.items())
+    )
     result = {
         "project": PROJECT,
         "stored_rpm": stored,
