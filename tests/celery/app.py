@@ -55,8 +55,12 @@ if BROKER.startswith(f"{fsbroker.SCHEME}://"):
     fsbroker.register()  # in each worker too: they load this module before connecting
     app.conf.broker_transport_options = fsbroker.transport_options(Path(DATA))
 elif os.environ.get("ZAE_TEST_VISIBILITY_TIMEOUT"):  # redis: redeliver unacked sooner
+    # kombu sweeps unacked messages every interval x throttle seconds (10 x 10 by
+    # default): a message past its visibility timeout waited up to 100 s for it.
     app.conf.broker_transport_options = {
-        "visibility_timeout": float(os.environ["ZAE_TEST_VISIBILITY_TIMEOUT"])
+        "visibility_timeout": float(os.environ["ZAE_TEST_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
     }
 if os.environ.get("ZAE_TEST_MAX_DEFERRALS"):
     app.conf.zae_max_deferrals = int(os.environ["ZAE_TEST_MAX_DEFERRALS"])
