@@ -134,7 +134,7 @@ def test_adherence_without_retry_storm(
     gen = _start_fleet(broker, ddb_local, tmp_path, mode)
     fleet = next(gen)
     try:
-        n = 150
+        n = 100
         infos = fleet.collect([fleet.send("limited", "limited", i) for i in range(n)])
     finally:
         gen.close()
