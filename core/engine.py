@@ -9,14 +9,13 @@ hand back the reply
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
@@ -54,7 +53,7 @@ from .ops import (
     WriteBuckets,
 )
 from .ops import tat as _tat
-from .records import EntityConfig, Records, merge
+from .records import Clock, EntityConfig, Records, merge, remember
 from .schema import (
     check_id,
 )
@@ -104,7 +103,6 @@ class BucketStatus:
 
 
 T = TypeVar("T")
-Clock = Callable[[], float]
 OnUnavailable = Literal["closed", "open"]
 Item = Bucket
 
@@ -183,14 +181,8 @@ class Engine(Records):
         written quarter is forgotten (a worker seeing millions of tenants stays bounded;
         a forgotten bucket only costs a wrong first guess)."""
         with self._tats_lock:
-            tats = self._tats
-            tats.pop(key, None)
-            tats[key] = tat
-            excess = len(tats) - self.cache_size
-            if excess > 0:
-                for old in list(itertools.islice(tats, excess + self.cache_size // 4)):
-                    del tats[old]
-                    self._busy.discard(old)
+            for old in remember(self._tats, key, tat, self.cache_size):
+                self._busy.discard(old)
 
     # -- targets --------------------------------------------------------------------------
     def _targets(
@@ -272,9 +264,8 @@ class Engine(Records):
         (the caller calls :meth:`start` at its slot).
         In ``open`` mode an unavailable store grants an unchecked lease and logs a warning.
         """
-        extra, pace, start_within = (
-            (slot.extra, slot.pace, slot.start_within) if slot is not None else ((), False, 0.0)
-        )
+        slot = slot or Slot()
+        extra, pace, start_within = slot.extra, slot.pace, slot.start_within
         horizon_ms = check_horizon(horizon)
         within_ms = min(check_horizon(start_within), horizon_ms)
         try:

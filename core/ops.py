@@ -20,7 +20,6 @@ from .bucket import Step
 from .limits import Limit
 
 __all__ = [
-    "ABSENT",
     "CLAIMED",
     "CONDITION",
     "ERROR",
@@ -59,8 +58,6 @@ T = TypeVar("T")
 
 Bucket = Mapping[str, int]
 """A bucket item: limit attribute -> TAT (empty: never written)."""
-
-ABSENT: Bucket = {}
 
 # -- reply codes (None: success) --------------------------------------------------------
 CONDITION = "condition"
@@ -286,8 +283,3 @@ def resume(flow: Flow[T], reply: Reply | None, error: BaseException | None) -> O
 def tat(item: Bucket | None, limit: Limit) -> int | None:
     """The TAT of ``limit`` in a bucket item (None: never written)."""
     return None if item is None else item.get(limit.key)
-
-
-def attributes(item: Mapping[str, Any]) -> dict[str, int]:
-    """Only the limit attributes of a mapping (for stores that keep more per item)."""
-    return {k: v for k, v in item.items() if "@" in k and isinstance(v, int)}

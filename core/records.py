@@ -3,12 +3,13 @@ limits (with a per-process cache), and the table itself. Flows, like the engine'
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import (
     IncompatibleSchema,
@@ -39,11 +40,27 @@ from .ops import (
 from .schema import ANY_RESOURCE, SCHEMA_VERSION
 from .validation import check_id, check_limits
 
-__all__ = ["CACHE_SIZE", "EntityConfig", "Records", "merge"]
+__all__ = ["CACHE_SIZE", "Clock", "EntityConfig", "Records", "merge", "remember"]
 
 CACHE_SIZE = 100_000
 
 Clock = Callable[[], float]
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+def remember(cache: dict[K, V], key: K, value: V, size: int) -> list[K]:
+    """Put ``key`` in ``cache`` as its most recent entry; past ``size`` entries, forget the
+    least recently written quarter. Returns the keys forgotten (the caller holds the lock)."""
+    cache.pop(key, None)
+    cache[key] = value
+    excess = len(cache) - size
+    if excess <= 0:
+        return []
+    forgotten = list(itertools.islice(cache, excess + size // 4))
+    for old in forgotten:
+        del cache[old]
+    return forgotten
 
 
 @dataclass
@@ -155,7 +172,7 @@ class Records:
             self._raise_for((yield EnableExpiry()))
             yield from self._stamp_schema()
         yield from self.ensure_schema()
-        return bool(created)
+        return created
 
     def delete_table(self) -> Flow[None]:
         """Delete the table (local endpoints, tests)."""
@@ -177,12 +194,9 @@ class Records:
             entity_id, record.exists, record.parent_id, record.cascade, dict(record.limits)
         )
         with self._lock:
-            configs = self._configs
-            configs.pop(entity_id, None)
-            configs[entity_id] = _Cached(config, now + self.config_ttl)
-            if len(configs) > self.cache_size:  # the oldest fetched go first
-                for old in list(configs)[: len(configs) - self.cache_size * 3 // 4]:
-                    del configs[old]
+            remember(
+                self._configs, entity_id, _Cached(config, now + self.config_ttl), self.cache_size
+            )
         return config
 
     def create_entity(

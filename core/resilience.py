@@ -38,7 +38,7 @@ from .errors import (
 )
 from .ops import Done, Flow, Op, Reply, Sleep, resume
 
-__all__ = ["CircuitBreaker", "RetryPolicy", "guard", "is_transient"]
+__all__ = ["CircuitBreaker", "RetryPolicy", "guard"]
 
 log = logging.getLogger("zae_celery.core")
 
@@ -197,11 +197,6 @@ class CircuitBreaker:
         )
 
 
-def is_transient(reply: Reply) -> bool:
-    """A reply worth another attempt: throttling or a server error (5xx)."""
-    return reply.transient
-
-
 def _attempts(
     call: Op, breaker: CircuitBreaker, policy: RetryPolicy, clock: Clock
 ) -> Generator[Op, Reply, Reply]:
@@ -221,7 +216,7 @@ def _attempts(
             breaker.release()  # never reached the endpoint: says nothing about it
             raise
         else:
-            if not is_transient(reply):
+            if not reply.transient:  # throttling or a server error: retried
                 breaker.success()
                 return reply
             problem = reply.message or str(reply.code)
