@@ -721,41 +721,16 @@ class Engine(Records):
             item = items.get(res, {})
             merged = merge(code_limits, config.limits_for(res))
             for lim in merged:
-                available = bucket.available(lim, _tat(item, lim), now_ms)
-                in_use = lim.burst - available
-                rows.append(
-                    BucketStatus(
-                        entity_id,
-                        res,
-                        lim.name,
-                        lim.refill_amount,
-                        lim.refill_period_ms,
-                        lim.burst,
-                        available,
-                        in_use,
-                        max(0.0, in_use) / lim.rate,
-                    )
-                )
+                amount, period = lim.refill_amount, lim.refill_period_ms
+                tat = _tat(item, lim)
+                rows.append(_status(entity_id, res, lim.name, amount, period, tat, now_ms, lim))
             known = {lim.key for lim in merged}
             for key, tat in sorted(item.items()):
                 match = _ATTRIBUTE.match(key)
                 if key in known or match is None:
                     continue  # a known limit, or a start track
                 amount, period = int(match["amount"]), int(match["period"])
-                in_use = max(0.0, (tat - now_ms * amount) / period)
-                rows.append(
-                    BucketStatus(
-                        entity_id,
-                        res,
-                        match["name"],
-                        amount,
-                        period,
-                        None,
-                        None,
-                        in_use,
-                        in_use * period / amount / 1000,
-                    )
-                )
+                rows.append(_status(entity_id, res, match["name"], amount, period, tat, now_ms))
         return rows
 
     def _ttl(
@@ -773,6 +748,32 @@ class Engine(Records):
                 debt = max(0, (extra or {}).get(lim.name, 0))
                 longest = max(longest, (lim.burst + debt) * lim.refill_period_ms)
         return (now_ms + horizon_ms + longest) // 1000 + 86_400
+
+
+def _status(
+    entity_id: str,
+    resource: str,
+    name: str,
+    amount: int,
+    period_ms: int,
+    tat: int | None,
+    now_ms: int,
+    limit: Limit | None = None,
+) -> BucketStatus:
+    """One limit's state from its TAT; without its ``limit`` (burst unknown) only the
+    tokens in use can be told."""
+    in_use = 0.0 if tat is None else max(0.0, (tat - now_ms * amount) / period_ms)
+    return BucketStatus(
+        entity_id,
+        resource,
+        name,
+        amount,
+        period_ms,
+        None if limit is None else limit.burst,
+        None if limit is None else bucket.available(limit, tat, now_ms),
+        in_use,
+        in_use * period_ms / amount / 1000,
+    )
 
 
 def _backoff(attempt: int) -> Sleep:
