@@ -28,6 +28,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TTL_ATTRIBUTE",
     "bucket_key",
+    "bucket_sk",
     "check_id",
     "check_table_name",
     "claim_key",
@@ -42,6 +43,7 @@ ANY_RESOURCE = "*"
 META_KEY = {"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}}
 ENTITY_SK = "#ENTITY"
 LIMITS_PREFIX = "#LIMITS#"
+BUCKET_PREFIX = "B#"
 MAX_ID_LENGTH = 256
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@/+=,-]*$")
 
@@ -73,9 +75,14 @@ def entity_pk(entity_id: str) -> str:
     return f"E#{entity_id}"
 
 
+def bucket_sk(resource: str) -> str:
+    """The sort key of the bucket item of a resource (in its entity's partition)."""
+    return BUCKET_PREFIX + resource
+
+
 def bucket_key(entity_id: str, resource: str) -> dict[str, dict[str, str]]:
     """The key of the bucket item of (entity, resource)."""
-    return {"PK": {"S": entity_pk(entity_id)}, "SK": {"S": f"B#{resource}"}}
+    return {"PK": {"S": entity_pk(entity_id)}, "SK": {"S": bucket_sk(resource)}}
 
 
 def claim_key(entity_id: str, claim: str) -> dict[str, dict[str, str]]:

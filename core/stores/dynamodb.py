@@ -56,10 +56,13 @@ from ..ops import (
     WriteBuckets,
 )
 from ..schema import (
+    BUCKET_PREFIX,
     ENTITY_SK,
     LIMITS_PREFIX,
     META_KEY,
     TTL_ATTRIBUTE,
+    bucket_key,
+    bucket_sk,
     check_table_name,
     claim_key,
     entity_pk,
@@ -132,7 +135,7 @@ def _n(value: int) -> dict[str, str]:
 
 
 def _bucket_key(key: BucketKey) -> dict[str, Any]:
-    return {"PK": {"S": entity_pk(key.entity_id)}, "SK": {"S": f"B#{key.resource}"}}
+    return bucket_key(key.entity_id, key.resource)
 
 
 def _bucket(item: Mapping[str, Any] | None) -> dict[str, int]:
@@ -251,7 +254,7 @@ class Codec:
                 + ("SK = :sk" if single else "begins_with(SK, :sk)"),
                 "ExpressionAttributeValues": {
                     ":pk": {"S": entity_pk(op.entity_id)},
-                    ":sk": {"S": f"B#{op.resource}" if single else "B#"},
+                    ":sk": {"S": BUCKET_PREFIX if op.resource is None else bucket_sk(op.resource)},
                 },
                 "ConsistentRead": True,
             }
@@ -343,9 +346,9 @@ class Codec:
             return Reply(_bucket(response.get("Item")))
         if isinstance(op, ListBuckets):
             found = {
-                item["SK"]["S"][2:]: _bucket(item)
+                item["SK"]["S"].removeprefix(BUCKET_PREFIX): _bucket(item)
                 for item in response.get("Items", [])
-                if item["SK"]["S"].startswith("B#")
+                if item["SK"]["S"].startswith(BUCKET_PREFIX)
             }
             return Reply((found, response.get("LastEvaluatedKey") or None))
         if isinstance(op, ReadEntity):

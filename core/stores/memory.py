@@ -171,16 +171,20 @@ class MemoryStore:
         """Nothing to close."""
 
     # -- operations -------------------------------------------------------------------------
+    def _expired(self, table: _Table, ttl: int) -> bool:
+        """Is an item of this ``ttl`` gone (the table drops items past their ttl)?"""
+        return table.expiry and ttl < self.clock()
+
     def _live(self, table: _Table, key: BucketKey) -> _Item | None:
         item = table.buckets.get(key)
-        if item is not None and table.expiry and item.ttl < self.clock():
+        if item is not None and self._expired(table, item.ttl):
             del table.buckets[key]
             return None
         return item
 
     def _claimed(self, table: _Table, claim: tuple[str, str]) -> bool:
         ttl = table.claims.get(claim)
-        if ttl is not None and table.expiry and ttl < self.clock():
+        if ttl is not None and self._expired(table, ttl):
             del table.claims[claim]
             return False
         return ttl is not None
@@ -249,10 +253,9 @@ class MemoryStore:
             )
             for w, item in zip(op.writes, items, strict=True)
         ]
-        claim_taken = op.claim is not None and self._claimed(table, op.claim)
-        single = len(op.writes) == 1 and op.claim is None
-        if claim_taken and not single:
+        if op.claim is not None and self._claimed(table, op.claim):
             return Reply(code=CLAIMED, message="memory store: the claim exists")
+        single = len(op.writes) == 1 and op.claim is None
         if any(failed):
             # As DynamoDB: a failed item's current value when it exists (None: absent, the
             # engine reads it), none for an item whose condition held.
