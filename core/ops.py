@@ -110,6 +110,12 @@ class WriteBuckets:
     ttl: int
     claim: tuple[str, str] | None = None
 
+    @property
+    def single(self) -> bool:
+        """One item and no claim: a single conditional update, which returns the item's
+        new values (several items, or a claim, make a transaction, which returns none)."""
+        return len(self.writes) == 1 and self.claim is None
+
 
 @dataclass(frozen=True)
 class CreateClaim:

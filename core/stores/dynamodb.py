@@ -326,7 +326,7 @@ class Codec:
 
     def _write(self, op: WriteBuckets) -> Request:
         table = self.table_name
-        if len(op.writes) == 1 and op.claim is None:
+        if op.single:
             w = op.writes[0]
             update = _update(table, _bucket_key(w.key), w.steps, op.ttl)
             return "update_item", {**update, "ReturnValues": "ALL_NEW"}
@@ -339,7 +339,7 @@ class Codec:
     def decode(self, op: Op, response: Mapping[str, Any]) -> Reply:
         """The reply to ``op`` that succeeded with ``response``."""
         if isinstance(op, WriteBuckets):
-            if len(op.writes) == 1 and op.claim is None:
+            if op.single:
                 return Reply((_bucket(response.get("Attributes")),))
             return Reply((None,) * len(op.writes))
         if isinstance(op, ReadBucket):

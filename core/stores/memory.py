@@ -255,7 +255,6 @@ class MemoryStore:
         ]
         if op.claim is not None and self._claimed(table, op.claim):
             return Reply(code=CLAIMED, message="memory store: the claim exists")
-        single = len(op.writes) == 1 and op.claim is None
         if any(failed):
             # As DynamoDB: a failed item's current value when it exists (None: absent, the
             # engine reads it), none for an item whose condition held.
@@ -271,7 +270,7 @@ class MemoryStore:
             for step in w.steps:
                 _apply(step, item.attrs)
             item.ttl = op.ttl
-            new.append(dict(item.attrs) if single else None)
+            new.append(dict(item.attrs) if op.single else None)
         if op.claim is not None:
             table.claims[op.claim] = op.ttl
         return Reply(tuple(new))
