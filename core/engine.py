@@ -746,7 +746,8 @@ class Engine(Records):
         for t in targets:
             for lim in t.limits:
                 debt = max(0, (extra or {}).get(lim.name, 0))
-                longest = max(longest, (lim.burst + debt) * lim.refill_period_ms)
+                refill_ms = -(-(lim.burst + debt) * lim.refill_period_ms // lim.refill_amount)
+                longest = max(longest, refill_ms)
         return (now_ms + horizon_ms + longest) // 1000 + 86_400
 
 

@@ -25,6 +25,8 @@ from zae_celery.core import (
     ValidationError,
 )
 from zae_celery.core.lease import LeaseState
+from zae_celery.core.ops import Op, Reply, WriteBuckets
+from zae_celery.core.stores import MemoryStore
 
 PACE = Slot(pace=True)
 CLOSE = Slot(pace=True, start_within=0.35)
@@ -471,3 +473,26 @@ def test_an_unchecked_lease_travels_as_unchecked() -> None:
     restored = LeaseState.from_dict(state.to_dict())
     assert restored.unchecked and restored.paced
     assert not LeaseState.from_dict(LeaseState((), {}, 5, 5).to_dict()).unchecked
+
+
+def test_items_expire_a_day_after_a_full_refill(clock: Clock) -> None:
+    """An item's ttl: when its buckets would be full again (burst at the refill rate, plus
+    any debt), plus a day; not the burst times the period (days for a tpm limit)."""
+    memory = MemoryStore(clock=clock)
+    limiter = RateLimiter(store=memory, clock=clock)
+    written: list[WriteBuckets] = []
+    send = memory.send
+
+    def recording(op: Op) -> Reply:
+        if isinstance(op, WriteBuckets):
+            written.append(op)
+        return send(op)
+
+    memory.send = recording  # type: ignore[method-assign]
+    tpm = Limit.per_minute("tpm", 90_000)  # full again 60 s after empty
+    rph = Limit.per_hour("rph", 10, burst=20)  # 20 tokens at 10/h: 2 h
+    with limiter.acquire("tenant", "model", {"tpm": 1, "rph": 1}, [tpm, rph]) as lease:
+        lease.adjust(tpm=18_000_000)  # 200 minutes of debt beyond the burst
+    now_s = clock.ms // 1000
+    assert written[0].ttl == now_s + 2 * 3600 + 86_400  # the longest refill: rph's
+    assert written[1].ttl == now_s + 201 * 60 + 86_400  # tpm's burst and debt: 201 min
