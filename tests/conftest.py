@@ -11,17 +11,18 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import pytest
 
 from harness import fsbroker
 from tests.helpers import Clock
 from zae_celery.core import AsyncRateLimiter, RateLimiter
-from zae_celery.core.stores import DynamoDBStore, MemoryStore, Store
+from zae_celery.core.stores import DynamoDBStore, MemoryStore, RedisStore, Store
 from zae_celery.testing import (
     LocalServer,
     ServerUnavailable,
@@ -31,6 +32,8 @@ from zae_celery.testing import (
     reset_moto,
     use_local_credentials,
 )
+from zae_celery.testing.servers import LocalCluster
+from zae_celery.testing.servers import redis_cluster as start_redis_cluster
 
 pytest_plugins = ["tests.oprecorder"]
 
@@ -54,15 +57,22 @@ class _Servers:
 
     def __init__(self, stack: contextlib.ExitStack, logs: Path, cache: Path) -> None:
         self._stack = stack
-        self._factories = {
+        self._factories: dict[
+            str, Callable[[], AbstractContextManager[LocalServer | LocalCluster]]
+        ] = {
             "moto": lambda: moto_server(log_dir=logs),
             "dynamodb-local": lambda: dynamodb_local(cache_dir=cache, log_dir=logs),
             "redis": lambda: redis_server(log_dir=logs),
+            "redis-cluster": lambda: start_redis_cluster(log_dir=logs),
         }
-        self._started: dict[str, LocalServer] = {}
+        self._started: dict[str, LocalServer | LocalCluster] = {}
         self._errors: dict[str, str] = {}
 
-    def get(self, name: str) -> LocalServer:
+    @overload
+    def get(self, name: Literal["moto", "dynamodb-local", "redis"]) -> LocalServer: ...
+    @overload
+    def get(self, name: Literal["redis-cluster"]) -> LocalCluster: ...
+    def get(self, name: str) -> LocalServer | LocalCluster:
         if name not in self._started and name not in self._errors:
             try:
                 self._started[name] = self._stack.enter_context(self._factories[name]())
@@ -100,6 +110,12 @@ def redis(servers: _Servers) -> LocalServer:
     return servers.get("redis")
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(servers: _Servers) -> LocalCluster:
+    """A private 3-node Redis Cluster (all primaries) shared by the session."""
+    return servers.get("redis-cluster")
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """A DynamoDB endpoint under test and a table name of the test's own."""
@@ -132,9 +148,11 @@ def clock() -> Clock:
     return Clock()
 
 
-STORES = ("memory", "moto", "dynamodb-local")
-"""Where a ``backend`` test runs: in memory, and for a ``contract`` test on both real
-endpoints as well (the in-memory store must answer as they do)."""
+STORES = ("memory", "moto", "dynamodb-local", "redis", "redis-cluster")
+"""Where a ``backend`` test runs: in memory, and for a ``contract`` test on every real
+store as well (the in-memory store must answer as they do): both DynamoDB endpoints, a
+redis-server and a 3-node Redis Cluster."""
+REDIS_KINDS = ("redis", "redis-cluster")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -154,11 +172,23 @@ class Backend:
     endpoint: Endpoint | None = None
     memory: MemoryStore | None = None
 
+    @property
+    def redis(self) -> bool:
+        """Is the store a Redis server or cluster?"""
+        return self.kind in REDIS_KINDS
+
     def store(self, name: str = "") -> Store:
         """A store on the test's table (``name``: another table, created by the caller)."""
         if self.endpoint is None:
             assert self.memory is not None
             return self.memory if not name else MemoryStore(clock=self.clock, create=False)
+        if self.redis:
+            return RedisStore(
+                self.endpoint.url,
+                prefix=self.endpoint.table_name + name,
+                cluster=self.kind == "redis-cluster",
+                clock=self.clock,
+            )
         return DynamoDBStore(self.endpoint.table_name + name, endpoint_url=self.endpoint.url)
 
     def limiter(self, clock: Clock | None = None, **options: Any) -> RateLimiter:
@@ -171,6 +201,11 @@ class Backend:
             self.memory._table.version = version  # type: ignore[union-attr]
             return
         assert self.endpoint is not None
+        if self.redis:
+            store = self.store()
+            assert isinstance(store, RedisStore)
+            store.client.set(store.scripts.schema, version)
+            return
         store = DynamoDBStore(self.endpoint.table_name, endpoint_url=self.endpoint.url)
         store.client.put_item(
             TableName=self.endpoint.table_name,
@@ -187,6 +222,10 @@ def backend(store_kind: str, clock: Clock, request: pytest.FixtureRequest) -> Ba
     """The test's store: in memory, or (``@pytest.mark.contract``) each real endpoint."""
     if store_kind == "memory":
         return Backend(store_kind, clock, memory=MemoryStore(clock=clock))
+    if store_kind in REDIS_KINDS:
+        node: Any = request.getfixturevalue(store_kind.replace("-", "_"))
+        prefix = f"zae-test-{uuid.uuid4().hex[:12]}"
+        return Backend(store_kind, clock, endpoint=Endpoint(store_kind, node.url, prefix))
     server: LocalServer = request.getfixturevalue("moto" if store_kind == "moto" else "ddb_local")
     endpoint = Endpoint(store_kind, server.url, f"zae-test-{uuid.uuid4().hex[:12]}")
     return Backend(store_kind, clock, endpoint=endpoint)

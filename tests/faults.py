@@ -5,6 +5,8 @@
   ``start()`` listens again on the same port. The endpoint behind it keeps its tables.
 - :class:`FaultyHttpProxy`: an HTTP proxy that answers the next ``count`` requests with
   a DynamoDB error reply of its own (throttling, 5xx) and forwards all the others;
+- :class:`FaultyRedisProxy`: a TCP proxy in front of a redis-server that answers the next
+  ``count`` script calls with a Redis error reply of its own (OOM, LOADING...);
 - :class:`DeadEndpoint`: an address whose connections time out, or hang unanswered.
 """
 
@@ -15,11 +17,14 @@ import json
 import socket
 import struct
 import threading
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from zae_celery.testing import CountingProxy, free_port
 
-__all__ = ["DeadEndpoint", "FaultyHttpProxy", "TcpProxy"]
+P = TypeVar("P", bound="TcpProxy")
+
+__all__ = ["DeadEndpoint", "FaultyHttpProxy", "FaultyRedisProxy", "TcpProxy"]
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -106,7 +111,7 @@ class TcpProxy:
                 self._open.discard(sock)
             _reset(sock)
 
-    def __enter__(self) -> TcpProxy:
+    def __enter__(self: P) -> P:
         self.start()
         return self
 
@@ -147,6 +152,78 @@ class FaultyHttpProxy(CountingProxy):
             }
         ).encode()
         return status, [("Content-Type", "application/x-amz-json-1.0")], payload
+
+
+class FaultyRedisProxy(TcpProxy):
+    """Forwards a redis-server's connections; :meth:`inject` makes the next ``count``
+    script calls (EVALSHA/EVAL) fail with ``error`` as the server's reply, e.g.
+    ``"OOM command not allowed"`` or ``"LOADING Redis is loading"``. Clients must send
+    one command at a time (no pipelining), as the store does."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self._left = 0
+        self._error = "ERR injected"
+        self._faults = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        """The proxy's address as a redis URL."""
+        return f"redis://127.0.0.1:{self.port}"
+
+    def inject(self, count: int, error: str) -> None:
+        """Answer the next ``count`` script calls with the error reply ``error``."""
+        with self._faults:
+            self._left, self._error = count, error
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        if src.getpeername()[1] == self.target[1] and src.getpeername()[0] == self.target[0]:
+            super()._pump(src, dst)  # replies flow back untouched
+            return
+        buffer = b""
+        try:
+            while data := src.recv(65536):
+                buffer += data
+                while (end := _command_end(buffer)) is not None:
+                    command, buffer = buffer[:end], buffer[end:]
+                    failing = self._take(command)
+                    if failing is None:
+                        dst.sendall(command)
+                    else:
+                        src.sendall(b"-" + failing.encode() + b"\r\n")
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with self._lock:
+                self._open.discard(sock)
+            _reset(sock)
+
+    def _take(self, command: bytes) -> str | None:
+        name = command.split(b"\r\n", 3)[2].upper() if command.startswith(b"*") else b""
+        with self._faults:
+            if self._left > 0 and name in (b"EVALSHA", b"EVAL"):
+                self._left -= 1
+                return self._error
+        return None
+
+
+def _command_end(buffer: bytes) -> int | None:
+    """Where the first complete RESP command (an array of bulk strings) in ``buffer``
+    ends, or None while it is incomplete."""
+    line = buffer.find(b"\r\n")
+    if line < 0:
+        return None
+    if not buffer.startswith(b"*"):
+        return line + 2  # an inline command
+    pos = line + 2
+    for _ in range(int(buffer[1:line])):
+        head = buffer.find(b"\r\n", pos)
+        if head < 0:
+            return None
+        pos = head + 2 + int(buffer[pos + 1 : head]) + 2
+        if pos > len(buffer):
+            return None
+    return pos
 
 
 class DeadEndpoint:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Backend
-from tests.faults import FaultyHttpProxy
+from tests.faults import FaultyHttpProxy, FaultyRedisProxy
 from tests.helpers import Clock
 from zae_celery.core import EndpointUnreachable, Limit
 from zae_celery.core.bucket import Shape, Step, cost, now_units
@@ -43,7 +43,7 @@ from zae_celery.core.ops import (
     TableStatus,
     WriteBuckets,
 )
-from zae_celery.core.stores import DynamoDBStore, MemoryStore, Store
+from zae_celery.core.stores import DynamoDBStore, MemoryStore, RedisStore, Store
 from zae_celery.testing import free_port
 
 pytestmark = pytest.mark.contract
@@ -201,12 +201,27 @@ def test_schema_stamp(store: Store) -> None:
     assert store.send(ReadSchema()) == Reply(1)
 
 
+@pytest.mark.stores("memory", "moto", "dynamodb-local")
 def test_a_missing_table(store: Store) -> None:
     assert store.send(CreateTable()).code == EXISTS
     store.send(DeleteTable())
     for op in (ReadSchema(), write((A, (fresh(RPS, 1),))), ReadEntity("e"), ReadBucket(A)):
         assert store.send(op).code == NO_TABLE
     assert store.send(CreateTable()) == Reply(True)
+
+
+@pytest.mark.stores("redis", "redis-cluster")
+def test_a_redis_store_has_no_table_to_create(store: Store) -> None:
+    # A prefix needs no creating: a deleted store is an empty one, stamped on first use.
+    assert store.send(CreateTable()) == Reply(True)  # nothing stamped yet
+    assert store.send(StampSchema(1)) == Reply()
+    assert store.send(CreateTable()).code == EXISTS
+    store.send(write((A, (fresh(RPS, 1),))))
+    store.send(DeleteTable())
+    assert store.send(ReadSchema()) == Reply(None)
+    assert bucket(store, A) == {}
+    assert store.send(CreateTable()) == Reply(True)
+    assert store.send(write((A, (fresh(RPS, 1),)))).ok
 
 
 # -- failures -----------------------------------------------------------------------------
@@ -218,6 +233,19 @@ def faulty(backend: Backend, clock: Clock) -> Iterator[tuple[Store, Any]]:
         yield memory, memory.fail_next
         return
     assert backend.endpoint is not None
+    if backend.kind == "redis":
+        with FaultyRedisProxy(backend.endpoint.url) as redis_proxy:
+            errors = {"throttled": "OOM command not allowed", "unavailable": "LOADING loading"}
+
+            def inject_redis(fault: str) -> None:
+                if fault in errors:
+                    redis_proxy.inject(1, errors[fault])
+                else:
+                    redis_proxy.stop()
+
+            prefix = backend.endpoint.table_name
+            yield RedisStore(redis_proxy.url, prefix=prefix, clock=clock), inject_redis
+        return
     real = DynamoDBStore(backend.endpoint.table_name, endpoint_url=backend.endpoint.url)
     real.send(CreateTable())
     proxy = FaultyHttpProxy(backend.endpoint.url)
@@ -238,6 +266,11 @@ def faulty(backend: Backend, clock: Clock) -> Iterator[tuple[Store, Any]]:
         real.send(DeleteTable())
 
 
+NO_PROXY = pytest.mark.stores("memory", "moto", "dynamodb-local", "redis")
+"""A proxy cannot stand in front of a cluster (its replies name the nodes themselves)."""
+
+
+@NO_PROXY
 @pytest.mark.parametrize(
     ("fault", "code"), [("throttled", THROTTLED), ("unavailable", UNAVAILABLE)]
 )
@@ -251,6 +284,7 @@ def test_throttled_and_server_errors_are_transient_replies(
     assert store.send(write((A, (fresh(RPS, 1),)))).ok  # only the one request failed
 
 
+@NO_PROXY
 def test_no_reply_raises_endpoint_unreachable(faulty: tuple[Store, Any]) -> None:
     store, inject = faulty
     inject("unreachable")
@@ -258,7 +292,13 @@ def test_no_reply_raises_endpoint_unreachable(faulty: tuple[Store, Any]) -> None
         store.send(write((A, (fresh(RPS, 1),))))
 
 
-def test_an_endpoint_nobody_listens_on_is_unreachable() -> None:
-    store = DynamoDBStore("zae-nowhere", endpoint_url=f"http://127.0.0.1:{free_port()}")
+@pytest.mark.parametrize("kind", ["dynamodb", "redis"])
+def test_an_endpoint_nobody_listens_on_is_unreachable(kind: str) -> None:
+    port = free_port()
+    store: Store = (
+        DynamoDBStore("zae-nowhere", endpoint_url=f"http://127.0.0.1:{port}")
+        if kind == "dynamodb"
+        else RedisStore(f"redis://127.0.0.1:{port}/0")
+    )
     with pytest.raises(EndpointUnreachable):
         store.send(ReadSchema())

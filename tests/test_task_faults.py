@@ -27,7 +27,7 @@ from tests.helpers import Clock, Counter
 from tests.test_bad_input import whole_table
 from zae_celery.core import LeaseClaimed, Limit, RateLimiter, RateLimitExceeded, Slot
 from zae_celery.core.lease import LeaseState
-from zae_celery.core.stores import MemoryStore
+from zae_celery.core.stores import MemoryStore, RedisStore
 from zae_celery.testing import LocalServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -52,6 +52,12 @@ def _claims(limiter: RateLimiter) -> list[Any]:
     store = getattr(limiter.store, "_store", limiter.store)  # under a Counter
     if isinstance(store, MemoryStore):
         return [(entity, "ttl") for (entity, _), ttl in store.dump()["claims"].items() if ttl]
+    if isinstance(store, RedisStore):
+        claims = [key for key in store.dump() if "#C#" in key]
+        return [
+            (key.split("E#", 1)[1].split("#", 1)[0], "ttl" if store.client.pttl(key) > 0 else None)
+            for key in claims
+        ]
     return [
         (item["PK"]["S"][2:], "ttl" if "ttl" in item else None)
         for item in whole_table(limiter)

