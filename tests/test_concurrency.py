@@ -1,4 +1,4 @@
-"""Several processes x threads hammer one bucket on DynamoDB Local; clock skew bound."""
+"""Several processes x threads hammer one bucket (DynamoDB Local, Redis); clock skew bound."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import multiprocessing
 import random
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -24,9 +25,9 @@ LIMITS = [RPS, TOKENS]
 PROCESSES, THREADS, ATTEMPTS = 3, 4, 40
 
 
-def _hammer(url: str, table: str, out: Any) -> None:
+def _hammer(url: str, out: Any) -> None:
     """One process: THREADS threads, ATTEMPTS acquires each; grants adjust tokens +2."""
-    limiter = RateLimiter(table, endpoint_url=url)
+    limiter = RateLimiter.from_url(url)
     grants: list[float] = []
     lock = threading.Lock()
 
@@ -50,16 +51,21 @@ def _hammer(url: str, table: str, out: Any) -> None:
     out.put(grants)
 
 
-def test_processes_and_threads_never_over_grant_nor_lose_adjusts(ddb_local: Any) -> None:
-    table = "zae-concurrency"
-    setup = RateLimiter(table, endpoint_url=ddb_local.url)
+@pytest.mark.parametrize("kind", ["dynamodb-local", "redis"])
+def test_processes_and_threads_never_over_grant_nor_lose_adjusts(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    name = f"zae-concurrency-{uuid.uuid4().hex[:8]}"
+    if kind == "redis":
+        url = f"{request.getfixturevalue('redis').url}/0?prefix={name}"
+    else:
+        url = f"dynamodb://{name}?endpoint_url={request.getfixturevalue('ddb_local').url}"
+    setup = RateLimiter.from_url(url)
     setup.create_table()
     try:
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
-        procs = [
-            ctx.Process(target=_hammer, args=(ddb_local.url, table, out)) for _ in range(PROCESSES)
-        ]
+        procs = [ctx.Process(target=_hammer, args=(url, out)) for _ in range(PROCESSES)]
         for p in procs:
             p.start()
         grants = sorted(round(g * 1000) for _ in procs for g in out.get(timeout=300))
