@@ -17,7 +17,7 @@ DEMO_FLAGS := $(if $(COMPARE),--compare) $(if $(BROKER),--broker $(BROKER)) $(DE
 
 export ZAE_CACHE_DIR := $(abspath $(CACHE))
 
-.PHONY: demo test setup lint typecheck pytest benchmark clean
+.PHONY: demo test setup lint typecheck pytest benchmark benchmark-redis clean
 
 demo: $(VENV)/.installed
 	$(PY) -m examples.llm_pipeline $(DEMO_FLAGS)
@@ -42,6 +42,16 @@ benchmark: $(VENV)/.installed $(DDB_LOCAL_STAMP)
 	$(PY) -m pip freeze | grep -iE '^(boto3|botocore|aioboto3|aiobotocore)==' > $(CACHE)/bench-constraints.txt
 	$(PY) -m pip install --quiet "zae-limiter==0.17.0" -c $(CACHE)/bench-constraints.txt
 	$(PY) -m benchmarks.engine $(BENCH_ARGS)
+
+# The engine on Redis and on DynamoDB Local, and against throttled-py 3.5.0 on the same
+# redis-server. throttled-py is installed only for the comparison, without its [redis]
+# extra (which asks for redis<8): it runs on the redis-py already in the environment, which
+# the constraints keep, with boto3/aioboto3, where they are.
+BENCH_REDIS_ARGS ?= --store both --cycles 300
+benchmark-redis: $(VENV)/.installed $(DDB_LOCAL_STAMP)
+	$(PY) -m pip freeze | grep -iE '^(boto3|botocore|aioboto3|aiobotocore|redis)==' > $(CACHE)/bench-redis-constraints.txt
+	$(PY) -m pip install --quiet "throttled-py==3.5.0" -c $(CACHE)/bench-redis-constraints.txt
+	$(PY) -m benchmarks.stores $(BENCH_REDIS_ARGS)
 
 # The environment is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
