@@ -444,12 +444,12 @@ def peer_table(url: str, observer: RedisCommands, cycles: int, keys: int) -> Tab
 
 
 STORES_NOTES = """\
-Round trips above 1 per decision (2 per cycle) are writes sent again after their condition
-failed: the engine shapes a write from the state it last saw, and a bucket it saw busy (its
-TAT ahead of the clock) less than a millisecond before, its clock's resolution, may be idle
-by the time it writes. Back-to-back calls on Redis (well under a millisecond each) meet
-this; DynamoDB Local's calls (over a millisecond) do not. "cmds" counts the commands run
-inside the scripts too; "server µs" is the server's time in the round trips' commands."""
+A Redis decision is one script call: the script computes the refill clamp, max(TAT, now),
+so the engine guesses no write shape (DynamoDB's update expressions cannot, so a DynamoDB
+write is shaped from the state last seen, and a wrong guess costs a second write: see
+docs/engine.md). "cmds" counts the commands run inside the scripts too; "server us" is
+the server's time in the round trips' commands. A saturated bucket costs no round trip:
+the refusal is predicted from the state last seen (both stores)."""
 
 PEER_NOTES = """\
 What throttled-py's limit() does not do, and this engine does in the same single script:

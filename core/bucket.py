@@ -15,7 +15,9 @@ engine writes one of two shapes, each guarded by a condition that says which app
 FRESH (``TAT <= now``: set it to ``now + cost``) or QUEUE (``TAT > now``: add ``cost``).
 A wrong guess fails the condition and DynamoDB returns the current item, so the next
 attempt is exact; in steady state the guess from the last response is right and a
-grant costs one write.
+grant costs one write. A store that can compute the clamp itself (Redis, in a script)
+takes a third shape, CLAMP (``TAT <= bound``: set ``max(TAT, now) + cost``), which needs
+no guess: a grant is one write whatever the bucket's state.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Shape(Enum):
     EXACT = "exact"  # TAT == known value: SET known' + cost
     REFUND = "refund"  # ADD a negative amount, unconditionally
     RAISE = "raise"  # TAT < value: SET value (push a bucket into debt up to a time)
+    CLAMP = "clamp"  # TAT <= bound (None: always): SET max(TAT, now) + cost
 
 
 def now_units(limit: Limit, now_ms: int) -> int:
@@ -111,16 +114,20 @@ def plan(
     horizon_ms: int,
     guess: int | None,
     known: bool = False,
+    clamp: bool = False,
 ) -> Step:
     """Choose the write for ``tokens`` of ``limit``.
 
     ``guess`` is the last TAT seen for this attribute (None: never seen or absent);
-    ``known`` says it is exact (just read), so an EXACT write can be used.
+    ``known`` says it is exact (just read), so an EXACT write can be used; ``clamp``
+    says the store computes the refill clamp (CLAMP: no guess needed).
     """
     now = now_units(limit, now_ms)
     bound = now + tau(limit) + now_units(limit, horizon_ms) - cost(limit, tokens)
     if tokens == 0:
         return Step(limit, 0, Shape.CHECK, now, 0, bound=bound)
+    if clamp:
+        return Step(limit, tokens, Shape.CLAMP, now, cost(limit, tokens), bound=bound)
     if known:
         return Step(
             limit,
@@ -135,11 +142,13 @@ def plan(
     return Step(limit, tokens, Shape.FRESH, now, now + cost(limit, tokens))
 
 
-def plan_adjust(limit: Limit, tokens: int, now_ms: int, guess: int | None) -> Step:
+def plan_adjust(
+    limit: Limit, tokens: int, now_ms: int, guess: int | None, clamp: bool = False
+) -> Step:
     """Write for an adjustment: debt is allowed, so no upper bound; refunds need no case."""
     if tokens < 0:
         return Step(limit, tokens, Shape.REFUND, now_units(limit, now_ms), cost(limit, tokens))
-    step = plan(limit, tokens, now_ms, 0, guess)
-    if step.shape is Shape.QUEUE:
-        return Step(limit, tokens, Shape.QUEUE, step.now, step.amount, bound=None)
+    step = plan(limit, tokens, now_ms, 0, guess, clamp=clamp)
+    if step.shape in (Shape.QUEUE, Shape.CLAMP):
+        return Step(limit, tokens, step.shape, step.now, step.amount, bound=None)
     return step

@@ -119,6 +119,7 @@ class Engine(Records):
         config_ttl: float = 60.0,
         max_attempts: int = 12,
         local_refusals: bool = True,
+        clamp: bool = False,
     ) -> None:
         if on_unavailable not in ("closed", "open"):
             raise ValidationError("on_unavailable", f"{on_unavailable!r}", "'closed' or 'open'")
@@ -126,6 +127,8 @@ class Engine(Records):
         self.on_unavailable: OnUnavailable = on_unavailable
         self.max_attempts = max_attempts
         self.local_refusals = local_refusals
+        self.clamp = clamp
+        """The store computes the refill clamp (CLAMP writes, new values of every item)."""
         self.unavailable_grants = 0
         self._tats: dict[tuple[str, str, str], int | None] = {}
         self._busy: set[tuple[str, str, str]] = set()
@@ -426,10 +429,12 @@ class Engine(Records):
             if attempt >= 2:
                 yield _backoff(attempt)
             now_ms = self.now_ms()
-            exact = known is not None and atomic_many and horizon_ms > 0
-            # A transaction returns no new values: only EXACT writes tell where a
-            # reservation landed, so a first blind attempt asks for an immediate grant.
-            h = horizon_ms if (not atomic_many or exact) else 0
+            clamp = self.clamp
+            exact = not clamp and known is not None and atomic_many and horizon_ms > 0
+            # A DynamoDB transaction returns no new values: only EXACT writes tell where a
+            # reservation landed, so a first blind attempt asks for an immediate grant. A
+            # clamping store returns every item's values: its writes are never blind.
+            h = horizon_ms if (clamp or not atomic_many or exact) else 0
             writes = [
                 ItemWrite(
                     t.key,
@@ -443,6 +448,7 @@ class Engine(Records):
                             if known is not None
                             else self._shape_guess(t, lim, now_ms),
                             known=exact,
+                            clamp=clamp,
                         )
                         for lim in t.limits
                     ),
@@ -454,7 +460,7 @@ class Engine(Records):
             if reply.ok:
                 for t, w in zip(targets, writes, strict=False):
                     self._note_shapes(t, w.steps)
-                lease = self._granted(targets, writes, reply, now_ms, atomic_many)
+                lease = self._granted(targets, writes, reply, now_ms)
                 if align and len(targets) == 1 and lease.start_ms > lease.granted_ms:
                     yield from self._align(targets[0], lease)
                 return lease
@@ -507,18 +513,19 @@ class Engine(Records):
         writes: list[ItemWrite],
         reply: Reply,
         now_ms: int,
-        transaction: bool = False,
     ) -> LeaseState:
         start = now_ms
         tats: dict[str, int] = {}
-        if not transaction:
-            item = reply.value[0] or {}
-            self._remember(targets[0], item)
-            for lim in targets[0].limits:
-                tat = item.get(lim.key)
-                if tat is not None:
-                    tats[lim.key] = tat
-                start = max(start, bucket.start_ms(lim, tat, now_ms))
+        if all(item is not None for item in reply.value):
+            # The store returned every item's new values (one item; or a clamping store).
+            for i, (t, item) in enumerate(zip(targets, reply.value, strict=True)):
+                self._remember(t, item)
+                for lim in t.limits:
+                    tat = item.get(lim.key)
+                    if tat is not None:
+                        if i == 0:
+                            tats[lim.key] = tat
+                        start = max(start, bucket.start_ms(lim, tat, now_ms))
         else:
             for t, w in zip(targets, writes, strict=False):
                 for step in w.steps:
@@ -638,6 +645,7 @@ class Engine(Records):
                         _tat(known[i], lim)
                         if known is not None
                         else self._shape_guess(t, lim, now_ms),
+                        clamp=self.clamp,
                     )
                     for lim in t.limits
                     if changes.get(lim.name)

@@ -101,7 +101,8 @@ class WriteBuckets:
     ``ttl``: the epoch second after which the items may be dropped. ``claim``: an
     ``(entity_id, claim)`` item created in the same atomic write; the write fails with
     :data:`CLAIMED` when it exists. Success returns the items' new values when the store
-    has them cheaply (one item, no claim), else ``None`` per item. A failed condition
+    has them cheaply (always for a store that ``clamps``; one item and no claim for
+    DynamoDB), else ``None`` per item. A failed condition
     returns :data:`CONDITION` with the current items of those whose condition failed
     (``None`` where the store did not return one: read it).
     """

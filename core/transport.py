@@ -170,6 +170,7 @@ class LimiterBase:
             stored_config=stored_config,
             config_ttl=config_ttl,
             local_refusals=local_refusals,
+            clamp=bool(getattr(store, "clamps", False)),
         )
         # Cool-downs and retry budgets are durations: a monotonic clock unless injected.
         self._monotonic: Clock = time.monotonic if clock is time.time else clock

@@ -169,7 +169,10 @@ def test_cascade_consumes_the_parent_atomically(limiter: RateLimiter) -> None:
     counter.take()
     with pytest.raises(RateLimitExceeded) as refused:
         limiter.acquire("key-2", "api", {"rps": 1}, code_limits)
-    assert counter.take() == ["TransactWriteItems"]  # a refusal is one request
+    # A refusal is one request; none on a clamping store (Redis), whose transactions
+    # return the parent's new state, so this process already knew it was full.
+    clamps = getattr(limiter.store, "clamps", False)
+    assert counter.take() == ([] if clamps else ["TransactWriteItems"])
     assert [(v.entity_id, v.limit_name) for v in refused.value.violations] == [("project", "rps")]
     # The child's own bucket had room: it is reported as passed, though the store
     # returned only the parent's item (its condition failed, the child's held).

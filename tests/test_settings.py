@@ -45,7 +45,7 @@ def test_a_store_url_replaces_the_table_settings() -> None:
     with pytest.raises(ValidationError) as info:
         Settings.from_conf({"zae_store_url": "memory://x", "zae_table_name": "zae-t"})
     assert info.value.field == "zae_store_url" and "zae_table_name" in info.value.problem
-    for bad in ("redis://h", "dynamodb://", "dynamodb://zae-t?colour=red", "memory://x?y=1"):
+    for bad in ("redis://", "dynamodb://", "dynamodb://zae-t?colour=red", "memory://x?y=1"):
         with pytest.raises(ValidationError) as info:
             Settings.from_conf({"zae_store_url": bad})
         assert info.value.field == "zae_store_url", bad

@@ -152,9 +152,34 @@ def test_a_write_of_several_items_is_all_or_nothing(store: Store) -> None:
     assert refused.current == (None, parent)  # the held item is not returned
     assert bucket(store, A) == {} and bucket(store, B) == parent
     granted = store.send(write((A, (fresh(RPS, 1),)), (B, (queue(RPS, 1, None),))))
-    assert granted == Reply((None, None))  # a transaction returns no values
-    assert bucket(store, A) == {RPS.key: fresh(RPS, 1).amount}
-    assert bucket(store, B) == {RPS.key: parent[RPS.key] + cost(RPS, 1)}
+    new_a, new_b = {RPS.key: fresh(RPS, 1).amount}, {RPS.key: parent[RPS.key] + cost(RPS, 1)}
+    if getattr(store, "clamps", False):
+        assert granted == Reply((new_a, new_b))  # a clamping store returns every item
+    else:
+        assert granted == Reply((None, None))  # a DynamoDB transaction returns no values
+    assert bucket(store, A) == new_a
+    assert bucket(store, B) == new_b
+
+
+@pytest.mark.stores("memory", "redis", "redis-cluster")
+def test_a_clamp_step_grants_on_an_idle_or_busy_bucket_in_one_write(store: Store) -> None:
+    """CLAMP (stores that compute the refill clamp): ``TAT <= bound``, set
+    ``max(TAT, now) + cost``; no shape to guess. DynamoDB cannot express it."""
+
+    def clamp(tokens: int, bound: int | None, now_ms: int = NOW) -> Step:
+        return Step(RPS, tokens, Shape.CLAMP, now_units(RPS, now_ms), cost(RPS, tokens), bound)
+
+    now = now_units(RPS, NOW)
+    absent = store.send(write((A, (clamp(1, now),))))
+    assert absent.value[0] == {RPS.key: now + cost(RPS, 1)}  # absent: from now
+    busy = store.send(write((A, (clamp(2, now + cost(RPS, 1)),))))
+    assert busy.value[0] == {RPS.key: now + cost(RPS, 3)}  # busy: from the TAT
+    refused = store.send(write((A, (clamp(1, now + cost(RPS, 3) - 1),))))
+    assert refused.code == CONDITION and refused.current == (busy.value[0],)
+    later = NOW + 10_000  # idle again: from now, not from the old TAT
+    idle = store.send(write((A, (clamp(1, None, later),))))
+    assert idle.value[0] == {RPS.key: now_units(RPS, later) + cost(RPS, 1)}
+    assert bucket(store, A) == idle.value[0]
 
 
 # -- claims -------------------------------------------------------------------------------

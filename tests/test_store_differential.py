@@ -1,8 +1,9 @@
 """One engine, every store, the same decisions: Hypothesis-generated programs of grants,
-reservations, adjustments, refunds, blocks and clock steps run on the in-memory store, a
-redis-server, a Redis Cluster and DynamoDB Local, each with its own limiter and its own
-injected clock. Every store must grant and refuse alike, with the same ``retry_after`` to
-the millisecond, the same waits and the same debt.
+reservations, adjustments, refunds, blocks and clock steps run on the in-memory store
+(writing as for DynamoDB, and as for Redis: CLAMP steps), a redis-server, a Redis Cluster
+and DynamoDB Local, each with its own limiter and its own injected clock. Every store
+must grant and refuse alike, with the same ``retry_after`` to the millisecond, the same
+waits and the same debt.
 
 Some programs use limits whose scaled TATs exceed 2**63 (a refill of up to 10**18 tokens
 a minute): the Redis scripts must compare and add them exactly, as DynamoDB does.
@@ -134,6 +135,7 @@ def stores(request: pytest.FixtureRequest) -> Iterator[Stores]:
     RateLimiter(store=table).create_table()
     made: dict[str, Callable[[], Store]] = {
         "memory": lambda: MemoryStore(clock=Clock()),
+        "memory-clamps": lambda: MemoryStore(clock=Clock(), clamps=True),
         "redis": lambda: RedisStore(redis.url, prefix=prefix),
         "redis-cluster": lambda: RedisStore(cluster.url, prefix=prefix, cluster=True),
         "dynamodb-local": lambda: DynamoDBStore(prefix, endpoint_url=ddb.url),

@@ -184,8 +184,10 @@ def _update(table: str, key: dict[str, Any], steps: tuple[Step, ...], ttl: int) 
                 conditions.append(f"{a} = {e}")
                 values[e] = _n(step.expected)
             sets.append(f"{a} = {v}")
-        else:  # REFUND
+        elif shape is Shape.REFUND:
             adds.append(f"{a} {v}")
+        else:  # CLAMP: max() has no update expression; the engine never plans it here
+            raise TypeError(f"DynamoDB cannot write a {shape.value} step")
     expression = "SET " + ", ".join(sets)
     if adds:
         expression += " ADD " + ", ".join(adds)

@@ -89,6 +89,8 @@ def _holds(step: Step, value: int | None) -> bool:
         return (
             value is not None and value > step.now and (step.bound is None or value <= step.bound)
         )
+    if shape is Shape.CLAMP:
+        return value is None or step.bound is None or value <= step.bound
     if shape is Shape.RAISE:
         return value is None or value < step.amount
     if shape is Shape.EXACT:
@@ -100,6 +102,8 @@ def _apply(step: Step, attrs: dict[str, int]) -> None:
     key = step.limit.key
     if step.shape in (Shape.QUEUE, Shape.REFUND):
         attrs[key] = attrs.get(key, 0) + step.amount
+    elif step.shape is Shape.CLAMP:
+        attrs[key] = max(attrs.get(key, step.now), step.now) + step.amount
     elif step.shape is not Shape.CHECK:
         attrs[key] = step.amount
 
@@ -112,6 +116,9 @@ class MemoryStore:
             creates the store from ``memory://``).
         create: start with the table created (``False``: like an empty DynamoDB
             endpoint, ``create_table()`` first).
+        clamps: answer as a store that computes the refill clamp does (Redis): the engine
+            then writes CLAMP steps, and a write of several items returns their new
+            values. Off by default: the engine writes as it does for DynamoDB.
 
     ``sent`` counts the operations answered, by name (``WriteBuckets``, ``ReadBucket``...),
     for tests that assert how many round trips a decision costs.
@@ -119,8 +126,11 @@ class MemoryStore:
 
     name = "memory"
 
-    def __init__(self, *, clock: Callable[[], float] = time.time, create: bool = True) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.time, create: bool = True, clamps: bool = False
+    ) -> None:
         self.clock = clock
+        self.clamps = clamps
         self._lock = threading.Lock()
         self._table: _Table | None = _Table() if create else None
         self._faults: collections.deque[str] = collections.deque()
@@ -270,7 +280,7 @@ class MemoryStore:
             for step in w.steps:
                 _apply(step, item.attrs)
             item.ttl = op.ttl
-            new.append(dict(item.attrs) if op.single else None)
+            new.append(dict(item.attrs) if op.single or self.clamps else None)
         if op.claim is not None:
             table.claims[op.claim] = op.ttl
         return Reply(tuple(new))

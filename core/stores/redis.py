@@ -154,7 +154,7 @@ end
 """
 
 # KEYS: the n bucket keys, their n listing keys, [the claim key]
-# ARGV: expiry ms, n, claim (0/1), single (0/1), marker value, then per item: resource,
+# ARGV: expiry ms, n, claim (0/1), marker value (the ttl), then per item: resource,
 #       step count, and per step: field, shape, now, amount, bound, expected ('' = none)
 _WRITE = (
     _DECIMAL
@@ -166,6 +166,7 @@ local function holds(shape, v, now, amount, bound, expected)
     return v ~= false and cmp(v, now) > 0 and (bound == '' or cmp(v, bound) <= 0)
   end
   if shape == 'raise' then return v == false or cmp(v, amount) < 0 end
+  if shape == 'clamp' then return v == false or bound == '' or cmp(v, bound) <= 0 end
   if shape == 'exact' then
     if expected == '' then return v == false end
     return v ~= false and cmp(v, expected) == 0
@@ -173,8 +174,8 @@ local function holds(shape, v, now, amount, bound, expected)
   return true
 end
 local ttl, n = ARGV[1], tonumber(ARGV[2])
-local claim, single = ARGV[3] == '1', ARGV[4] == '1'
-local items, failed, pos = {}, false, 6
+local claim = ARGV[3] == '1'
+local items, failed, pos = {}, false, 5
 for i = 1, n do
   local it = {resource = ARGV[pos], steps = {}, ok = true}
   local count = tonumber(ARGV[pos + 1])
@@ -185,7 +186,7 @@ for i = 1, n do
     if not holds(shape, v, ARGV[pos + 2], ARGV[pos + 3], ARGV[pos + 4], ARGV[pos + 5]) then
       it.ok = false
     end
-    it.steps[s] = {field, shape, ARGV[pos + 3]}
+    it.steps[s] = {field, shape, ARGV[pos + 3], ARGV[pos + 2]}
     pos = pos + 6
   end
   if not it.ok then failed = true end
@@ -208,23 +209,23 @@ for i = 1, n do
     local field, shape, amount = st[1], st[2], st[3]
     if shape == 'queue' or shape == 'refund' then
       redis.call('HSET', KEYS[i], field, add(redis.call('HGET', KEYS[i], field) or '0', amount))
+    elseif shape == 'clamp' then
+      local v = redis.call('HGET', KEYS[i], field)
+      if v == false or cmp(v, st[4]) < 0 then v = st[4] end
+      redis.call('HSET', KEYS[i], field, add(v, amount))
     elseif shape ~= 'check' then
       redis.call('HSET', KEYS[i], field, amount)
     end
   end
-  redis.call('HSET', KEYS[i], '#', ARGV[5])
+  redis.call('HSET', KEYS[i], '#', ARGV[4])
   redis.call('PEXPIRE', KEYS[i], ttl)
   redis.call('ZADD', KEYS[n + i], 0, items[i].resource)
   if redis.call('PTTL', KEYS[n + i]) < tonumber(ttl) then
     redis.call('PEXPIRE', KEYS[n + i], ttl)
   end
-  if single then
-    local all = redis.call('HGETALL', KEYS[i])
-    table.insert(all, 1, 1)
-    out[i + 1] = all
-  else
-    out[i + 1] = {0}
-  end
+  local all = redis.call('HGETALL', KEYS[i])
+  table.insert(all, 1, 1)
+  out[i + 1] = all
 end
 if claim then redis.call('SET', KEYS[2 * n + 1], '1', 'PX', ttl) end
 return out
@@ -436,7 +437,6 @@ class Scripts:
             expiry,
             len(op.writes),
             int(op.claim is not None),
-            int(op.single),
             op.ttl,
         ]
         for w in op.writes:
@@ -562,6 +562,10 @@ class RedisStore:
     """
 
     name = "redis"
+    clamps = True
+    """The scripts compute the refill clamp (``max(TAT, now)``): the engine writes CLAMP
+    steps, one write per grant whatever the bucket's state, and every write returns the
+    new values of its items."""
 
     def __init__(
         self,
