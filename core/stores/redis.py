@@ -175,14 +175,21 @@ local function holds(shape, v, now, amount, bound, expected)
 end
 local ttl, n = ARGV[1], tonumber(ARGV[2])
 local claim = ARGV[3] == '1'
-local items, failed, pos = {}, false, 5
+local items, failed, pos, seen = {}, false, 5, {}
 for i = 1, n do
-  local it = {resource = ARGV[pos], steps = {}, ok = true}
+  local cur = seen[KEYS[i]]  -- an item written twice: one view, changed in turn
+  if cur == nil then
+    cur = {}
+    local flat = redis.call('HGETALL', KEYS[i])
+    for j = 1, #flat, 2 do cur[flat[j]] = flat[j + 1] end
+    seen[KEYS[i]] = cur
+  end
+  local it = {resource = ARGV[pos], steps = {}, ok = true, cur = cur, exists = next(cur) ~= nil}
   local count = tonumber(ARGV[pos + 1])
   pos = pos + 2
   for s = 1, count do
     local field, shape = ARGV[pos], ARGV[pos + 1]
-    local v = redis.call('HGET', KEYS[i], field)
+    local v = cur[field] or false
     if not holds(shape, v, ARGV[pos + 2], ARGV[pos + 3], ARGV[pos + 4], ARGV[pos + 5]) then
       it.ok = false
     end
@@ -193,39 +200,49 @@ for i = 1, n do
   items[i] = it
 end
 if claim and redis.call('EXISTS', KEYS[2 * n + 1]) == 1 then return {'claimed'} end
+local function flatten(cur)
+  local all = {1}
+  for field, value in pairs(cur) do all[#all + 1] = field; all[#all + 1] = value end
+  return all
+end
 local out = {}
 if failed then
   out[1] = 'condition'
   for i = 1, n do
-    local all = {}
-    if not items[i].ok then all = redis.call('HGETALL', KEYS[i]) end
-    if #all == 0 then out[i + 1] = {0} else table.insert(all, 1, 1); out[i + 1] = all end
+    if items[i].ok or not items[i].exists then out[i + 1] = {0}
+    else out[i + 1] = flatten(items[i].cur) end
   end
   return out
 end
 out[1] = 'ok'
 for i = 1, n do
+  local cur, set = items[i].cur, {'HSET', KEYS[i], '#', ARGV[4]}
   for _, st in ipairs(items[i].steps) do
     local field, shape, amount = st[1], st[2], st[3]
+    local new = nil
     if shape == 'queue' or shape == 'refund' then
-      redis.call('HSET', KEYS[i], field, add(redis.call('HGET', KEYS[i], field) or '0', amount))
+      new = add(cur[field] or '0', amount)
     elseif shape == 'clamp' then
-      local v = redis.call('HGET', KEYS[i], field)
-      if v == false or cmp(v, st[4]) < 0 then v = st[4] end
-      redis.call('HSET', KEYS[i], field, add(v, amount))
+      local v = cur[field]
+      if v == nil or cmp(v, st[4]) < 0 then v = st[4] end
+      new = add(v, amount)
     elseif shape ~= 'check' then
-      redis.call('HSET', KEYS[i], field, amount)
+      new = amount
+    end
+    if new ~= nil then
+      cur[field] = new
+      set[#set + 1] = field
+      set[#set + 1] = new
     end
   end
-  redis.call('HSET', KEYS[i], '#', ARGV[4])
+  cur['#'] = ARGV[4]
+  redis.call(unpack(set))
   redis.call('PEXPIRE', KEYS[i], ttl)
   redis.call('ZADD', KEYS[n + i], 0, items[i].resource)
   if redis.call('PTTL', KEYS[n + i]) < tonumber(ttl) then
     redis.call('PEXPIRE', KEYS[n + i], ttl)
   end
-  local all = redis.call('HGETALL', KEYS[i])
-  table.insert(all, 1, 1)
-  out[i + 1] = all
+  out[i + 1] = flatten(cur)
 end
 if claim then redis.call('SET', KEYS[2 * n + 1], '1', 'PX', ttl) end
 return out
