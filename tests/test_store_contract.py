@@ -235,7 +235,7 @@ def test_a_missing_table(store: Store) -> None:
     assert store.send(CreateTable()) == Reply(True)
 
 
-@pytest.mark.stores("redis", "redis-cluster")
+@pytest.mark.stores("redis", "redis-cluster", "valkey")
 def test_a_redis_store_has_no_table_to_create(store: Store) -> None:
     # A prefix needs no creating: a deleted store is an empty one, stamped on first use.
     assert store.send(CreateTable()) == Reply(True)  # nothing stamped yet
@@ -258,7 +258,7 @@ def faulty(backend: Backend, clock: Clock) -> Iterator[tuple[Store, Any]]:
         yield memory, memory.fail_next
         return
     assert backend.endpoint is not None
-    if backend.kind == "redis":
+    if backend.kind in ("redis", "valkey"):
         with FaultyRedisProxy(backend.endpoint.url) as redis_proxy:
             errors = {"throttled": "OOM command not allowed", "unavailable": "LOADING loading"}
 
@@ -291,7 +291,7 @@ def faulty(backend: Backend, clock: Clock) -> Iterator[tuple[Store, Any]]:
         real.send(DeleteTable())
 
 
-NO_PROXY = pytest.mark.stores("memory", "moto", "dynamodb-local", "redis")
+NO_PROXY = pytest.mark.stores("memory", "moto", "dynamodb-local", "redis", "valkey")
 """A proxy cannot stand in front of a cluster (its replies name the nodes themselves)."""
 
 

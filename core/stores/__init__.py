@@ -57,6 +57,7 @@ REDIS_OPTIONS = frozenset(
 )
 """The options a redis URL may carry: ``prefix`` (the store's), and redis-py's own."""
 _DB = re.compile(r"^/?[0-9]*$")
+_PASSWORD = re.compile(r"(://[^/@]*?:)[^/@]*@")
 
 
 @runtime_checkable
@@ -102,27 +103,35 @@ class StoreUrl:
         if not isinstance(url, str):
             raise ValidationError(field, f"must be a string, got {type(url).__name__}", allowed)
         parts = urlsplit(url)
+        shown = _hide_password(url)
         if parts.scheme not in SCHEMES:
-            raise ValidationError(field, f"unknown scheme in {url!r}", allowed)
+            raise ValidationError(field, f"unknown scheme in {shown!r}", allowed)
+        if "#" in url:  # urlsplit would drop what follows it (a fragment) without a word
+            raise ValidationError(
+                field,
+                f"a '#' in {shown!r}",
+                "no '#': a prefix never holds one, and a password writes it as %23",
+            )
         try:
-            query = parse_qs(parts.query, strict_parsing=bool(parts.query))
+            # Blank values kept, so that ?prefix= is refused rather than ignored.
+            query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
         except ValueError:
-            raise ValidationError(field, f"malformed query in {url!r}", allowed) from None
+            raise ValidationError(field, f"malformed query in {shown!r}", allowed) from None
         if parts.scheme in REDIS_SCHEMES:
-            return cls._redis(url, parts, query, field, allowed)
+            return cls._redis(shown, parts, query, field, allowed)
         if parts.path not in ("", "/"):
-            raise ValidationError(field, f"a path in {url!r}", allowed)
+            raise ValidationError(field, f"a path in {shown!r}", allowed)
         if parts.scheme == "memory":
             if query:
-                raise ValidationError(field, f"options in {url!r}", "memory:// or memory://NAME")
+                raise ValidationError(field, f"options in {shown!r}", "memory:// or memory://NAME")
             return cls("memory", parts.netloc)
         unknown = sorted(set(query) - {"region", "endpoint_url"})
         if unknown:
-            raise ValidationError(field, f"unknown option {unknown[0]!r} in {url!r}", allowed)
+            raise ValidationError(field, f"unknown option {unknown[0]!r} in {shown!r}", allowed)
         if any(len(v) > 1 for v in query.values()):
-            raise ValidationError(field, f"an option is given twice in {url!r}", allowed)
+            raise ValidationError(field, f"an option is given twice in {shown!r}", allowed)
         if not parts.netloc:
-            raise ValidationError(field, f"no table in {url!r}", allowed)
+            raise ValidationError(field, f"no table in {shown!r}", allowed)
         region = query.get("region", [None])[0]
         endpoint = query.get("endpoint_url", [None])[0]
         try:
@@ -134,24 +143,40 @@ class StoreUrl:
 
     @classmethod
     def _redis(
-        cls, url: str, parts: Any, query: dict[str, list[str]], field: str, allowed: str
+        cls, shown: str, parts: Any, query: dict[str, list[str]], field: str, allowed: str
     ) -> StoreUrl:
         cluster = parts.scheme.endswith("+cluster")
         unknown = sorted(set(query) - REDIS_OPTIONS)
         if unknown:
-            raise ValidationError(field, f"unknown option {unknown[0]!r} in {url!r}", allowed)
+            raise ValidationError(
+                field,
+                f"unknown option {unknown[0]!r} in {shown!r}",
+                "the options " + ", ".join(sorted(REDIS_OPTIONS)),
+            )
         if any(len(v) > 1 for v in query.values()):
-            raise ValidationError(field, f"an option is given twice in {url!r}", allowed)
+            raise ValidationError(field, f"an option is given twice in {shown!r}", "each once")
         if not parts.hostname:
-            raise ValidationError(field, f"no host in {url!r}", allowed)
+            raise ValidationError(field, f"no host in {shown!r}", allowed)
         try:
-            parts.port  # noqa: B018 (raises for a malformed port)
+            port = parts.port  # raises for a malformed port or one above 65535
         except ValueError:
-            raise ValidationError(field, f"a malformed port in {url!r}", allowed) from None
+            port = 0
+        if port == 0:
+            raise ValidationError(
+                field, f"a malformed port in {shown!r}", "a port 1..65535 (default 6379)"
+            )
         if not _DB.fullmatch(parts.path):
-            raise ValidationError(field, f"the database must be a number in {url!r}", allowed)
+            raise ValidationError(
+                field,
+                f"the database must be a number in {shown!r}",
+                "a database number after the port, e.g. redis://HOST:PORT/0",
+            )
         if cluster and parts.path.strip("/") not in ("", "0"):
-            raise ValidationError(field, f"a cluster has only database 0: {url!r}", allowed)
+            raise ValidationError(
+                field,
+                f"a cluster has only database 0: {shown!r}",
+                "redis+cluster://HOST:PORT or redis+cluster://HOST:PORT/0",
+            )
         prefix = query.pop("prefix", [DEFAULT_PREFIX])[0]
         try:
             check_prefix(prefix)
@@ -161,6 +186,11 @@ class StoreUrl:
         options = urlencode({k: v[0] for k, v in sorted(query.items())})
         target = urlunsplit((scheme, parts.netloc, parts.path, options, ""))
         return cls("redis", prefix, None, target, cluster)
+
+
+def _hide_password(url: str) -> str:
+    """``url`` as it may be shown in an error or a log: any password replaced by ``***``."""
+    return _PASSWORD.sub(r"\1***@", url)
 
 
 def from_url(url: str, *, clock: Callable[[], float] = time.time) -> Store:

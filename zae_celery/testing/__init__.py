@@ -43,6 +43,7 @@ from zae_celery.testing.servers import (
     redis_server_path,
     reset_moto,
     use_local_credentials,
+    valkey_server_path,
 )
 
 __all__ = [
@@ -61,4 +62,5 @@ __all__ = [
     "redis_server_path",
     "reset_moto",
     "use_local_credentials",
+    "valkey_server_path",
 ]

