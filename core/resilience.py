@@ -1,4 +1,5 @@
-"""What a limiter does when DynamoDB cannot answer: bounded retries and a circuit breaker.
+"""What a limiter does when its store (DynamoDB, Redis) cannot answer: bounded retries
+and a circuit breaker.
 
 Both live around the engine's flows, not inside them: :func:`guard` wraps any flow and
 is run by the sync and the async limiter alike, so there is one implementation of every
@@ -160,7 +161,7 @@ class CircuitBreaker:
             self.failures = 0
             self._opened_at = self._probe_at = None
         if was_open:
-            log.warning("zae-celery circuit breaker closed: DynamoDB answers again")
+            log.warning("zae-celery circuit breaker closed: the store answers again")
 
     def failure(self, reason: str) -> None:
         """A request failed for good (no reply, throttled or 5xx beyond the retries)."""
@@ -191,7 +192,7 @@ class CircuitBreaker:
         """The error a refused request raises."""
         wait = self.retry_after()
         return CircuitOpen(
-            f"circuit breaker open after {self.failures} failed DynamoDB requests in a row; "
+            f"circuit breaker open after {self.failures} failed store requests in a row; "
             f"next probe in {wait:.1f} s",
             retry_after=wait,
         )
@@ -233,7 +234,7 @@ def _attempts(
 
 
 def guard(flow: Flow[T], breaker: CircuitBreaker, policy: RetryPolicy, clock: Clock) -> Flow[T]:
-    """``flow`` with every DynamoDB call retried within ``policy`` and gated by ``breaker``.
+    """``flow`` with every store call retried within ``policy`` and gated by ``breaker``.
 
     A call that fails for good is thrown into ``flow`` as RateLimiterUnavailable, exactly
     where a failing request used to surface, so the flows' own handling (``open`` mode,
