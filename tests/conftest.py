@@ -63,13 +63,16 @@ class _Servers:
             "moto": lambda: moto_server(log_dir=logs),
             "dynamodb-local": lambda: dynamodb_local(cache_dir=cache, log_dir=logs),
             "redis": lambda: redis_server(log_dir=logs),
+            "redis-store": lambda: redis_server(log_dir=logs),
             "redis-cluster": lambda: start_redis_cluster(log_dir=logs),
         }
         self._started: dict[str, LocalServer | LocalCluster] = {}
         self._errors: dict[str, str] = {}
 
     @overload
-    def get(self, name: Literal["moto", "dynamodb-local", "redis"]) -> LocalServer: ...
+    def get(
+        self, name: Literal["moto", "dynamodb-local", "redis", "redis-store"]
+    ) -> LocalServer: ...
     @overload
     def get(self, name: Literal["redis-cluster"]) -> LocalCluster: ...
     def get(self, name: str) -> LocalServer | LocalCluster:
@@ -108,6 +111,13 @@ def ddb_local(servers: _Servers) -> LocalServer:
 def redis(servers: _Servers) -> LocalServer:
     """A private redis-server for broker tests."""
     return servers.get("redis")
+
+
+@pytest.fixture(scope="session")
+def redis_store(servers: _Servers) -> LocalServer:
+    """A second private redis-server, for a Redis store alone: its ``INFO commandstats``
+    count the store's script calls and nothing of a broker's (kombu runs scripts too)."""
+    return servers.get("redis-store")
 
 
 @pytest.fixture(scope="session")
