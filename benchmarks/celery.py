@@ -4,23 +4,28 @@
                                 [--concurrency 2] [--rate 10] [--horizon 60] [--body 0]
                                 [--prefetch N] [--acks-late] [--no-admission]
                                 [--broker redis|rabbitmq|filesystem]
-                                [--endpoint dynamodb-local|moto] [--provider-rate N]
+                                [--endpoint dynamodb-local|moto] [--store redis|URL]
+                                [--provider-rate N]
                                 [--only zae|builtin] [--save FILE]
 
 The same saturated batch runs twice on ``--workers`` real ``celery worker`` processes
 (``--pool``, ``--concurrency`` each; app: ``benchmarks/celery_app.py``):
 
 1. zae-celery: ``base=RateLimitedTask``, ``rate_limits=[Limit.per_second("rps", RATE)]``
-   (one bucket of RATE shared by every worker, in DynamoDB); admitted by each worker's
-   consumer unless ``--no-admission`` (then gated in the pool, as before admission);
+   (one bucket of RATE shared by every worker, in DynamoDB, or with ``--store`` on a
+   Redis store); admitted by each worker's consumer unless ``--no-admission`` (then
+   gated in the pool, as before admission);
 2. Celery's built-in ``rate_limit=f"{RATE}/s"`` on a plain task (a bucket per worker).
 
 Every task calls a local HTTP provider (``harness.provider.LocalProvider``) that itself
 allows RATE requests a second (a token bucket holding RATE, no slack; ``--provider-rate``
 changes it) and answers 429 with Retry-After beyond that, then waits ``--body`` seconds
 (an I/O-bound call). The batch is published in one loop once every worker is ready; each
-run has fresh workers, provider, queue (and, for zae-celery, table). The servers
-(DynamoDB Local or moto server, redis-server; RabbitMQ is the one at 127.0.0.1:5672),
+run has fresh workers, provider, queue (and, for zae-celery, table, or on Redis a key
+prefix of its own, deleted at the end). ``--store redis`` puts the buckets on a private
+redis-server of their own (not the broker's), ``--store redis://HOST:PORT/DB`` on that
+server. The servers (DynamoDB Local or moto server, redis-server; RabbitMQ is the one at
+127.0.0.1:5672),
 the provider and the workers listen on 127.0.0.1 and are stopped by PID (process group)
 at the end, also on Ctrl-C.
 
@@ -38,7 +43,10 @@ asserted):
 * republishes per task (zae: the ``zae_deferrals`` header; built-in: retries) (goal
   <= 0.05, at most 1 for any task);
 * DynamoDB requests per task, counted at the endpoint by a proxy (every process,
-  worker main processes included) (goal <= 1.1), and per operation below the table;
+  worker main processes included) (goal <= 1.1), and per operation below the table; on
+  a Redis store, script calls per task instead (one per store operation, reads included),
+  counted by the server (``INFO commandstats``: other clients' scripts on a server given
+  by URL count too);
 * the workers' peak resident memory (main processes and pool processes, summed);
 * the provider's requests and 429s, how late zae-celery's tasks started after their slot,
   the longest pause between starts, and the wall time from the first send to the last
@@ -72,13 +80,15 @@ from rich.table import Table
 
 from harness import fsbroker as fs_broker
 from harness.provider import LocalProvider
+from harness.stores import is_redis, where, with_run_prefix
 from harness.workers import FleetError, signals_held, stop_workers, worker_fleet
-from zae_celery.core import Limit, RateLimiter
+from zae_celery.core import Limit, RateLimiter, ValidationError
 from zae_celery.testing import (
     CountingProxy,
     LocalServer,
     dynamodb_local,
     moto_server,
+    redis_script_calls,
     redis_server,
     use_local_credentials,
 )
@@ -119,6 +129,8 @@ class Run:
     rejected: list[float] = field(default_factory=list)
     dynamodb: dict[str, Any] = field(default_factory=dict)
     """The endpoint's counts for this run: by_operation, condition_failed."""
+    redis_scripts: int | None = None
+    """On a Redis store: the script calls the server answered during the run."""
     peak_rss_mb: float = 0.0
 
     @property
@@ -177,7 +189,10 @@ class Run:
         return int(self.dynamodb.get("condition_failed", 0))
 
     @property
-    def dynamodb_per_task(self) -> float:
+    def requests_per_task(self) -> float:
+        """The store's requests per task: DynamoDB requests, or Redis script calls."""
+        if self.redis_scripts is not None:
+            return self.redis_scripts / max(1, len(self.infos))
         return sum(self.dynamodb_by_operation.values()) / max(1, len(self.infos))
 
     @property
@@ -210,6 +225,7 @@ class Run:
             "provider_accepted": self.accepted,
             "provider_rejected": self.rejected,
             "dynamodb": self.dynamodb,
+            "redis_scripts": self.redis_scripts,
             "peak_rss_mb": self.peak_rss_mb,
         }
 
@@ -225,9 +241,12 @@ class Setup:
     rate: int
     provider_rate: int
     broker: str
-    endpoint_url: str
+    endpoint_url: str | None
+    """The DynamoDB endpoint (None with a Redis store)."""
     redis_port: int | None
     work: Path
+    store_url: str | None = None
+    """A Redis store for the buckets (each run takes a prefix of its own), or None."""
     pool: str = "prefork"
     horizon: float = 60.0
     body: float = 0.0
@@ -297,24 +316,37 @@ def _peak_rss_mb(pids: list[int]) -> float:
 
 
 def run_mode(setup: Setup, mode: str, console: Console) -> Run:
-    """One saturated batch on fresh workers, provider, queue (and table, for zae)."""
+    """One saturated batch on fresh workers, provider, queue (and table, or Redis
+    prefix, for zae)."""
     label, task_name = MODES[mode]
     tag = uuid.uuid4().hex[:8]
     queue = f"bench-{mode}-{tag}"
     table = f"zae-bench-{tag}"
+    store_url = None
+    if setup.store_url is not None:
+        store_url = with_run_prefix(setup.store_url, f"bench-{tag}")
+        limiter = RateLimiter.from_url(store_url)
+    else:
+        limiter = RateLimiter(table, endpoint_url=setup.endpoint_url)
     if mode == "zae":
-        _warm_endpoint(RateLimiter(table, endpoint_url=setup.endpoint_url))
+        _warm_endpoint(limiter)
     run_dir = setup.work / f"{mode}-{tag}"
     client, env = _client(setup, run_dir)
-    proxy = CountingProxy(setup.endpoint_url)  # counts every process's requests
-    env["ZAE_BENCH_ENDPOINT"] = proxy.url
+    proxy = None
+    if store_url is not None:  # counted by the server: INFO commandstats
+        env["ZAE_BENCH_STORE_URL"] = store_url
+    else:
+        assert setup.endpoint_url is not None
+        proxy = CountingProxy(setup.endpoint_url)  # counts every process's requests
+        env.update(ZAE_BENCH_ENDPOINT=proxy.url, ZAE_BENCH_TABLE=table)
     # The provider enforces the limit under test exactly: a bucket of one second of it,
     # with no slack for jitter (harness.provider).
     provider = LocalProvider(rpm=setup.provider_rate * 60, window=1.0, slack_requests=0)
-    env.update(ZAE_BENCH_TABLE=table, ZAE_BENCH_PROVIDER=provider.url)
+    env["ZAE_BENCH_PROVIDER"] = provider.url
     logs = run_dir / "logs"
     with contextlib.ExitStack() as stack:
-        stack.callback(proxy.close)
+        if proxy is not None:
+            stack.callback(proxy.close)
         with console.status(f"{label}: starting {setup.workers} workers"):
             procs = stack.enter_context(
                 worker_fleet(
@@ -329,7 +361,8 @@ def run_mode(setup: Setup, mode: str, console: Console) -> Run:
                     name=f"bench-{mode}-",
                 )
             )
-        before = proxy.snapshot()
+        before = proxy.snapshot() if proxy is not None else {}
+        scripts_before = redis_script_calls(store_url) if store_url is not None else 0
         stack.enter_context(provider)
         run = Run(mode, setup.tasks, setup.rate, submitted_at=time.time())
         results = [client.send_task(task_name, args=[i], queue=queue) for i in range(setup.tasks)]
@@ -355,22 +388,26 @@ def run_mode(setup: Setup, mode: str, console: Console) -> Run:
         run.rejected = [r.at for r in records if r.status == 429]
         run.peak_rss_mb = _peak_rss_mb([p.pid for p in procs])
         stop_workers(procs)  # their last requests (refunds at shutdown) count too
-        after = proxy.snapshot()
-        run.dynamodb = {
-            "by_operation": {
-                op: n - before["by_operation"].get(op, 0)
-                for op, n in after["by_operation"].items()
-                if n > before["by_operation"].get(op, 0)
-            },
-            "condition_failed": after["condition_failed"] - before["condition_failed"],
-        }
+        if store_url is not None:
+            run.redis_scripts = redis_script_calls(store_url) - scripts_before
+        else:
+            assert proxy is not None
+            after = proxy.snapshot()
+            run.dynamodb = {
+                "by_operation": {
+                    op: n - before["by_operation"].get(op, 0)
+                    for op, n in after["by_operation"].items()
+                    if n > before["by_operation"].get(op, 0)
+                },
+                "condition_failed": after["condition_failed"] - before["condition_failed"],
+            }
     if run.failures:
         console.print(f"[red]{label}: {len(run.failures)} tasks failed, e.g. {run.failures[0]}")
         tail = (logs / "worker-0.log").read_text(errors="replace").splitlines()[-25:]
         console.print("\n".join(tail))
-    if mode == "zae":
+    if mode == "zae" or store_url is not None:  # a worker stamps a Redis store's schema
         with contextlib.suppress(Exception):
-            RateLimiter(table, endpoint_url=setup.endpoint_url).delete_table()
+            limiter.delete_table()  # the table, or every key of the run's prefix
     if setup.broker == "rabbitmq":  # leave no queue behind on the shared server
         with contextlib.suppress(Exception), client.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
@@ -389,7 +426,7 @@ def _rows(run: Run) -> list[str]:
     gap, at = run.largest_gap_s
     is_zae = run.mode == "zae"
     sent = len(run.accepted) + len(run.rejected)
-    per_task = run.dynamodb_per_task
+    per_task = run.requests_per_task
     return [
         f"{len(run.infos)}/{run.tasks}",
         f"{run.achieved:.3f}",
@@ -409,6 +446,7 @@ def _rows(run: Run) -> list[str]:
 
 
 def render(runs: list[Run], setup: Setup, endpoint: str, console: Console) -> None:
+    """The table of figures; ``endpoint`` says where the buckets were."""
     n, rate = setup.tasks, setup.rate
     options = [
         f"horizon {setup.horizon:g} s",
@@ -437,7 +475,12 @@ def render(runs: list[Run], setup: Setup, endpoint: str, console: Console) -> No
         ("worst window excess, actual starts", "<= 0"),
         ("worst window excess, requests at the provider", "<= 0"),
         ("republishes per task", "<= 0.05 (max 1)"),
-        ("DynamoDB requests per task (all processes)", "<= 1.1"),
+        (
+            "Redis script calls per task (all processes)"
+            if setup.store_url is not None
+            else "DynamoDB requests per task (all processes)",
+            "<= 1.1",
+        ),
         ("workers' peak RSS, MB (all processes)", ""),
         ("provider requests / 429s", f"{n} / 0" if setup.provider_rate == rate else ""),
         ("start after its slot, median / max s", ""),
@@ -450,6 +493,11 @@ def render(runs: list[Run], setup: Setup, endpoint: str, console: Console) -> No
         table.add_row(label, goal, *(column[k] for column in columns))
     console.print(table)
     for run in runs:
+        if run.redis_scripts is not None and run.mode == "zae":
+            console.print(
+                f"{MODES[run.mode][0]} Redis script calls: {run.redis_scripts} (EVALSHA, "
+                "counted by the server; any other client's scripts on it count too)"
+            )
         if run.dynamodb_by_operation:
             ops = ", ".join(f"{op} {count}" for op, count in run.dynamodb_by_operation.items())
             console.print(
@@ -516,7 +564,16 @@ def endpoint_server(kind: str, logs: Path) -> Iterator[LocalServer]:
     type=click.Choice(["dynamodb-local", "moto"]),
     default="dynamodb-local",
     show_default=True,
-    help="The local DynamoDB of zae-celery.",
+    help="The local DynamoDB of zae-celery (without --store).",
+)
+@click.option(
+    "--store",
+    metavar="redis|URL",
+    default=None,
+    help="Put zae-celery's buckets on a Redis store instead of DynamoDB: 'redis' starts a "
+    "private redis-server for them (not the broker's), or redis://HOST:PORT/DB names one. "
+    "Each run takes a key prefix of its own, deleted at the end. Requests per task are "
+    "then the server's count of script calls.",
 )
 @click.option(
     "--only",
@@ -545,6 +602,7 @@ def main(
     admission: bool,
     broker: str,
     endpoint: str,
+    store: str | None,
     only: str | None,
     save: Path | None,
     keep: bool,
@@ -552,6 +610,16 @@ def main(
     """Run the same saturated batch with zae-celery and with Celery's rate_limit."""
     if tasks <= rate or rate < 1 or workers < 1 or concurrency < 1:
         raise click.BadParameter("need --tasks > --rate >= 1 and at least one worker")
+    if store not in (None, "redis"):
+        try:
+            redis_url = is_redis(store)
+        except ValidationError as exc:
+            raise click.BadParameter(exc.problem, param_hint="--store") from None
+        if not redis_url:
+            raise click.BadParameter(
+                "'redis', or a redis://HOST:PORT/DB URL (without it: --endpoint)",
+                param_hint="--store",
+            )
     use_local_credentials()
     # SIGTERM unwinds like Ctrl-C does: every worker and server is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -562,9 +630,18 @@ def main(
         with contextlib.ExitStack() as stack:
             # zae_celery.testing stops a server only once it serves: an interruption
             # while one starts is held until then (a few seconds at most).
-            starting = f"starting {endpoint}" + (" and redis" * (broker != "filesystem"))
+            store_name = endpoint if store is None else "redis for the buckets"
+            starting = f"starting {store_name}" + (" and redis" * (broker != "filesystem"))
             with console.status(starting), signals_held():
-                server = stack.enter_context(endpoint_server(endpoint, work / "servers"))
+                endpoint_url, store_url = None, None
+                if store is None:
+                    server = stack.enter_context(endpoint_server(endpoint, work / "servers"))
+                    endpoint_url = server.url
+                elif store == "redis":  # a server of its own: the broker's scripts stay apart
+                    server = stack.enter_context(redis_server(log_dir=work / "servers"))
+                    store_url = f"{server.url}/0"
+                else:
+                    store_url = store
                 redis_port = None
                 if broker != "filesystem":
                     redis_port = stack.enter_context(redis_server(log_dir=work / "servers")).port
@@ -575,9 +652,10 @@ def main(
                 rate,
                 provider_rate or rate,
                 broker,
-                server.url,
+                endpoint_url,
                 redis_port,
                 work,
+                store_url=store_url,
                 pool=pool,
                 horizon=horizon,
                 body=body,
@@ -591,7 +669,11 @@ def main(
                         runs.append(run_mode(setup, mode, console))
                     except FleetError as exc:
                         raise click.ClickException(str(exc)) from exc
-        render(runs, setup, endpoint, console)
+        if store_url is None:
+            where_label = endpoint
+        else:
+            where_label = f"buckets on {where(store_url)}" + (" (private)" * (store == "redis"))
+        render(runs, setup, where_label, console)
         if save is not None:
             save.write_text(json.dumps([run.to_json() for run in runs]))
             console.print(f"raw data: {save}")

@@ -11,7 +11,7 @@ second and answers 429 with ``Retry-After`` beyond that:
   in each worker instance); on a 429 it retries with ``countdown=retry_after``.
 
 Both return what the benchmark measures: when the body started, how often the task was
-republished, and (zae) how many DynamoDB requests its worker process has sent so far.
+republished.
 
 Configured by the benchmark through the environment:
 
@@ -21,6 +21,7 @@ Configured by the benchmark through the environment:
 ``ZAE_BENCH_BACKEND``       result backend URL
 ``ZAE_BENCH_ENDPOINT``      DynamoDB endpoint (DynamoDB Local or moto server)
 ``ZAE_BENCH_TABLE``         the run's table
+``ZAE_BENCH_STORE_URL``     the run's Redis store (``zae_store_url``), instead of both
 ``ZAE_BENCH_RATE``          requests per second (the limit and the provider's)
 ``ZAE_BENCH_PROVIDER``      URL of the provider
 ``ZAE_BENCH_HORIZON``       ``zae_horizon`` (default 60)
@@ -30,8 +31,9 @@ Configured by the benchmark through the environment:
 ``ZAE_BENCH_ADMISSION``     ``0``: ``zae_admission=False`` (tasks gated in the pool)
 ==========================  =============================================================
 
-DynamoDB requests are counted by the benchmark at the endpoint (a counting proxy), so
-the workers' main processes, where admission runs, are counted too.
+DynamoDB requests are counted by the benchmark at the endpoint (a counting proxy), and a
+Redis store's script calls by the server (``INFO commandstats``), so the workers' main
+processes, where admission runs, are counted too.
 """
 
 from __future__ import annotations
@@ -57,9 +59,12 @@ BUILTIN_MAX_RETRIES = 10_000
 
 app = Celery("zae_bench", broker=BROKER, backend=os.environ.get("ZAE_BENCH_BACKEND"))
 # Otherwise Celery's defaults and zae-celery's defaults: what a user starts with.
+if os.environ.get("ZAE_BENCH_STORE_URL"):
+    app.conf.zae_store_url = os.environ["ZAE_BENCH_STORE_URL"]
+else:
+    app.conf.zae_table_name = os.environ.get("ZAE_BENCH_TABLE", "zae-celery-bench")
+    app.conf.zae_endpoint_url = os.environ.get("ZAE_BENCH_ENDPOINT")
 app.conf.update(
-    zae_table_name=os.environ.get("ZAE_BENCH_TABLE", "zae-celery-bench"),
-    zae_endpoint_url=os.environ.get("ZAE_BENCH_ENDPOINT"),
     zae_horizon=float(os.environ.get("ZAE_BENCH_HORIZON", "60")),
     zae_admission=os.environ.get("ZAE_BENCH_ADMISSION", "1") == "1",
     broker_connection_retry_on_startup=True,
@@ -105,7 +110,7 @@ def _call_provider(task: Task, attempt: int) -> float | None:
     rate_resource="bench-provider",
 )
 def zae_call(self: RateLimitedTask, i: int) -> dict[str, Any]:
-    """Gated by the shared DynamoDB bucket; a 429 empties it for every worker."""
+    """Gated by the shared bucket (DynamoDB or Redis); a 429 empties it for every worker."""
     body = time.time()  # the actual start
     started = self.lease.started_at  # the engine's clock: when the start was counted
     slot = self.lease.start_at  # when it could have started (its reserved slot, if deferred)

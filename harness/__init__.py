@@ -11,5 +11,6 @@ tests is :mod:`zae_celery.testing`.
 - :mod:`harness.workers`: a fleet of real ``celery worker`` processes, each in its own
   process group, waited for until ready and stopped by PID;
 - :mod:`harness.fsbroker`: a kombu filesystem transport with atomic publishes
-  (``zaefs://``), registered with kombu only by :func:`harness.fsbroker.register`.
+  (``zaefs://``), registered with kombu only by :func:`harness.fsbroker.register`;
+- :mod:`harness.stores`: a key prefix of each run's own on a Redis store the user names.
 """

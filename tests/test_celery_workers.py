@@ -2,8 +2,9 @@
 
 Brokers: filesystem:// (no server), a private redis-server, and RabbitMQ at
 127.0.0.1:5672 (required when CI=true, skipped with the reason elsewhere). The engine
-runs on DynamoDB Local. Start times come from the engine's clock (the moment the start
-was counted), which is what a provider sees.
+runs on DynamoDB Local, and for the adherence test on the private redis-server as well
+(``zae_store_url``). Start times come from the engine's clock (the moment the start was
+counted), which is what a provider sees.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ class Fleet:
     logs: Path
     table: str
     endpoint: str
+    store_url: str | None = None
+    """The workers' ``zae_store_url`` (instead of the table and endpoint), if any."""
+
+    def limiter(self) -> RateLimiter:
+        """A limiter on the fleet's buckets: its DynamoDB table, or its store URL."""
+        if self.store_url is not None:
+            return RateLimiter.from_url(self.store_url)
+        return RateLimiter(self.table, endpoint_url=self.endpoint)
 
     def queue(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -61,26 +70,41 @@ class Fleet:
         return out
 
 
+def redis_store_url(server: LocalServer, db: int = 1) -> str:
+    """A Redis store on ``server`` (database ``db``) under a prefix of its own."""
+    return f"redis://127.0.0.1:{server.port}/{db}?prefix=zae-test-{uuid.uuid4().hex[:10]}"
+
+
 def _start_fleet(
     broker: Broker,
-    ddb: LocalServer,
+    ddb: LocalServer | None,
     tmp_path: Path,
     extra_env: dict[str, str] | None = None,
     pool: str = "prefork",
     endpoint: str | None = None,
     concurrency: int = 2,
+    store_url: str | None = None,
 ) -> Generator[Fleet, None, None]:
+    """Workers with their buckets in a fresh table of ``ddb`` (through ``endpoint`` if
+    given), or at ``store_url`` (``zae_store_url``; nothing to create, its keys are
+    deleted when the workers have stopped)."""
     prefix = f"t{uuid.uuid4().hex[:6]}-"
     table = f"zae-celery-{uuid.uuid4().hex[:8]}"
-    RateLimiter(table, endpoint_url=ddb.url).create_table()
+    if store_url is not None:
+        where = {"ZAE_TEST_STORE_URL": store_url}
+        table_endpoint = ""
+    else:
+        assert ddb is not None
+        RateLimiter(table, endpoint_url=ddb.url).create_table()
+        table_endpoint = ddb.url
+        where = {"ZAE_TEST_ENDPOINT": endpoint or ddb.url, "ZAE_TEST_TABLE": table}
     backend = f"file://{tmp_path / 'results'}"
     (tmp_path / "results").mkdir()
     env = {
         "ZAE_TEST_BROKER": broker.url,
         "ZAE_TEST_BACKEND": backend,
         "ZAE_TEST_DATA": str(broker.data),
-        "ZAE_TEST_ENDPOINT": endpoint or ddb.url,
-        "ZAE_TEST_TABLE": table,
+        **where,
         "ZAE_TEST_PREFIX": prefix,
         "ZAE_TEST_RPS": str(RPS),
         **(extra_env or {}),
@@ -91,8 +115,12 @@ def _start_fleet(
         client.conf.broker_transport_options = fsbroker.transport_options(broker.data)
     queues = ",".join(f"{prefix}{q}" for q in ("limited", "shared", "other", "provider"))
     logs = tmp_path / "logs"
-    with workers(env, logs, queues=queues, pool=pool, concurrency=concurrency):
-        yield Fleet(client, prefix, logs, table, ddb.url)
+    try:
+        with workers(env, logs, queues=queues, pool=pool, concurrency=concurrency):
+            yield Fleet(client, prefix, logs, table, table_endpoint, store_url)
+    finally:  # also when the test closes the generator
+        if store_url is not None:
+            RateLimiter.from_url(store_url).delete_table()  # every key of the prefix
     if broker.name == "rabbitmq":
         with client.connection_for_write() as conn:
             for q in queues.split(","):
@@ -134,10 +162,33 @@ def test_adherence_without_retry_storm(
     gen = _start_fleet(broker, ddb_local, tmp_path, mode)
     fleet = next(gen)
     try:
-        n = 100
-        infos = fleet.collect([fleet.send("limited", "limited", i) for i in range(n)])
+        infos = fleet.collect([fleet.send("limited", "limited", i) for i in range(100)])
     finally:
         gen.close()
+    _check_adherence(infos, mode)
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
+def test_adherence_on_the_redis_store(broker: Broker, redis: LocalServer, tmp_path: Path) -> None:
+    """The batch and bounds of test_adherence_without_retry_storm (admission) with the
+    buckets on the private redis-server (``zae_store_url``, database 1, a prefix of the
+    test's own) instead of DynamoDB Local. On the redis broker the same server is the
+    broker (database 0): everything on one Redis."""
+    gen = _start_fleet(broker, None, tmp_path, store_url=redis_store_url(redis))
+    fleet = next(gen)
+    try:
+        infos = fleet.collect([fleet.send("limited", "limited", i) for i in range(100)])
+        # The buckets the workers used are under the prefix (there is no table at all).
+        used = {(b.resource, b.limit_name) for b in fleet.limiter().buckets("default")}
+        assert ("adherence", "rps") in used, used
+    finally:
+        gen.close()
+    _check_adherence(infos, {})
+
+
+def _check_adherence(infos: list[dict[str, Any]], mode: dict[str, str]) -> None:
+    """What a batch of ``limited`` tasks must show in ``mode`` (extra worker env)."""
+    n = len(infos)
     starts = sorted(round(info["start"] * 1000) for info in infos)
     excess = _max_window_excess(starts, RPS, RPS)
     assert excess <= 0, f"starts exceeded capacity + rate*W by {excess}"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -264,42 +265,77 @@ def test_create_table_needs_a_local_endpoint(monkeypatch: pytest.MonkeyPatch) ->
     assert "--endpoint-url" in result.stderr and "zae-celery deploy" in result.stderr
 
 
+@dataclass
+class Store:
+    """Where the limit, entity and buckets commands act in a test: the global options
+    that name it, and its store URL."""
+
+    args: list[str]
+    url: str
+
+    def cli(self, *args: str) -> list[str]:
+        return [*self.args, *args]
+
+    def limiter(self) -> RateLimiter:
+        return RateLimiter.from_url(self.url)
+
+
+@pytest.fixture(params=["moto", "dynamodb-local", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    """A fresh store, named as a user would: a table made with ``create-table`` on each
+    DynamoDB endpoint (``--endpoint-url``, ``--table``), or a prefix of the private
+    redis-server (``--store redis://...``: nothing to create). Deleted afterwards."""
+    if request.param == "redis":
+        server: LocalServer = request.getfixturevalue("redis")
+        url = f"redis://127.0.0.1:{server.port}/3?prefix={unique()}"
+        yield Store(["--store", url], url)
+        RateLimiter.from_url(url).delete_table()
+        return
+    server = request.getfixturevalue("moto" if request.param == "moto" else "ddb_local")
+    endpoint = Endpoint(request.param, server.url, unique())
+    result = run(local(endpoint, "create-table"))
+    assert result.exit_code == 0, result.output
+    yield Store(local(endpoint), f"dynamodb://{endpoint.table_name}?endpoint_url={endpoint.url}")
+    with contextlib.suppress(Exception):
+        RateLimiter(endpoint.table_name, endpoint_url=endpoint.url).delete_table()
+
+
 @pytest.mark.integration
-def test_limits_set_get_delete(table: Endpoint) -> None:
+def test_limits_set_get_delete(store: Store) -> None:
     specs = ["rpm=500/m", "tpm=90000/m:burst=120000"]
     args = ["limits", "set", "tenant-42", "--resource", "gpt-4o"]
-    result = run(local(table, *args, "--limit", specs[0], "--limit", "tpm=90k/m:burst=120k"))
+    result = run(store.cli(*args, "--limit", specs[0], "--limit", "tpm=90k/m:burst=120k"))
     assert result.exit_code == 0, result.output
-    limiter = RateLimiter(table.table_name, endpoint_url=table.url)
+    limiter = store.limiter()
     assert limiter.get_limits("tenant-42", "gpt-4o") == [parse_limit(s) for s in specs]
-    result = run(local(table, "limits", "get", "tenant-42", "--resource", "gpt-4o"))
+    result = run(store.cli("limits", "get", "tenant-42", "--resource", "gpt-4o"))
     assert result.exit_code == 0
     assert result.stdout.splitlines() == specs
-    result = run(local(table, "limits", "get", "tenant-42", "--resource", "gpt-4o", "--json"))
+    result = run(store.cli("limits", "get", "tenant-42", "--resource", "gpt-4o", "--json"))
     assert [Limit.from_dict(d) for d in json.loads(result.stdout)] == [
         parse_limit(s) for s in specs
     ]
     # Entity-wide limits are another item.
-    result = run(local(table, "limits", "get", "tenant-42"))
+    result = run(store.cli("limits", "get", "tenant-42"))
     assert result.exit_code == 0 and result.stdout == ""
     assert "No limits stored" in result.stderr
-    result = run(local(table, "limits", "set", "tenant-42", "--limit", "rpd=10k/d"))
+    result = run(store.cli("limits", "set", "tenant-42", "--limit", "rpd=10k/d"))
     assert result.exit_code == 0
     assert limiter.get_limits("tenant-42") == [Limit.per_day("rpd", 10_000)]
 
-    result = run(local(table, "limits", "delete", "tenant-42", "--resource", "gpt-4o"))
+    result = run(store.cli("limits", "delete", "tenant-42", "--resource", "gpt-4o"))
     assert result.exit_code == 0 and "Deleted" in result.stdout
     assert limiter.get_limits("tenant-42", "gpt-4o") == []
     assert limiter.get_limits("tenant-42") == [Limit.per_day("rpd", 10_000)]
-    result = run(local(table, "limits", "delete", "tenant-42", "--resource", "gpt-4o"))
+    result = run(store.cli("limits", "delete", "tenant-42", "--resource", "gpt-4o"))
     assert result.exit_code == 0 and "nothing to delete" in result.stdout
 
 
 @pytest.mark.integration
-def test_stored_limits_govern_the_engine(table: Endpoint) -> None:
-    result = run(local(table, "limits", "set", "tenant-1", "--limit", "rpm=2/m"))
+def test_stored_limits_govern_the_engine(store: Store) -> None:
+    result = run(store.cli("limits", "set", "tenant-1", "--limit", "rpm=2/m"))
     assert result.exit_code == 0
-    limiter = RateLimiter(table.table_name, endpoint_url=table.url)
+    limiter = store.limiter()
     # Code says 100/min; the stored limit says 2/min and wins.
     code = [Limit.per_minute("rpm", 100)]
     limiter.acquire("tenant-1", "any-model", {"rpm": 2}, code).commit()
@@ -308,12 +344,12 @@ def test_stored_limits_govern_the_engine(table: Endpoint) -> None:
 
 
 @pytest.mark.integration
-def test_entity_create_with_cascade_makes_the_child_consume_the_parent(table: Endpoint) -> None:
-    assert run(local(table, "limits", "set", "project", "--limit", "rpm=3/d")).exit_code == 0
-    result = run(local(table, "entity", "create", "key-1", "--parent", "project", "--cascade"))
+def test_entity_create_with_cascade_makes_the_child_consume_the_parent(store: Store) -> None:
+    assert run(store.cli("limits", "set", "project", "--limit", "rpm=3/d")).exit_code == 0
+    result = run(store.cli("entity", "create", "key-1", "--parent", "project", "--cascade"))
     assert result.exit_code == 0, result.output
     assert "cascade" in result.stdout
-    limiter = RateLimiter(table.table_name, endpoint_url=table.url)
+    limiter = store.limiter()
     limits = [Limit.per_day("rpm", 100)]
     limiter.acquire("key-1", "m", {"rpm": 2}, limits).commit()
     available = limiter.available("project", "m", limits)
@@ -321,15 +357,15 @@ def test_entity_create_with_cascade_makes_the_child_consume_the_parent(table: En
 
 
 @pytest.mark.integration
-def test_buckets_shows_tokens_and_debt_in_red(table: Endpoint) -> None:
-    assert run(local(table, "limits", "set", "tenant", "--limit", "tpm=1000/d")).exit_code == 0
-    limiter = RateLimiter(table.table_name, endpoint_url=table.url)
+def test_buckets_shows_tokens_and_debt_in_red(store: Store) -> None:
+    assert run(store.cli("limits", "set", "tenant", "--limit", "tpm=1000/d")).exit_code == 0
+    limiter = store.limiter()
     code = [Limit.per_day("rpm", 50), Limit.per_day("tpm", 10)]  # tpm is overridden
     with limiter.acquire("tenant", "gpt", {"rpm": 1, "tpm": 500}, code) as lease:
         lease.adjust(tpm=1500)  # 2000 used of 1000: in debt
     limiter.acquire("tenant", "mini", {"rpm": 5}, code).commit()
 
-    result = run(local(table, "buckets", "tenant", "--limit", "rpm=50/d", "--json"))
+    result = run(store.cli("buckets", "tenant", "--limit", "rpm=50/d", "--json"))
     assert result.exit_code == 0, result.output
     rows = {(r["resource"], r["limit"]): r for r in json.loads(result.stdout)}
     assert set(rows) == {("gpt", "rpm"), ("gpt", "tpm"), ("mini", "rpm"), ("mini", "tpm")}
@@ -341,7 +377,7 @@ def test_buckets_shows_tokens_and_debt_in_red(table: Endpoint) -> None:
     assert not rows[("mini", "rpm")]["in_debt"]
 
     result = run(
-        local(table, "buckets", "tenant", "--resource", "gpt", "--limit", "rpm=50/d"),
+        store.cli("buckets", "tenant", "--resource", "gpt", "--limit", "rpm=50/d"),
         env={"FORCE_COLOR": "1", "NO_COLOR": None, "COLUMNS": "120"},
     )
     assert result.exit_code == 0
@@ -351,17 +387,17 @@ def test_buckets_shows_tokens_and_debt_in_red(table: Endpoint) -> None:
 
 
 @pytest.mark.integration
-def test_buckets_of_limits_known_only_to_code(table: Endpoint) -> None:
-    limiter = RateLimiter(table.table_name, endpoint_url=table.url)
+def test_buckets_of_limits_known_only_to_code(store: Store) -> None:
+    limiter = store.limiter()
     limiter.acquire("tenant", "gpt", {"rpm": 3}, [Limit.per_day("rpm", 10)]).commit()
-    result = run(local(table, "buckets", "tenant", "--json"))
+    result = run(store.cli("buckets", "tenant", "--json"))
     assert result.exit_code == 0
     (row,) = json.loads(result.stdout)
     assert (row["limit"], row["burst"], row["available"]) == ("rpm", None, None)
     assert row["in_use"] == pytest.approx(3, abs=0.01)
-    result = run(local(table, "buckets", "tenant"), env={"COLUMNS": "120"})
+    result = run(store.cli("buckets", "tenant"), env={"COLUMNS": "120"})
     assert "pass it with --limit" in result.stderr
-    result = run(local(table, "buckets", "nobody"))
+    result = run(store.cli("buckets", "nobody"))
     assert result.exit_code == 0 and "No buckets" in result.stderr
 
 
@@ -372,6 +408,83 @@ def test_missing_table_says_how_to_create_it(endpoint: Endpoint) -> None:
     assert "does not exist" in result.stderr and "create-table" in result.stderr
 
 
+# -- a Redis store -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "command", [["create-table"], ["deploy"], ["status"], ["delete", "--yes"]], ids=lambda c: c[0]
+)
+def test_table_and_stack_commands_refuse_a_redis_store(command: list[str]) -> None:
+    # Nothing listens at the URL: a command that tried to reach it would exit 1.
+    url = f"redis://127.0.0.1:{free_port()}/0?prefix=zae-cli"
+    result = run(["--store", url, *command])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.stderr.split())
+    assert f"'{command[0]}' concerns a DynamoDB table and its stack" in text
+    assert "(prefix zae-cli)" in text and "'limits', 'entity' and 'buckets' work on it" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--table", "zae-other"], {}, "--store is given together with --table"),
+        (["--region", "eu-west-1"], {}, "--store is given together with --region"),
+        (["--endpoint-url", "http://127.0.0.1:1"], {}, "together with --endpoint-url"),
+        ([], {"ZAE_TABLE_NAME": "zae-other"}, "with --table (from ZAE_TABLE_NAME)"),
+    ],
+)
+def test_store_and_table_options_are_mutually_exclusive(
+    args: list[str], env: dict[str, str | None], named: str
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = run(["--store", url, *args, "limits", "get", "x"], env=env)
+    assert result.exit_code == 2, result.output
+    assert named in result.stderr and "give one or the other" in result.stderr
+    result = run([*args, "limits", "get", "x"], env={**env, "ZAE_STORE_URL": url})
+    assert result.exit_code == 2, result.output
+    assert "--store (from ZAE_STORE_URL) is given together with" in result.stderr
+
+
+def test_a_store_url_of_this_process_memory_is_refused() -> None:
+    result = run(["--store", "memory://x", "limits", "get", "x"])
+    assert result.exit_code == 2
+    assert "--store" in result.stderr and "holds nothing of the workers'" in result.stderr
+
+
+@pytest.mark.integration
+def test_the_store_url_may_come_from_the_environment(redis: LocalServer) -> None:
+    url = f"redis://127.0.0.1:{redis.port}/3?prefix={unique()}"
+    try:
+        # AWS_REGION is an AWS-wide variable, not a table option: it does not conflict.
+        env: dict[str, str | None] = {"ZAE_STORE_URL": url, "AWS_REGION": "eu-west-1"}
+        result = run(["limits", "set", "t", "--limit", "rpm=7/m"], env=env)
+        assert result.exit_code == 0, result.output
+        assert RateLimiter.from_url(url).get_limits("t") == [Limit.per_minute("rpm", 7)]
+    finally:
+        RateLimiter.from_url(url).delete_table()
+
+
+def test_an_unreachable_redis_store_is_an_operational_error() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0?prefix=zae-cli"
+    result = run(["--store", url, "limits", "get", "x"])
+    assert result.exit_code == 1
+    text = " ".join(result.stderr.split())
+    assert "Redis at 127.0.0.1:" in text and "is reachable" in text
+    assert "create-table" not in text  # there is no table to create
+
+
+@pytest.mark.integration
+def test_a_dynamodb_store_url_names_the_table(moto: LocalServer) -> None:
+    table = unique()
+    url = f"dynamodb://{table}?region=eu-west-1&endpoint_url={moto.url}"
+    result = run(["--store", url, "create-table"])
+    assert result.exit_code == 0, result.output
+    assert f"Table {table} created at {moto.url}" in result.stdout
+    result = run(["--store", url, "limits", "set", "t", "--limit", "rpm=7/m"])
+    assert result.exit_code == 0, result.output
+    limiter = RateLimiter(table, endpoint_url=moto.url, region="eu-west-1")
+    assert limiter.get_limits("t") == [Limit.per_minute("rpm", 7)]
+    limiter.delete_table()
+
+
 # -- bad input -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -379,6 +492,8 @@ def test_missing_table_says_how_to_create_it(endpoint: Endpoint) -> None:
         (["--table", "ab", "limits", "get", "x"], "invalid table name"),
         (["--table", "bad name!", "limits", "get", "x"], "invalid table name"),
         (["--endpoint-url", "ftp://host", "limits", "get", "x"], "http:// or https://"),
+        (["--store", "ftp://host", "limits", "get", "x"], "unknown scheme"),
+        (["--store", "redis://h/0?prefix={x}", "limits", "get", "x"], "prefix"),
         (["limits", "get", "bad#id"], "no # or *"),
         (["limits", "get", "x", "--resource", "*"], "no # or *"),
         (["limits", "set", "x"], "Missing option '--limit'"),
@@ -771,6 +886,38 @@ def test_celery_zae_reads_a_dynamodb_store_url(
     assert result.exit_code == 2 and "zae_store_url" in result.stderr
 
 
+@pytest.mark.integration
+def test_celery_zae_reads_a_redis_store_url(
+    celery_group: click.Group,
+    redis: LocalServer,
+    moto: LocalServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = f"redis://127.0.0.1:{redis.port}/3?prefix={unique()}"
+    monkeypatch.setattr(celery_app, "conf", {"zae_store_url": url})
+    app = ["-A", "tests.test_cli:celery_app", "zae"]
+    try:
+        result = run([*app, "limits", "set", "t", "--limit", "rpm=7/m"], group=celery_group)
+        assert result.exit_code == 0, result.output
+        assert RateLimiter.from_url(url).get_limits("t") == [Limit.per_minute("rpm", 7)]
+        result = run([*app, "buckets", "t", "--limit", "rpm=7/m", "--json"], group=celery_group)
+        assert result.exit_code == 0, result.output
+        result = run([*app, "create-table"], group=celery_group)
+        assert result.exit_code == 2 and "concerns a DynamoDB table" in result.stderr
+        # A table option on the command line would silently leave the app's store.
+        result = run([*app, "--region", "eu-west-1", "limits", "get", "t"], group=celery_group)
+        assert result.exit_code == 2
+        assert "zae_store_url names a Redis store, and --region" in result.stderr
+        # --store on the command line wins over the app's settings, like the others.
+        table = unique()
+        other = f"dynamodb://{table}?region=eu-west-1&endpoint_url={moto.url}"
+        result = run([*app, "--store", other, "create-table"], group=celery_group)
+        assert result.exit_code == 0, result.output
+        RateLimiter.from_url(other).delete_table()
+    finally:
+        RateLimiter.from_url(url).delete_table()
+
+
 def test_celery_zae_refuses_a_bad_table_setting(
     celery_group: click.Group, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -798,6 +945,7 @@ def test_the_global_options_are_the_declared_settings() -> None:
         ("--table", "zae_table_name"),
         ("--region", "zae_region"),
         ("--endpoint-url", "zae_endpoint_url"),
+        ("--store", "zae_store_url"),
     ]
     text = " ".join(run(["--help"]).stdout.split())
     for option in GLOBAL_OPTIONS:  # the option's help names the setting it sets

@@ -1,9 +1,10 @@
 """``make demo`` at a small size, run as the user runs it, checked from its own report.
 
-The demo (``python -m examples.llm_pipeline``) starts a moto server, real ``celery worker``
-processes and a local provider that enforces the same limits as the client; every
-figure asserted here comes from the report it writes (``--report-json``), which counts
-from the provider's own records.
+The demo (``python -m examples.llm_pipeline``) starts a moto server (or, with ``--store``,
+puts the buckets on a Redis server), real ``celery worker`` processes and a local
+provider that enforces the same limits as the client; every figure asserted here comes
+from the report it writes (``--report-json``), which counts from the provider's own
+records.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_client
 
 from harness.provider import LocalProvider, billed_usage, count_tokens
+from harness.stores import with_run_prefix
+from zae_celery.testing import LocalServer
 
 REPO = Path(__file__).resolve().parents[1]
 FLEET = ["--workers", "2", "--concurrency", "2"]
@@ -40,14 +45,55 @@ def _demo(run_dir: Path, *args: str) -> subprocess.Popen[bytes]:
     )
 
 
-@pytest.mark.integration
-def test_small_demo_completes_without_provider_429s(tmp_path: Path) -> None:
-    report_path = tmp_path / "report.json"
-    demo = _demo(tmp_path / "run", *SMALL, "--report-json", str(report_path))
+def _small_run(run_dir: Path, report_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """The small demo run to its end: its report (checked as below) and its output."""
+    demo = _demo(run_dir, *SMALL, "--report-json", str(report_path), *args)
     output, _ = demo.communicate(timeout=240)
     text = output.decode(errors="replace")
     assert demo.returncode == 0, text
     report: dict[str, Any] = json.loads(report_path.read_text())
+    _check_small_report(report, text)
+    return report, text
+
+
+@pytest.mark.integration
+def test_small_demo_completes_without_provider_429s(tmp_path: Path) -> None:
+    report, _ = _small_run(tmp_path / "run", tmp_path / "report.json")
+    [run] = report["runs"]
+    assert report["config"]["store"] == "dynamodb"
+    assert run["dynamodb_requests"] > 0
+    assert run["redis_scripts"] is None
+
+
+@pytest.mark.integration
+def test_small_demo_on_a_redis_store(tmp_path: Path, redis: LocalServer) -> None:
+    """``--store redis://...``: no moto server, the buckets under a prefix of the run's
+    own on the given server, the requests counted as its script calls, and the run's
+    keys deleted at the end."""
+    prefix = f"zae-test-{uuid.uuid4().hex[:8]}"
+    url = f"redis://127.0.0.1:{redis.port}/4?prefix={prefix}"
+    report, text = _small_run(tmp_path / "run", tmp_path / "report.json", "--store", url)
+    [run] = report["runs"]
+    assert report["config"]["store"] == f"Redis at 127.0.0.1:{redis.port}/4"
+    assert f"buckets on Redis at 127.0.0.1:{redis.port}/4" in " ".join(text.split())
+    assert run["dynamodb_requests"] == 0
+    assert run["redis_scripts"] >= run["completed"]  # a write per task at least
+    assert json.loads((tmp_path / "run" / "pids.json").read_text())["moto"] is None
+    client = redis_client.Redis.from_url(f"redis://127.0.0.1:{redis.port}/4")
+    assert client.keys("{" + prefix + "*") == []  # every key of the run's prefix
+
+
+def test_a_run_prefix_keeps_the_url_and_its_options() -> None:
+    url = "redis://127.0.0.1:6379/2?socket_timeout=2&prefix=team"
+    assert with_run_prefix(url, "demo-1") == (
+        "redis://127.0.0.1:6379/2?socket_timeout=2&prefix=team-demo-1"
+    )
+    assert with_run_prefix("redis://h:1/0", "demo-1") == "redis://h:1/0?prefix=zae-demo-1"
+    with pytest.raises(ValueError, match="prefix"):
+        with_run_prefix(f"redis://h:1/0?prefix={'p' * 60}", "demo-12345678")
+
+
+def _check_small_report(report: dict[str, Any], text: str) -> None:
     config = report["config"]
     [run] = report["runs"]
     assert run["mode"] == "zae"
@@ -60,7 +106,6 @@ def test_small_demo_completes_without_provider_429s(tmp_path: Path) -> None:
     assert run["rpm_excess"] <= 1
     assert run["tpm_excess"] <= config["slack_tokens"]
     assert run["republishes_max"] <= 1 + run["provider_429s"]
-    assert run["dynamodb_requests"] > 0
     assert run["tokens_billed"] < config["estimated_tokens"]
     chart = Path(report["chart"])
     assert chart.read_bytes().startswith(b"\x89PNG"), chart

@@ -45,7 +45,18 @@ def test_a_store_url_replaces_the_table_settings() -> None:
     with pytest.raises(ValidationError) as info:
         Settings.from_conf({"zae_store_url": "memory://x", "zae_table_name": "zae-t"})
     assert info.value.field == "zae_store_url" and "zae_table_name" in info.value.problem
-    for bad in ("redis://", "dynamodb://", "dynamodb://zae-t?colour=red", "memory://x?y=1"):
+    redis = Settings.from_conf({"zae_store_url": "redis://redis-host:6379/1?prefix=zae"})
+    assert (redis.store_url, redis.table_name) == ("redis://redis-host:6379/1?prefix=zae", None)
+    bad_urls = (
+        "redis:///0",  # no host
+        "redis://h/one",  # the database is not a number
+        "redis://h/0?prefix={x}",  # braces would break the hash tag
+        "redis+cluster://h:7000/3",  # a cluster has only database 0
+        "dynamodb://",
+        "dynamodb://zae-t?colour=red",
+        "memory://x?y=1",
+    )
+    for bad in bad_urls:
         with pytest.raises(ValidationError) as info:
             Settings.from_conf({"zae_store_url": bad})
         assert info.value.field == "zae_store_url", bad

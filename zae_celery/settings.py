@@ -238,12 +238,17 @@ class Url:
 
 @dataclass(frozen=True)
 class StoreUrlCheck:
-    """A store URL (``dynamodb://TABLE?...`` or ``memory://NAME``), or None."""
+    """A store URL (``dynamodb://TABLE?...``, ``redis://HOST:PORT/DB?prefix=...``,
+    ``rediss://...``, ``redis+cluster://HOST:PORT`` or ``memory://NAME``), or None."""
 
     @property
     def allowed(self) -> str:
         """What is accepted."""
-        return "dynamodb://TABLE?region=...&endpoint_url=... or memory://NAME, or None"
+        return (
+            "dynamodb://TABLE?region=...&endpoint_url=..., redis://HOST:PORT/DB?prefix=NAME "
+            "(rediss:// for TLS, redis+cluster://HOST:PORT for a cluster) or memory://NAME, "
+            "or None"
+        )
 
     def __call__(self, name: str, value: Any, quote: bool = True) -> str | None:
         """The value, or ValidationError."""
@@ -363,7 +368,8 @@ STORE_URL: Setting[str | None] = Setting(
     "zae_store_url",
     None,
     StoreUrlCheck(),
-    "where the buckets live, as one URL (instead of the next three settings); "
+    "where the buckets live, as one URL (instead of the next three settings): a DynamoDB "
+    "table, or a Redis server or cluster (the prefix names the store; no table to create); "
     "memory://NAME keeps them in each worker process (tests, eager runs)",
 )
 TABLE_NAME: Setting[str] = Setting(

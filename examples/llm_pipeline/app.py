@@ -4,7 +4,8 @@
 
 Two tasks send one prompt to the provider's chat-completions endpoint:
 
-* ``complete``: ``base=RateLimitedTask`` with global rpm and tpm limits in DynamoDB;
+* ``complete``: ``base=RateLimitedTask`` with global rpm and tpm limits in DynamoDB (or,
+  with ``--store``, on a Redis store);
   ``rate_consume`` estimates the tokens from the prompt, the body reports the provider's
   ``usage.total_tokens`` (``self.report_usage``) and hands a 429 to
   ``self.provider_limited`` (the whole fleet waits out the Retry-After).
@@ -20,6 +21,7 @@ Both return what the report needs. Configured by the runner through the environm
 ``ZAE_DEMO_BACKEND``      result backend URL
 ``ZAE_DEMO_ENDPOINT``     DynamoDB endpoint
 ``ZAE_DEMO_TABLE``        the run's table
+``ZAE_DEMO_STORE_URL``    the run's Redis store (``zae_store_url``), instead of both
 ``ZAE_DEMO_PROVIDER``     the provider's chat-completions URL
 ``ZAE_DEMO_RPM``          requests per minute
 ``ZAE_DEMO_TPM``          tokens per minute
@@ -50,9 +52,12 @@ BUILTIN_MAX_RETRIES = 10_000
 """Retries are the built-in task's only way to wait out a 429: never run out of them."""
 
 app = Celery("llm_pipeline", broker=BROKER, backend=os.environ.get("ZAE_DEMO_BACKEND"))
+if os.environ.get("ZAE_DEMO_STORE_URL"):
+    app.conf.zae_store_url = os.environ["ZAE_DEMO_STORE_URL"]
+else:
+    app.conf.zae_table_name = os.environ.get("ZAE_DEMO_TABLE", "zae-demo")
+    app.conf.zae_endpoint_url = os.environ.get("ZAE_DEMO_ENDPOINT")
 app.conf.update(
-    zae_table_name=os.environ.get("ZAE_DEMO_TABLE", "zae-demo"),
-    zae_endpoint_url=os.environ.get("ZAE_DEMO_ENDPOINT"),
     # A late task may wait in place up to this long for its start slot instead of being
     # republished again: large requests space their tpm start slots by up to a second.
     zae_start_wait=float(os.environ.get("ZAE_DEMO_START_WAIT", "3")),

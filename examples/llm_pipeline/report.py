@@ -36,6 +36,14 @@ class Config:
     """``filesystem`` or the redis URL given."""
     estimated_tokens: int
     slack_tokens: int
+    store: str = "dynamodb"
+    """Where the buckets are: ``dynamodb`` (a moto server), or the Redis server given
+    (``Redis at HOST:PORT/DB``, no password)."""
+
+    @property
+    def on_redis(self) -> bool:
+        """The buckets are on a Redis store (requests are then script calls)."""
+        return self.store != "dynamodb"
 
     @property
     def rpm_bucket(self) -> int:
@@ -61,6 +69,9 @@ class ModeRun:
     dynamodb: dict[str, Any] = field(default_factory=dict)
     """Requests the run's processes sent, counted at the endpoint: by_operation,
     condition_failed (worker main processes, where admission runs, included)."""
+    redis_scripts: int | None = None
+    """On a Redis store: the script calls its server answered during the run (one per
+    store operation, every process; other clients' scripts on that server too)."""
 
 
 def _worst_excess(
@@ -127,6 +138,8 @@ def measure(run: ModeRun, config: Config) -> dict[str, Any]:
         "dynamodb_per_task": sum(by_operation.values()) / max(1, completed),
         "dynamodb_by_operation": dict(sorted(by_operation.items())),
         "dynamodb_condition_failed": int(run.dynamodb.get("condition_failed", 0)),
+        "redis_scripts": run.redis_scripts,
+        "redis_scripts_per_task": (run.redis_scripts or 0) / max(1, completed),
         "tokens_billed": int(sum(tokens)),
         "wall_s": (max(ends) - run.submitted_at) if ends else 0.0,
         "series": {
@@ -145,8 +158,9 @@ def table(figures: Sequence[dict[str, Any]], config: Config) -> Table:
     grid = Table(
         title=(
             f"{config.tasks} prompts, {config.workers} workers x prefork -c {config.concurrency}, "
-            f"broker {config.broker.partition(':')[0]}; "
-            f"limits {config.rpm} rpm and {_k(config.tpm)} tpm, buckets "
+            f"broker {config.broker.partition(':')[0]}"
+            + (f", buckets on {config.store}; " if config.on_redis else "; ")
+            + f"limits {config.rpm} rpm and {_k(config.tpm)} tpm, buckets "
             f"of {config.window:g} s ({config.rpm_bucket} requests, {_k(config.tpm_bucket)} "
             "tokens)"
         )
@@ -180,7 +194,11 @@ def table(figures: Sequence[dict[str, Any]], config: Config) -> Table:
         ),
         ("republishes per task (max)", "", "{republishes_mean:.2f} ({republishes_max})"),
         ("tasks run without a republish", "", "{ran_at_once}"),
-        ("DynamoDB requests per task", "", "{dynamodb_text}"),
+        (
+            "Redis script calls per task" if config.on_redis else "DynamoDB requests per task",
+            "",
+            "{requests_text}",
+        ),
         ("tokens: estimated / billed", "", "{tokens_text}"),
         ("wall time from the first send, s", "", "{wall_s:.1f}"),
     ]
@@ -190,8 +208,12 @@ def table(figures: Sequence[dict[str, Any]], config: Config) -> Table:
             "tpm_mean_k": _k(fig["tpm_mean"]),
             "tpm_peak_k": _k(fig["tpm_peak"]),
             "tpm_excess_k": f"{fig['tpm_excess']:+.0f}",
-            "dynamodb_text": (
-                f"{fig['dynamodb_per_task']:.2f}" if fig["mode"] == "zae" else "0 (none)"
+            "requests_text": (
+                "0 (none)"
+                if fig["mode"] != "zae"
+                else f"{fig['redis_scripts_per_task']:.2f}"
+                if config.on_redis
+                else f"{fig['dynamodb_per_task']:.2f}"
             ),
             "tokens_text": (
                 f"{_k(config.estimated_tokens)} / {_k(fig['tokens_billed'])}"

@@ -22,13 +22,15 @@ from examples.llm_pipeline import report
 from examples.llm_pipeline.workload import Prompt, batch, bucket_size, estimate_tokens
 from harness import fsbroker as fs_broker
 from harness.provider import LocalProvider, billed_usage
+from harness.stores import is_redis, where, with_run_prefix
 from harness.workers import FleetError, signals_held, worker_fleet
-from zae_celery import RateLimiter
+from zae_celery import RateLimiter, ValidationError
 from zae_celery.testing import (
     CountingProxy,
     LocalServer,
     ServerUnavailable,
     moto_server,
+    redis_script_calls,
     use_local_credentials,
 )
 
@@ -89,11 +91,14 @@ def run_mode(
     mode: str,
     prompts: list[Prompt],
     config: report.Config,
-    endpoint: str,
+    endpoint: str | None,
     run: Run,
     console: Console,
+    store: str | None = None,
 ) -> report.ModeRun:
-    """One batch on fresh workers, provider, queue (and, for zae-celery, table)."""
+    """One batch on fresh workers, provider, queue (and, for zae-celery, table): in the
+    DynamoDB ``endpoint``, or with ``store`` (a redis URL) under a key prefix of the
+    run's own, deleted at the end."""
     label = report.MODES[mode]
     tag = uuid.uuid4().hex[:8]
     folder = run.folder / mode
@@ -103,8 +108,14 @@ def run_mode(
     client.conf.broker_connection_retry_on_startup = True
     if options is not None:
         client.conf.broker_transport_options = options
-    if mode == "zae":
-        RateLimiter(table, endpoint_url=endpoint).create_table()
+    if store is not None:  # nothing to create: the engine stamps the schema on first use
+        store_url = with_run_prefix(store, f"demo-{tag}")
+        limiter = RateLimiter.from_url(store_url)
+    else:
+        assert endpoint is not None
+        limiter = RateLimiter(table, endpoint_url=endpoint)
+        if mode == "zae":
+            limiter.create_table()
     provider = LocalProvider(
         config.rpm,
         config.tpm,
@@ -114,21 +125,36 @@ def run_mode(
         seed=SEED,
         **LATENCY,
     )
-    proxy = CountingProxy(endpoint)  # counts the requests of every worker process
+    result = report.ModeRun(mode, submitted_at=0.0)
+    closing: list[Any] = []
+    if store is not None:  # the server counts the script calls of every worker process
+        scripts_before = redis_script_calls(store_url)
+
+        def count_requests() -> None:
+            result.redis_scripts = redis_script_calls(store_url) - scripts_before
+
+        env["ZAE_DEMO_STORE_URL"] = store_url
+    else:
+        assert endpoint is not None
+        proxy = CountingProxy(endpoint)  # counts the requests of every worker process
+        closing.append(proxy.close)
+
+        def count_requests() -> None:
+            result.dynamodb.update(proxy.snapshot())
+
+        env.update(ZAE_DEMO_ENDPOINT=proxy.url, ZAE_DEMO_TABLE=table)
     env.update(
         ZAE_DEMO_BROKER=broker,
         ZAE_DEMO_BACKEND=backend,
-        ZAE_DEMO_ENDPOINT=proxy.url,
-        ZAE_DEMO_TABLE=table,
         ZAE_DEMO_PROVIDER=provider.url,
         ZAE_DEMO_RPM=str(config.rpm),
         ZAE_DEMO_TPM=str(config.tpm),
         ZAE_DEMO_WINDOW=str(config.window),
     )
-    result = report.ModeRun(mode, submitted_at=0.0)
     with contextlib.ExitStack() as stack:
-        stack.callback(proxy.close)
-        stack.callback(lambda: result.dynamodb.update(proxy.snapshot()))  # workers stopped
+        for close in closing:
+            stack.callback(close)
+        stack.callback(count_requests)  # once the workers below are stopped
         stack.callback(provider.stop)
         stack.callback(run.record_pids, workers=[])  # once the workers below are stopped
         with console.status(f"{label}: starting {config.workers} celery workers"):
@@ -176,9 +202,9 @@ def run_mode(
             result.records = provider.records
             with contextlib.suppress(Exception):
                 client.close()
-    if mode == "zae":
+    if mode == "zae" or store is not None:  # a worker stamps a Redis store's schema
         with contextlib.suppress(Exception):
-            RateLimiter(table, endpoint_url=endpoint).delete_table()
+            limiter.delete_table()  # the table, or every key of the run's prefix
     return result
 
 
@@ -271,6 +297,15 @@ def _default_run_dir() -> Path:
     help="'filesystem' (no server; atomic filesystem transport) or a redis:// URL.",
 )
 @click.option(
+    "--store",
+    metavar="URL",
+    default=None,
+    help="Put the buckets on this Redis (redis://HOST:PORT/DB, rediss://, "
+    "redis+cluster://HOST:PORT) instead of DynamoDB in a moto server. Nothing to create: "
+    "each run takes a key prefix of its own (<the URL's prefix or zae>-demo-<tag>) and "
+    "deletes its keys at the end.",
+)
+@click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -298,13 +333,15 @@ def main(
     window: float,
     compare: bool,
     broker: str,
+    store: str | None,
     run_dir: Path | None,
     report_json: Path | None,
     chart: Path | None,
 ) -> None:
     """A rate-limited batch LLM pipeline, end to end, on 127.0.0.1.
 
-    Starts a moto server (the DynamoDB table), a broker (a folder, or the redis given),
+    Starts a moto server (the DynamoDB table; with --store, the buckets are on that
+    Redis instead), a broker (a folder, or the redis given),
     WORKERS real `celery worker` processes and a local LLM provider that enforces RPM and
     TPM itself (429 + Retry-After beyond them). Submits TASKS prompts from
     examples/llm_pipeline/prompts.jsonl as one Celery group: each task estimates its
@@ -317,6 +354,16 @@ def main(
         raise click.BadParameter("sizes and limits must be >= 1, --window > 0")
     if broker != "filesystem" and not broker.startswith(("redis://", "rediss://")):
         raise click.BadParameter("--broker is 'filesystem' or a redis:// URL")
+    if store is not None:
+        try:
+            if not is_redis(store):
+                raise click.BadParameter(
+                    "a redis://HOST:PORT/DB URL (without --store: DynamoDB in a moto server)",
+                    param_hint="--store",
+                )
+            with_run_prefix(store, "demo-00000000")  # a run's prefix fits in 64 characters
+        except ValidationError as exc:
+            raise click.BadParameter(exc.problem, param_hint="--store") from None
     prompts = batch(tasks)
     estimates = [estimate_tokens(p.prompt, p.max_tokens) for p in prompts]
     if max(estimates) > bucket_size(tpm, window):
@@ -334,6 +381,7 @@ def main(
         broker=broker,
         estimated_tokens=sum(estimates),
         slack_tokens=max(billed_usage(p.prompt, p.max_tokens, SEED).total_tokens for p in prompts),
+        store="dynamodb" if store is None else where(store),
     )
     use_local_credentials()
     # SIGTERM unwinds like Ctrl-C: every worker and server is stopped on the way out.
@@ -342,9 +390,12 @@ def main(
     run = Run(run_dir or _default_run_dir())
     runs: list[report.ModeRun] = []
     try:
-        with _endpoint(run, console) as server:
+        with contextlib.ExitStack() as servers:
+            endpoint = None
+            if store is None:
+                endpoint = servers.enter_context(_endpoint(run, console)).url
             for mode in ("zae", "builtin") if compare else ("zae",):
-                runs.append(run_mode(mode, prompts, config, server.url, run, console))
+                runs.append(run_mode(mode, prompts, config, endpoint, run, console, store))
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted: every process was stopped; logs in {run.folder}")
         sys.exit(130)
@@ -371,6 +422,11 @@ def main(
         )
     )
     for fig in figures:
+        if fig["redis_scripts"] and fig["mode"] == "zae":
+            console.print(
+                f"{fig['label']} Redis script calls: {fig['redis_scripts']} (EVALSHA, counted "
+                "by the server: any other client's scripts on it count too)"
+            )
         if fig["dynamodb_by_operation"]:
             ops = ", ".join(f"{op} {n}" for op, n in fig["dynamodb_by_operation"].items())
             console.print(

@@ -2,7 +2,8 @@
 
 Configured from the environment by the test that starts the workers:
 ZAE_TEST_BROKER, ZAE_TEST_BACKEND, ZAE_TEST_DATA (filesystem broker folder),
-ZAE_TEST_ENDPOINT, ZAE_TEST_TABLE, ZAE_TEST_RPS, ZAE_TEST_PROVIDER, ZAE_TEST_START_WAIT,
+ZAE_TEST_ENDPOINT, ZAE_TEST_TABLE (DynamoDB), or ZAE_TEST_STORE_URL (zae_store_url, e.g. a
+redis:// URL, instead of those two), ZAE_TEST_RPS, ZAE_TEST_PROVIDER, ZAE_TEST_START_WAIT,
 ZAE_TEST_HORIZON, ZAE_TEST_BODY_SECONDS, ZAE_TEST_ACKS_LATE, ZAE_TEST_PREFETCH,
 ZAE_TEST_ADMISSION ("0": tasks are gated in the pool, as before admission),
 ZAE_TEST_MAX_DEFERRALS, ZAE_TEST_VISIBILITY_TIMEOUT (redis).
@@ -36,9 +37,12 @@ app = Celery(
     backend=os.environ.get("ZAE_TEST_BACKEND"),
     task_cls="zae_celery:RateLimitedTask",
 )
+if os.environ.get("ZAE_TEST_STORE_URL"):
+    app.conf.zae_store_url = os.environ["ZAE_TEST_STORE_URL"]
+else:
+    app.conf.zae_table_name = os.environ.get("ZAE_TEST_TABLE", "zae-celery-tests")
+    app.conf.zae_endpoint_url = os.environ.get("ZAE_TEST_ENDPOINT")
 app.conf.update(
-    zae_table_name=os.environ.get("ZAE_TEST_TABLE", "zae-celery-tests"),
-    zae_endpoint_url=os.environ.get("ZAE_TEST_ENDPOINT"),
     zae_queue_limits={f"{PREFIX}shared": [Limit.per_second("tasks", 5)]},
     zae_jitter=0.2,
     zae_start_wait=float(os.environ.get("ZAE_TEST_START_WAIT", "1.0")),

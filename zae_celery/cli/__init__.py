@@ -5,10 +5,12 @@ nothing reachable), 2 usage error (bad or missing options and arguments). Every 
 message says what to do next.
 
 The same commands are reachable as ``celery -A proj zae ...`` (:data:`celery_command`,
-registered in the ``celery.commands`` entry-point group); there the table, endpoint and
-region default to the app's ``zae_table_name``, ``zae_endpoint_url`` and ``zae_region``
+registered in the ``celery.commands`` entry-point group); there the store defaults to the
+app's ``zae_store_url``, or its ``zae_table_name``, ``zae_endpoint_url`` and ``zae_region``
 settings. The global options are those settings: both entry points check them with the
-settings' declarations (:mod:`zae_celery.settings`).
+settings' declarations (:mod:`zae_celery.settings`). On a Redis store (``--store
+redis://...``) the limits, entity and buckets commands work; the table and stack
+commands refuse it (exit code 2).
 
 Limits on the command line (``--limit``, repeatable) are in the grammar of
 :meth:`Limit.parse <zae_celery.core.Limit.parse>`, which Celery's ``rate_limit`` strings
@@ -44,7 +46,7 @@ from zae_celery.cli.errors import OperationalError
 from zae_celery.cli.limits import entity, limits
 from zae_celery.cli.options import (
     CONTEXT,
-    GLOBAL_OPTIONS,
+    TABLE_OPTIONS,
     Target,
     format_limit,
     global_options,
@@ -54,9 +56,8 @@ from zae_celery.cli.options import (
 from zae_celery.cli.stack import delete, deploy, status, template
 from zae_celery.cli.table import create_table
 from zae_celery.core import ValidationError
-from zae_celery.core.stores import StoreUrl
 from zae_celery.infra.stack import DEFAULT_TABLE_NAME
-from zae_celery.settings import STORE_URL
+from zae_celery.settings import STORE_URL, TABLE_NAME
 
 __all__ = [
     "OperationalError",
@@ -68,6 +69,41 @@ __all__ = [
 ]
 
 
+COMMANDLINE = click.core.ParameterSource.COMMANDLINE
+ENVIRONMENT = click.core.ParameterSource.ENVIRONMENT
+
+
+def _usage(exc: ValidationError) -> click.UsageError:
+    return click.UsageError(f"{exc.field}: {problem(exc)}")
+
+
+def _given_with_store(ctx: click.Context, from_environment: bool) -> list[str]:
+    """The table options given beside a store URL: on the command line, and (for
+    ``from_environment``) ``--table`` from ZAE_TABLE_NAME."""
+    given = []
+    for option in TABLE_OPTIONS:
+        source = ctx.get_parameter_source(option.param)
+        if source == COMMANDLINE:
+            given.append(option.flag)
+        elif from_environment and option.setting is TABLE_NAME and source == ENVIRONMENT:
+            given.append(f"{option.flag} (from {option.envvars[0]})")
+    return given
+
+
+def _refuse_mixing(store: str, given: list[str]) -> None:
+    if given:
+        raise click.UsageError(
+            f"{store} is given together with {', '.join(given)}: give one or the other "
+            "(the URL names the store: dynamodb://TABLE?region=...&endpoint_url=..., or "
+            "redis://HOST:PORT/DB?prefix=NAME)"
+        )
+
+
+def _store_flag(ctx: click.Context) -> str:
+    source = ctx.get_parameter_source("store")
+    return "--store (from ZAE_STORE_URL)" if source == ENVIRONMENT else "--store"
+
+
 @click.group(context_settings=CONTEXT)
 @global_options(DEFAULT_TABLE_NAME)
 @click.version_option(package_name="zae-celery", prog_name="zae-celery")
@@ -77,16 +113,28 @@ def main(
     table: str,
     region: str | None,
     endpoint_url: str | None,
+    store: str | None,
     profile: str | None,
 ) -> None:
     """Deploy the zae-celery table and manage global rate limits.
+
+    The buckets are in a DynamoDB table (--table, --region, --endpoint-url), or wherever
+    --store says: a redis:// URL for a Redis store.
 
     \b
     Example:
       zae-celery --region eu-west-1 deploy
       zae-celery --table rate_limits limits set tenant-42 --limit rpm=500/m
+      zae-celery --store redis://127.0.0.1:6379/0 limits get tenant-42
     """
-    ctx.obj = Target.checked(table, region, endpoint_url, profile)
+    if store is None:
+        ctx.obj = Target.checked(table, region, endpoint_url, profile)
+        return
+    _refuse_mixing(_store_flag(ctx), _given_with_store(ctx, from_environment=True))
+    try:  # region and endpoint_url come from AWS_* variables here: they fill a dynamodb URL
+        ctx.obj = Target.from_store_url(store, region, endpoint_url, profile, "--store")
+    except ValidationError as exc:
+        raise _usage(exc) from None
 
 
 @click.group("zae", context_settings=CONTEXT)
@@ -97,10 +145,11 @@ def celery_command(
     table: str | None,
     region: str | None,
     endpoint_url: str | None,
+    store: str | None,
     profile: str | None,
 ) -> None:
-    """zae-celery commands with the app's zae_store_url (a dynamodb:// one), or its
-    zae_table_name, zae_endpoint_url and zae_region.
+    """zae-celery commands with the app's zae_store_url (a dynamodb:// or a redis one),
+    or its zae_table_name, zae_endpoint_url and zae_region.
 
     Options given here win over the app's settings, which win over the environment.
 
@@ -110,23 +159,45 @@ def celery_command(
     """
     app = getattr(ctx.obj, "app", None)
     conf: Any = getattr(app, "conf", None) or {}
-    given = {"table": table, "region": region, "endpoint_url": endpoint_url}
-    if conf.get(STORE_URL.name):
-        try:
-            url = StoreUrl.parse(conf.get(STORE_URL.name), STORE_URL.name)
+    on_line = _given_with_store(ctx, from_environment=False)
+    if ctx.get_parameter_source("store") == COMMANDLINE:
+        _refuse_mixing("--store", on_line)
+        try:  # region and endpoint_url come from AWS_* variables: they fill a dynamodb URL
+            ctx.obj = Target.from_store_url(store, region, endpoint_url, profile, "--store")
         except ValidationError as exc:
-            raise click.UsageError(f"{exc.field}: {problem(exc)}") from None
-        if url.kind != "dynamodb":
-            raise click.UsageError(
-                f"{STORE_URL.name}: the commands work on a DynamoDB table, not {url.kind}://"
-            )
-        from_url = {"table": url.name, "region": url.region, "endpoint_url": url.endpoint_url}
+            raise _usage(exc) from None
+        return
+    given = {"table": table, "region": region, "endpoint_url": endpoint_url}
+    app_url = conf.get(STORE_URL.name)
+    app_table = any(conf.get(o.setting.name) not in (None, "") for o in TABLE_OPTIONS)
+    if app_url or (store is not None and not app_table):  # the app's URL, or ZAE_STORE_URL
+        name = STORE_URL.name if app_url else _store_flag(ctx)
+        url = app_url or store
+        if not app_url:
+            _refuse_mixing(name, _given_with_store(ctx, from_environment=True))
+        try:
+            target = Target.from_store_url(url, None, None, profile, name)
+        except ValidationError as exc:
+            raise _usage(exc) from None
+        if target.redis:
+            if on_line:
+                raise click.UsageError(
+                    f"{name} names a Redis store, and {', '.join(on_line)} a DynamoDB "
+                    "table: pass --store URL to act on another store"
+                )
+            ctx.obj = target
+            return
+        from_url = {
+            "table": target.table,
+            "region": target.region,
+            "endpoint_url": target.endpoint_url,
+        }
         for param, value in from_url.items():  # over the environment, under the command line
             source = ctx.get_parameter_source(param)
-            if value is not None and source != click.core.ParameterSource.COMMANDLINE:
+            if value is not None and source != COMMANDLINE:
                 given[param] = value
-    for option in GLOBAL_OPTIONS:
-        if ctx.get_parameter_source(option.param) == click.core.ParameterSource.COMMANDLINE:
+    for option in TABLE_OPTIONS:
+        if ctx.get_parameter_source(option.param) == COMMANDLINE:
             continue
         configured = conf.get(option.setting.name)
         if configured not in (None, ""):
@@ -139,7 +210,7 @@ def celery_command(
             profile,
         )
     except ValidationError as exc:
-        raise click.UsageError(f"{exc.field}: {problem(exc)}") from None
+        raise _usage(exc) from None
 
 
 for _command in (deploy, status, delete, template, create_table, limits, entity, buckets):

@@ -53,6 +53,10 @@ def translate_errors(target: Target | None = None) -> Iterator[None]:
     except IncompatibleSchema as exc:
         raise OperationalError(str(exc)) from exc
     except RateLimiterUnavailable as exc:
+        if target is not None and target.redis:  # no table to check
+            raise OperationalError(
+                f"{exc}\nCheck that {where} is reachable (and the URL's password, if any)."
+            ) from exc
         raise OperationalError(
             f"{exc}\nCheck that {where} is reachable and that the table exists "
             "('zae-celery status', or 'zae-celery create-table' on a local endpoint)."

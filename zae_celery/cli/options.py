@@ -1,8 +1,9 @@
 """What the commands share: where they act (:class:`Target`), the global options
-(``--table``, ``--region``, ``--endpoint-url``: the settings ``zae_table_name``,
-``zae_region`` and ``zae_endpoint_url``, checked by their declarations in
-:mod:`zae_celery.settings`), and the callbacks of options and arguments (limits in the
-grammar of :meth:`Limit.parse <zae_celery.core.Limit.parse>`, ids, KEY=VALUE pairs)."""
+(``--table``, ``--region``, ``--endpoint-url`` and ``--store``: the settings
+``zae_table_name``, ``zae_region``, ``zae_endpoint_url`` and ``zae_store_url``, checked by
+their declarations in :mod:`zae_celery.settings`), and the callbacks of options and
+arguments (limits in the grammar of :meth:`Limit.parse <zae_celery.core.Limit.parse>`,
+ids, KEY=VALUE pairs)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,20 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 
 from zae_celery.cli.errors import NO_CREDENTIALS, NO_REGION, OperationalError
 from zae_celery.core import Limit, RateLimiter, ValidationError, check_id
-from zae_celery.core.stores import DEFAULT_LOCAL_REGION, client_config
+from zae_celery.core.stores import DEFAULT_LOCAL_REGION, StoreUrl, client_config
 from zae_celery.infra.stack import StackManager
-from zae_celery.settings import ENDPOINT_URL, REGION, TABLE_NAME, Setting
+from zae_celery.settings import ENDPOINT_URL, REGION, STORE_URL, TABLE_NAME, Setting
 
 __all__ = [
     "CONTEXT",
     "GLOBAL_OPTIONS",
+    "TABLE_OPTIONS",
     "GlobalOption",
     "Target",
     "format_limit",
@@ -53,12 +56,16 @@ def problem(exc: ValidationError) -> str:
 class Target:
     """Where the commands act: the table, region and endpoint (values of the settings
     ``zae_table_name``, ``zae_region`` and ``zae_endpoint_url``, checked by their
-    declarations; see :data:`GLOBAL_OPTIONS`) and the AWS profile."""
+    declarations; see :data:`GLOBAL_OPTIONS`) and the AWS profile; or a Redis store
+    (``store_url``; ``table`` is then its prefix), on which the commands that concern a
+    DynamoDB table refuse to run (:meth:`need_table`)."""
 
     table: str
     region: str | None
     endpoint_url: str | None
     profile: str | None = None
+    store_url: str | None = None
+    """A Redis store's URL (a ``dynamodb://`` URL becomes table, region and endpoint)."""
     _session: Any = field(default=None, repr=False)
 
     @classmethod
@@ -74,9 +81,56 @@ class Target:
             profile=profile,
         )
 
+    @classmethod
+    def from_store_url(
+        cls,
+        url: Any,
+        region: Any = None,
+        endpoint_url: Any = None,
+        profile: str | None = None,
+        name: str = STORE_URL.name,
+    ) -> Target:
+        """The target a store URL names: a ``dynamodb://`` URL is the table, region and
+        endpoint (``region`` and ``endpoint_url`` fill in what it leaves out), a redis
+        URL a Redis store. A bad URL, or a ``memory://`` one (this process's memory holds
+        nothing of the workers'), is a ValidationError naming ``name``."""
+        parsed = StoreUrl.parse(url, name)
+        if parsed.kind == "memory":
+            raise ValidationError(
+                name,
+                f"{url!r} is this process's memory, which holds nothing of the workers'",
+                "a dynamodb:// or a redis URL",
+            )
+        if parsed.kind == "dynamodb":
+            return cls.checked(
+                parsed.name, parsed.region or region, parsed.endpoint_url or endpoint_url, profile
+            )
+        return cls(parsed.name, None, None, profile, store_url=str(url))
+
+    @property
+    def redis(self) -> bool:
+        """True when the buckets are on a Redis store, not in a DynamoDB table."""
+        return self.store_url is not None
+
     def where(self) -> str:
-        """The endpoint, for messages."""
+        """The endpoint, for messages (never a password)."""
+        if self.store_url is not None:
+            parsed = StoreUrl.parse(self.store_url)
+            parts = urlsplit(parsed.endpoint_url or "")
+            kind = "Redis Cluster" if parsed.cluster else "Redis"
+            server = f"{parts.hostname}:{parts.port or 6379}{parts.path}"
+            return f"{kind} at {server} (prefix {self.table})"
         return self.endpoint_url or (f"AWS ({self.region})" if self.region else "AWS")
+
+    def need_table(self, command: str) -> None:
+        """Refuse ``command`` (exit code 2) on a Redis store: it concerns a DynamoDB table
+        or its stack, and a Redis store has neither."""
+        if self.store_url is not None:
+            raise click.UsageError(
+                f"'{command}' concerns a DynamoDB table and its stack; the store is "
+                f"{self.where()}, which needs neither: the engine stamps its schema under "
+                "the prefix on first use. 'limits', 'entity' and 'buckets' work on it."
+            )
 
     def session(self) -> Any:
         """The boto3 session (profile applied)."""
@@ -124,7 +178,9 @@ class Target:
         return self.session().client(service, **kwargs)
 
     def limiter(self) -> RateLimiter:
-        """The engine on the configured table."""
+        """The engine on the configured table or Redis store."""
+        if self.store_url is not None:
+            return RateLimiter.from_url(self.store_url)
         region = self.check_ready()
         return RateLimiter(
             self.table, endpoint_url=self.endpoint_url, region=region, session=self.session()
@@ -190,13 +246,23 @@ GLOBAL_OPTIONS: tuple[GlobalOption, ...] = (
         ("AWS_ENDPOINT_URL",),
         "Endpoint of DynamoDB/CloudFormation, e.g. a local server",
     ),
+    GlobalOption(
+        STORE_URL,
+        "--store",
+        ("ZAE_STORE_URL",),
+        "The store as one URL, instead of --table, --region and --endpoint-url: "
+        "dynamodb://TABLE?region=...&endpoint_url=..., or a Redis store, "
+        "redis://HOST:PORT/DB?prefix=NAME",
+    ),
 )
 """The global options that set ``zae_`` settings, checked by the settings' declarations."""
+TABLE_OPTIONS = GLOBAL_OPTIONS[:3]
+"""The options that name a DynamoDB table: ``--store`` is given instead of them."""
 
 
 def global_options(default_table: str | None) -> Callable[[F], F]:
-    """``--table``, ``--region``, ``--endpoint-url`` (:data:`GLOBAL_OPTIONS`) and
-    ``--profile``; ``default_table`` is the default of ``--table``."""
+    """``--table``, ``--region``, ``--endpoint-url``, ``--store`` (:data:`GLOBAL_OPTIONS`)
+    and ``--profile``; ``default_table`` is the default of ``--table``."""
 
     def decorate(f: F) -> F:
         options = [

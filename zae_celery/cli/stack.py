@@ -133,6 +133,7 @@ def deploy(
       zae-celery --region eu-west-1 --table rate-limits deploy --alarms \\
           --alarm-topic arn:aws:sns:eu-west-1:123456789012:ops --tag team=ml
     """
+    target.need_table("deploy")
     name = _stack_name(target, stack)
     values = dict(parameters)
     unknown = sorted(set(values) - set(PARAMETERS))
@@ -181,6 +182,7 @@ def status(target: Target, stack: str | None) -> None:
     Example:
       zae-celery --region eu-west-1 status --stack rate-limits
     """
+    target.need_table("status")
     name = _stack_name(target, stack)
     with translate_errors(target):
         manager = target.stack_manager()
@@ -246,6 +248,7 @@ def delete(target: Target, stack: str | None, yes: bool, timeout: float, poll: f
     Example:
       zae-celery --region eu-west-1 delete --stack rate-limits --yes
     """
+    target.need_table("delete")
     name = _stack_name(target, stack)
     with translate_errors(target):
         manager = target.stack_manager(timeout=timeout, poll_interval=poll, on_event=_print_event)

@@ -31,6 +31,7 @@ def create_table(target: Target, exist_ok: bool) -> None:
     Example:
       zae-celery --endpoint-url http://127.0.0.1:8000 --table rate_limits create-table
     """
+    target.need_table("create-table")
     if not target.local:
         raise click.UsageError(
             "create-table is for local endpoints: pass --endpoint-url (or set "

@@ -12,7 +12,8 @@
 - Request counting: :class:`RequestCounter` counts the DynamoDB requests of a boto3
   client per operation, :func:`count_worker_requests` installs one in every worker pool
   process of a Celery app, and :class:`CountingProxy` counts at the endpoint, for every
-  process pointed at it.
+  process pointed at it; on a Redis store, :func:`redis_script_calls` reads the server's
+  count of script calls (one per operation).
 
 >>> import pytest                                          # doctest: +SKIP
 >>> from zae_celery import Limit, RateLimiter
@@ -30,7 +31,12 @@ Nothing here is needed in production, and importing it starts nothing.
 """
 
 from zae_celery.core.stores import MemoryStore
-from zae_celery.testing.counting import CountingProxy, RequestCounter, count_worker_requests
+from zae_celery.testing.counting import (
+    CountingProxy,
+    RequestCounter,
+    count_worker_requests,
+    redis_script_calls,
+)
 from zae_celery.testing.servers import (
     DYNAMODB_LOCAL_NPM_PACKAGE,
     LocalServer,
@@ -58,6 +64,7 @@ __all__ = [
     "dynamodb_local_dir",
     "free_port",
     "moto_server",
+    "redis_script_calls",
     "redis_server",
     "redis_server_path",
     "reset_moto",

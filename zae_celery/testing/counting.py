@@ -1,4 +1,5 @@
-"""Count the DynamoDB requests a boto3 client sends, per operation, for reports.
+"""Count a store's requests, for reports: DynamoDB requests per operation, or the script
+calls a redis-server answered.
 
 >>> counter = RequestCounter()                       # doctest: +SKIP
 >>> counter.install(limiter.client)
@@ -9,6 +10,9 @@ the app's limiter client in each pool process before its first task.
 
 :class:`CountingProxy` counts at the endpoint instead: every request of every process
 (worker main processes included, where admission runs) that is pointed at the proxy.
+
+On a Redis store each operation is one Lua script call, and the server counts them:
+:func:`redis_script_calls` before and after a run gives the calls of every process.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["CountingProxy", "RequestCounter", "count_worker_requests"]
+__all__ = ["CountingProxy", "RequestCounter", "count_worker_requests", "redis_script_calls"]
 
 _REFUSED = ("ConditionalCheckFailedException", "TransactionCanceledException")
 
@@ -191,3 +195,39 @@ class CountingProxy(_Tally):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SCRIPT_COMMANDS = ("cmdstat_evalsha", "cmdstat_eval")
+
+
+def redis_script_calls(url: str) -> int:
+    """The Lua script calls (EVALSHA, EVAL) a redis-server has answered since it started
+    (or since ``CONFIG RESETSTAT``), from ``INFO commandstats``, less those that failed:
+    a NOSCRIPT answer, when a client first calls a script the server has not loaded yet
+    (redis-py then loads it and calls again), is not a store operation.
+
+    The Redis store sends one script call per operation, so the difference over a run
+    counts the store's requests of every process pointed at the server, worker main
+    processes included. It counts every other client's scripts on that server too (kombu
+    runs scripts for expiring queues, e.g. Celery's remote-control replies): give the
+    store a server of its own for an exact count. ``url`` is a store URL
+    (``redis://HOST:PORT/DB?prefix=...``; for ``redis+cluster://`` the count is that
+    node's) or a plain redis URL.
+    """
+    import redis
+
+    from zae_celery.core.stores import StoreUrl
+
+    parsed = StoreUrl.parse(url, "url")
+    if parsed.kind != "redis" or parsed.endpoint_url is None:
+        raise ValueError(f"not a redis URL: {url!r}")
+    client = redis.Redis.from_url(parsed.endpoint_url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    total = 0
+    for name in _SCRIPT_COMMANDS:
+        entry = stats.get(name) or {}
+        total += int(entry.get("calls", 0)) - int(entry.get("failed_calls", 0))
+    return total
