@@ -15,7 +15,7 @@ by default), which would run it twice. 60 s keeps every deferral far below both 
 the number of messages held in worker memory to one minute of traffic. It may be set up
 to 900 s.
 
-When DynamoDB fails (no reply, throttling or 5xx beyond the engine's retries),
+When the store fails (no reply, throttling or 5xx beyond the engine's retries),
 ``zae_breaker_threshold`` calls in a row open each worker process's circuit breaker: its
 tasks are then deferred (or, with "open", run unchecked) without any request, and after
 ``zae_breaker_cooldown`` seconds one probe request decides whether it closes.
@@ -388,7 +388,7 @@ ON_UNAVAILABLE: Setting[str] = Setting(
     "zae_on_unavailable",
     "closed",
     OneOf(("closed", "open")),
-    "'closed': defer tasks while DynamoDB is unreachable; 'open': run them unchecked "
+    "'closed': defer tasks while the store is unreachable; 'open': run them unchecked "
     "and log a warning",
 )
 QUEUE_LIMITS: Setting[Mapping[str, tuple[Limit, ...]]] = Setting(
@@ -410,7 +410,7 @@ MAX_DEFERRALS: Setting[int] = Setting(
     "zae_max_deferrals",
     100,
     Count(),
-    "deferrals of one task caused by an unreachable DynamoDB before it fails",
+    "deferrals of one task caused by an unreachable store before it fails",
 )
 JITTER: Setting[float] = Setting(
     "zae_jitter", 0.5, Seconds(0.0, 60.0), "random spread added to blind deferrals"
@@ -432,7 +432,7 @@ BREAKER_THRESHOLD: Setting[int] = Setting(
     "zae_breaker_threshold",
     5,
     Count(),
-    "failed DynamoDB calls in a row that open a worker process's circuit breaker",
+    "failed store calls in a row that open a worker process's circuit breaker",
 )
 BREAKER_COOLDOWN: Setting[float] = Setting(
     "zae_breaker_cooldown",
