@@ -37,12 +37,10 @@ ROUNDS = 3
 
 
 @dataclass
-class Result:
-    """One library on one case."""
+class Timed:
+    """Latencies of timed calls, summarised."""
 
     latencies_s: list[float]
-    requests: int
-    cycles: int
 
     @property
     def median_ms(self) -> float:
@@ -51,6 +49,14 @@ class Result:
     @property
     def p95_ms(self) -> float:
         return statistics.quantiles(self.latencies_s, n=20)[-1] * 1000
+
+
+@dataclass
+class Result(Timed):
+    """One library on one case."""
+
+    requests: int
+    cycles: int
 
     @property
     def requests_per_cycle(self) -> float:

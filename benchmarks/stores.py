@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import platform
-import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import throttled_peer
-from benchmarks.engine import ROUNDS, WARMUP, endpoint_server, limits_for
+from benchmarks.engine import ROUNDS, WARMUP, Timed, endpoint_server, limits_for
 from zae_celery.core import Limit, RateLimiter, RateLimitExceeded
 from zae_celery.testing import redis_server, use_local_credentials
 
@@ -71,21 +70,12 @@ class Count:
 
 
 @dataclass
-class Sample:
+class Sample(Timed):
     """One library (or store) on one case: latencies of the timed calls and the counts."""
 
-    latencies_s: list[float]
     count: Count
     calls: int
     granted: int
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.latencies_s) * 1000
-
-    @property
-    def p95_ms(self) -> float:
-        return statistics.quantiles(self.latencies_s, n=20)[-1] * 1000
 
     def per_call(self, value: int | None, digits: int = 2) -> str:
         return "-" if value is None else f"{value / self.calls:.{digits}f}"

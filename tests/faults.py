@@ -106,7 +106,11 @@ class TcpProxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for sock in (src, dst):
+        self._drop(src, dst)
+
+    def _drop(self, *socks: socket.socket) -> None:
+        """Forget and reset the sockets of a connection that ended."""
+        for sock in socks:
             with self._lock:
                 self._open.discard(sock)
             _reset(sock)
@@ -193,10 +197,7 @@ class FaultyRedisProxy(TcpProxy):
                         src.sendall(b"-" + failing.encode() + b"\r\n")
         except OSError:
             pass
-        for sock in (src, dst):
-            with self._lock:
-                self._open.discard(sock)
-            _reset(sock)
+        self._drop(src, dst)
 
     def _take(self, command: bytes) -> str | None:
         name = command.split(b"\r\n", 3)[2].upper() if command.startswith(b"*") else b""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from zae_celery.core import AsyncRateLimiter, RateLimiter
 from zae_celery.core.ops import Op, Reply, WriteBuckets
 from zae_celery.core.stores.dynamodb import Codec
 
@@ -86,3 +88,28 @@ def table_contents(store: Any) -> list[Any]:
             break
         kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
     return sorted(items, key=lambda item: (item["PK"]["S"], item["SK"]["S"]))
+
+
+class Front:
+    """The sync or the async limiter behind one call interface (one event loop)."""
+
+    def __init__(self, kind: str, *args: Any, **kwargs: Any) -> None:
+        self.loop = asyncio.new_event_loop() if kind == "async" else None
+        cls = AsyncRateLimiter if kind == "async" else RateLimiter
+        self.limiter: RateLimiter | AsyncRateLimiter = cls(*args, **kwargs)
+
+    def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        result = getattr(self.limiter, method)(*args, **kwargs)
+        if self.loop is None:
+            return result
+
+        async def wait() -> Any:
+            return await result
+
+        return self.loop.run_until_complete(wait())
+
+    def close(self) -> None:
+        if self.loop is not None:
+            assert isinstance(self.limiter, AsyncRateLimiter)
+            self.loop.run_until_complete(self.limiter.aclose())
+            self.loop.close()

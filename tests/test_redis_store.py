@@ -10,7 +10,6 @@ but the retry policy's own pauses (a few tens of milliseconds).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -27,9 +26,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import Backend, unavailable
 from tests.faults import TcpProxy
-from tests.helpers import T0, Clock, Counter
+from tests.helpers import T0, Clock, Counter, Front
 from zae_celery.core import (
-    AsyncRateLimiter,
     CircuitOpen,
     EndpointUnreachable,
     Limit,
@@ -66,34 +64,9 @@ def _private(stack: contextlib.ExitStack, log_dir: Path, port: int | None = None
         raise  # unreachable: unavailable() fails or skips
 
 
-class Front:
-    """The sync or the async limiter behind one call interface (its own event loop)."""
-
-    def __init__(self, kind: str, store: RedisStore, **options: Any) -> None:
-        self.loop = asyncio.new_event_loop() if kind == "async" else None
-        cls = AsyncRateLimiter if kind == "async" else RateLimiter
-        self.limiter: RateLimiter | AsyncRateLimiter = cls(store=store, **options)
-
-    def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        result = getattr(self.limiter, method)(*args, **kwargs)
-        if self.loop is None:
-            return result
-
-        async def wait() -> Any:
-            return await result
-
-        return self.loop.run_until_complete(wait())
-
-    def close(self) -> None:
-        if self.loop is not None:
-            assert isinstance(self.limiter, AsyncRateLimiter)
-            self.loop.run_until_complete(self.limiter.aclose())
-            self.loop.close()
-
-
 @contextlib.contextmanager
 def front(kind: str, store: RedisStore, **options: Any) -> Iterator[Front]:
-    made = Front(kind, store, **options)
+    made = Front(kind, store=store, **options)
     try:
         yield made
     finally:

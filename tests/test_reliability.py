@@ -8,7 +8,6 @@ docs/reliability.md gives the figures these tests print (``pytest -s``).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
@@ -24,10 +23,9 @@ from harness import fsbroker
 from tests.celery.fleet import log_text
 from tests.conftest import Broker
 from tests.faults import DeadEndpoint, FaultyHttpProxy, TcpProxy
-from tests.helpers import Clock, Counter
+from tests.helpers import Clock, Counter, Front
 from tests.test_celery_workers import RPS, _max_window_excess, _start_fleet
 from zae_celery.core import (
-    AsyncRateLimiter,
     CircuitOpen,
     EndpointUnreachable,
     Limit,
@@ -291,31 +289,6 @@ def test_celery_settings_reach_the_breaker() -> None:
 
 
 # -- a real HTTP endpoint behind fault-injecting proxies -------------------------------------
-class Front:
-    """The sync or the async limiter behind one call interface (one event loop)."""
-
-    def __init__(self, kind: str, table: str, **kwargs: Any) -> None:
-        self.loop = asyncio.new_event_loop() if kind == "async" else None
-        cls = AsyncRateLimiter if kind == "async" else RateLimiter
-        self.limiter: RateLimiter | AsyncRateLimiter = cls(table, **kwargs)
-
-    def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        result = getattr(self.limiter, method)(*args, **kwargs)
-        if self.loop is None:
-            return result
-
-        async def wait() -> Any:
-            return await result
-
-        return self.loop.run_until_complete(wait())
-
-    def close(self) -> None:
-        if self.loop is not None:
-            assert isinstance(self.limiter, AsyncRateLimiter)
-            self.loop.run_until_complete(self.limiter.aclose())
-            self.loop.close()
-
-
 @pytest.fixture
 def table(moto: LocalServer) -> Iterator[str]:
     name = f"zae-rel-{uuid.uuid4().hex[:10]}"
