@@ -63,12 +63,13 @@ def programs(draw: st.DrawFn) -> tuple[tuple[Limit, ...], list[tuple[Any, ...]]]
 
 
 # -- running one program on one store -----------------------------------------------------
-def run(store: Store, limits: tuple[Limit, ...], program: list[tuple[Any, ...]]) -> list[Any]:
-    """What every decision of ``program`` was, on ``store``, as plain data."""
+def run(
+    make: Callable[[Clock], Store], limits: tuple[Limit, ...], program: list[tuple[Any, ...]]
+) -> list[Any]:
+    """What every decision of ``program`` was, on a store ``make`` gives (with the
+    limiter's clock), as plain data."""
     clock = Clock()
-    if isinstance(store, RedisStore):
-        store.scripts.clock = clock
-    limiter = RateLimiter(store=store, clock=clock)
+    limiter = RateLimiter(store=make(clock), clock=clock)
     ns = uuid.uuid4().hex[:8]  # the examples share a table: entities of their own
     limiter.create_entity(f"{ns}-child", parent_id=f"{ns}-parent", cascade=True)
     seen: list[Any] = []
@@ -122,7 +123,7 @@ def _state(limiter: RateLimiter, entity: str, limits: tuple[Limit, ...], ns: str
 class Stores:
     """One store of each kind (memory first: the reference)."""
 
-    make: dict[str, Callable[[], Store]]
+    make: dict[str, Callable[[Clock], Store]]
 
 
 @pytest.fixture(scope="module")
@@ -133,17 +134,19 @@ def stores(request: pytest.FixtureRequest) -> Iterator[Stores]:
     prefix = f"zae-diff-{uuid.uuid4().hex[:8]}"
     table = DynamoDBStore(prefix, endpoint_url=ddb.url)
     RateLimiter(store=table).create_table()
-    made: dict[str, Callable[[], Store]] = {
-        "memory": lambda: MemoryStore(clock=Clock()),
-        "memory-clamps": lambda: MemoryStore(clock=Clock(), clamps=True),
-        "redis": lambda: RedisStore(redis.url, prefix=prefix),
-        "redis-cluster": lambda: RedisStore(cluster.url, prefix=prefix, cluster=True),
-        "dynamodb-local": lambda: DynamoDBStore(prefix, endpoint_url=ddb.url),
+    made: dict[str, Callable[[Clock], Store]] = {
+        "memory": lambda clock: MemoryStore(clock=clock),
+        "memory-clamps": lambda clock: MemoryStore(clock=clock, clamps=True),
+        "redis": lambda clock: RedisStore(redis.url, prefix=prefix, clock=clock),
+        "redis-cluster": lambda clock: RedisStore(
+            cluster.url, prefix=prefix, cluster=True, clock=clock
+        ),
+        "dynamodb-local": lambda clock: DynamoDBStore(prefix, endpoint_url=ddb.url),
     }
     yield Stores(made)
     RateLimiter(store=table).delete_table()
     for kind in ("redis", "redis-cluster"):
-        RateLimiter(store=made[kind]()).delete_table()
+        RateLimiter(store=made[kind](Clock())).delete_table()
 
 
 @settings(
@@ -156,7 +159,7 @@ def test_every_store_decides_alike(
     stores: Stores, program: tuple[tuple[Limit, ...], list[tuple[Any, ...]]]
 ) -> None:
     limits, steps_ = program
-    results = {kind: run(make(), limits, steps_) for kind, make in stores.make.items()}
+    results = {kind: run(make, limits, steps_) for kind, make in stores.make.items()}
     reference = results.pop("memory")
     for kind, seen in results.items():
         assert seen == reference, kind
@@ -175,7 +178,7 @@ def test_the_programs_reach_refusals_debt_and_big_numbers(stores: Stores) -> Non
         ("acquire", "solo", 2, 5, 30),
         ("rollback",),
     ]
-    results = {kind: run(make(), limits, program) for kind, make in stores.make.items()}
+    results = {kind: run(make, limits, program) for kind, make in stores.make.items()}
     reference = results["memory"]
     assert any(r[0] == "refused" for r in reference if isinstance(r, tuple))
     assert any(

@@ -440,8 +440,8 @@ class Scripts:
         if isinstance(op, EnableExpiry):
             return Reply()  # every bucket, listing and claim key expires anyway
         if isinstance(op, DeleteTable):
-            pattern = re.sub(r"([\\*?\[\]])", r"\\\1", self.tag) + "*"
-            return Call("drop", (self.schema,), (pattern,))
+            # A prefix holds no glob character (check_prefix): the tag matches itself.
+            return Call("drop", (self.schema,), (self.tag + "*",))
         raise TypeError(f"not a store operation: {op!r}")
 
     def _write(self, op: WriteBuckets) -> Call:
@@ -550,7 +550,7 @@ def _redis_module() -> Any:
     return redis
 
 
-def _client_options(redis: Any) -> dict[str, Any]:
+def _client_options() -> dict[str, Any]:
     """Short timeouts and no client retries: a limiter fails fast and the engine's retry
     policy and breaker decide (the URL's own ``socket_timeout``... take precedence)."""
     from redis.backoff import NoBackoff
@@ -630,7 +630,7 @@ class RedisStore:
                 if self._client is None or self._pid != os.getpid():
                     redis = _redis_module()
                     factory = redis.cluster.RedisCluster if self.cluster else redis.Redis
-                    client = factory.from_url(self.url, **_client_options(redis))
+                    client = factory.from_url(self.url, **_client_options())
                     self._sync = {n: client.register_script(s) for n, s in SCRIPTS.items()}
                     self._client, self._pid = client, os.getpid()
         return self._client
@@ -672,12 +672,12 @@ class RedisStore:
         if self._aclient is None:
             async with self._alock:
                 if self._aclient is None:
-                    redis = _redis_module()
+                    _redis_module()  # a clear error when redis-py is missing
                     import redis.asyncio as aredis
                     import redis.asyncio.cluster as acluster
 
                     factory = acluster.RedisCluster if self.cluster else aredis.Redis
-                    client = factory.from_url(self.url, **_client_options(redis))
+                    client = factory.from_url(self.url, **_client_options())
                     self._async = {n: client.register_script(s) for n, s in SCRIPTS.items()}
                     self._aclient = client
         return self._aclient

@@ -291,6 +291,25 @@ def valkey_server_path() -> str:
     return str(path)
 
 
+def _start_redis(
+    executable: str, port: int, name: str, log_dir: Path | None, *options: str
+) -> LocalServer:
+    """Start a ``redis-server`` (or a server taking its options) on 127.0.0.1:``port``,
+    without persistence, with ``options`` added."""
+    argv = [
+        executable,
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        *options,
+        "--save", "",
+        "--appendonly", "no",
+        "--daemonize", "no",
+    ]  # fmt: skip
+    server = _start(name, argv, port, "redis", log_dir)
+    server.scheme = "redis"
+    return server
+
+
 @contextlib.contextmanager
 def redis_server(
     log_dir: Path | None = None, binary: str | None = None, port: int | None = None
@@ -304,16 +323,7 @@ def redis_server(
     """
     executable = binary or redis_server_path()
     port = port or free_port()
-    argv = [
-        executable,
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--save", "",
-        "--appendonly", "no",
-        "--daemonize", "no",
-    ]  # fmt: skip
-    server = _start(Path(executable).name, argv, port, "redis", log_dir)
-    server.scheme = "redis"
+    server = _start_redis(executable, port, Path(executable).name, log_dir)
     try:
         yield server
     finally:
@@ -458,21 +468,17 @@ def redis_cluster(
             cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
             port = _cluster_port(taken)
             taken |= {port, port + _CLUSTER_BUS_OFFSET}
-            argv = [
+            node = _start_redis(
                 executable,
-                "--bind", "127.0.0.1",
-                "--port", str(port),
+                port,
+                f"{Path(executable).name}-cluster",
+                log_dir,
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(Path(workdir) / "nodes.conf"),
                 "--cluster-node-timeout", "2000",
                 "--dir", workdir,
-                "--save", "",
-                "--appendonly", "no",
-                "--daemonize", "no",
-            ]  # fmt: skip
-            node = _start(f"{Path(executable).name}-cluster", argv, port, "redis", log_dir)
+            )  # fmt: skip
             cleanup.callback(node.stop)  # runs before the folder's removal (last in, first out)
-            node.scheme = "redis"
             node.extra["dir"] = workdir
             cluster.nodes.append(node)
         _form_cluster(cluster)
