@@ -118,7 +118,9 @@ def test_a_backlog_far_longer_than_the_horizon_waits_in_the_broker(
 
         def count() -> dict[str, int]:
             failed = int(proxy.snapshot()["condition_failed"])
-            return {"updates": _updates(proxy), "condition_failed": failed}
+            # Late starts, each a write of its own: shown when the bound below fails.
+            late = log_text(fleet.logs).count("counting a fresh start")
+            return {"updates": _updates(proxy), "condition_failed": failed, "fresh_starts": late}
 
         n, sent = _a_backlog_waits_in_the_broker(fleet, count)
         # About one conditional write per task: the slots were asked for by the
