@@ -121,7 +121,12 @@ class AsyncRateLimiter(LimiterBase):
         await self.aclose()
 
     async def _run(self, flow: Flow[T]) -> T:
-        return await drive(self._guarded(flow), self.store.asend)
+        return await drive(self._guarded(flow), self.store.asend, self.sleep)
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` the limiter's way (``asyncio.sleep`` unless ``sleep`` was
+        injected as a coroutine function, e.g. a test clock's)."""
+        await (self._sleep or asyncio.sleep)(seconds)
 
     # -- requests -------------------------------------------------------------------------
     def acquire(

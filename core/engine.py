@@ -271,6 +271,7 @@ class Engine(Records):
         extra, pace, start_within = slot.extra, slot.pace, slot.start_within
         horizon_ms = check_horizon(horizon)
         within_ms = min(check_horizon(start_within), horizon_ms)
+        targets: tuple[Target, ...] = ()
         try:
             targets = yield from self._targets(entity_id, resource, consume, limits, extra)
             if not pace:
@@ -287,7 +288,9 @@ class Engine(Records):
             return (yield from self._consume(targets, horizon_ms))
         except RateLimiterUnavailable as exc:
             now = self._unchecked(exc, "granting unchecked")
-            return LeaseState((), {}, now, now, unchecked=True, started_ms=now)
+            # Nothing is consumed; the targets (when they could be resolved) stay with
+            # the lease, so that usage reported later is charged if the store answers.
+            return LeaseState(targets, {}, now, now, unchecked=True, started_ms=now)
 
     def _unchecked(self, exc: RateLimiterUnavailable, what: str) -> int:
         """``on_unavailable``: re-raise ``exc`` ("closed"), or count and log going on
@@ -602,10 +605,17 @@ class Engine(Records):
 
     # -- adjust ---------------------------------------------------------------------------
     def adjust(self, lease: LeaseState, deltas: Mapping[str, int]) -> Flow[None]:
-        """Add (or refund) tokens to a granted lease. Debt is allowed; never refused."""
+        """Add (or refund) tokens to a granted lease. Debt is allowed; never refused.
+
+        An unchecked lease (granted in ``open`` mode during an outage) consumed nothing:
+        what is added to it is charged now if the store answers (usage reported after
+        the outage still reaches the buckets), and dropped with a warning if it does
+        not; it never raises for the outage. Without targets (its limits could not be
+        resolved during the outage) nothing can be charged.
+        """
         if lease.closed:
             raise ValidationError("lease", "is already committed or rolled back")
-        if lease.unchecked or not lease.targets:
+        if not lease.targets:
             return
         amounts = check_amounts("adjust", deltas, negative=True)
         own = lease.targets[0]
@@ -625,7 +635,18 @@ class Engine(Records):
         changes = {n: d for n, d in amounts.items() if d}
         if not changes:
             return
-        yield from self._change(tracked(lease), changes)
+        yield from self._charge(lease, changes)
+
+    def _charge(self, lease: LeaseState, changes: Mapping[str, int]) -> Flow[None]:
+        """Write ``changes`` to the lease's buckets and its running totals (an unchecked
+        lease's outage is logged, not raised: it holds only what was charged)."""
+        try:
+            yield from self._change(tracked(lease), changes)
+        except RateLimiterUnavailable as exc:
+            if not lease.unchecked:
+                raise
+            log.warning("rate limiter unavailable, an unchecked lease's usage not charged: %s", exc)
+            return
         for name, delta in changes.items():
             lease.consumed[name] = lease.consumed.get(name, 0) + delta
 
@@ -678,9 +699,8 @@ class Engine(Records):
         if lease.closed:
             return
         refund = {name: -n for name, n in lease.consumed.items() if n}
-        if refund and not lease.unchecked:
-            yield from self._change(tracked(lease), refund)
-            lease.consumed = {name: 0 for name in lease.consumed}
+        if refund and lease.targets:  # an unchecked lease: only what was charged since
+            yield from self._charge(lease, refund)
         lease.closed = True
 
     # -- reading --------------------------------------------------------------------------

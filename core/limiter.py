@@ -92,7 +92,12 @@ class RateLimiter(LimiterBase):
     """
 
     def _run(self, flow: Flow[T]) -> T:
-        return drive(self._guarded(flow), self.store.send)
+        return drive(self._guarded(flow), self.store.send, self.sleep)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` the limiter's way (``time.sleep`` unless ``sleep`` was
+        injected, e.g. a test clock's, which moves the clock instead)."""
+        (self._sleep or time.sleep)(seconds)
 
     # -- requests -------------------------------------------------------------------------
     def acquire(

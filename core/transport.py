@@ -4,7 +4,7 @@ circuit breaker, and the lease's read-only view."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from .engine import Clock, Engine, OnUnavailable
@@ -129,6 +129,11 @@ class LimiterBase:
         breaker_cooldown: seconds the breaker stays open before one probe call is let
             through; its success closes it. Measured on ``clock`` when one is given,
             else on ``time.monotonic``.
+        sleep: how the limiter waits (retry backoffs, and callers that wait for a slot
+            through :meth:`~.RateLimiter.sleep`): a function of seconds for
+            :class:`RateLimiter`, a coroutine function for :class:`AsyncRateLimiter`;
+            None for ``time.sleep`` / ``asyncio.sleep``. Injected with ``clock`` so that
+            a test's waits move its clock instead of passing (see ``zae_celery.testing``).
     """
 
     def __init__(
@@ -148,6 +153,7 @@ class LimiterBase:
         retry_budget: float = 1.0,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 5.0,
+        sleep: Callable[[float], Any] | None = None,
     ) -> None:
         if store is None:
             if table_name is None:
@@ -176,6 +182,12 @@ class LimiterBase:
         self._monotonic: Clock = time.monotonic if clock is time.time else clock
         self.retry = RetryPolicy(attempts=retry_attempts, budget=retry_budget)
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown, self._monotonic)
+        self._sleep = sleep
+
+    @property
+    def clock(self) -> Clock:
+        """The limiter's clock (seconds since the epoch): ``time.time`` unless injected."""
+        return self.engine.clock
 
     @classmethod
     def from_url(cls: type[L], url: str, **options: Any) -> L:

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from dataclasses import dataclass
 from typing import Any
+
+from celery import states
+from celery.app.trace import ExceptionInfo, build_tracer
 
 from zae_celery.core import AsyncRateLimiter, RateLimiter
 from zae_celery.core.ops import Op, Reply, WriteBuckets
 from zae_celery.core.stores.dynamodb import Codec
+from zae_celery.testing import T0, ManualClock
 
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    """A settable clock counting whole milliseconds (no float drift across advances)."""
-
-    def __init__(self, t: float = T0) -> None:
-        self.ms = round(t * 1000)
-
-    def __call__(self) -> float:
-        return (self.ms + 0.5) / 1000  # mid-millisecond: the engine floors to self.ms
-
-    def advance(self, seconds: float) -> None:
-        self.ms += round(seconds * 1000)
-
+Clock = ManualClock
+"""A settable clock counting whole milliseconds (no float drift across advances)."""
+__all__ = ["T0", "Clock", "Counter", "Front", "WorkerRun", "run_as_worker", "table_contents"]
 
 _NAMES = Codec("counted-table")
 
@@ -113,3 +107,41 @@ class Front:
             assert isinstance(self.limiter, AsyncRateLimiter)
             self.loop.run_until_complete(self.limiter.aclose())
             self.loop.close()
+
+
+@dataclass(frozen=True)
+class WorkerRun:
+    """How a run traced as a worker runs it ended: ``state`` and ``result`` (the return
+    value, or the exception), like an EagerResult's."""
+
+    state: str
+    result: Any
+
+
+def run_as_worker(
+    task: Any,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    headers: dict[str, Any] | None = None,
+    routing_key: str = "celery",
+) -> WorkerRun:
+    """Run ``task`` in this process through Celery's tracer as a worker's pool does
+    (before_start, the body, after_return, the signals: not eager, so a deferral
+    republishes), and return how it ended."""
+    task_id = uuid.uuid4().hex
+    request = {
+        "id": task_id,
+        "task": task.name,
+        "root_id": task_id,
+        "is_eager": False,
+        "headers": headers or {},
+        "delivery_info": {"exchange": "", "routing_key": routing_key, "priority": None},
+        "hostname": "test-worker",
+        "retries": 0,
+    }
+    tracer = build_tracer(task.name, task, eager=False, propagate=False, app=task.app)
+    ret = tracer(task_id, list(args), kwargs or {}, request)
+    retval = ret.retval
+    if isinstance(retval, ExceptionInfo):
+        retval = retval.exception
+    return WorkerRun(states.SUCCESS if ret.info is None else ret.info.state, retval)

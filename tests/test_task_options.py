@@ -2,8 +2,9 @@
 bad value is reported by every use of the task, naming the option), callables called
 once per run before any lease is taken; and the limiter cache, kept per app.
 
-Tasks run in-process through Celery's tracer (``apply``: before_start, body,
-after_return) with the engine on moto server; a republish is captured, not sent.
+Tasks run in-process through Celery's tracer as a worker's pool runs them
+(``run_as_worker``: before_start, body, after_return; not eager) with the engine on moto
+server; a republish is captured, not sent.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from tests.helpers import run_as_worker
 from tests.test_bad_input import whole_table
 from zae_celery import DeferralsExhausted, Limit, RateLimitedTask, RateLimiter, ValidationError
 from zae_celery.core import RateLimiterUnavailable
@@ -138,7 +140,7 @@ def test_a_bad_option_is_found_at_bind_and_reported_by_every_use(
         assert info.value.field == field, info.value
         assert allowed in info.value.allowed, info.value
     assert published == []
-    result = task.apply()  # a run (as a worker would): fails before acquiring anything
+    result = run_as_worker(task)  # a run: fails before acquiring anything
     assert result.state == "FAILURE"
     assert isinstance(result.result, ValidationError), repr(result.result)
     assert result.result.field == field
@@ -194,7 +196,7 @@ def test_a_callable_returning_a_non_iterable_fails_the_task_with_a_validation_er
     table: RateLimiter,
 ) -> None:
     task = define(make_app(table), rate_limits=lambda args, kwargs: 5)
-    result = task.apply()
+    result = run_as_worker(task)
     assert result.state == "FAILURE"
     assert isinstance(result.result, ValidationError), repr(result.result)
     assert result.result.field == "rate_limits"
@@ -211,7 +213,7 @@ def test_a_bad_rate_on_error_from_a_callable_fails_before_anything_is_consumed(
         rate_on_error=lambda args, kwargs: "refnud",
     )
     stored = whole_table(table)
-    result = task.apply()
+    result = run_as_worker(task)
     assert result.state == "FAILURE"
     assert isinstance(result.result, ValidationError), repr(result.result)
     assert result.result.field == "rate_on_error"
@@ -230,7 +232,7 @@ def test_rate_on_error_may_be_a_callable_of_the_tasks_arguments(
         rate_limits=[YEARLY],
         rate_on_error=lambda args, kwargs: "refund" if kwargs["refund"] else ("total",),
     )
-    result = task.apply(kwargs={"refund": refund})
+    result = run_as_worker(task, kwargs={"refund": refund})
     assert result.state == "FAILURE" and isinstance(result.result, RuntimeError)
     available = table.available("default", task.rate_resource, [YEARLY])
     assert available == {"total": pytest.approx(left, abs=1e-3)}  # refills 1 a year
@@ -246,8 +248,8 @@ def test_rate_horizon_may_be_a_callable_of_the_tasks_arguments(
         rate_horizon=lambda args, kwargs: kwargs["horizon"],
     )
     sent = capture_republish(task, monkeypatch)
-    assert task.apply(kwargs={"horizon": horizon}).state == "SUCCESS"  # takes the token
-    assert task.apply(kwargs={"horizon": horizon}).state == "RETRY"  # the next is ~60 s off
+    assert run_as_worker(task, kwargs={"horizon": horizon}).state == "SUCCESS"  # takes the token
+    assert run_as_worker(task, kwargs={"horizon": horizon}).state == "RETRY"  # the next is ~60 s off
     (deferred,) = sent
     # Refused beyond its horizon: deferred by the horizon (jitter 0), without a lease.
     assert deferred["countdown"] == pytest.approx(horizon, abs=0.01)
@@ -266,7 +268,7 @@ def test_rate_max_deferrals_may_be_a_callable_of_the_tasks_arguments(
         raise RateLimiterUnavailable("DynamoDB is down (injected)")
 
     monkeypatch.setattr(limiter_for(app)[1], "acquire", unavailable)
-    result = task.apply(kwargs={"most": 2}, headers={HEADER_OUTAGES: outages})
+    result = run_as_worker(task, kwargs={"most": 2}, headers={HEADER_OUTAGES: outages})
     assert result.state == state
     if state == "FAILURE":
         assert isinstance(result.result, DeferralsExhausted), repr(result.result)
@@ -295,7 +297,7 @@ def test_each_callable_is_called_once_per_run(table: RateLimiter) -> None:
         rate_horizon=counted("horizon", 10),
         rate_max_deferrals=counted("max_deferrals", 3),
     )
-    assert task.apply().state == "SUCCESS"
+    assert run_as_worker(task).state == "SUCCESS"
     assert sorted(calls) == sorted(
         ["limits", "entity", "consume", "on_error", "horizon", "max_deferrals"]
     )

@@ -40,6 +40,7 @@ __all__ = [
     "BREAKER_COOLDOWN",
     "BREAKER_THRESHOLD",
     "DEFAULT_ENTITY",
+    "EAGER",
     "ENDPOINT_URL",
     "HORIZON",
     "JITTER",
@@ -467,6 +468,15 @@ ADMISSION_MAX_HOLD: Setting[float] = Setting(
     "(keep it well below the broker's visibility timeout/consumer_timeout)",
 )
 
+EAGER: Setting[str] = Setting(
+    "zae_eager",
+    "wait",
+    OneOf(("wait", "admit")),
+    "eager runs (task_always_eager, apply()): 'wait' in place for the slot, up to the "
+    "task's horizon, then fail with RateLimitExceeded; 'admit' a refused task at once, "
+    "without a lease, and log a warning",
+)
+
 SETTINGS: tuple[Setting[Any], ...] = (
     STORE_URL,
     TABLE_NAME,
@@ -486,6 +496,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     ADMISSION_WINDOW,
     ADMISSION_HOLD,
     ADMISSION_MAX_HOLD,
+    EAGER,
 )
 """Every ``zae_`` setting, in the order of :class:`Settings`' fields."""
 
@@ -513,6 +524,7 @@ class Settings:
     admission_window: float
     admission_hold: int
     admission_max_hold: float
+    eager: str
 
     @classmethod
     def from_conf(cls, conf: Any) -> Settings:

@@ -12,13 +12,17 @@ on a limit never uses the task's ``max_retries``: deferrals have a counter of th
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import logging
 import os
 import random
 import threading
-import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, NoReturn
@@ -43,6 +47,7 @@ from zae_celery.core import (
 from zae_celery.core.limits import RATE_SYNTAX, check_tokens, parse_rate
 from zae_celery.options import OnError, TaskOptions
 from zae_celery.settings import Settings
+from zae_celery.signals import run_settled
 
 __all__ = [
     "HEADER_DEFERRALS",
@@ -52,6 +57,7 @@ __all__ = [
     "RateLimitedTask",
     "limiter_for",
     "parse_celery_rate",
+    "run_coroutine",
 ]
 
 log = logging.getLogger("zae_celery")
@@ -106,6 +112,25 @@ def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
                     )
                 found = per_process[pid] = (settings, limiter)
     return found
+
+
+@contextmanager
+def _installed_limiter(app: Any, settings: Settings, limiter: RateLimiter) -> Iterator[None]:
+    """``app``'s settings and limiter in this process for the block (tests: see
+    ``zae_celery.testing.use_limiter``); the one before is put back after."""
+    pid = os.getpid()
+    with _limiters_lock:
+        per_process = _limiters.setdefault(app, {})
+        before = per_process.get(pid)
+        per_process[pid] = (settings, limiter)
+    try:
+        yield
+    finally:
+        with _limiters_lock:
+            if before is None:
+                per_process.pop(pid, None)
+            else:
+                per_process[pid] = before
 
 
 def parse_celery_rate(value: Any) -> Limit | None:
@@ -209,6 +234,15 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     _zae_error: ValidationError | None = None
     _zae_rate_limit_error: ValidationError | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """An ``async def`` task function (or ``run`` method) runs to completion in the
+        worker: its coroutine is run on an event loop of its own, the lease held across
+        it (see :func:`run_coroutine`)."""
+        super().__init_subclass__(**kwargs)
+        run = cls.__dict__.get("run")
+        if run is not None:
+            cls.run = _sync_run(run)
+
     @classmethod
     def bind(cls, app: Any) -> Any:
         """Bind to the app: resolve and validate the ``rate_*`` options, and move a string
@@ -304,6 +338,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         # decided and validated here, before it takes or starts one: a bad value (or a
         # bad option found at bind) fails the task with nothing held.
         run = request.zae_run = self._run(settings, args, kwargs)
+        request.zae_waited = 0.0
+        eager = bool(request.is_eager)
         headers = request.headers or {}
         deferrals = int(headers.get(HEADER_DEFERRALS) or 0)
         admitted = getattr(request, ADMITTED, None)
@@ -338,17 +374,29 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         if spec is None:
             return
         horizon = run.horizon
+        # An eager run (apply(), task_always_eager) has no broker to wait in: it waits
+        # in place for a slot up to its horizon (or, with zae_eager="admit", runs at
+        # once when refused).
+        start_wait = horizon if eager else settings.start_wait
         try:
-            lease = spec.acquire(limiter, horizon, settings.start_wait)
+            lease = spec.acquire(limiter, horizon, start_wait)
         except RateLimitExceeded as exc:
+            if eager and settings.eager == "admit":
+                log.warning(
+                    "zae-celery runs eager task %s (%s) without a lease (zae_eager='admit'): %s",
+                    task_id,
+                    self.name,
+                    _describe(exc),
+                )
+                return
             wait = min(exc.retry_after, horizon) + random.uniform(0, settings.jitter)
-            self._defer(settings, deferrals, wait, None, _describe(exc))
+            self._defer(settings, deferrals, wait, None, _describe(exc), cause=exc)
         except TableNotFound:
             raise  # a misconfiguration: fail now rather than defer forever
-        except RateLimiterUnavailable:
+        except RateLimiterUnavailable as exc:
             wait = settings.unavailable_retry + random.uniform(0, settings.jitter)
-            self._defer(settings, deferrals, wait, None, "rate limiter unavailable", True)
-        if lease.wait > settings.start_wait:
+            self._defer(settings, deferrals, wait, None, "rate limiter unavailable", True, exc)
+        if lease.wait > start_wait:
             self._defer(settings, deferrals, lease.wait, lease, "reserved slot")
         self._start(settings, limiter, lease, deferrals)
         request.zae_active_lease = lease
@@ -371,14 +419,12 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         # Its start slot when that was counted already (by the consumer that admitted
         # it, or before a republish), else its quota slot.
         slot = lease.start_at if lease.started_at is None else lease.started_at
-        early = slot - time.time()
-        # With admission, the start track is taken up to zae_admission_window ahead: a
-        # late start waits behind those slots in place rather than go round the broker.
-        wait_limit = settings.start_wait + (settings.admission_window if settings.admission else 0)
+        early = slot - limiter.clock()
+        wait_limit = self._wait_limit(settings)
         if early > wait_limit:
             self._defer(settings, deferrals, early, lease, "arrived before its slot")
         if early > 0:
-            time.sleep(early)  # a worker's timer may fire a few ms before the slot
+            self._wait(limiter, early)  # a worker's timer may fire a few ms before the slot
         elif lease.start_counted and -early > _late_tolerance(lease):
             # Its counted start has passed (a busy pool, a late message): starting now
             # could bunch with the starts after it. It counts a fresh start instead;
@@ -394,14 +440,29 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         try:
             wait = limiter.start(lease, horizon=max(self.request.zae_run.horizon, wait_limit))
         except RateLimitExceeded as exc:
-            self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc))
-        except RateLimiterUnavailable:  # "closed"; "open" starts unchecked in the engine
+            self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc), cause=exc)
+        except RateLimiterUnavailable as exc:  # "closed"; "open" starts unchecked in the engine
             retry = settings.unavailable_retry + random.uniform(0, settings.jitter)
-            self._defer(settings, deferrals, retry, lease, "rate limiter unavailable", True)
+            self._defer(settings, deferrals, retry, lease, "rate limiter unavailable", True, exc)
         if wait > wait_limit:
             self._defer(settings, deferrals, wait, lease, "start slot reserved")
         if wait > 0:
-            time.sleep(wait)  # this task's own start slot, reserved on the start track
+            self._wait(limiter, wait)  # this task's own start slot, on the start track
+
+    def _wait_limit(self, settings: Settings) -> float:
+        """How long this run may wait in place for its slot: ``zae_start_wait`` (with
+        admission, plus ``zae_admission_window``: the start track is taken that far
+        ahead, and a late start waits behind those slots rather than go round the
+        broker); an eager run, up to its horizon."""
+        if self.request.is_eager:
+            horizon: float = self.request.zae_run.horizon
+            return horizon
+        return settings.start_wait + (settings.admission_window if settings.admission else 0)
+
+    def _wait(self, limiter: RateLimiter, seconds: float) -> None:
+        """Wait in place on the limiter's sleep (a test clock's moves that clock)."""
+        limiter.sleep(seconds)
+        self.request.zae_waited = getattr(self.request, "zae_waited", 0.0) + seconds
 
     def _defer(
         self,
@@ -411,8 +472,14 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         lease: Lease | None,
         reason: str,
         outage: bool = False,
+        cause: ZaeError | None = None,
     ) -> NoReturn:
         """Republish this task with a countdown (and its reservation); raise Retry.
+
+        An eager run is never republished: it raises ``cause`` (the refusal or outage
+        that made it defer; a reservation made by this run is refunded first), and
+        without one (a provider's 429) it runs again in place, as Celery's eager retry
+        does, at most ``rate_max_deferrals`` times.
 
         Only deferrals caused by an unreachable store (``outage``) count towards
         ``rate_max_deferrals``: throttling alone never fails a task.
@@ -437,6 +504,15 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         # A reservation carried by this message (claimed for this task) stays with the
         # message if the republish fails; one made by this run is refunded then.
         carried = lease is not None and lease.claimed_by(request.id)
+        if request.is_eager and cause is not None:
+            if lease is not None and not carried:
+                lease.rollback()
+            raise cause
+        if request.is_eager and deferrals >= limit:
+            raise DeferralsExhausted(
+                f"eager task {request.id} ({self.name}) was deferred {deferrals} times "
+                f"(rate_max_deferrals={limit}); last: {reason}"
+            )
         if lease is not None:
             # A new reservation, or one whose start this run counted (and whose claim
             # it used), gets a claim of its own for the next delivery; a carried one
@@ -448,6 +524,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         headers[HEADER_OUTAGES] = outages + 1 if outage else outages
         headers[HEADER_LEASE] = lease.ticket() if lease is not None else None
         countdown = max(0.0, countdown)
+        if request.is_eager:  # Celery's apply() runs the signature again, in place
+            again = self.signature_from_request(request, countdown=countdown, headers=headers)
+            raise Retry(f"rate limited: {reason}", None, when=countdown, is_eager=True, sig=again)
         try:
             self.signature_from_request(request, countdown=countdown, headers=headers).apply_async()
         except Exception as exc:
@@ -487,29 +566,53 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         """Reconcile the estimate with what was really used: ``report_usage(tpm=1234)``.
 
         The difference from what was consumed is adjusted (one write; none if equal);
-        the bucket may go into debt, which delays later tasks exactly.
+        the bucket may go into debt, which delays later tasks exactly. A lease granted
+        unchecked (``zae_on_unavailable="open"`` during an outage) consumed nothing: the
+        usage is charged now if the store answers again, else dropped with a warning;
+        the task never fails for it. A run that holds no lease (a direct call
+        ``task(...)``, no limits apply, an eager run admitted with ``zae_eager="admit"``)
+        checks the values and logs them at DEBUG: nothing is charged.
         """
-        lease = self.lease
-        consumed = lease.consumed
-        deltas = {}
         for name, value in actual.items():
             check_tokens(f"report_usage.{name}", value, minimum=0)
-            if name not in consumed:
+        lease: Lease | None = getattr(self.request, "zae_active_lease", None)
+        if lease is None:
+            log.debug(
+                "zae-celery task %s (%s) holds no lease: usage %s not charged",
+                self.request.id,
+                self.name,
+                actual,
+            )
+            return
+        names = [lim.name for lim in lease.buckets[0].limits] if lease.buckets else []
+        for name in actual:
+            if names and name not in names:
                 raise ValidationError(
-                    f"report_usage.{name}", "is not a limit of this task", ", ".join(consumed)
+                    f"report_usage.{name}", "is not a limit of this task", ", ".join(names)
                 )
-            deltas[name] = value - consumed[name]
-        lease.adjust(**deltas)
+        consumed = lease.consumed
+        lease.adjust(**{name: value - consumed.get(name, 0) for name, value in actual.items()})
 
     def provider_limited(self, retry_after: float) -> NoReturn:
         """The provider answered 429: empty the shared buckets for ``retry_after`` seconds
-        so every worker backs off, then defer this task past it. Raises Retry."""
+        so every worker backs off, then defer this task past it. Raises Retry.
+
+        An eager run runs again in place after the block (Celery's eager retry); a
+        direct call ``task(...)`` blocks nothing and raises Retry at once.
+        """
         settings, limiter = limiter_for(self.app)
-        lease = self.lease
-        own = lease.buckets[0] if lease.buckets else None
+        if self.request.called_directly:
+            log.debug("zae-celery task %s called directly: a 429 blocks nothing", self.name)
+            raise Retry(f"provider 429, Retry-After {retry_after}", None, when=retry_after)
+        lease: Lease | None = getattr(self.request, "zae_active_lease", None)
+        own = lease.buckets[0] if lease is not None and lease.buckets else None
         if own is not None:
-            limiter.block(own.entity_id, own.resource, own.limits, retry_after)
-        lease.commit()
+            try:
+                limiter.block(own.entity_id, own.resource, own.limits, retry_after)
+            except RateLimiterUnavailable as exc:  # the deferral below still backs off
+                log.warning("zae-celery could not block the buckets of a 429: %s", exc)
+        if lease is not None:
+            lease.commit()
         deferrals = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
         wait = retry_after + random.uniform(0, settings.jitter)
         self._defer(settings, deferrals, wait, None, f"provider 429, Retry-After {retry_after}")
@@ -520,15 +623,31 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     ) -> None:
         """Keep the consumption on success; apply ``rate_on_error`` otherwise. Never raises."""
         lease: Lease | None = getattr(self.request, "zae_active_lease", None)
-        if lease is None or lease.closed:
+        if lease is not None and not lease.closed:
+            try:
+                if status == states.SUCCESS:
+                    lease.commit()
+                else:
+                    self._settle_error(lease)
+            except Exception:
+                log.exception("zae-celery could not settle the lease of task %s", task_id)
+        self._settled(status)
+
+    def _settled(self, state: str) -> None:
+        """Send :data:`~zae_celery.signals.run_settled` once for this run (one that
+        reached ``before_start``)."""
+        request = self.request
+        if not hasattr(request, "zae_run") or getattr(request, "zae_reported", False):
             return
-        try:
-            if status == states.SUCCESS:
-                lease.commit()
-            else:
-                self._settle_error(lease)
-        except Exception:
-            log.exception("zae-celery could not settle the lease of task %s", task_id)
+        request.zae_reported = True
+        run_settled.send(
+            sender=self,
+            task_id=request.id,
+            state=state,
+            lease=getattr(request, "zae_active_lease", None),
+            waited=getattr(request, "zae_waited", 0.0),
+            deferrals=int((request.headers or {}).get(HEADER_DEFERRALS) or 0),
+        )
 
     def _settle_error(self, lease: Lease) -> None:
         """Apply this run's ``rate_on_error`` (decided and validated in before_start)."""
@@ -543,6 +662,32 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             if refund:
                 lease.adjust(**refund)
             lease.commit()
+
+
+def run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` to completion and return its result: on a new event loop
+    (``asyncio.run``), or, when this thread already runs one (an eager call from async
+    code), on a new loop in a thread of its own, waited for here."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1, thread_name_prefix="zae-coroutine") as runner:
+        return runner.submit(asyncio.run, coro).result()
+
+
+def _sync_run(run: Any) -> Any:
+    """``run`` itself, or, for a coroutine function, a function that runs it to
+    completion (a staticmethod stays one)."""
+    fn = run.__func__ if isinstance(run, staticmethod) else run
+    if not inspect.iscoroutinefunction(fn):
+        return run
+
+    @functools.wraps(fn)
+    def runner(*args: Any, **kwargs: Any) -> Any:
+        return run_coroutine(fn(*args, **kwargs))
+
+    return staticmethod(runner) if isinstance(run, staticmethod) else runner
 
 
 def _late_tolerance(lease: Lease) -> float:
@@ -564,16 +709,16 @@ def _settle_after_retry(
     sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any
 ) -> None:
     """A task that ends in RETRY/IGNORED/REJECTED gets no ``after_return``: settle here."""
-    if not isinstance(sender, RateLimitedTask) or state not in (
-        states.RETRY,
-        states.IGNORED,
-        states.REJECTED,
+    if (
+        not isinstance(sender, RateLimitedTask)
+        or state is None
+        or state not in (states.RETRY, states.IGNORED, states.REJECTED)
     ):
         return
     lease: Lease | None = getattr(sender.request, "zae_active_lease", None)
-    if lease is None or lease.closed:
-        return
-    try:
-        sender._settle_error(lease)
-    except Exception:
-        log.exception("zae-celery could not settle the lease of task %s", task_id)
+    if lease is not None and not lease.closed:
+        try:
+            sender._settle_error(lease)
+        except Exception:
+            log.exception("zae-celery could not settle the lease of task %s", task_id)
+    sender._settled(state)

@@ -9,6 +9,10 @@
 - The in-memory store: :class:`MemoryStore` (``RateLimiter(store=MemoryStore())`` or
   ``RateLimiter.from_url("memory://")``) answers like DynamoDB, in this process, with
   injectable failures (:meth:`MemoryStore.fail_next`): fast unit tests need no server.
+- Rate-limited Celery tasks in one process: :class:`TaskHarness` (a
+  :class:`ManualClock`, an in-memory store, a limiter on both, and a :class:`TaskLedger`
+  of what each run consumed and waited), :func:`use_limiter`; the pytest plugin
+  (:mod:`zae_celery.testing.plugin`, off unless enabled) hands a harness out as ``zae``.
 - Request counting: :class:`RequestCounter` counts the DynamoDB requests of a boto3
   client per operation, :func:`count_worker_requests` installs one in every worker pool
   process of a Celery app, and :class:`CountingProxy` counts at the endpoint, for every
@@ -51,14 +55,27 @@ from zae_celery.testing.servers import (
     use_local_credentials,
     valkey_server_path,
 )
+from zae_celery.testing.tasks import (
+    T0,
+    ManualClock,
+    TaskHarness,
+    TaskLedger,
+    TaskRun,
+    use_limiter,
+)
 
 __all__ = [
     "DYNAMODB_LOCAL_NPM_PACKAGE",
+    "T0",
     "CountingProxy",
     "LocalServer",
+    "ManualClock",
     "MemoryStore",
     "RequestCounter",
     "ServerUnavailable",
+    "TaskHarness",
+    "TaskLedger",
+    "TaskRun",
     "count_worker_requests",
     "dynamodb_local",
     "dynamodb_local_dir",
@@ -68,6 +85,7 @@ __all__ = [
     "redis_server",
     "redis_server_path",
     "reset_moto",
+    "use_limiter",
     "use_local_credentials",
     "valkey_server_path",
 ]
