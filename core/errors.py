@@ -123,6 +123,11 @@ class RateLimitExceeded(ZaeError):
         names = ", ".join(f"{v.entity_id}/{v.resource}/{v.limit_name}" for v in violations)
         super().__init__(f"rate limit exceeded on {names}; retry after {self.retry_after:.3f} s")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (a task's result, a process pool) as itself, with its limits, not as
+        # the nearest base class Celery could rebuild from the message alone.
+        return (type(self), (self.violations, self.passed))
+
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly description (for logs, task results, HTTP 429 bodies)."""
         return {

@@ -443,8 +443,11 @@ def test_endpoint_outage_in_the_middle_of_a_batch(
         )
         proxy.stop()
         stopped = time.monotonic()
-        # Tasks published during the outage: deferred (closed) or run unchecked (open).
+        # Tasks published during the outage: deferred (closed) or run unchecked (open);
+        # those that report their usage must not fail for it (open: an unchecked lease
+        # takes the report, and charges it if the store is back by then).
         during = [fleet.send("limited", "limited", i) for i in range(40, 50)]
+        reporting = [fleet.send("reconciled", "limited", 100 + i) for i in range(5)]
         seen = "rate limiter unavailable (deferral" if mode == "closed" else "granting unchecked"
         _wait_for(
             lambda: "circuit breaker open" in (text := log_text(fleet.logs)) and seen in text,
@@ -454,14 +457,15 @@ def test_endpoint_outage_in_the_middle_of_a_batch(
         proxy.start()
         restarted = time.monotonic()
         infos = fleet.collect(first + during)
+        reported = fleet.collect(reporting)
         done = time.monotonic()
-        states = {r.state for r in first + during}
+        states = {r.state for r in first + during + reporting}
     finally:
         gen.close()
         proxy.stop()
     logs = log_text(fleet.logs)
     opened = logs.count("circuit breaker open after")
-    unchecked = [i for i in infos if i["unchecked"]]
+    unchecked = [i for i in infos + reported if i["unchecked"]]
     counts = [int(n) for n in re.findall(r"unchecked grants so far: (\d+)", logs)]
     print(
         f"\n{mode}: {len(infos)} tasks SUCCESS, breaker opened {opened} times, "

@@ -249,7 +249,9 @@ def test_rate_horizon_may_be_a_callable_of_the_tasks_arguments(
     )
     sent = capture_republish(task, monkeypatch)
     assert run_as_worker(task, kwargs={"horizon": horizon}).state == "SUCCESS"  # takes the token
-    assert run_as_worker(task, kwargs={"horizon": horizon}).state == "RETRY"  # the next is ~60 s off
+    assert (
+        run_as_worker(task, kwargs={"horizon": horizon}).state == "RETRY"
+    )  # the next is ~60 s off
     (deferred,) = sent
     # Refused beyond its horizon: deferred by the horizon (jitter 0), without a lease.
     assert deferred["countdown"] == pytest.approx(horizon, abs=0.01)

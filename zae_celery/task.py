@@ -526,6 +526,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         countdown = max(0.0, countdown)
         if request.is_eager:  # Celery's apply() runs the signature again, in place
             again = self.signature_from_request(request, countdown=countdown, headers=headers)
+            request.zae_retrying = True
             raise Retry(f"rate limited: {reason}", None, when=countdown, is_eager=True, sig=again)
         try:
             self.signature_from_request(request, countdown=countdown, headers=headers).apply_async()
@@ -671,6 +672,10 @@ def run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        running = False  # (run outside the handler: the task's errors chain nothing)
+    else:
+        running = True
+    if not running:
         return asyncio.run(coro)
     with ThreadPoolExecutor(1, thread_name_prefix="zae-coroutine") as runner:
         return runner.submit(asyncio.run, coro).result()
@@ -708,13 +713,20 @@ def _describe(exc: RateLimitExceeded) -> str:
 def _settle_after_retry(
     sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any
 ) -> None:
-    """A task that ends in RETRY/IGNORED/REJECTED gets no ``after_return``: settle here."""
-    if (
-        not isinstance(sender, RateLimitedTask)
-        or state is None
-        or state not in (states.RETRY, states.IGNORED, states.REJECTED)
-    ):
+    """A task that ends in RETRY/IGNORED/REJECTED gets no ``after_return``: settle here;
+    so does an eager run whose error propagates to its caller (``task_eager_propagates``:
+    no state, no ``after_return``)."""
+    if not isinstance(sender, RateLimitedTask):
         return
+    if state is None and sender.request.is_eager:
+        state = states.RETRY if getattr(sender.request, "zae_retrying", False) else states.FAILURE
+    if state is None or state not in (
+        states.RETRY,
+        states.IGNORED,
+        states.REJECTED,
+        states.FAILURE,
+    ):
+        return  # SUCCESS and FAILURE were settled by after_return, unless propagated
     lease: Lease | None = getattr(sender.request, "zae_active_lease", None)
     if lease is not None and not lease.closed:
         try:
