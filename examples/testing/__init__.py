@@ -1,0 +1,1 @@
+"""Unit tests of rate-limited tasks with zae-celery's pytest plugin (docs/testing.md)."""
