@@ -438,3 +438,17 @@ def test_rate_on_error_policies(fleet: Fleet) -> None:
                 break
             time.sleep(0.05)  # polling the table: the worker sends no event for it
         assert {k: round(v) for k, v in left.items()} == tokens, resource
+
+
+@pytest.mark.parametrize("broker", ["filesystem"], indirect=True)
+def test_an_async_task_function_runs_with_its_lease_in_the_worker(fleet: Fleet) -> None:
+    from tests.celery.app import ESTIMATE, TWO_LIMITS
+
+    infos = fleet.collect([fleet.send("async_body", "limited", 250) for _ in range(3)])
+    for info in infos:
+        assert info["start"] is not None  # gated like any rate-limited task
+        assert info["held_after_await"] == ESTIMATE  # the lease held across the await
+        assert info["kept"] == {"rpm": 1, "tpm": 250}  # reported from the coroutine
+    limiter = RateLimiter(fleet.table, endpoint_url=fleet.endpoint)
+    left = limiter.available("default", "async-body", TWO_LIMITS)  # refilled once a year
+    assert {k: round(v) for k, v in left.items()} == {"rpm": 100 - 3, "tpm": 10_000 - 750}

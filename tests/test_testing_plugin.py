@@ -16,12 +16,12 @@ from tests.conftest import REPO
 
 EXAMPLE = REPO / "examples" / "testing"
 
-USES_THE_FIXTURES = '''
+USES_THE_FIXTURES = """
 def test_the_clock_moves_only_when_told(zae, zae_clock, zae_limiter):
     start = zae_clock()
     zae_limiter.sleep(12.5)
     assert zae_clock() - start == 12.5 and zae.clock is zae_clock
-'''
+"""
 
 
 def pytest_run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

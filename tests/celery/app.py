@@ -11,6 +11,7 @@ ZAE_TEST_MAX_DEFERRALS, ZAE_TEST_VISIBILITY_TIMEOUT (redis).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -237,6 +238,18 @@ def fails_refund(self: RateLimitedTask) -> None:
 def fails_keep_rpm(self: RateLimitedTask) -> None:
     """Keep the request, refund the tokens."""
     raise RuntimeError("provider call failed")
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0, rate_limits=TWO_LIMITS,
+          rate_resource="async-body", rate_consume=ESTIMATE)  # fmt: skip
+async def async_body(self: RateLimitedTask, actual: int) -> dict[str, Any]:
+    """An ``async def`` task: awaits, then reports ``actual`` tokens from the coroutine."""
+    info = _run_info(self)
+    await asyncio.sleep(0.01)
+    info["held_after_await"] = dict(self.lease.consumed)
+    self.report_usage(tpm=actual)
+    info["kept"] = dict(self.lease.consumed)
+    return info
 
 
 # -- faults and security (tests/test_task_faults.py) ----------------------------------------
