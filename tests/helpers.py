@@ -93,7 +93,10 @@ class Front:
         self.limiter: RateLimiter | AsyncRateLimiter = cls(*args, **kwargs)
 
     def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        result = getattr(self.limiter, method)(*args, **kwargs)
+        return self.wait(getattr(self.limiter, method)(*args, **kwargs))
+
+    def wait(self, result: Any) -> Any:
+        """``result``, or what it resolves to on the async front (a lease's coroutine)."""
         if self.loop is None:
             return result
 

@@ -39,7 +39,7 @@ from zae_celery.core.ops import BucketKey, Flow, ItemWrite, Op, Reply, WriteBuck
 from zae_celery.core.resilience import CircuitBreaker, RetryPolicy, guard
 from zae_celery.core.stores.dynamodb import Codec
 from zae_celery.settings import Settings
-from zae_celery.testing import LocalServer, free_port
+from zae_celery.testing import LocalServer, ManualClock, MemoryStore, free_port
 
 LIMITS = [Limit.per_second("rps", 1000)]
 THROTTLING = [
@@ -496,3 +496,34 @@ def test_endpoint_outage_in_the_middle_of_a_batch(
         # tasks, 6 pool processes) granted a ninth or more.
         assert counts and max(counts) >= math.ceil(len(unchecked) / 9)
         assert "on_unavailable=open" in logs
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_unchecked_lease_charges_what_is_added_once_the_store_answers(kind: str) -> None:
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    front = Front(
+        kind,
+        store=store,
+        clock=clock,
+        sleep=clock.sleep if kind == "sync" else clock.asleep,
+        on_unavailable="open",
+        retry_attempts=3,
+    )
+    yearly = [Limit.custom("tpm", 1000, refill_amount=1, refill_period_seconds=31_536_000)]
+    try:
+        front.wait(front("acquire", "t", "r", {"tpm": 100}, yearly).commit())  # config read
+        store.fail_next("unavailable", times=3)  # every attempt of the grant
+        lease = front("acquire", "t", "r", {"tpm": 100}, yearly)
+        assert lease.unchecked and lease.consumed == {}
+        assert clock.slept > 0  # the retries' backoff waited on the injected sleep
+        front.wait(lease.adjust(tpm=250))  # the store answers again: charged
+        assert lease.consumed == {"tpm": 250}
+        assert front("available", "t", "r", yearly) == {"tpm": pytest.approx(650, abs=0.01)}
+        store.fail_next("unreachable", times=3)
+        front.wait(lease.adjust(tpm=50))  # down again: dropped, never raised
+        assert lease.consumed == {"tpm": 250}
+        front.wait(lease.rollback())  # refunds what was charged
+        assert front("available", "t", "r", yearly) == {"tpm": pytest.approx(900, abs=0.01)}
+    finally:
+        front.close()
