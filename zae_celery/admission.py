@@ -40,6 +40,7 @@ from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
 
 from zae_celery.core import RateLimitExceeded, ZaeError
+from zae_celery.queues import ConsumedQueues, limit_key
 from zae_celery.settings import MAX_HORIZON
 
 if TYPE_CHECKING:
@@ -70,9 +71,11 @@ def admission_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any
     """The consumer strategy of :class:`~zae_celery.RateLimitedTask` (its ``Strategy``).
 
     Celery's default strategy does everything (revocation, events, ETA); its rate-limit
-    hooks are pointed at this worker's :class:`Admission`. With ``zae_admission=False``,
-    or settings that cannot be read, it is Celery's default strategy unchanged (the pool
-    then reports the settings error on every task).
+    hooks are pointed at this worker's :class:`Admission`, which tells each request the
+    queue it came from (:data:`zae_celery.queues.QUEUE`). With ``zae_admission=False`` it
+    is Celery's default strategy with only that annotation; with settings that cannot be
+    read, Celery's default strategy unchanged (the pool then reports the settings error
+    on every task).
     """
     from zae_celery.task import limiter_for
 
@@ -82,7 +85,7 @@ def admission_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any
         log.error("zae-celery admission is off for %s: %s", task.name, exc)
         return default_strategy(task, app, consumer, **kwargs)
     if not settings.admission:
-        return default_strategy(task, app, consumer, **kwargs)
+        return default_strategy(task, app, _Annotating(consumer), **kwargs)
     if getattr(consumer.pool, "is_green", False):
         raise ImproperlyConfigured(
             f"zae_admission is not supported on the {type(consumer.pool).__name__} pool "
@@ -101,6 +104,26 @@ class _Buckets:
 
     def __getitem__(self, name: str) -> Admission:
         return self._admission
+
+
+class _Annotating:
+    """The consumer, telling each request the queue it came from before it goes on
+    (``zae_admission=False``: every request reaches the pool through these two)."""
+
+    def __init__(self, consumer: Any) -> None:
+        self._consumer = consumer
+        self._queues = ConsumedQueues.of(consumer)
+
+    def on_task_request(self, request: Any) -> None:
+        self._queues.annotate(request)
+        self._consumer.on_task_request(request)
+
+    def apply_eta_task(self, request: Any) -> None:
+        self._queues.annotate(request)
+        self._consumer.apply_eta_task(request)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
 
 
 class _ConsumerView:
@@ -153,6 +176,7 @@ class Admission:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zae-admission")
         self._loop_thread = threading.get_ident()
         self._task_consumer: Any = None
+        self._queues = ConsumedQueues.of(consumer)
         self._generation = 0
         self._lines: dict[tuple[Any, ...], _Line] = {}
         self._held: dict[str, int] = {}
@@ -195,8 +219,9 @@ class Admission:
         # Custom fields travel as headers when a task is republished (a retry, a
         # deferral): a lease that came from the broker was not granted to this run.
         request.request_dict.pop(ADMITTED, None)
+        queue = self._queues.annotate(request)  # None: not known here (see limit_key)
         task: RateLimitedTask = request.task
-        queue_key = (request.delivery_info or {}).get("routing_key") or ""
+        queue_key = limit_key(task.app, queue, request.delivery_info)
         if request.request_dict.get(HEADER_LEASE) or not getattr(task, "_spec", None):
             self._to_pool(request)  # it carries a reservation: the pool starts it
             return
@@ -210,7 +235,6 @@ class Admission:
         with self._lock:
             # The task consumer is created after the strategies: bind to it on first use.
             self._bind(self.consumer.task_consumer)
-            queue = self._queue_of(queue_key)
             self._hold(queue)
             key = (spec.entity_id, spec.resource, tuple(e[0] for e in spec.extra))
             line = self._lines.setdefault(key, _Line())
@@ -350,20 +374,6 @@ class Admission:
             self.consumer.timer.call_repeatedly(TICK, self._tick)
 
     # -- the prefetch window and pausing ----------------------------------------------------
-    def _queue_of(self, routing_key: str) -> str | None:
-        """The name of the consumed queue a message came from (None: unknown)."""
-        consumer = self._task_consumer
-        if consumer is None:
-            return None
-        names = {q.name: q for q in consumer.queues}
-        names.update(self._paused)
-        if routing_key in names:
-            return routing_key
-        for q in consumer.queues:
-            if q.routing_key == routing_key:
-                return str(q.name)
-        return None
-
     def _hold(self, queue: str | None) -> None:
         """A message is held: the prefetch window grows by one for it (other queues keep
         flowing), and its queue pauses when it holds ``zae_admission_hold``."""

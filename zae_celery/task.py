@@ -46,6 +46,7 @@ from zae_celery.core import (
 )
 from zae_celery.core.limits import RATE_SYNTAX, check_tokens, parse_rate
 from zae_celery.options import OnError, TaskOptions
+from zae_celery.queues import QUEUE, queue_of_run
 from zae_celery.settings import Settings
 from zae_celery.signals import run_settled
 
@@ -301,7 +302,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     ) -> _Spec | None:
         """What this run consumes, and from which buckets (None: no limits apply).
 
-        ``queue`` is the routing key the message came with (its queue's limits apply).
+        ``queue`` is the key of its queue limits: the queue the message was consumed
+        from, or a fallback when that is unknown (:func:`zae_celery.queues.limit_key`).
         Called by the consumer (admission) and by ``before_start`` alike, on the options
         resolved at bind; ``run`` is this run's :meth:`_run` when already known.
         """
@@ -369,7 +371,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                     return
             # A reservation not made for this task id (or before claims existed) is
             # never started: the task acquires like a new one.
-        queue = (request.delivery_info or {}).get("routing_key") or ""
+        queue = queue_of_run(self.app, request)
         spec = self._spec(settings, args, kwargs, queue, run)
         if spec is None:
             return
@@ -520,6 +522,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             lease.claim_for(request.id)
         headers = dict(request.headers or {})
         headers.pop(ADMITTED, None)  # granted to this run only
+        headers.pop(QUEUE, None)  # told by the consumer that takes the next delivery
         headers[HEADER_DEFERRALS] = deferrals + 1
         headers[HEADER_OUTAGES] = outages + 1 if outage else outages
         headers[HEADER_LEASE] = lease.ticket() if lease is not None else None
