@@ -84,10 +84,13 @@ def _start_fleet(
     endpoint: str | None = None,
     concurrency: int = 2,
     store_url: str | None = None,
+    queues: tuple[str, ...] = ("limited", "shared", "other", "provider"),
+    count: int = 3,
 ) -> Generator[Fleet, None, None]:
-    """Workers with their buckets in a fresh table of ``ddb`` (through ``endpoint`` if
-    given), or at ``store_url`` (``zae_store_url``; nothing to create, its keys are
-    deleted when the workers have stopped)."""
+    """``count`` workers consuming ``queues`` (names without the fleet's prefix), with
+    their buckets in a fresh table of ``ddb`` (through ``endpoint`` if given), or at
+    ``store_url`` (``zae_store_url``; nothing to create, its keys are deleted when the
+    workers have stopped)."""
     prefix = f"t{uuid.uuid4().hex[:6]}-"
     table = f"zae-celery-{uuid.uuid4().hex[:8]}"
     if store_url is not None:
@@ -113,17 +116,17 @@ def _start_fleet(
     if broker.name == "filesystem":
         fsbroker.register()  # before the client's first connection
         client.conf.broker_transport_options = fsbroker.transport_options(broker.data)
-    queues = ",".join(f"{prefix}{q}" for q in ("limited", "shared", "other", "provider"))
+    names = ",".join(f"{prefix}{q}" for q in queues)
     logs = tmp_path / "logs"
     try:
-        with workers(env, logs, queues=queues, pool=pool, concurrency=concurrency):
+        with workers(env, logs, count=count, concurrency=concurrency, queues=names, pool=pool):
             yield Fleet(client, prefix, logs, table, table_endpoint, store_url)
     finally:  # also when the test closes the generator
         if store_url is not None:
             RateLimiter.from_url(store_url).delete_table()  # every key of the prefix
     if broker.name == "rabbitmq":
         with client.connection_for_write() as conn:
-            for q in queues.split(","):
+            for q in names.split(","):
                 conn.default_channel.queue_delete(q)
 
 

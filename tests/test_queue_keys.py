@@ -3,7 +3,9 @@
 In memory: topic matching, which declared queue a route reaches, and the worker
 consumer's answer (RabbitMQ's consumer tags, kombu's virtual transports by the consumed
 queues' bindings) reaching the pool as the request field ``zae_queue`` through Celery's
-own strategy (admission off); an eager run's fallback.
+own strategy (admission off); an eager run's fallback. With real ``celery worker``
+processes on each broker, admission on and off: a queue bound to a topic exchange by a
+pattern gets its limit, counted in its bucket through the store.
 """
 
 # kombu ships no type information.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,7 +27,9 @@ from celery.worker import state as worker_state
 from kombu.entity import Exchange, Queue, binding
 
 from tests.celery.app import TOTAL
+from tests.conftest import Broker
 from tests.helpers import run_as_worker
+from tests.test_celery_workers import _start_fleet, redis_store_url
 from tests.test_task_options import capture_republish
 from zae_celery import Limit, RateLimitedTask, RateLimiter
 from zae_celery.admission import admission_strategy
@@ -36,6 +41,7 @@ from zae_celery.queues import (
     route_target,
     topic_matches,
 )
+from zae_celery.testing import LocalServer
 
 TOPIC = Exchange("work", type="topic")
 DIRECT = Exchange("jobs", type="direct")
@@ -278,3 +284,47 @@ def test_consumer_tags_name_the_queue_whatever_its_bindings(worker: _Worker) -> 
     assert queues.name_of({**external, "consumer_tag": tags["llm"]}) == "llm"
     unknown = {"consumer_tag": "gone", "exchange": "jobs", "routing_key": "nightly"}
     assert queues.name_of(unknown) == "batch"  # an unknown tag: bindings decide
+
+
+# -- real workers -------------------------------------------------------------------------
+@pytest.mark.integration
+@pytest.mark.parametrize("admission", ["1", "0"], ids=["admission", "pool"])
+def test_a_queue_bound_by_a_topic_pattern_gets_its_limit_on_real_workers(
+    broker: Broker, redis: LocalServer, tmp_path: Path, admission: str
+) -> None:
+    """One worker consumes "llm", bound to a topic exchange by "llm.#"; tasks are sent
+    with the routing key "llm.gpt4" (tests.celery.app, ZAE_TEST_TOPIC). The queue's
+    limit (a bucket refilled once a year) counts every one of them, and each run holds a
+    lease: the task has no limits of its own, so only the queue's can have applied.
+    "audit", declared by the app but not consumed, takes the same keys, so the app's
+    declared queues alone would not name "llm": the worker's consumer does. On RabbitMQ
+    a binding made by hand (no declared queue knows it) is told by its consumer tag."""
+    env = {"ZAE_TEST_TOPIC": "1", "ZAE_TEST_ADMISSION": admission}
+    gen = _start_fleet(
+        broker, None, tmp_path, env, store_url=redis_store_url(redis), queues=("llm",), count=1
+    )
+    fleet = next(gen)
+    topic = Exchange(fleet.queue("topic"), type="topic")
+    try:
+        keys = [fleet.queue("llm.gpt4")] * 6
+        if broker.name == "rabbitmq":
+            with fleet.client.connection_for_write() as conn:
+                conn.default_channel.queue_bind(
+                    fleet.queue("llm"), topic.name, fleet.queue("external.#")
+                )
+            keys += [fleet.queue("external.batch")] * 6
+        results = [
+            fleet.client.send_task(
+                "tests.celery.app.on_queue_a", exchange=topic, routing_key=key, declare=[topic]
+            )
+            for key in keys
+        ]
+        infos = fleet.collect(results, timeout=60)
+        assert [info["start"] is not None for info in infos] == [True] * len(keys)
+        assert _consumed(fleet.limiter(), fleet.queue("llm")) == len(keys)
+        assert _consumed(fleet.limiter(), fleet.queue("llm.gpt4")) == 0  # the old key
+    finally:
+        gen.close()
+        if broker.name == "rabbitmq":
+            with fleet.client.connection_for_write() as conn:
+                conn.default_channel.exchange_delete(topic.name)

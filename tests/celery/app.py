@@ -6,9 +6,12 @@ ZAE_TEST_ENDPOINT, ZAE_TEST_TABLE (DynamoDB), or ZAE_TEST_STORE_URL (zae_store_u
 redis:// URL, instead of those two), ZAE_TEST_RPS, ZAE_TEST_PROVIDER, ZAE_TEST_START_WAIT,
 ZAE_TEST_HORIZON, ZAE_TEST_BODY_SECONDS, ZAE_TEST_ACKS_LATE, ZAE_TEST_PREFETCH,
 ZAE_TEST_ADMISSION ("0": tasks are gated in the pool, as before admission),
-ZAE_TEST_MAX_DEFERRALS, ZAE_TEST_VISIBILITY_TIMEOUT (redis).
+ZAE_TEST_MAX_DEFERRALS, ZAE_TEST_VISIBILITY_TIMEOUT (redis), ZAE_TEST_TOPIC ("1": the
+queues of :data:`TOPIC_QUEUES` are declared).
 """
 
+# kombu ships no type information.
+# mypy: disable-error-code="no-untyped-call"
 from __future__ import annotations
 
 import asyncio
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from kombu.entity import Exchange, Queue
 
 from harness import fsbroker
 from zae_celery import Limit, RateLimitedTask
@@ -43,8 +47,13 @@ if os.environ.get("ZAE_TEST_STORE_URL"):
 else:
     app.conf.zae_table_name = os.environ.get("ZAE_TEST_TABLE", "zae-celery-tests")
     app.conf.zae_endpoint_url = os.environ.get("ZAE_TEST_ENDPOINT")
+# Refilled once a year: what a bucket shows is exactly what was consumed.
+TOTAL = Limit.custom("total", 1000, refill_amount=1, refill_period_seconds=31_536_000)
 app.conf.update(
-    zae_queue_limits={f"{PREFIX}shared": [Limit.per_second("tasks", 5)]},
+    zae_queue_limits={
+        f"{PREFIX}shared": [Limit.per_second("tasks", 5)],
+        f"{PREFIX}llm": [TOTAL],
+    },
     zae_jitter=0.2,
     zae_start_wait=float(os.environ.get("ZAE_TEST_START_WAIT", "1.0")),
     zae_unavailable_retry=float(os.environ.get("ZAE_TEST_UNAVAILABLE_RETRY", "5")),
@@ -67,6 +76,17 @@ elif os.environ.get("ZAE_TEST_VISIBILITY_TIMEOUT"):  # redis: redeliver unacked 
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
     }
+# Queue limits keyed by the consumed queue (tests/test_queue_keys.py): "llm" is bound to
+# a topic exchange by a pattern, so no routing key is its name; "audit" (declared, never
+# consumed) is bound to the same keys, so the app's declared queues alone cannot tell
+# which queue a message came from: only the worker's consumer can.
+TOPIC = Exchange(f"{PREFIX}topic", type="topic")
+TOPIC_QUEUES = [
+    Queue(f"{PREFIX}llm", TOPIC, routing_key=f"{PREFIX}llm.#"),
+    Queue(f"{PREFIX}audit", TOPIC, routing_key=f"{PREFIX}llm.*"),
+]
+if os.environ.get("ZAE_TEST_TOPIC") == "1":
+    app.conf.task_queues = TOPIC_QUEUES
 if os.environ.get("ZAE_TEST_MAX_DEFERRALS"):
     app.conf.zae_max_deferrals = int(os.environ["ZAE_TEST_MAX_DEFERRALS"])
 # Outage tests: ZAE_TEST_ON_UNAVAILABLE (closed/open), ZAE_TEST_BREAKER_COOLDOWN (seconds).
@@ -258,9 +278,6 @@ async def async_body(self: RateLimitedTask, actual: int) -> dict[str, Any]:
 app.conf.task_reject_on_worker_lost = True
 if BROKER.startswith("zaeflaky://"):
     from tests.celery import flaky_redis  # noqa: F401  (registers the transport)
-
-# Refilled once a year: what the bucket shows is exactly what was consumed.
-TOTAL = Limit.custom("total", 1000, refill_amount=1, refill_period_seconds=31_536_000)
 
 
 def _record(task: Any, gate: str) -> Any:
