@@ -195,6 +195,11 @@ class RateLimiter(LimiterBase):
         """The stored limits of an entity and resource ([] if none)."""
         return self._run(self.engine.get_limits(entity_id, resource))
 
+    def stored_limits(self, entity_id: str) -> dict[str | None, list[Limit]]:
+        """Every limit stored for an entity, by resource (``None``: every resource, first);
+        ``{}`` when none. One read."""
+        return self._run(self.engine.stored_limits(entity_id))
+
     def delete_limits(self, entity_id: str, resource: str | None = None) -> None:
         """Delete stored limits of an entity and resource."""
         self._run(self.engine.delete_limits(entity_id, resource))

@@ -239,6 +239,16 @@ class Records:
         config = yield from self._entity_config(entity_id, fresh=True)
         return list(config.limits.get(ANY_RESOURCE if resource is None else resource, ()))
 
+    def stored_limits(self, entity_id: str) -> Flow[dict[str | None, list[Limit]]]:
+        """Every limit stored for an entity, by resource: ``None`` (every resource) first,
+        then each resource with limits of its own, by name; ``{}`` when none. One read
+        (the entity's record holds them all)."""
+        check_id("entity_id", entity_id)
+        yield from self.ensure_schema()
+        config = yield from self._entity_config(entity_id, fresh=True)
+        ordered = sorted(config.limits.items(), key=lambda kv: (kv[0] != ANY_RESOURCE, kv[0]))
+        return {(None if res == ANY_RESOURCE else res): list(lims) for res, lims in ordered}
+
     def delete_limits(self, entity_id: str, resource: str | None = None) -> Flow[None]:
         """Delete the limits stored for an entity and resource."""
         check_id("entity_id", entity_id)
