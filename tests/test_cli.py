@@ -368,10 +368,13 @@ def test_buckets_shows_tokens_and_debt_in_red(store: Store) -> None:
     result = run(store.cli("buckets", "tenant", "--limit", "rpm=50/d", "--json"))
     assert result.exit_code == 0, result.output
     rows = {(r["resource"], r["limit"]): r for r in json.loads(result.stdout)}
-    assert set(rows) == {("gpt", "rpm"), ("gpt", "tpm"), ("mini", "rpm"), ("mini", "tpm")}
-    for (resource, _), row in rows.items():
-        expected = limiter.available("tenant", resource, code)[row["limit"]]
+    buckets = {("gpt", "rpm"), ("gpt", "tpm"), ("mini", "rpm"), ("mini", "tpm")}
+    assert set(rows) == buckets | {("*", "rpm"), ("*", "tpm")}  # *: every resource
+    for resource, limit in buckets:
+        row = rows[(resource, limit)]
+        expected = limiter.available("tenant", resource, code)[limit]
         assert row["available"] == pytest.approx(expected, abs=0.5)
+    assert [rows[("*", name)]["available"] for name in ("rpm", "tpm")] == [50, 1000]
     assert rows[("gpt", "tpm")]["in_debt"] and rows[("gpt", "tpm")]["burst"] == 1000
     assert rows[("gpt", "tpm")]["available"] == pytest.approx(-1000, abs=0.5)
     assert not rows[("mini", "rpm")]["in_debt"]
@@ -398,7 +401,106 @@ def test_buckets_of_limits_known_only_to_code(store: Store) -> None:
     result = run(store.cli("buckets", "tenant"), env={"COLUMNS": "120"})
     assert "pass it with --limit" in result.stderr
     result = run(store.cli("buckets", "nobody"))
-    assert result.exit_code == 0 and "No buckets" in result.stderr
+    assert result.exit_code == 0 and "No limits and no buckets" in result.stderr
+
+
+WIDE: dict[str, str | None] = {"COLUMNS": "150"}
+"""A terminal wide enough for every column of the ``buckets`` table."""
+
+
+def _table(result: Result) -> list[list[str]]:
+    """The body rows of the table ``buckets`` printed, cell by cell."""
+    return [
+        [cell.strip() for cell in line.strip("│").split("│")]
+        for line in result.stdout.splitlines()
+        if line.startswith("│")
+    ]
+
+
+@pytest.mark.integration
+def test_buckets_tells_what_is_stored_before_and_after_the_first_request(store: Store) -> None:
+    """The README's sequence: limits stored per resource, then ``buckets ENTITY``."""
+    result = run(store.cli("buckets", "tenant-42"))
+    assert (result.exit_code, result.stdout) == (0, "")
+    assert "No limits and no buckets are stored for tenant-42" in result.stderr
+    assert "first request" in result.stderr
+    assert json.loads(run(store.cli("buckets", "tenant-42", "--json")).stdout) == []
+
+    specs = ["rpm=500/m", "tpm=90k/m:burst=120k"]
+    args = ["limits", "set", "tenant-42", "--resource", "gpt-4o"]
+    assert run(store.cli(*args, "--limit", specs[0], "--limit", specs[1])).exit_code == 0
+    stored = [parse_limit(spec) for spec in specs]
+    # No bucket yet: the stored limits, each bucket full and unused.
+    result = run(store.cli("buckets", "tenant-42", "--json"))
+    assert result.exit_code == 0, result.output
+    assert [
+        (r["resource"], r["limit"], r["burst"], r["available"], r["source"], r["used"])
+        for r in json.loads(result.stdout)
+    ] == [("gpt-4o", lim.name, lim.burst, lim.burst, "resource", False) for lim in stored]
+    result = run(store.cli("buckets", "tenant-42"), env=WIDE)
+    assert [row[:3] + row[-1:] for row in _table(result)] == [
+        ["gpt-4o", lim.name, "stored", "full (unused)"] for lim in stored
+    ]
+    assert "No limits" not in result.stderr
+    assert "zae-celery buckets tenant-42 --resource gpt-4o" in result.stderr
+    result = run(store.cli("buckets", "tenant-42", "--resource", "mini"))
+    assert result.exit_code == 0 and result.stdout == ""
+    text = " ".join(result.stderr.split())
+    assert "No limits are stored for tenant-42 / mini" in text
+    assert "limits stored for gpt-4o only" in text
+
+    # Limits for every resource: rows of resource *, merged into gpt-4o's too. A slow
+    # limit (1000 a day) keeps what a request consumed in use while the test reads it.
+    assert run(store.cli("limits", "set", "tenant-42", "--limit", "rpd=1k/d")).exit_code == 0
+    limiter = store.limiter()
+    limiter.acquire("tenant-42", "gpt-4o", {"rpd": 3}).commit()
+    result = run(store.cli("buckets", "tenant-42", "--json"))
+    rows = {(r["resource"], r["limit"]): r for r in json.loads(result.stdout)}
+    assert list(rows) == [("*", "rpd"), ("gpt-4o", "rpd"), ("gpt-4o", "rpm"), ("gpt-4o", "tpm")]
+    assert {key: (r["source"], r["used"]) for key, r in rows.items()} == {
+        ("*", "rpd"): ("entity", False),
+        ("gpt-4o", "rpd"): ("entity", True),
+        ("gpt-4o", "rpm"): ("resource", False),  # the request consumed none of these
+        ("gpt-4o", "tpm"): ("resource", False),
+    }
+    used = rows[("gpt-4o", "rpd")]
+    assert used["in_use"] == pytest.approx(3, abs=0.05)
+    expected = limiter.available("tenant-42", "gpt-4o")["rpd"]
+    assert used["available"] == pytest.approx(expected, abs=0.05)
+    result = run(store.cli("buckets", "tenant-42"), env=WIDE)
+    table = _table(result)
+    assert [row[:3] for row in table] == [
+        ["*", "rpd", "stored *"],
+        ["gpt-4o", "rpd", "stored *"],
+        ["gpt-4o", "rpm", "stored"],
+        ["gpt-4o", "tpm", "stored"],
+    ]
+    assert [row[-1] == "full (unused)" for row in table] == [True, False, True, True]
+    assert "*: the limits stored for every resource of tenant-42" in result.stderr
+    # One resource: its rows only, the entity-wide limits merged in.
+    result = run(store.cli("buckets", "tenant-42", "--resource", "gpt-4o", "--json"))
+    assert [r["limit"] for r in json.loads(result.stdout)] == ["rpd", "rpm", "tpm"]
+
+
+@pytest.mark.integration
+def test_buckets_of_an_entity_with_limits_for_every_resource_only(store: Store) -> None:
+    assert run(store.cli("limits", "set", "tenant-7", "--limit", "rpd=10k/d")).exit_code == 0
+    result = run(store.cli("buckets", "tenant-7", "--json"))
+    (row,) = json.loads(result.stdout)
+    assert (row["resource"], row["limit"], row["available"], row["used"]) == (
+        "*",
+        "rpd",
+        10_000,
+        False,
+    )
+    result = run(store.cli("buckets", "tenant-7"), env=WIDE)
+    assert [row[:3] for row in _table(result)] == [["*", "rpd", "stored *"]]
+    assert "every resource of tenant-7" in result.stderr
+    assert "--resource" not in result.stderr  # no limits of one resource to point at
+    result = run(store.cli("buckets", "tenant-7", "--resource", "gpt"), env=WIDE)
+    assert [row[:3] + row[-1:] for row in _table(result)] == [
+        ["gpt", "rpd", "stored *", "full (unused)"]
+    ]
 
 
 @pytest.mark.integration
