@@ -232,6 +232,11 @@ class AsyncRateLimiter(LimiterBase):
         """Delete stored limits of an entity and resource."""
         await self._run(self.engine.delete_limits(entity_id, resource))
 
+    async def schema_version(self) -> int | None:
+        """The schema version stamped on the table (None: none yet; the first request
+        stamps it). One read; unlike :meth:`warm_up` it stamps and checks nothing."""
+        return await self._run(self.engine.schema_version())
+
     async def create_table(self) -> bool:
         """Create the table directly (local endpoints); False if it already existed."""
         return await self._run(self.engine.create_table())

@@ -205,6 +205,11 @@ class RateLimiter(LimiterBase):
         self._run(self.engine.delete_limits(entity_id, resource))
 
     # -- table ----------------------------------------------------------------------------
+    def schema_version(self) -> int | None:
+        """The schema version stamped on the table (None: none yet; the first request
+        stamps it). One read; unlike :meth:`warm_up` it stamps and checks nothing."""
+        return self._run(self.engine.schema_version())
+
     def create_table(self) -> bool:
         """Create the table directly (local endpoints); False if it already existed."""
         return self._run(self.engine.create_table())

@@ -146,6 +146,14 @@ class Records:
             )
         self._schema_ok = True
 
+    def schema_version(self) -> Flow[int | None]:
+        """The schema version stamped on the table (None: none yet, the first request
+        stamps it). One read; it stamps nothing and checks nothing."""
+        reply = yield ReadSchema()
+        self._raise_for(reply)
+        version: int | None = reply.value
+        return version
+
     def _stamp_schema(self) -> Flow[None]:
         reply = yield StampSchema(SCHEMA_VERSION)
         if reply.code != EXISTS:

@@ -26,6 +26,7 @@ from zae_celery.core import (
 )
 from zae_celery.core.lease import LeaseState
 from zae_celery.core.ops import Op, Reply, WriteBuckets
+from zae_celery.core.schema import SCHEMA_VERSION
 from zae_celery.core.stores import MemoryStore
 
 PACE = Slot(pace=True)
@@ -297,6 +298,29 @@ def test_incompatible_schema_is_refused(limiter: RateLimiter, backend: Backend) 
     other = backend.limiter()
     with pytest.raises(IncompatibleSchema, match="schema version 999"):
         other.acquire("e", "r", {"rps": 1}, [Limit.per_second("rps", 1)])
+
+
+@pytest.mark.contract
+def test_schema_version_reads_the_stamp_as_it_is(limiter: RateLimiter, backend: Backend) -> None:
+    assert limiter.schema_version() == SCHEMA_VERSION  # create_table stamped it
+    backend.stamp_version(999)
+    other = backend.limiter()
+    assert other.schema_version() == 999  # read, not refused: status shows it
+
+    async def read() -> int | None:
+        async with backend.async_limiter() as alimiter:
+            return await alimiter.schema_version()
+
+    assert asyncio.run(read()) == 999
+
+
+def test_schema_version_stamps_nothing() -> None:
+    store = MemoryStore()
+    limiter = RateLimiter(store=store)
+    assert limiter.schema_version() is None
+    assert limiter.schema_version() is None and store.dump()["version"] is None
+    limiter.warm_up()  # a request's first step stamps it
+    assert limiter.schema_version() == SCHEMA_VERSION
 
 
 def _script(clock: Clock) -> list[tuple[str, Any]]:
