@@ -30,7 +30,7 @@ from tests import oprecorder
 from tests.conftest import Endpoint
 from zae_celery.cli import celery_command, format_limit, main, parse_limit
 from zae_celery.cli.options import GLOBAL_OPTIONS
-from zae_celery.core import Limit, RateLimiter, RateLimiterUnavailable
+from zae_celery.core import SCHEMA_VERSION, Limit, RateLimiter, RateLimiterUnavailable
 from zae_celery.core.limits import MAX_TOKENS
 from zae_celery.infra import template_text
 from zae_celery.testing import LocalServer, free_port
@@ -255,6 +255,78 @@ def test_create_table_leaves_nothing_half_made(
     assert result.exit_code == 1
     assert "simulated failure" in result.stderr
     assert endpoint.table_name not in ddb(endpoint).list_tables()["TableNames"]
+
+
+@pytest.mark.integration
+def test_status_shows_a_table_made_without_a_stack(table: Endpoint) -> None:
+    base = local(table)
+    assert run([*base, "limits", "set", "t", "--limit", "rpm=5/m"]).exit_code == 0
+    result = run([*base, "status"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    if table.kind == "moto":  # CloudFormation, but no stack of the table's name
+        assert f"No stack '{table.table_name}'" in text
+        assert "exists without one" in text and "resource import" in text
+    else:
+        assert "serves no CloudFormation" in text and "exists without a stack" in text
+    described = ddb(table).describe_table(TableName=table.table_name)["Table"]
+    count = described["ItemCount"]
+    assert f"Table: {table.table_name} ACTIVE, {count} item" in text
+    assert "TTL ENABLED on ttl" in text and "Billing: PAY_PER_REQUEST" in text
+    assert f"Schema: version {SCHEMA_VERSION}" in text
+    assert result.stderr == ""  # no warning: TTL is on
+
+    # A table stamped by a newer zae-celery: shown as it is, not refused.
+    ddb(table).put_item(
+        TableName=table.table_name,
+        Item={"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}, "version": {"N": "999"}},
+    )
+    result = run([*base, "status"])
+    assert result.exit_code == 0, result.output
+    assert f"version 999, but this zae-celery speaks version {SCHEMA_VERSION}" in result.stdout
+
+
+@pytest.mark.integration
+def test_status_of_a_provisioned_table_nobody_used(endpoint: Endpoint) -> None:
+    client = ddb(endpoint)
+    client.create_table(
+        TableName=endpoint.table_name,
+        KeySchema=[
+            {"AttributeName": "PK", "KeyType": "HASH"},
+            {"AttributeName": "SK", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": "PK", "AttributeType": "S"},
+            {"AttributeName": "SK", "AttributeType": "S"},
+        ],
+        ProvisionedThroughput={"ReadCapacityUnits": 3, "WriteCapacityUnits": 4},
+    )
+    try:
+        result = run(local(endpoint, "status"))
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.stdout.split())
+        assert "Billing: PROVISIONED (3 read, 4 write capacity units)" in text
+        assert "Schema: not stamped yet (the first request stamps it)" in text
+        assert "TTL DISABLED" in text and "TTL is off" in result.stderr
+        # Reading it stamped nothing.
+        meta = client.get_item(
+            TableName=endpoint.table_name, Key={"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}}
+        )
+        assert "Item" not in meta
+    finally:
+        client.delete_table(TableName=endpoint.table_name)
+
+
+@pytest.mark.integration
+def test_status_without_stack_or_table_is_an_error(endpoint: Endpoint) -> None:
+    result = run(local(endpoint, "status"))
+    assert result.exit_code == 1
+    text = " ".join(result.stderr.split())
+    assert f"no table '{endpoint.table_name}'" in text
+    if endpoint.kind == "moto":
+        assert "no stack" in text and "deploy" in text
+    else:
+        assert "serves no CloudFormation" in text and "create-table" in text
 
 
 def test_create_table_needs_a_local_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
