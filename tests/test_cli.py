@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -850,6 +851,55 @@ def test_deploy_status_update_delete_on_moto(clean_moto: LocalServer) -> None:
 
 def ddb_client(server: LocalServer) -> Any:
     return boto3.client("dynamodb", endpoint_url=server.url, region_name="us-east-1")
+
+
+@contextlib.contextmanager
+def iam_enforced(server: LocalServer) -> Iterator[None]:
+    """moto server checks every request against the caller's IAM policies in the block."""
+
+    def reset_auth(count: str) -> str:
+        request = urllib.request.Request(
+            f"{server.url}/moto-api/reset-auth",
+            data=count.encode(),
+            headers={"Content-Type": "text/plain"},  # a form body would not reach moto
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return str(json.load(reply)["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"])
+
+    previous = reset_auth("0")
+    try:
+        yield
+    finally:
+        reset_auth(previous)
+
+
+@pytest.mark.integration
+def test_status_shows_the_table_to_whom_may_not_read_its_items(
+    clean_moto: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = unique()
+    base = ["--endpoint-url", clean_moto.url, "--table", table]
+    assert run([*base, "create-table"]).exit_code == 0
+    iam = boto3.client("iam", endpoint_url=clean_moto.url, region_name="us-east-1")
+    iam.create_user(UserName="describer")
+    allowed = ["cloudformation:DescribeStacks", "dynamodb:DescribeTable"]
+    allowed.append("dynamodb:DescribeTimeToLive")
+    document = {"Effect": "Allow", "Action": allowed, "Resource": "*"}
+    iam.put_user_policy(
+        UserName="describer",
+        PolicyName="describe",
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [document]}),
+    )
+    key = iam.create_access_key(UserName="describer")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    with iam_enforced(clean_moto):
+        result = run([*base, "status"])
+    assert result.exit_code == 0, result.output
+    assert f"Table:   {table} ACTIVE" in result.stdout
+    # What the endpoint said (moto answers in XML where AWS answers in JSON).
+    schema = result.stdout.split("Schema:", 1)[1].split("To manage", 1)[0]
+    assert "not readable" in schema and "dynamodb:GetItem" in schema, result.stdout
 
 
 @pytest.mark.integration

@@ -9,7 +9,7 @@ import click
 
 from zae_celery.cli.errors import OperationalError, translate_errors
 from zae_celery.cli.options import CONTEXT, Target, pairs, pass_target
-from zae_celery.core import SCHEMA_VERSION
+from zae_celery.core import SCHEMA_VERSION, RateLimiterUnavailable
 from zae_celery.infra import template_text
 from zae_celery.infra.stack import (
     PARAMETERS,
@@ -284,7 +284,11 @@ def _print_table(target: Target, manager: StackManager, name: str, table: dict[s
     )
     click.echo(f"Billing: {_billing(table)}")
     if table.get("TableStatus") == "ACTIVE":
-        click.echo(f"Schema:  {_schema(target.limiter().schema_version())}")
+        try:
+            schema = _schema(target.limiter().schema_version())
+        except RateLimiterUnavailable as exc:  # e.g. no dynamodb:GetItem: show the rest
+            schema = f"not readable: {exc}"
+        click.echo(f"Schema:  {schema}")
     if spec.get("TimeToLiveStatus") == "DISABLED":
         click.echo(
             "Warning: TTL is off, so idle buckets never expire; enable it on the "
