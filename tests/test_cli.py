@@ -585,7 +585,7 @@ def test_missing_table_says_how_to_create_it(endpoint: Endpoint) -> None:
 
 # -- a Redis store -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "command", [["create-table"], ["deploy"], ["status"], ["delete", "--yes"]], ids=lambda c: c[0]
+    "command", [["create-table"], ["deploy"], ["delete", "--yes"]], ids=lambda c: c[0]
 )
 def test_table_and_stack_commands_refuse_a_redis_store(command: list[str]) -> None:
     # Nothing listens at the URL: a command that tried to reach it would exit 1.
@@ -594,7 +594,32 @@ def test_table_and_stack_commands_refuse_a_redis_store(command: list[str]) -> No
     assert result.exit_code == 2, result.output
     text = " ".join(result.stderr.split())
     assert f"'{command[0]}' concerns a DynamoDB table and its stack" in text
-    assert "(prefix zae-cli)" in text and "'limits', 'entity' and 'buckets' work on it" in text
+    assert "(prefix zae-cli)" in text
+    assert "'limits', 'entity', 'buckets' and 'status' work on it" in text
+
+
+@pytest.mark.integration
+def test_status_of_a_redis_store_shows_its_prefix_and_schema_stamp(redis: LocalServer) -> None:
+    prefix = unique()
+    url = f"redis://127.0.0.1:{redis.port}/3?prefix={prefix}"
+    try:
+        result = run(["--store", url, "status"])
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.stdout.split())
+        assert f"Store: Redis at 127.0.0.1:{redis.port}/3 (prefix {prefix})" in text
+        assert "Schema: not stamped yet (the first request stamps it)" in text
+        assert "no table and no stack" in text
+        assert RateLimiter.from_url(url).schema_version() is None  # status stamped nothing
+        assert run(["--store", url, "limits", "set", "t", "--limit", "rpm=7/m"]).exit_code == 0
+        result = run(["--store", url, "status"])
+        assert result.exit_code == 0, result.output
+        assert f"Schema:  version {SCHEMA_VERSION}" in result.stdout
+        result = run(["--store", url, "status", "--stack", "rate-limits"])
+        assert result.exit_code == 2 and "has no stack" in result.stderr
+    finally:
+        RateLimiter.from_url(url).delete_table()
+    result = run(["--store", f"redis://127.0.0.1:{free_port()}/0", "status"])
+    assert result.exit_code == 1 and "is reachable" in " ".join(result.stderr.split())
 
 
 @pytest.mark.parametrize(

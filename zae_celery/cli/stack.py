@@ -178,14 +178,17 @@ def deploy(
 def status(target: Target, stack: str | None) -> None:
     """Show the stack's status, parameters and outputs, and its table.
 
-    A table made without a stack (e.g. by create-table) is shown on its own. Exits 1
-    when there is neither such a stack nor the table, or the stack is in a failed state.
+    A table made without a stack (e.g. by create-table) is shown on its own; a Redis
+    store (--store redis://...) shows its prefix and schema stamp. Exits 1 when there is
+    neither such a stack nor the table, or the stack is in a failed state.
 
     \b
     Example:
       zae-celery --region eu-west-1 status --stack rate-limits
     """
-    target.need_table("status")
+    if target.redis:
+        _redis_status(target)
+        return
     name = _stack_name(target, stack)
     with translate_errors(target):
         manager = target.stack_manager()
@@ -217,6 +220,21 @@ def status(target: Target, stack: str | None) -> None:
                 + (f"\nFailing stack events:{lines}" if lines else "")
                 + f"\nDelete it with 'zae-celery delete --stack {name}' and deploy again."
             )
+
+
+def _redis_status(target: Target) -> None:
+    """``status`` on a Redis store: where it is and its schema stamp (no table, no stack)."""
+    source = click.get_current_context().get_parameter_source("stack")
+    if source == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError(f"--stack: the store is {target.where()}, which has no stack")
+    with translate_errors(target):
+        version = target.limiter().schema_version()
+    click.echo(f"Store:   {target.where()}")
+    click.echo(f"Schema:  {_schema(version, 'prefix')}")
+    click.echo(
+        "A Redis store has no table and no stack: 'create-table', 'deploy' and 'delete' do "
+        "not apply; the prefix is its namespace."
+    )
 
 
 def _describe(target: Target, manager: StackManager, name: str) -> tuple[StackInfo | None, bool]:
@@ -314,15 +332,16 @@ def _billing(table: dict[str, Any]) -> str:
     )
 
 
-def _schema(version: int | None) -> str:
-    """The stamped schema version, against the one this zae-celery speaks."""
+def _schema(version: int | None, where: str = "table") -> str:
+    """The stamped schema version, against the one this zae-celery speaks (``where``:
+    what to use another of, a table or a Redis prefix)."""
     if version is None:
         return "not stamped yet (the first request stamps it)"
     if version == SCHEMA_VERSION:
         return f"version {version}"
     return (
         f"version {version}, but this zae-celery speaks version {SCHEMA_VERSION}: upgrade "
-        "zae-celery or use another table"
+        f"zae-celery or use another {where}"
     )
 
 
