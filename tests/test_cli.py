@@ -184,6 +184,23 @@ def ddb(endpoint: Endpoint) -> Any:
     return boto3.client("dynamodb", endpoint_url=endpoint.url, region_name="us-east-1")
 
 
+def plain_table(endpoint: Endpoint, **billing: Any) -> None:
+    """A table of the engine's key schema made by hand, not by zae-celery (no TTL, no
+    schema stamp); ``billing``: its BillingMode or ProvisionedThroughput."""
+    ddb(endpoint).create_table(
+        TableName=endpoint.table_name,
+        KeySchema=[
+            {"AttributeName": "PK", "KeyType": "HASH"},
+            {"AttributeName": "SK", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": "PK", "AttributeType": "S"},
+            {"AttributeName": "SK", "AttributeType": "S"},
+        ],
+        **billing,
+    )
+
+
 @pytest.mark.integration
 def test_create_table_enables_ttl_and_the_engine_can_use_it(table: Endpoint) -> None:
     client = ddb(table)
@@ -220,18 +237,7 @@ def test_create_table_refuses_an_existing_table_unless_exist_ok(table: Endpoint)
 @pytest.mark.integration
 def test_create_table_with_exist_ok_enables_ttl_on_a_plain_table(endpoint: Endpoint) -> None:
     client = ddb(endpoint)
-    client.create_table(
-        TableName=endpoint.table_name,
-        KeySchema=[
-            {"AttributeName": "PK", "KeyType": "HASH"},
-            {"AttributeName": "SK", "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": "PK", "AttributeType": "S"},
-            {"AttributeName": "SK", "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    plain_table(endpoint, BillingMode="PAY_PER_REQUEST")
     try:
         result = run(local(endpoint, "create-table", "--exist-ok"))
         assert result.exit_code == 0, result.output
@@ -290,18 +296,7 @@ def test_status_shows_a_table_made_without_a_stack(table: Endpoint) -> None:
 @pytest.mark.integration
 def test_status_of_a_provisioned_table_nobody_used(endpoint: Endpoint) -> None:
     client = ddb(endpoint)
-    client.create_table(
-        TableName=endpoint.table_name,
-        KeySchema=[
-            {"AttributeName": "PK", "KeyType": "HASH"},
-            {"AttributeName": "SK", "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": "PK", "AttributeType": "S"},
-            {"AttributeName": "SK", "AttributeType": "S"},
-        ],
-        ProvisionedThroughput={"ReadCapacityUnits": 3, "WriteCapacityUnits": 4},
-    )
+    plain_table(endpoint, ProvisionedThroughput={"ReadCapacityUnits": 3, "WriteCapacityUnits": 4})
     try:
         result = run(local(endpoint, "status"))
         assert result.exit_code == 0, result.output
