@@ -21,9 +21,10 @@ from .errors import (
 from .lease import BucketRef, Slot
 from .limiter import Lease, RateLimiter
 from .limits import Limit
-from .schema import check_id
+from .schema import SCHEMA_VERSION, check_id
 
 __all__ = [
+    "SCHEMA_VERSION",
     "AsyncLease",
     "AsyncRateLimiter",
     "BucketRef",

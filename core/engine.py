@@ -54,9 +54,7 @@ from .ops import (
 )
 from .ops import tat as _tat
 from .records import Clock, EntityConfig, Records, merge, remember
-from .schema import (
-    check_id,
-)
+from .schema import ANY_RESOURCE, check_id
 from .validation import check_amounts, check_horizon, check_limits
 
 __all__ = [
@@ -95,6 +93,13 @@ class BucketStatus:
     in_use: float
     full_in: float
     """Seconds until the bucket is full again (0: full)."""
+    source: str | None = None
+    """Where the limit comes from: ``"resource"`` (stored for this resource), ``"entity"``
+    (stored for every resource of the entity), ``"code"`` (passed by the caller), or None
+    (known to neither: only the bucket's state names it)."""
+    used: bool = True
+    """False when the store holds no state for this limit: nothing consumed from it yet
+    (or not since its item expired, a day after it was last full): the bucket is full."""
 
     @property
     def in_debt(self) -> bool:
@@ -724,9 +729,12 @@ class Engine(Records):
     ) -> Flow[list[BucketStatus]]:
         """Every limit's state in the buckets of ``entity_id`` (or of one resource).
 
-        Limits are those a request would apply: ``limits`` (a caller's code limits),
-        overridden by the entity's stored limits. A bucket attribute of no known limit
-        shows its tokens in use only. One read of the entity and one per page of buckets.
+        The resources are those with a bucket and those with limits stored for them (a
+        resource nobody used yet has a full bucket: ``used`` False); with ``resource``,
+        that one only. Limits are those a request would apply: ``limits`` (a caller's
+        code limits), overridden by the entity's stored limits (``source`` says which).
+        A bucket attribute of no known limit shows its tokens in use only. One read of
+        the entity and one per page of buckets.
         """
         check_id("entity_id", entity_id)
         if resource is not None:
@@ -743,15 +751,22 @@ class Engine(Records):
             items.update(page)
             if after is None:
                 break
+        if resource is None:
+            resources = set(items) | (set(config.limits) - {ANY_RESOURCE})
+        else:
+            resources = {resource}
         now_ms = self.now_ms()
         rows: list[BucketStatus] = []
-        for res in sorted(set(items) | ({resource} if resource is not None else set())):
+        for res in sorted(resources):
             item = items.get(res, {})
             merged = merge(code_limits, config.limits_for(res))
             for lim in merged:
                 amount, period = lim.refill_amount, lim.refill_period_ms
                 tat = _tat(item, lim)
-                rows.append(_status(entity_id, res, lim.name, amount, period, tat, now_ms, lim))
+                source = _source(config, res, lim.name)
+                rows.append(
+                    _status(entity_id, res, lim.name, amount, period, tat, now_ms, lim, source)
+                )
             known = {lim.key for lim in merged}
             for key, tat in sorted(item.items()):
                 match = _ATTRIBUTE.match(key)
@@ -788,6 +803,7 @@ def _status(
     tat: int | None,
     now_ms: int,
     limit: Limit | None = None,
+    source: str | None = None,
 ) -> BucketStatus:
     """One limit's state from its TAT; without its ``limit`` (burst unknown) only the
     tokens in use can be told."""
@@ -802,7 +818,19 @@ def _status(
         None if limit is None else bucket.available(limit, tat, now_ms),
         in_use,
         in_use * period_ms / amount / 1000,
+        source,
+        tat is not None,
     )
+
+
+def _source(config: EntityConfig, resource: str, name: str) -> str:
+    """Where the limit ``name`` of a request for ``resource`` comes from (see
+    :attr:`BucketStatus.source`): stored for the resource, for the entity, or code."""
+    if any(lim.name == name for lim in config.limits.get(resource, ())):
+        return "resource"
+    if any(lim.name == name for lim in config.limits.get(ANY_RESOURCE, ())):
+        return "entity"
+    return "code"
 
 
 def _backoff(attempt: int) -> Sleep:

@@ -195,11 +195,21 @@ class RateLimiter(LimiterBase):
         """The stored limits of an entity and resource ([] if none)."""
         return self._run(self.engine.get_limits(entity_id, resource))
 
+    def stored_limits(self, entity_id: str) -> dict[str | None, list[Limit]]:
+        """Every limit stored for an entity, by resource (``None``: every resource, first);
+        ``{}`` when none. One read."""
+        return self._run(self.engine.stored_limits(entity_id))
+
     def delete_limits(self, entity_id: str, resource: str | None = None) -> None:
         """Delete stored limits of an entity and resource."""
         self._run(self.engine.delete_limits(entity_id, resource))
 
     # -- table ----------------------------------------------------------------------------
+    def schema_version(self) -> int | None:
+        """The schema version stamped on the table (None: none yet; the first request
+        stamps it). One read; unlike :meth:`warm_up` it stamps and checks nothing."""
+        return self._run(self.engine.schema_version())
+
     def create_table(self) -> bool:
         """Create the table directly (local endpoints); False if it already existed."""
         return self._run(self.engine.create_table())

@@ -146,6 +146,14 @@ class Records:
             )
         self._schema_ok = True
 
+    def schema_version(self) -> Flow[int | None]:
+        """The schema version stamped on the table (None: none yet, the first request
+        stamps it). One read; it stamps nothing and checks nothing."""
+        reply = yield ReadSchema()
+        self._raise_for(reply)
+        version: int | None = reply.value
+        return version
+
     def _stamp_schema(self) -> Flow[None]:
         reply = yield StampSchema(SCHEMA_VERSION)
         if reply.code != EXISTS:
@@ -238,6 +246,16 @@ class Records:
         yield from self.ensure_schema()
         config = yield from self._entity_config(entity_id, fresh=True)
         return list(config.limits.get(ANY_RESOURCE if resource is None else resource, ()))
+
+    def stored_limits(self, entity_id: str) -> Flow[dict[str | None, list[Limit]]]:
+        """Every limit stored for an entity, by resource: ``None`` (every resource) first,
+        then each resource with limits of its own, by name; ``{}`` when none. One read
+        (the entity's record holds them all)."""
+        check_id("entity_id", entity_id)
+        yield from self.ensure_schema()
+        config = yield from self._entity_config(entity_id, fresh=True)
+        ordered = sorted(config.limits.items(), key=lambda kv: (kv[0] != ANY_RESOURCE, kv[0]))
+        return {(None if res == ANY_RESOURCE else res): list(lims) for res, lims in ordered}
 
     def delete_limits(self, entity_id: str, resource: str | None = None) -> Flow[None]:
         """Delete the limits stored for an entity and resource."""

@@ -30,9 +30,19 @@ import pytest
 WORKER_FLOWS = frozenset({"acquire", "adjust", "release", "available", "start", "block"})
 """Engine flows a worker runs: ``acquire``/``reserve``, ``lease.adjust``, rollback,
 ``available``, ``start`` (a reservation's start) and ``block`` (a provider's 429)."""
-ADMIN_FLOWS = frozenset({"create_entity", "set_limits", "get_limits", "delete_limits", "buckets"})
+ADMIN_FLOWS = frozenset(
+    {
+        "create_entity",
+        "set_limits",
+        "get_limits",
+        "stored_limits",
+        "delete_limits",
+        "buckets",
+        "schema_version",
+    }
+)
 """Engine flows of limit and entity management and reading (the CLI's ``limits``,
-``entity`` and ``buckets``)."""
+``entity``, ``buckets`` and the schema version ``status`` shows)."""
 TABLE_FLOWS = frozenset({"create_table", "delete_table"})
 """Engine flows that create or delete the table (local endpoints and tests only)."""
 OUTSIDE = ""

@@ -293,6 +293,7 @@ def _operations() -> list[Any]:
         ("set-limits-entity", lambda lim, bad: lim.set_limits(bad, LIMITS), "entity_id"),
         ("set-limits-resource", lambda lim, bad: lim.set_limits(ENTITY, LIMITS, bad), "resource"),
         ("get-limits-entity", lambda lim, bad: lim.get_limits(bad), "entity_id"),
+        ("stored-limits-entity", lambda lim, bad: lim.stored_limits(bad), "entity_id"),
         ("delete-limits-entity", lambda lim, bad: lim.delete_limits(bad), "entity_id"),
         ("delete-limits-resource", lambda lim, bad: lim.delete_limits(ENTITY, bad), "resource"),
     ]

@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from tests import oprecorder
 from tests.conftest import Endpoint
 from zae_celery.cli import celery_command, format_limit, main, parse_limit
 from zae_celery.cli.options import GLOBAL_OPTIONS
-from zae_celery.core import Limit, RateLimiter, RateLimiterUnavailable
+from zae_celery.core import SCHEMA_VERSION, Limit, RateLimiter, RateLimiterUnavailable
 from zae_celery.core.limits import MAX_TOKENS
 from zae_celery.infra import template_text
 from zae_celery.testing import LocalServer, free_port
@@ -183,6 +184,23 @@ def ddb(endpoint: Endpoint) -> Any:
     return boto3.client("dynamodb", endpoint_url=endpoint.url, region_name="us-east-1")
 
 
+def plain_table(endpoint: Endpoint, **billing: Any) -> None:
+    """A table of the engine's key schema made by hand, not by zae-celery (no TTL, no
+    schema stamp); ``billing``: its BillingMode or ProvisionedThroughput."""
+    ddb(endpoint).create_table(
+        TableName=endpoint.table_name,
+        KeySchema=[
+            {"AttributeName": "PK", "KeyType": "HASH"},
+            {"AttributeName": "SK", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": "PK", "AttributeType": "S"},
+            {"AttributeName": "SK", "AttributeType": "S"},
+        ],
+        **billing,
+    )
+
+
 @pytest.mark.integration
 def test_create_table_enables_ttl_and_the_engine_can_use_it(table: Endpoint) -> None:
     client = ddb(table)
@@ -219,18 +237,7 @@ def test_create_table_refuses_an_existing_table_unless_exist_ok(table: Endpoint)
 @pytest.mark.integration
 def test_create_table_with_exist_ok_enables_ttl_on_a_plain_table(endpoint: Endpoint) -> None:
     client = ddb(endpoint)
-    client.create_table(
-        TableName=endpoint.table_name,
-        KeySchema=[
-            {"AttributeName": "PK", "KeyType": "HASH"},
-            {"AttributeName": "SK", "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": "PK", "AttributeType": "S"},
-            {"AttributeName": "SK", "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    plain_table(endpoint, BillingMode="PAY_PER_REQUEST")
     try:
         result = run(local(endpoint, "create-table", "--exist-ok"))
         assert result.exit_code == 0, result.output
@@ -255,6 +262,67 @@ def test_create_table_leaves_nothing_half_made(
     assert result.exit_code == 1
     assert "simulated failure" in result.stderr
     assert endpoint.table_name not in ddb(endpoint).list_tables()["TableNames"]
+
+
+@pytest.mark.integration
+def test_status_shows_a_table_made_without_a_stack(table: Endpoint) -> None:
+    base = local(table)
+    assert run([*base, "limits", "set", "t", "--limit", "rpm=5/m"]).exit_code == 0
+    result = run([*base, "status"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    if table.kind == "moto":  # CloudFormation, but no stack of the table's name
+        assert f"No stack '{table.table_name}'" in text
+        assert "exists without one" in text and "resource import" in text
+    else:
+        assert "serves no CloudFormation" in text and "exists without a stack" in text
+    described = ddb(table).describe_table(TableName=table.table_name)["Table"]
+    count = described["ItemCount"]
+    assert f"Table: {table.table_name} ACTIVE, {count} item" in text
+    assert "TTL ENABLED on ttl" in text and "Billing: PAY_PER_REQUEST" in text
+    assert f"Schema: version {SCHEMA_VERSION}" in text
+    assert result.stderr == ""  # no warning: TTL is on
+
+    # A table stamped by a newer zae-celery: shown as it is, not refused.
+    ddb(table).put_item(
+        TableName=table.table_name,
+        Item={"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}, "version": {"N": "999"}},
+    )
+    result = run([*base, "status"])
+    assert result.exit_code == 0, result.output
+    assert f"version 999, but this zae-celery speaks version {SCHEMA_VERSION}" in result.stdout
+
+
+@pytest.mark.integration
+def test_status_of_a_provisioned_table_nobody_used(endpoint: Endpoint) -> None:
+    client = ddb(endpoint)
+    plain_table(endpoint, ProvisionedThroughput={"ReadCapacityUnits": 3, "WriteCapacityUnits": 4})
+    try:
+        result = run(local(endpoint, "status"))
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.stdout.split())
+        assert "Billing: PROVISIONED (3 read, 4 write capacity units)" in text
+        assert "Schema: not stamped yet (the first request stamps it)" in text
+        assert "TTL DISABLED" in text and "TTL is off" in result.stderr
+        # Reading it stamped nothing.
+        meta = client.get_item(
+            TableName=endpoint.table_name, Key={"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}}
+        )
+        assert "Item" not in meta
+    finally:
+        client.delete_table(TableName=endpoint.table_name)
+
+
+@pytest.mark.integration
+def test_status_without_stack_or_table_is_an_error(endpoint: Endpoint) -> None:
+    result = run(local(endpoint, "status"))
+    assert result.exit_code == 1
+    text = " ".join(result.stderr.split())
+    assert f"no table '{endpoint.table_name}'" in text
+    if endpoint.kind == "moto":
+        assert "no stack" in text and "deploy" in text
+    else:
+        assert "serves no CloudFormation" in text and "create-table" in text
 
 
 def test_create_table_needs_a_local_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -368,10 +436,13 @@ def test_buckets_shows_tokens_and_debt_in_red(store: Store) -> None:
     result = run(store.cli("buckets", "tenant", "--limit", "rpm=50/d", "--json"))
     assert result.exit_code == 0, result.output
     rows = {(r["resource"], r["limit"]): r for r in json.loads(result.stdout)}
-    assert set(rows) == {("gpt", "rpm"), ("gpt", "tpm"), ("mini", "rpm"), ("mini", "tpm")}
-    for (resource, _), row in rows.items():
-        expected = limiter.available("tenant", resource, code)[row["limit"]]
+    buckets = {("gpt", "rpm"), ("gpt", "tpm"), ("mini", "rpm"), ("mini", "tpm")}
+    assert set(rows) == buckets | {("*", "rpm"), ("*", "tpm")}  # *: every resource
+    for resource, limit in buckets:
+        row = rows[(resource, limit)]
+        expected = limiter.available("tenant", resource, code)[limit]
         assert row["available"] == pytest.approx(expected, abs=0.5)
+    assert [rows[("*", name)]["available"] for name in ("rpm", "tpm")] == [50, 1000]
     assert rows[("gpt", "tpm")]["in_debt"] and rows[("gpt", "tpm")]["burst"] == 1000
     assert rows[("gpt", "tpm")]["available"] == pytest.approx(-1000, abs=0.5)
     assert not rows[("mini", "rpm")]["in_debt"]
@@ -398,7 +469,106 @@ def test_buckets_of_limits_known_only_to_code(store: Store) -> None:
     result = run(store.cli("buckets", "tenant"), env={"COLUMNS": "120"})
     assert "pass it with --limit" in result.stderr
     result = run(store.cli("buckets", "nobody"))
-    assert result.exit_code == 0 and "No buckets" in result.stderr
+    assert result.exit_code == 0 and "No limits and no buckets" in result.stderr
+
+
+WIDE: dict[str, str | None] = {"COLUMNS": "150"}
+"""A terminal wide enough for every column of the ``buckets`` table."""
+
+
+def _table(result: Result) -> list[list[str]]:
+    """The body rows of the table ``buckets`` printed, cell by cell."""
+    return [
+        [cell.strip() for cell in line.strip("│").split("│")]
+        for line in result.stdout.splitlines()
+        if line.startswith("│")
+    ]
+
+
+@pytest.mark.integration
+def test_buckets_tells_what_is_stored_before_and_after_the_first_request(store: Store) -> None:
+    """The README's sequence: limits stored per resource, then ``buckets ENTITY``."""
+    result = run(store.cli("buckets", "tenant-42"))
+    assert (result.exit_code, result.stdout) == (0, "")
+    assert "No limits and no buckets are stored for tenant-42" in result.stderr
+    assert "first request" in result.stderr
+    assert json.loads(run(store.cli("buckets", "tenant-42", "--json")).stdout) == []
+
+    specs = ["rpm=500/m", "tpm=90k/m:burst=120k"]
+    args = ["limits", "set", "tenant-42", "--resource", "gpt-4o"]
+    assert run(store.cli(*args, "--limit", specs[0], "--limit", specs[1])).exit_code == 0
+    stored = [parse_limit(spec) for spec in specs]
+    # No bucket yet: the stored limits, each bucket full and unused.
+    result = run(store.cli("buckets", "tenant-42", "--json"))
+    assert result.exit_code == 0, result.output
+    assert [
+        (r["resource"], r["limit"], r["burst"], r["available"], r["source"], r["used"])
+        for r in json.loads(result.stdout)
+    ] == [("gpt-4o", lim.name, lim.burst, lim.burst, "resource", False) for lim in stored]
+    result = run(store.cli("buckets", "tenant-42"), env=WIDE)
+    assert [row[:3] + row[-1:] for row in _table(result)] == [
+        ["gpt-4o", lim.name, "stored", "full (unused)"] for lim in stored
+    ]
+    assert "No limits" not in result.stderr
+    assert "zae-celery buckets tenant-42 --resource gpt-4o" in result.stderr
+    result = run(store.cli("buckets", "tenant-42", "--resource", "mini"))
+    assert result.exit_code == 0 and result.stdout == ""
+    text = " ".join(result.stderr.split())
+    assert "No limits are stored for tenant-42 / mini" in text
+    assert "limits stored for gpt-4o only" in text
+
+    # Limits for every resource: rows of resource *, merged into gpt-4o's too. A slow
+    # limit (1000 a day) keeps what a request consumed in use while the test reads it.
+    assert run(store.cli("limits", "set", "tenant-42", "--limit", "rpd=1k/d")).exit_code == 0
+    limiter = store.limiter()
+    limiter.acquire("tenant-42", "gpt-4o", {"rpd": 3}).commit()
+    result = run(store.cli("buckets", "tenant-42", "--json"))
+    rows = {(r["resource"], r["limit"]): r for r in json.loads(result.stdout)}
+    assert list(rows) == [("*", "rpd"), ("gpt-4o", "rpd"), ("gpt-4o", "rpm"), ("gpt-4o", "tpm")]
+    assert {key: (r["source"], r["used"]) for key, r in rows.items()} == {
+        ("*", "rpd"): ("entity", False),
+        ("gpt-4o", "rpd"): ("entity", True),
+        ("gpt-4o", "rpm"): ("resource", False),  # the request consumed none of these
+        ("gpt-4o", "tpm"): ("resource", False),
+    }
+    used = rows[("gpt-4o", "rpd")]
+    assert used["in_use"] == pytest.approx(3, abs=0.05)
+    expected = limiter.available("tenant-42", "gpt-4o")["rpd"]
+    assert used["available"] == pytest.approx(expected, abs=0.05)
+    result = run(store.cli("buckets", "tenant-42"), env=WIDE)
+    table = _table(result)
+    assert [row[:3] for row in table] == [
+        ["*", "rpd", "stored *"],
+        ["gpt-4o", "rpd", "stored *"],
+        ["gpt-4o", "rpm", "stored"],
+        ["gpt-4o", "tpm", "stored"],
+    ]
+    assert [row[-1] == "full (unused)" for row in table] == [True, False, True, True]
+    assert "*: the limits stored for every resource of tenant-42" in result.stderr
+    # One resource: its rows only, the entity-wide limits merged in.
+    result = run(store.cli("buckets", "tenant-42", "--resource", "gpt-4o", "--json"))
+    assert [r["limit"] for r in json.loads(result.stdout)] == ["rpd", "rpm", "tpm"]
+
+
+@pytest.mark.integration
+def test_buckets_of_an_entity_with_limits_for_every_resource_only(store: Store) -> None:
+    assert run(store.cli("limits", "set", "tenant-7", "--limit", "rpd=10k/d")).exit_code == 0
+    result = run(store.cli("buckets", "tenant-7", "--json"))
+    (row,) = json.loads(result.stdout)
+    assert (row["resource"], row["limit"], row["available"], row["used"]) == (
+        "*",
+        "rpd",
+        10_000,
+        False,
+    )
+    result = run(store.cli("buckets", "tenant-7"), env=WIDE)
+    assert [row[:3] for row in _table(result)] == [["*", "rpd", "stored *"]]
+    assert "every resource of tenant-7" in result.stderr
+    assert "--resource" not in result.stderr  # no limits of one resource to point at
+    result = run(store.cli("buckets", "tenant-7", "--resource", "gpt"), env=WIDE)
+    assert [row[:3] + row[-1:] for row in _table(result)] == [
+        ["gpt", "rpd", "stored *", "full (unused)"]
+    ]
 
 
 @pytest.mark.integration
@@ -410,7 +580,7 @@ def test_missing_table_says_how_to_create_it(endpoint: Endpoint) -> None:
 
 # -- a Redis store -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "command", [["create-table"], ["deploy"], ["status"], ["delete", "--yes"]], ids=lambda c: c[0]
+    "command", [["create-table"], ["deploy"], ["delete", "--yes"]], ids=lambda c: c[0]
 )
 def test_table_and_stack_commands_refuse_a_redis_store(command: list[str]) -> None:
     # Nothing listens at the URL: a command that tried to reach it would exit 1.
@@ -419,7 +589,32 @@ def test_table_and_stack_commands_refuse_a_redis_store(command: list[str]) -> No
     assert result.exit_code == 2, result.output
     text = " ".join(result.stderr.split())
     assert f"'{command[0]}' concerns a DynamoDB table and its stack" in text
-    assert "(prefix zae-cli)" in text and "'limits', 'entity' and 'buckets' work on it" in text
+    assert "(prefix zae-cli)" in text
+    assert "'limits', 'entity', 'buckets' and 'status' work on it" in text
+
+
+@pytest.mark.integration
+def test_status_of_a_redis_store_shows_its_prefix_and_schema_stamp(redis: LocalServer) -> None:
+    prefix = unique()
+    url = f"redis://127.0.0.1:{redis.port}/3?prefix={prefix}"
+    try:
+        result = run(["--store", url, "status"])
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.stdout.split())
+        assert f"Store: Redis at 127.0.0.1:{redis.port}/3 (prefix {prefix})" in text
+        assert "Schema: not stamped yet (the first request stamps it)" in text
+        assert "no table and no stack" in text
+        assert RateLimiter.from_url(url).schema_version() is None  # status stamped nothing
+        assert run(["--store", url, "limits", "set", "t", "--limit", "rpm=7/m"]).exit_code == 0
+        result = run(["--store", url, "status"])
+        assert result.exit_code == 0, result.output
+        assert f"Schema:  version {SCHEMA_VERSION}" in result.stdout
+        result = run(["--store", url, "status", "--stack", "rate-limits"])
+        assert result.exit_code == 2 and "has no stack" in result.stderr
+    finally:
+        RateLimiter.from_url(url).delete_table()
+    result = run(["--store", f"redis://127.0.0.1:{free_port()}/0", "status"])
+    assert result.exit_code == 1 and "is reachable" in " ".join(result.stderr.split())
 
 
 @pytest.mark.parametrize(
@@ -676,6 +871,55 @@ def test_deploy_status_update_delete_on_moto(clean_moto: LocalServer) -> None:
 
 def ddb_client(server: LocalServer) -> Any:
     return boto3.client("dynamodb", endpoint_url=server.url, region_name="us-east-1")
+
+
+@contextlib.contextmanager
+def iam_enforced(server: LocalServer) -> Iterator[None]:
+    """moto server checks every request against the caller's IAM policies in the block."""
+
+    def reset_auth(count: str) -> str:
+        request = urllib.request.Request(
+            f"{server.url}/moto-api/reset-auth",
+            data=count.encode(),
+            headers={"Content-Type": "text/plain"},  # a form body would not reach moto
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return str(json.load(reply)["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"])
+
+    previous = reset_auth("0")
+    try:
+        yield
+    finally:
+        reset_auth(previous)
+
+
+@pytest.mark.integration
+def test_status_shows_the_table_to_whom_may_not_read_its_items(
+    clean_moto: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = unique()
+    base = ["--endpoint-url", clean_moto.url, "--table", table]
+    assert run([*base, "create-table"]).exit_code == 0
+    iam = boto3.client("iam", endpoint_url=clean_moto.url, region_name="us-east-1")
+    iam.create_user(UserName="describer")
+    allowed = ["cloudformation:DescribeStacks", "dynamodb:DescribeTable"]
+    allowed.append("dynamodb:DescribeTimeToLive")
+    document = {"Effect": "Allow", "Action": allowed, "Resource": "*"}
+    iam.put_user_policy(
+        UserName="describer",
+        PolicyName="describe",
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [document]}),
+    )
+    key = iam.create_access_key(UserName="describer")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    with iam_enforced(clean_moto):
+        result = run([*base, "status"])
+    assert result.exit_code == 0, result.output
+    assert f"Table:   {table} ACTIVE" in result.stdout
+    # What the endpoint said (moto answers in XML where AWS answers in JSON).
+    schema = result.stdout.split("Schema:", 1)[1].split("To manage", 1)[0]
+    assert "not readable" in schema and "dynamodb:GetItem" in schema, result.stdout
 
 
 @pytest.mark.integration

@@ -26,6 +26,7 @@ from zae_celery.core import (
 )
 from zae_celery.core.lease import LeaseState
 from zae_celery.core.ops import Op, Reply, WriteBuckets
+from zae_celery.core.schema import SCHEMA_VERSION
 from zae_celery.core.stores import MemoryStore
 
 PACE = Slot(pace=True)
@@ -207,6 +208,67 @@ def test_buckets_reads_every_limit_of_an_entity(limiter: RateLimiter, clock: Clo
     assert unknown.full_in == pytest.approx(0.5)
     assert [r.resource for r in limiter.buckets("tenant", "mini", code)] == ["mini"]
     assert limiter.buckets("nobody") == []
+    sources = {key: (r.source, r.used) for key, r in rows.items()}
+    assert sources == {
+        ("gpt", "rps"): ("code", True),
+        ("gpt", "tpm"): ("resource", True),
+        ("mini", "rps"): ("code", True),
+        ("old", "rps"): ("code", False),  # a bucket, but nothing consumed under rps
+        ("old", "gone"): (None, True),
+    }
+
+
+@pytest.mark.contract
+def test_stored_limits_of_every_resource_and_their_unused_buckets(
+    limiter: RateLimiter, backend: Backend, clock: Clock
+) -> None:
+    assert limiter.stored_limits("tenant") == {}
+    wide, gpt, mini = Limit.per_day("rpd", 1000), Limit.per_minute("rpm", 5), Limit.per_hour("x", 7)
+    limiter.set_limits("tenant", [mini], resource="mini")  # stored out of order
+    limiter.set_limits("tenant", [wide])
+    limiter.set_limits("tenant", [gpt, Limit.per_minute("rpd", 50)], resource="gpt")
+    limiter.set_limits("tenant-2", [Limit.per_second("other", 1)], resource="gpt")
+    limiter.create_entity("tenant", parent_id="tenant-2")  # a record is not a limit
+    counter = Counter(limiter)
+    stored = limiter.stored_limits("tenant")
+    assert counter.take() == ["Query"]  # one read, whatever the number of resources
+    assert list(stored) == [None, "gpt", "mini"]
+    assert stored == {
+        None: [wide],
+        "gpt": [gpt, Limit.per_minute("rpd", 50)],
+        "mini": [mini],
+    }
+
+    # No bucket yet: every resource with limits of its own shows them, full and unused.
+    def rows(*args: Any) -> list[tuple[Any, ...]]:
+        found = limiter.buckets("tenant", *args)
+        return [(r.resource, r.limit_name, r.source, r.used, r.available) for r in found]
+
+    assert rows() == [
+        ("gpt", "rpd", "resource", False, 50.0),
+        ("gpt", "rpm", "resource", False, 5.0),
+        ("mini", "rpd", "entity", False, 1000.0),
+        ("mini", "x", "resource", False, 7.0),
+    ]
+    # A request uses its buckets; a resource with none of its own limits joins the list.
+    limiter.acquire("tenant", "gpt", {"rpm": 2}).commit()
+    limiter.acquire("tenant", "plain", {"rpd": 1}).commit()
+    assert rows() == [
+        ("gpt", "rpd", "resource", False, 50.0),  # consumed nothing: still unused
+        ("gpt", "rpm", "resource", True, 3.0),
+        ("mini", "rpd", "entity", False, 1000.0),
+        ("mini", "x", "resource", False, 7.0),
+        ("plain", "rpd", "entity", True, 999.0),
+    ]
+    limiter.delete_limits("tenant", "mini")
+    assert [r[0] for r in rows()] == ["gpt", "gpt", "plain"]
+    assert rows("mini") == [("mini", "rpd", "entity", False, 1000.0)]
+
+    async def read() -> dict[str | None, list[Limit]]:
+        async with backend.async_limiter() as alimiter:
+            return await alimiter.stored_limits("tenant")
+
+    assert asyncio.run(read()) == {None: [wide], "gpt": [gpt, Limit.per_minute("rpd", 50)]}
 
 
 def test_caches_of_a_process_stay_bounded(limiter: RateLimiter) -> None:
@@ -236,6 +298,29 @@ def test_incompatible_schema_is_refused(limiter: RateLimiter, backend: Backend) 
     other = backend.limiter()
     with pytest.raises(IncompatibleSchema, match="schema version 999"):
         other.acquire("e", "r", {"rps": 1}, [Limit.per_second("rps", 1)])
+
+
+@pytest.mark.contract
+def test_schema_version_reads_the_stamp_as_it_is(limiter: RateLimiter, backend: Backend) -> None:
+    assert limiter.schema_version() == SCHEMA_VERSION  # create_table stamped it
+    backend.stamp_version(999)
+    other = backend.limiter()
+    assert other.schema_version() == 999  # read, not refused: status shows it
+
+    async def read() -> int | None:
+        async with backend.async_limiter() as alimiter:
+            return await alimiter.schema_version()
+
+    assert asyncio.run(read()) == 999
+
+
+def test_schema_version_stamps_nothing() -> None:
+    store = MemoryStore()
+    limiter = RateLimiter(store=store)
+    assert limiter.schema_version() is None
+    assert limiter.schema_version() is None and store.dump()["version"] is None
+    limiter.warm_up()  # a request's first step stamps it
+    assert limiter.schema_version() == SCHEMA_VERSION
 
 
 def _script(clock: Clock) -> list[tuple[str, Any]]:

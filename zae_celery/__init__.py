@@ -5,6 +5,7 @@ The engine lives in :mod:`zae_celery.core`; every one of its public names
 """
 
 from zae_celery.core import (
+    SCHEMA_VERSION,
     AsyncLease,
     AsyncRateLimiter,
     BucketRef,
@@ -31,6 +32,7 @@ from zae_celery.task import DeferralsExhausted, RateLimitedTask
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "SCHEMA_VERSION",
     "AsyncLease",
     "AsyncRateLimiter",
     "BucketRef",

@@ -9,8 +9,8 @@ registered in the ``celery.commands`` entry-point group); there the store defaul
 app's ``zae_store_url``, or its ``zae_table_name``, ``zae_endpoint_url`` and ``zae_region``
 settings. The global options are those settings: both entry points check them with the
 settings' declarations (:mod:`zae_celery.settings`). On a Redis store (``--store
-redis://...``) the limits, entity and buckets commands work; the table and stack
-commands refuse it (exit code 2).
+redis://...``) the limits, entity and buckets commands work, and status shows the prefix
+and its schema stamp; the table and stack commands refuse it (exit code 2).
 
 Limits on the command line (``--limit``, repeatable) are in the grammar of
 :meth:`Limit.parse <zae_celery.core.Limit.parse>`, which Celery's ``rate_limit`` strings

@@ -129,7 +129,8 @@ class Target:
             raise click.UsageError(
                 f"'{command}' concerns a DynamoDB table and its stack; the store is "
                 f"{self.where()}, which needs neither: the engine stamps its schema under "
-                "the prefix on first use. 'limits', 'entity' and 'buckets' work on it."
+                "the prefix on first use. 'limits', 'entity', 'buckets' and 'status' work "
+                "on it."
             )
 
     def session(self) -> Any:

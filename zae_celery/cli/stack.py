@@ -9,11 +9,13 @@ import click
 
 from zae_celery.cli.errors import OperationalError, translate_errors
 from zae_celery.cli.options import CONTEXT, Target, pairs, pass_target
+from zae_celery.core import SCHEMA_VERSION, RateLimiterUnavailable
 from zae_celery.infra import template_text
 from zae_celery.infra.stack import (
     PARAMETERS,
     StackEvent,
     StackInfo,
+    StackManager,
     check_stack_name,
     default_stack_name,
 )
@@ -176,22 +178,24 @@ def deploy(
 def status(target: Target, stack: str | None) -> None:
     """Show the stack's status, parameters and outputs, and its table.
 
-    Exits 1 when there is no such stack or it is in a failed state.
+    A table made without a stack (e.g. by create-table) is shown on its own; a Redis
+    store (--store redis://...) shows its prefix and schema stamp. Exits 1 when there is
+    neither such a stack nor the table, or the stack is in a failed state.
 
     \b
     Example:
       zae-celery --region eu-west-1 status --stack rate-limits
     """
-    target.need_table("status")
+    if target.redis:
+        _redis_status(target)
+        return
     name = _stack_name(target, stack)
     with translate_errors(target):
         manager = target.stack_manager()
-        info = manager.describe(name)
+        info, cloudformation = _describe(target, manager, name)
         if info is None:
-            raise OperationalError(
-                f"there is no stack {name!r} in {target.where()}. Deploy it with "
-                f"'zae-celery --table {target.table} deploy', or pass --stack / --region."
-            )
+            _status_without_stack(target, manager, name, cloudformation)
+            return
         click.echo(f"Stack:   {info.name}")
         click.echo(f"Status:  {info.status}" + (f" ({info.reason})" if info.reason else ""))
         if info.last_updated is not None:
@@ -206,22 +210,8 @@ def status(target: Target, stack: str | None) -> None:
             _print_outputs(info)
         table_name = info.table_name
         table = manager.table(table_name) if table_name and info.healthy else None
-        if table is not None:
-            ttl = manager.dynamodb.describe_time_to_live(TableName=table_name)
-            spec = ttl.get("TimeToLiveDescription", {})
-            click.echo(
-                f"Table:   {table_name} {table.get('TableStatus', '?')}, "
-                f"{table.get('ItemCount', 0)} items, TTL {spec.get('TimeToLiveStatus', '?')}"
-                + (f" on {spec['AttributeName']}" if spec.get("AttributeName") else "")
-                + (", deletion protection on" if table.get("DeletionProtectionEnabled") else "")
-            )
-            if spec.get("TimeToLiveStatus") == "DISABLED":
-                click.echo(
-                    "Warning: TTL is off, so idle buckets never expire; enable it on the "
-                    "attribute 'ttl' (local servers ignore the template's TTL setting: "
-                    "'zae-celery create-table --exist-ok' enables it).",
-                    err=True,
-                )
+        if table_name and table is not None:
+            _print_table(target, manager, table_name, table)
         if not info.healthy and not info.in_progress:
             failed = manager.failed_events(info.stack_id)
             lines = "".join(f"\n  {e.line()}" for e in failed)
@@ -230,6 +220,129 @@ def status(target: Target, stack: str | None) -> None:
                 + (f"\nFailing stack events:{lines}" if lines else "")
                 + f"\nDelete it with 'zae-celery delete --stack {name}' and deploy again."
             )
+
+
+def _redis_status(target: Target) -> None:
+    """``status`` on a Redis store: where it is and its schema stamp (no table, no stack)."""
+    source = click.get_current_context().get_parameter_source("stack")
+    if source == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError(f"--stack: the store is {target.where()}, which has no stack")
+    with translate_errors(target):
+        version = target.limiter().schema_version()
+    click.echo(f"Store:   {target.where()}")
+    click.echo(f"Schema:  {_schema(version, 'prefix')}")
+    click.echo(
+        "A Redis store has no table and no stack: 'create-table', 'deploy' and 'delete' do "
+        "not apply; the prefix is its namespace."
+    )
+
+
+def _describe(target: Target, manager: StackManager, name: str) -> tuple[StackInfo | None, bool]:
+    """The stack (None: there is none), and whether the endpoint serves CloudFormation
+    at all: a local DynamoDB endpoint (DynamoDB Local) answers it with no AWS response."""
+    from botocore.parsers import ResponseParserError
+
+    try:
+        return manager.describe(name), True
+    except ResponseParserError:
+        if not target.local:
+            raise
+        return None, False
+
+
+def _status_without_stack(
+    target: Target, manager: StackManager, name: str, cloudformation: bool
+) -> None:
+    """``status`` when no stack ``name`` exists: the table on its own, if it exists."""
+    where, table_name = target.where(), target.table
+    table = manager.table(table_name)
+    if table is None:
+        if not cloudformation:
+            raise OperationalError(
+                f"there is no table {table_name!r} at {where}, which serves no CloudFormation "
+                f"(so no stack either). Create the table with 'zae-celery --endpoint-url "
+                f"{where} --table {table_name} create-table', or pass --table."
+            )
+        raise OperationalError(
+            f"there is no stack {name!r} in {where}, and no table {table_name!r}. Deploy it "
+            f"with 'zae-celery --table {table_name} deploy' (on a local endpoint, "
+            "'create-table' makes the table alone), or pass --stack / --table / --region."
+        )
+    if cloudformation:
+        click.echo(
+            f"No stack {name!r} in {where}: table {table_name} exists without one (made by "
+            "'zae-celery create-table' or another tool)."
+        )
+    else:
+        click.echo(
+            f"{where} serves no CloudFormation (DynamoDB Local has none): table "
+            f"{table_name} exists without a stack (made by 'zae-celery create-table' or "
+            "another tool)."
+        )
+    _print_table(target, manager, table_name, table)
+    if cloudformation:
+        click.echo(
+            "To manage it with a stack (IAM policies, backups, alarms): 'zae-celery deploy' "
+            "does not adopt an existing table; import it into a stack with CloudFormation's "
+            "resource import, or deploy a stack with another --table. If a stack of another "
+            "name manages it, pass --stack NAME."
+        )
+
+
+def _print_table(target: Target, manager: StackManager, name: str, table: dict[str, Any]) -> None:
+    """The table's status, item count, TTL, billing mode and schema version (and a warning
+    when TTL is off)."""
+    ttl = manager.dynamodb.describe_time_to_live(TableName=name)
+    spec = ttl.get("TimeToLiveDescription", {})
+    click.echo(
+        f"Table:   {name} {table.get('TableStatus', '?')}, "
+        f"{_items(table.get('ItemCount', 0))}, TTL {spec.get('TimeToLiveStatus', '?')}"
+        + (f" on {spec['AttributeName']}" if spec.get("AttributeName") else "")
+        + (", deletion protection on" if table.get("DeletionProtectionEnabled") else "")
+    )
+    click.echo(f"Billing: {_billing(table)}")
+    if table.get("TableStatus") == "ACTIVE":
+        try:
+            schema = _schema(target.limiter().schema_version())
+        except RateLimiterUnavailable as exc:  # e.g. no dynamodb:GetItem: show the rest
+            schema = f"not readable: {exc}"
+        click.echo(f"Schema:  {schema}")
+    if spec.get("TimeToLiveStatus") == "DISABLED":
+        click.echo(
+            "Warning: TTL is off, so idle buckets never expire; enable it on the "
+            "attribute 'ttl' (local servers ignore the template's TTL setting: "
+            "'zae-celery create-table --exist-ok' enables it).",
+            err=True,
+        )
+
+
+def _items(count: int) -> str:
+    return f"{count} item" + ("" if count == 1 else "s")
+
+
+def _billing(table: dict[str, Any]) -> str:
+    """The billing mode (a table that was never on demand has no summary: provisioned)."""
+    mode = str(table.get("BillingModeSummary", {}).get("BillingMode") or "PROVISIONED")
+    if mode != "PROVISIONED":
+        return mode
+    units = table.get("ProvisionedThroughput", {})
+    return (
+        f"{mode} ({units.get('ReadCapacityUnits', '?')} read, "
+        f"{units.get('WriteCapacityUnits', '?')} write capacity units)"
+    )
+
+
+def _schema(version: int | None, where: str = "table") -> str:
+    """The stamped schema version, against the one this zae-celery speaks (``where``:
+    what to use another of, a table or a Redis prefix)."""
+    if version is None:
+        return "not stamped yet (the first request stamps it)"
+    if version == SCHEMA_VERSION:
+        return f"version {version}"
+    return (
+        f"version {version}, but this zae-celery speaks version {SCHEMA_VERSION}: upgrade "
+        f"zae-celery or use another {where}"
+    )
 
 
 @click.command(context_settings=CONTEXT)
