@@ -32,7 +32,7 @@ from tests.helpers import run_as_worker
 from tests.test_celery_workers import _start_fleet, redis_store_url
 from tests.test_task_options import capture_republish
 from zae_celery import Limit, RateLimitedTask, RateLimiter
-from zae_celery.admission import admission_strategy
+from zae_celery.admission import ADMITTED, admission_strategy
 from zae_celery.queues import (
     QUEUE,
     ConsumedQueues,
@@ -258,6 +258,17 @@ def test_the_consumer_tells_the_pool_the_queue_of_each_message(worker: _Worker) 
     # Each ran in the "pool process" against its queue's bucket ("cron": no queue limits).
     limiter = RateLimiter.from_url(worker.app.conf.zae_store_url)
     assert (_consumed(limiter, "llm"), _consumed(limiter, "batch")) == (1, 2)
+
+
+def test_a_lease_in_a_messages_headers_never_reaches_the_pool(worker: _Worker) -> None:
+    # Celery's own retry() republishes the fields of its request as headers, the
+    # consumer's lease among them: with admission off nothing grants one, so none may
+    # reach the pool process (it would start on a slot granted to an earlier run).
+    task = _task(worker.app)
+    stale = {ADMITTED: {"v": 2, "targets": [], "consumed": {}, "granted_ms": 0, "start_ms": 0}}
+    sent = [worker.app.send_task(task.name, exchange="work", routing_key="llm.x", headers=stale)]
+    assert worker.receive(task, sent) == ["llm"]
+    assert [ADMITTED in request for request in worker.in_pool] == [False]
 
 
 def test_a_countdown_message_is_told_its_queue_when_it_is_due(worker: _Worker) -> None:

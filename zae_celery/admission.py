@@ -114,12 +114,18 @@ class _Annotating:
         self._consumer = consumer
         self._queues = ConsumedQueues.of(consumer)
 
-    def on_task_request(self, request: Any) -> None:
+    def _arrived(self, request: Any) -> None:
+        # A lease in the message's headers (a task republished by Celery's own retry()
+        # carries the fields of its request) was granted to an earlier run, not this one.
+        request.request_dict.pop(ADMITTED, None)
         self._queues.annotate(request)
+
+    def on_task_request(self, request: Any) -> None:
+        self._arrived(request)
         self._consumer.on_task_request(request)
 
     def apply_eta_task(self, request: Any) -> None:
-        self._queues.annotate(request)
+        self._arrived(request)
         self._consumer.apply_eta_task(request)
 
     def __getattr__(self, name: str) -> Any:
