@@ -387,6 +387,7 @@ def test_limits_set_get_delete(store: Store) -> None:
     result = run(store.cli("limits", "get", "tenant-42"))
     assert result.exit_code == 0 and result.stdout == ""
     assert "No limits stored" in result.stderr
+    assert "stored for its resource(s) gpt-4o: see --resource gpt-4o" in result.stderr
     result = run(store.cli("limits", "set", "tenant-42", "--limit", "rpd=10k/d"))
     assert result.exit_code == 0
     assert limiter.get_limits("tenant-42") == [Limit.per_day("rpd", 10_000)]

@@ -82,14 +82,23 @@ def limits_get(target: Target, entity: str, resource: str | None, as_json: bool)
       zae-celery limits get tenant-42 --resource gpt-4o
     """
     with translate_errors(target):
-        stored = target.limiter().get_limits(entity, resource)
+        limiter = target.limiter()
+        stored = limiter.get_limits(entity, resource)
+        # Limits stored per resource are not the entity's own: say where they are.
+        elsewhere = [] if stored or resource else [r for r in limiter.stored_limits(entity) if r]
     if as_json:
         click.echo(json.dumps([lim.to_dict() for lim in stored], indent=2))
         return
     if not stored:
+        hint = "Store some with 'zae-celery limits set'."
+        if elsewhere:
+            hint = (
+                f"Limits are stored for its resource(s) {', '.join(sorted(elsewhere))}: "
+                f"see --resource {sorted(elsewhere)[0]}."
+            )
         click.echo(
             f"No limits stored for {scope(entity, resource)}; the limits passed in code "
-            "apply. Store some with 'zae-celery limits set'.",
+            f"apply. {hint}",
             err=True,
         )
         return
