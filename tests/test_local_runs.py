@@ -306,3 +306,53 @@ def test_a_closed_limiter_fails_an_eager_task_during_an_outage(
     with zae.use(app), pytest.raises(RateLimiterUnavailable):
         task.delay()
     assert zae.ledger.last(zae.ledger.runs[0].task_id).state == "FAILURE"
+
+
+# -- a provider's 429 blocks the buckets that stand for its key ---------------------------
+@pytest.mark.parametrize(("block", "waited"), [("all", 20.0 + 0.1), ("own", 0.0)])
+def test_a_429_of_one_tenant_holds_back_the_tenants_of_the_same_provider_key(
+    zae: TaskHarness, app: Celery, block: str, waited: float
+) -> None:
+    rpm = Limit.per_minute("rpm", 600)  # one request every 0.1 s
+    for tenant in ("tenant-a", "tenant-b"):
+        zae.limiter.create_entity(tenant, parent_id="provider-key", cascade=True)
+    answers = {"tenant-a": 429, "tenant-b": 200}
+
+    def call(self: Any, tenant: str) -> str:
+        if answers[tenant] == 429:
+            self.provider_limited(20.0)
+        return tenant
+
+    task = define(
+        app,
+        body=call,
+        rate_limits=[rpm],
+        rate_entity=lambda args, kwargs: args[0],
+        rate_consume={"rpm": 1},
+        rate_block=block,
+    )
+    with zae.use(app):
+        with pytest.raises(Retry):
+            task.delay("tenant-a")
+        result = task.delay("tenant-b")
+    assert result.get() == "tenant-b"
+    # "all": tenant B waits out the block of the provider key (its cascade parent), then
+    # one token; "own": only tenant A's bucket was blocked, and B starts at once.
+    assert zae.ledger.last(result.id).waited == pytest.approx(waited, abs=0.002)
+
+
+def test_rate_block_names_the_kinds_of_buckets() -> None:
+    from zae_celery.core import BucketRef
+    from zae_celery.task import _blocked
+
+    rpm = (Limit.per_minute("rpm", 1),)
+    own = BucketRef("tenant-a", "gpt", rpm)
+    parent = BucketRef("provider-key", "gpt", rpm)
+    queue = BucketRef("queue:llm", "queue", rpm)
+    buckets = [own, parent, queue]
+    assert _blocked(buckets, frozenset({"own", "parents", "queue"})) == buckets
+    assert _blocked(buckets, frozenset({"parents"})) == [parent]
+    assert _blocked(buckets, frozenset({"queue", "own"})) == [own, queue]
+    # A task with queue limits only: its own bucket is the queue's, and counts as own.
+    assert _blocked([queue], frozenset({"queue"})) == []
+    assert _blocked([queue], frozenset({"own"})) == [queue]

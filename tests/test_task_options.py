@@ -105,6 +105,8 @@ BAD_OPTIONS = [
     ({"rate_horizon": -5}, "rate_horizon", "0.0..900.0"),
     ({"rate_horizon": 1000}, "rate_horizon", "0.0..900.0"),
     ({"rate_horizon": "60"}, "rate_horizon", "seconds"),
+    ({"rate_block": "parent"}, "rate_block", "'all'"),
+    ({"rate_block": ()}, "rate_block", "'parents'"),
     ({"rate_max_deferrals": 0}, "rate_max_deferrals", ">= 1"),
     ({"rate_max_deferrals": 2.5}, "rate_max_deferrals", ">= 1"),
     ({"rate_entity": "a#b"}, "rate_entity", "letters, digits"),

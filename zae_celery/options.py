@@ -23,7 +23,15 @@ from zae_celery.core import Limit, ValidationError
 from zae_celery.core.limits import check_limit_name
 from zae_celery.settings import HORIZON, MAX_DEFERRALS, EntityId, Settings, check_limits
 
-__all__ = ["TASK_OPTIONS", "OnError", "TaskOption", "TaskOptions", "check_on_error"]
+__all__ = [
+    "BLOCK_KINDS",
+    "TASK_OPTIONS",
+    "OnError",
+    "TaskOption",
+    "TaskOptions",
+    "check_block",
+    "check_on_error",
+]
 
 OnError: TypeAlias = Literal["keep", "refund"] | frozenset[str]
 """What a failed run does with what it consumed: keep it, refund it, or keep the named
@@ -47,6 +55,28 @@ def check_on_error(name: str, value: Any, quote: bool = True) -> OnError:
         return frozenset(value)
     shown = repr(value) if quote else f"a {type(value).__name__} (the value is not shown)"
     raise ValidationError(name, f"{shown} is not a policy", allowed)
+
+
+BLOCK_KINDS = ("own", "parents", "queue")
+"""The buckets of a lease, by kind, that ``rate_block`` chooses from."""
+
+
+def check_block(name: str, value: Any, quote: bool = True) -> frozenset[str]:
+    """``"all"`` or a collection of :data:`BLOCK_KINDS` (a frozenset of them)."""
+    allowed = "'all', or some of ('own', 'parents', 'queue')"
+    if isinstance(value, str):
+        if value == "all":
+            return frozenset(BLOCK_KINDS)
+        if value in BLOCK_KINDS:
+            return frozenset((value,))
+    elif (
+        isinstance(value, (tuple, list, set, frozenset))
+        and value
+        and all(isinstance(v, str) and v in BLOCK_KINDS for v in value)
+    ):
+        return frozenset(value)
+    shown = repr(value) if quote else f"a {type(value).__name__} (the value is not shown)"
+    raise ValidationError(name, f"{shown} names no buckets to block", allowed)
 
 
 def _check_consume(name: str, value: Any, quote: bool = True) -> dict[str, int] | None:
@@ -108,6 +138,12 @@ TASK_OPTIONS: tuple[TaskOption, ...] = (
     ),
     TaskOption(
         "rate_on_error", "keep", check_on_error, "what a failed run does with its consumption"
+    ),
+    TaskOption(
+        "rate_block",
+        "all",
+        check_block,
+        "which buckets a provider's 429 blocks: its own, its cascade parents', its queue's",
     ),
     TaskOption(
         "rate_max_deferrals",

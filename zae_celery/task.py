@@ -33,6 +33,7 @@ from celery.signals import task_postrun
 
 from zae_celery.admission import ADMITTED, LATE_START
 from zae_celery.core import (
+    BucketRef,
     Lease,
     LeaseClaimed,
     Limit,
@@ -213,6 +214,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     - ``rate_on_error``: when the body raises (or retries): ``"keep"`` what was consumed
       (the default: a failed call may still have reached the provider), ``"refund"`` it,
       or a tuple of limit names to keep (e.g. ``("rpm",)``) with the rest refunded.
+    - ``rate_block``: which buckets a provider's 429 (:meth:`provider_limited`) blocks:
+      ``"all"`` (the default: its own, its cascade parents', its queue's) or some of
+      ``("own", "parents", "queue")``.
     - ``rate_max_deferrals``: deferrals before the task fails (default ``zae_max_deferrals``).
     - ``rate_horizon``: seconds a slot may be reserved ahead (default ``zae_horizon``).
 
@@ -601,6 +605,11 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         """The provider answered 429: empty the shared buckets for ``retry_after`` seconds
         so every worker backs off, then defer this task past it. Raises Retry.
 
+        The buckets blocked are those ``rate_block`` names among the run's: by default
+        all of them, its own, its cascade parents' (a provider key is often a parent of
+        its tenants) and its queue's, since any of them may stand for the provider's
+        key; one write each.
+
         An eager run runs again in place after the block (Celery's eager retry); a
         direct call ``task(...)`` blocks nothing and raises Retry at once.
         """
@@ -609,10 +618,11 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             log.debug("zae-celery task %s called directly: a 429 blocks nothing", self.name)
             raise Retry(f"provider 429, Retry-After {retry_after}", None, when=retry_after)
         lease: Lease | None = getattr(self.request, "zae_active_lease", None)
-        own = lease.buckets[0] if lease is not None and lease.buckets else None
-        if own is not None:
+        request = self.request
+        kinds = self._options().get("rate_block", request.args, request.kwargs)
+        for ref in _blocked(lease.buckets if lease is not None else (), kinds):
             try:
-                limiter.block(own.entity_id, own.resource, own.limits, retry_after)
+                limiter.block(ref.entity_id, ref.resource, ref.limits, retry_after)
             except RateLimiterUnavailable as exc:  # the deferral below still backs off
                 log.warning("zae-celery could not block the buckets of a 429: %s", exc)
         if lease is not None:
@@ -696,6 +706,18 @@ def _sync_run(run: Any) -> Any:
         return run_coroutine(fn(*args, **kwargs))
 
     return staticmethod(runner) if isinstance(run, staticmethod) else runner
+
+
+def _blocked(buckets: Sequence[BucketRef], kinds: frozenset[str]) -> list[BucketRef]:
+    """The buckets of ``kinds`` among a lease's: its own (the first), its queue's (an
+    extra bucket of a queue), and the rest: its cascade parents'."""
+    chosen = []
+    for i, ref in enumerate(buckets):
+        queue = i > 0 and ref.resource == "queue" and ref.entity_id.startswith("queue:")
+        kind = "own" if i == 0 else "queue" if queue else "parents"
+        if kind in kinds:
+            chosen.append(ref)
+    return chosen
 
 
 def _late_tolerance(lease: Lease) -> float:
