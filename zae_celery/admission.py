@@ -106,6 +106,15 @@ class _Buckets:
         return self._admission
 
 
+def _arrived(queues: ConsumedQueues, request: Any) -> str | None:
+    """A message has reached the consumer: its request forgets any lease it carries
+    (custom fields travel as headers when a task is republished, by a retry or a
+    deferral: a lease from the broker was granted to an earlier run, not this one) and
+    is told the queue it came from, which is returned (None: not known here)."""
+    request.request_dict.pop(ADMITTED, None)
+    return queues.annotate(request)
+
+
 class _Annotating:
     """The consumer, telling each request the queue it came from before it goes on
     (``zae_admission=False``: every request reaches the pool through these two)."""
@@ -114,18 +123,12 @@ class _Annotating:
         self._consumer = consumer
         self._queues = ConsumedQueues.of(consumer)
 
-    def _arrived(self, request: Any) -> None:
-        # A lease in the message's headers (a task republished by Celery's own retry()
-        # carries the fields of its request) was granted to an earlier run, not this one.
-        request.request_dict.pop(ADMITTED, None)
-        self._queues.annotate(request)
-
     def on_task_request(self, request: Any) -> None:
-        self._arrived(request)
+        _arrived(self._queues, request)
         self._consumer.on_task_request(request)
 
     def apply_eta_task(self, request: Any) -> None:
-        self._arrived(request)
+        _arrived(self._queues, request)
         self._consumer.apply_eta_task(request)
 
     def __getattr__(self, name: str) -> Any:
@@ -222,10 +225,7 @@ class Admission:
         """A message arrived (Celery's ``_limit_task`` hook): hold it in its line."""
         from zae_celery.task import HEADER_LEASE
 
-        # Custom fields travel as headers when a task is republished (a retry, a
-        # deferral): a lease that came from the broker was not granted to this run.
-        request.request_dict.pop(ADMITTED, None)
-        queue = self._queues.annotate(request)  # None: not known here (see limit_key)
+        queue = _arrived(self._queues, request)  # None: not known here (see limit_key)
         task: RateLimitedTask = request.task
         queue_key = limit_key(task.app, queue, request.delivery_info)
         if request.request_dict.get(HEADER_LEASE) or not getattr(task, "_spec", None):

@@ -72,6 +72,11 @@ HEADER_OUTAGES = "zae_outages"
 """Message header: deferrals caused by an unreachable store (capped by max_deferrals)."""
 
 
+QUEUE_ENTITY_PREFIX = "queue:"
+QUEUE_RESOURCE = "queue"
+"""A queue's limits live in the bucket of entity ``queue:NAME``, resource ``queue``."""
+
+
 class DeferralsExhausted(ZaeError):
     """A task was deferred ``rate_max_deferrals`` times while the store was unreachable."""
 
@@ -326,10 +331,11 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         if self._global_rate_limit is not None:
             consume.setdefault("rate_limit", 1)
         extra: tuple[tuple[str, str, Sequence[Limit]], ...] = ()
+        queue_entity = QUEUE_ENTITY_PREFIX + queue
         if queue_limits:
-            extra = ((f"queue:{queue}", "queue", queue_limits),)
+            extra = ((queue_entity, QUEUE_RESOURCE, queue_limits),)
         if not limits:  # queue limits only: the queue's bucket is the task's own
-            entity, resource, limits, extra = f"queue:{queue}", "queue", tuple(queue_limits), ()
+            entity, resource, limits, extra = queue_entity, QUEUE_RESOURCE, tuple(queue_limits), ()
             consume = {lim.name: consume.get(lim.name, 1) for lim in limits}
         if run is None:
             run = self._run(settings, args, kwargs)
@@ -713,7 +719,11 @@ def _blocked(buckets: Sequence[BucketRef], kinds: frozenset[str]) -> list[Bucket
     extra bucket of a queue), and the rest: its cascade parents'."""
     chosen = []
     for i, ref in enumerate(buckets):
-        queue = i > 0 and ref.resource == "queue" and ref.entity_id.startswith("queue:")
+        queue = (
+            i > 0
+            and ref.resource == QUEUE_RESOURCE
+            and ref.entity_id.startswith(QUEUE_ENTITY_PREFIX)
+        )
         kind = "own" if i == 0 else "queue" if queue else "parents"
         if kind in kinds:
             chosen.append(ref)

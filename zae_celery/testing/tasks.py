@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from zae_celery.core import Lease, RateLimiter
@@ -133,12 +132,7 @@ class TaskLedger:
     def __enter__(self) -> TaskLedger:
         return self.open()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def of(self, task_id: str) -> list[TaskRun]:
@@ -235,10 +229,5 @@ class TaskHarness:
         self.ledger.open()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.ledger.close()
