@@ -5,20 +5,5 @@
 Nothing here talks to a provider or imports its SDK.
 """
 
-from zae_celery.providers.headers import (
-    RateLimitHeaders,
-    Window,
-    parse_go_duration,
-    parse_retry_after,
-    parse_timestamp,
-    read_rate_limits,
-)
-
-__all__ = [
-    "RateLimitHeaders",
-    "Window",
-    "parse_go_duration",
-    "parse_retry_after",
-    "parse_timestamp",
-    "read_rate_limits",
-]
+from zae_celery.providers.headers import *  # noqa: F403  (the parser is the package's API)
+from zae_celery.providers.headers import __all__ as __all__
