@@ -6,7 +6,7 @@ It runs the very same flows as :class:`~.limiter.RateLimiter`; only sending diff
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -14,7 +14,7 @@ from .engine import BucketStatus, Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
 from .ops import Done, Op, Reply, Sleep, resume
-from .transport import LeaseView, LimiterBase, Slot
+from .transport import LeaseView, LimiterBase, Slot, reported
 
 __all__ = ["AsyncLease", "AsyncRateLimiter"]
 
@@ -54,6 +54,30 @@ class AsyncLease(LeaseView):
     async def adjust(self, **deltas: int) -> None:
         """Add or refund tokens per limit (debt allowed); one write, none if all zero."""
         await self._limiter._run(self._limiter.engine.adjust(self._state, deltas))
+
+    async def pull_down(
+        self,
+        remaining: Mapping[str, int],
+        *,
+        at: float | None = None,
+        buckets: Iterable[tuple[str, str]] | None = None,
+        deltas: Mapping[str, int] | None = None,
+    ) -> None:
+        """Pull the buckets down to what the provider reports left (``remaining`` tokens
+        per limit name at ``at``, the limiter's clock; default now), never up, with
+        ``deltas`` as :meth:`adjust` takes them, in one write (none when every bucket
+        already holds no more than that and nothing changes).
+
+        ``buckets``: the ``(entity_id, resource)`` pairs that stand for the provider's
+        key (default: all the lease's buckets).
+        """
+        await self._limiter._run(
+            self._limiter.engine.adjust(
+                self._state,
+                deltas or {},
+                reported(self._limiter.engine, remaining, at, buckets),
+            )
+        )
 
     async def commit(self) -> None:
         """Keep what was consumed. Nothing is written."""

@@ -27,7 +27,16 @@ from enum import Enum
 
 from .limits import Limit
 
-__all__ = ["Shape", "available", "cost", "now_units", "retry_after_ms", "start_ms", "tau"]
+__all__ = [
+    "Shape",
+    "available",
+    "cost",
+    "floor_tat",
+    "now_units",
+    "retry_after_ms",
+    "start_ms",
+    "tau",
+]
 
 
 class Shape(Enum):
@@ -38,7 +47,7 @@ class Shape(Enum):
     QUEUE = "queue"  # now < TAT <= bound: ADD cost
     EXACT = "exact"  # TAT == known value: SET known' + cost
     REFUND = "refund"  # ADD a negative amount, unconditionally
-    RAISE = "raise"  # TAT < value: SET value (push a bucket into debt up to a time)
+    RAISE = "raise"  # TAT < bound (None: value): SET value (push a bucket down to a level)
     CLAMP = "clamp"  # TAT <= bound (None: always): SET max(TAT, now) + cost
 
 
@@ -67,6 +76,15 @@ def available(limit: Limit, tat: int | None, now_ms: int) -> float:
         return float(limit.burst)
     free = now_units(limit, now_ms) + tau(limit) - tat
     return min(float(limit.burst), free / limit.refill_period_ms)
+
+
+def floor_tat(limit: Limit, remaining: int, at_ms: int) -> int | None:
+    """The TAT at which the bucket held exactly ``remaining`` tokens at ``at_ms`` (a
+    provider's report); None when ``remaining`` is the full burst or more, which lowers
+    nothing. A bucket whose TAT is below it holds more than the provider says is left."""
+    if remaining >= limit.burst:
+        return None
+    return now_units(limit, at_ms) + tau(limit) - cost(limit, max(0, remaining))
 
 
 def earliest_ms(limit: Limit, tat: int | None, tokens: int) -> int:
@@ -103,7 +121,7 @@ class Step:
     shape: Shape
     now: int  # scaled now
     amount: int  # scaled amount added (QUEUE/REFUND) or the new value (FRESH/EXACT)
-    bound: int | None = None  # QUEUE/CHECK: TAT may be at most this
+    bound: int | None = None  # QUEUE/CHECK: TAT may be at most this; RAISE: must be below
     expected: int | None = None  # EXACT: the TAT it must still have
 
 

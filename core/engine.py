@@ -31,6 +31,7 @@ from .errors import (
 )
 from .lease import (
     LeaseState,
+    Reported,
     Slot,
     Target,
     start_tracks,
@@ -38,7 +39,7 @@ from .lease import (
     tracked,
     with_start_track,
 )
-from .limits import Limit
+from .limits import Limit, check_tokens
 from .ops import (
     CLAIMED,
     CONDITION,
@@ -609,8 +610,14 @@ class Engine(Records):
         return violations, passed
 
     # -- adjust ---------------------------------------------------------------------------
-    def adjust(self, lease: LeaseState, deltas: Mapping[str, int]) -> Flow[None]:
+    def adjust(
+        self, lease: LeaseState, deltas: Mapping[str, int], reported: Reported | None = None
+    ) -> Flow[None]:
         """Add (or refund) tokens to a granted lease. Debt is allowed; never refused.
+
+        With ``reported`` (what the provider said is left), each reported bucket that
+        holds more than that is pulled down to it, never up, in the same write (see
+        :meth:`_floors`); one write in all, none when nothing changes.
 
         An unchecked lease (granted in ``open`` mode during an outage) consumed nothing:
         what is added to it is charged now if the store answers (usage reported after
@@ -638,15 +645,59 @@ class Engine(Records):
                     f"a refund of at most {lease.consumed.get(name, 0)}",
                 )
         changes = {n: d for n, d in amounts.items() if d}
-        if not changes:
+        floors = self._floors(lease, changes, reported) if reported is not None else {}
+        if not changes and not floors:
             return
-        yield from self._charge(lease, changes)
+        yield from self._charge(lease, changes, floors)
 
-    def _charge(self, lease: LeaseState, changes: Mapping[str, int]) -> Flow[None]:
+    def _floors(
+        self, lease: LeaseState, changes: Mapping[str, int], reported: Reported
+    ) -> dict[tuple[str, str, str], int]:
+        """The TATs to pull the reported buckets up to (their tokens down to what the
+        provider said is left), by (entity, resource, attribute), both tracks; a bucket
+        this process last saw at or beyond its floor (after ``changes``) is left out: its
+        tokens are at most the provider's already (TATs only fall by refunds)."""
+        names = {lim.name for t in lease.targets for lim in t.limits}
+        for name, value in reported.remaining.items():
+            check_tokens(f"remaining.{name}", value, minimum=0)
+            if lease.targets and name not in names:
+                raise ValidationError(
+                    f"remaining.{name}", "is not a limit of this lease", ", ".join(sorted(names))
+                )
+        floors: dict[tuple[str, str, str], int] = {}
+        for target in lease.targets:
+            if not reported.applies_to(target):
+                continue
+            for lim in target.limits:
+                if lim.name not in reported.remaining:
+                    continue
+                floor = bucket.floor_tat(lim, reported.remaining[lim.name], reported.at_ms)
+                if floor is None:
+                    continue
+                change = bucket.cost(lim, changes.get(lim.name, 0))
+                for track in (lim, lim.start_track()):
+                    seen = self._guess(target, track)
+                    if seen is None or seen + change < floor:
+                        floors[(target.entity_id, target.resource, track.key)] = floor
+        return floors
+
+    def _charge(
+        self,
+        lease: LeaseState,
+        changes: Mapping[str, int],
+        floors: Mapping[tuple[str, str, str], int] | None = None,
+    ) -> Flow[None]:
         """Write ``changes`` to the lease's buckets and its running totals (an unchecked
-        lease's outage is logged, not raised: it holds only what was charged)."""
+        lease's outage is logged, not raised: it holds only what was charged), with the
+        ``floors`` of :meth:`_floors` in the same write."""
+        targets = tracked(lease)
+        if floors:  # a floor may name the start track of a lease that did not count one
+            targets = tuple(
+                Target(t.entity_id, t.resource, w.limits, t.consume)
+                for t, w in zip(targets, with_start_track(lease.targets), strict=True)
+            )
         try:
-            yield from self._change(tracked(lease), changes)
+            yield from self._change(targets, changes, floors, tracked(lease))
         except RateLimiterUnavailable as exc:
             if not lease.unchecked:
                 raise
@@ -655,7 +706,20 @@ class Engine(Records):
         for name, delta in changes.items():
             lease.consumed[name] = lease.consumed.get(name, 0) + delta
 
-    def _change(self, targets: Sequence[Target], changes: Mapping[str, int]) -> Flow[None]:
+    def _change(
+        self,
+        targets: Sequence[Target],
+        changes: Mapping[str, int],
+        floors: Mapping[tuple[str, str, str], int] | None = None,
+        charged: Sequence[Target] | None = None,
+    ) -> Flow[None]:
+        """Write ``changes`` to ``targets`` (only to the limits of ``charged``, when
+        given), and raise each attribute named in ``floors`` to its floor when the
+        change leaves it below: a RAISE guarded by "TAT + change < floor", else the
+        plain change; a refused condition returns the item and the next attempt
+        chooses exactly."""
+        floors = floors or {}
+        keys = None if charged is None else {lim.key for t in charged for lim in t.limits}
         known: Sequence[Item | None] | None = None
         for attempt in range(self.max_attempts):
             if attempt >= 2:
@@ -663,19 +727,28 @@ class Engine(Records):
             now_ms = self.now_ms()
             writes = []
             for i, t in enumerate(targets):
-                steps = [
-                    bucket.plan_adjust(
-                        lim,
-                        changes[lim.name],
-                        now_ms,
-                        _tat(known[i], lim)
-                        if known is not None
-                        else self._shape_guess(t, lim, now_ms),
-                        clamp=self.clamp,
-                    )
-                    for lim in t.limits
-                    if changes.get(lim.name)
-                ]
+                steps = []
+                for lim in t.limits:
+                    tokens = changes.get(lim.name, 0) if keys is None or lim.key in keys else 0
+                    floor = floors.get((t.entity_id, t.resource, lim.key))
+                    seen = _tat(known[i], lim) if known is not None else None
+                    change = bucket.cost(lim, tokens)
+                    if floor is not None and (known is None or (seen or 0) + change < floor):
+                        steps.append(
+                            Step(
+                                lim,
+                                tokens,
+                                bucket.Shape.RAISE,
+                                bucket.now_units(lim, now_ms),
+                                floor,
+                                bound=floor - change,
+                            )
+                        )
+                    elif tokens:
+                        guess = seen if known is not None else self._shape_guess(t, lim, now_ms)
+                        steps.append(
+                            bucket.plan_adjust(lim, tokens, now_ms, guess, clamp=self.clamp)
+                        )
                 if steps:
                     writes.append((t, ItemWrite(t.key, tuple(steps))))
             reply = yield WriteBuckets(

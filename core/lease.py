@@ -21,6 +21,7 @@ __all__ = [
     "TICKET_VERSION",
     "BucketRef",
     "LeaseState",
+    "Reported",
     "Slot",
     "Target",
     "start_tracks",
@@ -218,6 +219,26 @@ class BucketRef:
     entity_id: str
     resource: str
     limits: tuple[Limit, ...]
+
+
+@dataclass(frozen=True)
+class Reported:
+    """What a provider reported left of its limits, to pull a lease's buckets down to.
+
+    Args:
+        remaining: tokens left per limit name (e.g. ``{"rpm": 12, "tpm": 3400}``).
+        at_ms: when the provider said so, on the limiter's clock (ms).
+        buckets: the ``(entity_id, resource)`` of the lease's buckets that stand for
+            the provider's key (None: all of them).
+    """
+
+    remaining: Mapping[str, int]
+    at_ms: int
+    buckets: frozenset[tuple[str, str]] | None = None
+
+    def applies_to(self, target: Target) -> bool:
+        """True when ``target`` is one of the buckets reported on."""
+        return self.buckets is None or (target.entity_id, target.resource) in self.buckets
 
 
 @dataclass(frozen=True)

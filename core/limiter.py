@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -11,7 +11,7 @@ from .engine import BucketStatus, Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
 from .ops import Done, Op, Reply, Sleep, resume
-from .transport import LeaseView, LimiterBase, Slot
+from .transport import LeaseView, LimiterBase, Slot, reported
 
 __all__ = ["Lease", "RateLimiter"]
 
@@ -53,6 +53,30 @@ class Lease(LeaseView):
         One write per call that changes something; none when every delta is zero.
         """
         self._limiter._run(self._limiter.engine.adjust(self._state, deltas))
+
+    def pull_down(
+        self,
+        remaining: Mapping[str, int],
+        *,
+        at: float | None = None,
+        buckets: Iterable[tuple[str, str]] | None = None,
+        deltas: Mapping[str, int] | None = None,
+    ) -> None:
+        """Pull the buckets down to what the provider reports left (``remaining`` tokens
+        per limit name at ``at``, the limiter's clock; default now), never up, with
+        ``deltas`` as :meth:`adjust` takes them, in one write (none when every bucket
+        already holds no more than that and nothing changes).
+
+        ``buckets``: the ``(entity_id, resource)`` pairs that stand for the provider's
+        key (default: all the lease's buckets).
+        """
+        self._limiter._run(
+            self._limiter.engine.adjust(
+                self._state,
+                deltas or {},
+                reported(self._limiter.engine, remaining, at, buckets),
+            )
+        )
 
     def commit(self) -> None:
         """Keep what was consumed. Nothing is written."""

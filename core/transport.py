@@ -3,13 +3,14 @@ circuit breaker, and the lease's read-only view."""
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from .engine import Clock, Engine, OnUnavailable
 from .errors import ValidationError
-from .lease import BucketRef, LeaseState, Slot
+from .lease import BucketRef, LeaseState, Reported, Slot
 from .ops import Flow
 from .resilience import CircuitBreaker, RetryPolicy, guard
 from .stores import DynamoDBStore, Store, from_url
@@ -18,6 +19,20 @@ __all__ = ["BucketRef", "LeaseView", "LimiterBase", "Slot"]
 
 T = TypeVar("T")
 L = TypeVar("L", bound="LimiterBase")
+
+
+def reported(
+    engine: Engine,
+    remaining: Mapping[str, int],
+    at: float | None,
+    buckets: Iterable[tuple[str, str]] | None,
+) -> Reported:
+    """A lease's ``pull_down`` arguments as the engine takes them."""
+    if not isinstance(remaining, Mapping):
+        raise ValidationError("remaining", f"{type(remaining).__name__}", "a mapping")
+    at_ms = engine.now_ms() if at is None else math.floor(at * 1000)
+    pairs = None if buckets is None else frozenset((str(e), str(r)) for e, r in buckets)
+    return Reported(dict(remaining), at_ms, pairs)
 
 
 class LeaseView:

@@ -584,3 +584,103 @@ def test_items_expire_a_day_after_a_full_refill(clock: Clock) -> None:
     now_s = clock.ms // 1000
     assert written[0].ttl == now_s + 2 * 3600 + 86_400  # the longest refill: rph's
     assert written[1].ttl == now_s + 201 * 60 + 86_400  # tpm's burst and debt: 201 min
+
+
+# -- a provider's report pulls the buckets down -------------------------------------------------
+@pytest.mark.contract
+def test_pull_down_lowers_a_bucket_to_what_the_provider_reports_never_up(
+    limiter: RateLimiter,
+) -> None:
+    limits = [Limit.per_second("rps", 10), Limit.per_second("tps", 1000)]
+    counter = Counter(limiter)
+    lease = limiter.acquire("e", "r", {"rps": 1, "tps": 100}, limits)
+    counter.take()
+    lease.pull_down({"rps": 3})  # another client of the key used what we did not see
+    assert counter.take() == ["UpdateItem"]
+    assert limiter.available("e", "r", limits)["rps"] == pytest.approx(3)
+    counter.take()
+    lease.pull_down({"rps": 5, "tps": 1000})  # more than the bucket holds: never up
+    assert counter.take() == []  # known from the last write: nothing to lower
+    assert limiter.available("e", "r", limits) == {
+        "rps": pytest.approx(3),
+        "tps": pytest.approx(900),
+    }
+
+
+@pytest.mark.contract
+def test_pull_down_shares_the_write_of_the_usage_it_settles(limiter: RateLimiter) -> None:
+    limits = [Limit.per_second("rps", 10), Limit.per_second("tps", 1000)]
+    counter = Counter(limiter)
+    lease = limiter.acquire("e", "r", {"rps": 1, "tps": 500}, limits)
+    counter.take()
+    # The provider billed 400 (a refund of 100) and says 200 tokens and 2 requests are left.
+    lease.pull_down({"tps": 200, "rps": 2}, deltas={"tps": -100})
+    assert counter.take() == ["UpdateItem"]
+    assert lease.consumed == {"rps": 1, "tps": 400}
+    assert limiter.available("e", "r", limits) == {
+        "rps": pytest.approx(2),
+        "tps": pytest.approx(200),
+    }
+    # Usage that leaves the bucket below the report already: the report changes nothing.
+    counter.take()
+    lease.pull_down({"tps": 150}, deltas={"tps": 600})
+    assert counter.take() == ["UpdateItem"]
+    assert limiter.available("e", "r", limits)["tps"] == pytest.approx(-400)
+
+
+def test_a_report_from_the_past_counts_the_refill_since(limiter: RateLimiter, clock: Clock) -> None:
+    limits = [Limit.per_second("rps", 10)]
+    lease = limiter.acquire("e", "r", {"rps": 1}, limits)
+    lease.pull_down({"rps": 0}, at=clock() - 0.5)  # the response left 0.5 s ago
+    assert limiter.available("e", "r", limits)["rps"] == pytest.approx(5)
+
+
+@pytest.mark.contract
+def test_a_stale_view_of_the_bucket_costs_one_refused_condition_not_a_wrong_level(
+    backend: Backend, limiter: RateLimiter
+) -> None:
+    limits = [Limit.per_second("tps", 1000)]
+    lease = limiter.acquire("e", "r", {"tps": 100}, limits)  # this process saw 900 left
+    other = backend.limiter()
+    other.acquire("e", "r", {"tps": 850}, limits).commit()  # another worker: 50 left
+    counter = Counter(limiter)
+    # The provider's report (300 left) is older than the other worker's grant: it must not
+    # lift the bucket from 50 back to 300; only the refund of 50 applies.
+    lease.pull_down({"tps": 300}, deltas={"tps": -50})
+    assert counter.take() == ["UpdateItem", "UpdateItem"]  # the refused raise, the refund
+    assert limiter.available("e", "r", limits)["tps"] == pytest.approx(100)
+
+
+def test_pull_down_reaches_only_the_named_buckets(limiter: RateLimiter) -> None:
+    limiter.create_entity("key")
+    limiter.create_entity("tenant", parent_id="key", cascade=True)
+    limits = [Limit.per_second("rps", 10)]
+    limiter.set_limits("key", limits)
+    lease = limiter.acquire("tenant", "api", {"rps": 1}, limits)
+    lease.pull_down({"rps": 0}, buckets=[("key", "api")])
+    assert limiter.available("key", "api", limits)["rps"] == pytest.approx(0)
+    assert limiter.available("other", "api", limits)["rps"] == pytest.approx(10)
+    (own,) = limiter.buckets("tenant", "api", limits)  # its own bucket is untouched
+    assert own.available == pytest.approx(9)
+
+
+def test_pull_down_checks_the_report(limiter: RateLimiter) -> None:
+    lease = limiter.acquire("e", "r", {"rps": 1}, [Limit.per_second("rps", 10)])
+    with pytest.raises(ValidationError, match=r"remaining\.tpm"):
+        lease.pull_down({"tpm": 5})
+    with pytest.raises(ValidationError, match=r"remaining\.rps"):
+        lease.pull_down({"rps": -1})
+    with pytest.raises(ValidationError, match="remaining"):
+        lease.pull_down([("rps", 1)])  # type: ignore[arg-type]
+
+
+def test_async_pull_down_decides_as_the_sync_one(backend: Backend, clock: Clock) -> None:
+    limits = [Limit.per_second("rps", 10)]
+
+    async def run() -> float:
+        async with backend.async_limiter() as lim:
+            lease = await lim.acquire("e", "r", {"rps": 1}, limits)
+            await lease.pull_down({"rps": 4})
+            return (await lim.available("e", "r", limits))["rps"]
+
+    assert asyncio.run(run()) == pytest.approx(4)

@@ -175,7 +175,11 @@ def _update(table: str, key: dict[str, Any], steps: tuple[Step, ...], ttl: int) 
                 values[b] = _n(step.bound)
             adds.append(f"{a} {v}")
         elif shape is Shape.RAISE:
-            conditions.append(f"(attribute_not_exists({a}) OR {a} < {v})")
+            if step.bound is None:
+                conditions.append(f"(attribute_not_exists({a}) OR {a} < {v})")
+            else:
+                conditions.append(f"(attribute_not_exists({a}) OR {a} < {b})")
+                values[b] = _n(step.bound)
             sets.append(f"{a} = {v}")
         elif shape is Shape.EXACT:
             if step.expected is None:

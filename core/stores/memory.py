@@ -92,7 +92,7 @@ def _holds(step: Step, value: int | None) -> bool:
     if shape is Shape.CLAMP:
         return value is None or step.bound is None or value <= step.bound
     if shape is Shape.RAISE:
-        return value is None or value < step.amount
+        return value is None or value < (step.amount if step.bound is None else step.bound)
     if shape is Shape.EXACT:
         return value == step.expected
     return True  # REFUND

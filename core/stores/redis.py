@@ -165,7 +165,7 @@ local function holds(shape, v, now, amount, bound, expected)
   if shape == 'queue' then
     return v ~= false and cmp(v, now) > 0 and (bound == '' or cmp(v, bound) <= 0)
   end
-  if shape == 'raise' then return v == false or cmp(v, amount) < 0 end
+  if shape == 'raise' then return v == false or cmp(v, bound == '' and amount or bound) < 0 end
   if shape == 'clamp' then return v == false or bound == '' or cmp(v, bound) <= 0 end
   if shape == 'exact' then
     if expected == '' then return v == false end
