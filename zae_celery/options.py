@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeAlias
 
 from zae_celery.core import Limit, ValidationError
 from zae_celery.core.limits import check_limit_name
+from zae_celery.providers.profiles import Profile, check_profile
 from zae_celery.settings import HORIZON, MAX_DEFERRALS, EntityId, Settings, check_limits
 
 __all__ = [
@@ -146,6 +147,12 @@ TASK_OPTIONS: tuple[TaskOption, ...] = (
         "which buckets a provider's 429 blocks: its own, its cascade parents', its queue's",
     ),
     TaskOption(
+        "rate_profile",
+        None,
+        check_profile,
+        "how the provider charges, and which limit is which of its windows",
+    ),
+    TaskOption(
         "rate_max_deferrals",
         None,
         _or_setting(MAX_DEFERRALS.check),
@@ -250,6 +257,11 @@ class TaskOptions:
         """``rate_max_deferrals`` for one run, else ``zae_max_deferrals``."""
         value: int | None = self.get("rate_max_deferrals", args, kwargs)
         return settings.max_deferrals if value is None else value
+
+    def profile(self, args: Any, kwargs: Any, default: Profile) -> Profile:
+        """``rate_profile`` for one run, else ``default``."""
+        value: Profile | None = self.get("rate_profile", args, kwargs)
+        return default if value is None else value
 
     def on_error(self, args: Any, kwargs: Any) -> OnError:
         """``rate_on_error`` for one run."""

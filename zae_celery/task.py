@@ -47,6 +47,8 @@ from zae_celery.core import (
 )
 from zae_celery.core.limits import RATE_SYNTAX, check_tokens, parse_rate
 from zae_celery.options import OnError, TaskOptions
+from zae_celery.providers.headers import RateLimitHeaders, read_rate_limits
+from zae_celery.providers.profiles import COMPLETION, Profile
 from zae_celery.queues import QUEUE, queue_of_run
 from zae_celery.settings import Settings
 from zae_celery.signals import run_settled
@@ -222,6 +224,10 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     - ``rate_block``: which buckets a provider's 429 (:meth:`provider_limited`) blocks:
       ``"all"`` (the default: its own, its cascade parents', its queue's) or some of
       ``("own", "parents", "queue")``.
+    - ``rate_profile``: how the provider charges and which limit stands for which of its
+      windows (:mod:`zae_celery.providers.profiles`): a ``Profile`` or ``"openai"``,
+      ``"anthropic"``, ``"completion"`` (default: ``"completion"``, or the provider's own
+      in :mod:`zae_celery.providers.openai` / ``.anthropic``).
     - ``rate_max_deferrals``: deferrals before the task fails (default ``zae_max_deferrals``).
     - ``rate_horizon``: seconds a slot may be reserved ahead (default ``zae_horizon``).
 
@@ -237,6 +243,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     rate_entity: Any = None
     rate_consume: Any = None
     rate_on_error: Any = "keep"
+    rate_profile: Any = None
     rate_max_deferrals: Any = None
     rate_horizon: Any = None
     _global_rate_limit: Limit | None = None
@@ -605,9 +612,56 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                     f"report_usage.{name}", "is not a limit of this task", ", ".join(names)
                 )
         consumed = lease.consumed
-        lease.adjust(**{name: value - consumed.get(name, 0) for name, value in actual.items()})
+        deltas = {name: value - consumed.get(name, 0) for name, value in actual.items()}
+        if not self._pull_down(lease, deltas):
+            lease.adjust(**deltas)
 
-    def provider_limited(self, retry_after: float) -> NoReturn:
+    def provider_reported(self, headers: Any, profile: Profile | None = None) -> RateLimitHeaders:
+        """What the provider's response ``headers`` (a mapping, e.g. ``httpx.Headers``)
+        say is left of its limits: the shared buckets that hold more are pulled down to
+        it (never up) in the write that settles the run (the next :meth:`report_usage`,
+        else one write when the run ends; none when no bucket holds more).
+
+        ``profile`` (default: the task's ``rate_profile``, else ``"completion"``) says
+        which limit is which of the provider's windows; the buckets are those
+        ``rate_block`` names (by default all of the run's, as for a 429). Returns the
+        parsed headers. In a run without a lease it only parses them.
+        """
+        if getattr(self.request, "zae_active_lease", None) is None:
+            return read_rate_limits(headers)
+        now = limiter_for(self.app)[1].clock()
+        report = read_rate_limits(headers, now)
+        self.request.zae_provider_report = (report, now, profile or self._profile(COMPLETION))
+        return report
+
+    def _profile(self, default: Profile) -> Profile:
+        """The run's ``rate_profile``, else ``default``."""
+        request = self.request
+        return self._options().profile(request.args, request.kwargs, default)
+
+    def _pull_down(self, lease: Lease, deltas: dict[str, int]) -> bool:
+        """Write a pending provider report (with ``deltas``); False when none is pending."""
+        pending = getattr(self.request, "zae_provider_report", None)
+        if pending is None or lease.closed:
+            return False
+        self.request.zae_provider_report = None
+        report, at, profile = pending
+        request = self.request
+        kinds = self._options().get("rate_block", request.args, request.kwargs)
+        chosen = _blocked(lease.buckets, kinds)
+        names = {lim.name for ref in chosen for lim in ref.limits}
+        remaining = profile.remaining(report, names)
+        if not remaining:
+            return False
+        lease.pull_down(
+            remaining,
+            at=at,
+            buckets=[(ref.entity_id, ref.resource) for ref in chosen],
+            deltas=deltas,
+        )
+        return True
+
+    def provider_limited(self, retry_after: float, *, charged: bool = True) -> NoReturn:
         """The provider answered 429: empty the shared buckets for ``retry_after`` seconds
         so every worker backs off, then defer this task past it. Raises Retry.
 
@@ -615,6 +669,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         all of them, its own, its cascade parents' (a provider key is often a parent of
         its tenants) and its queue's, since any of them may stand for the provider's
         key; one write each.
+
+        ``charged=False`` when the provider did not count the request (an overloaded
+        answer, 529 or 503): the run's consumption is refunded before the block.
 
         An eager run runs again in place after the block (Celery's eager retry); a
         direct call ``task(...)`` blocks nothing and raises Retry at once.
@@ -625,13 +682,19 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             raise Retry(f"provider 429, Retry-After {retry_after}", None, when=retry_after)
         lease: Lease | None = getattr(self.request, "zae_active_lease", None)
         request = self.request
+        request.zae_provider_report = None  # the block supersedes what a response said
+        if lease is not None and not charged and not lease.closed:
+            try:
+                lease.rollback()
+            except RateLimiterUnavailable as exc:
+                log.warning("zae-celery could not refund an uncounted request: %s", exc)
         kinds = self._options().get("rate_block", request.args, request.kwargs)
         for ref in _blocked(lease.buckets if lease is not None else (), kinds):
             try:
                 limiter.block(ref.entity_id, ref.resource, ref.limits, retry_after)
             except RateLimiterUnavailable as exc:  # the deferral below still backs off
                 log.warning("zae-celery could not block the buckets of a 429: %s", exc)
-        if lease is not None:
+        if lease is not None and not lease.closed:
             lease.commit()
         deferrals = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
         wait = retry_after + random.uniform(0, settings.jitter)
@@ -644,6 +707,10 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         """Keep the consumption on success; apply ``rate_on_error`` otherwise. Never raises."""
         lease: Lease | None = getattr(self.request, "zae_active_lease", None)
         if lease is not None and not lease.closed:
+            try:
+                self._pull_down(lease, {})
+            except Exception:
+                log.exception("zae-celery could not apply the provider's report of %s", task_id)
             try:
                 if status == states.SUCCESS:
                     lease.commit()
