@@ -6,8 +6,10 @@ benchmarks.celery``, ``pytest``), where this package is importable, as it is for
 working directory. The wheel holds only ``zae_celery``; what users need for their own
 tests is :mod:`zae_celery.testing`.
 
-- :mod:`harness.provider`: an HTTP LLM provider on 127.0.0.1 that enforces its own rpm
-  and tpm limits (429 with ``Retry-After``) and records every request;
+- :mod:`harness.provider`: an HTTP LLM provider on 127.0.0.1 that speaks OpenAI's and
+  Anthropic's wire formats (the official SDKs work against it), enforces its own rpm,
+  tpm, itpm and otpm limits (429 with ``Retry-After`` and the providers' rate-limit
+  headers) on an injectable clock, and records every request;
 - :mod:`harness.workers`: a fleet of real ``celery worker`` processes, each in its own
   process group, waited for until ready and stopped by PID;
 - :mod:`harness.fsbroker`: a kombu filesystem transport with atomic publishes

@@ -180,7 +180,8 @@ def test_provider_bills_real_usage_and_refuses_beyond_its_rpm() -> None:
         assert 10 <= body["usage"]["completion_tokens"] <= 50  # 20-95 % of max_tokens
         status, body, headers = _post(provider.url, _chat("Name three rivers.", 50))
         assert status == 429
-        assert body["error"]["type"] == "rate_limit_exceeded"
+        assert body["error"]["code"] == "rate_limit_exceeded"  # OpenAI's shape: the code,
+        assert body["error"]["type"] == "requests"  # and the limit that refused it
         retry_after = float(headers["Retry-After"])
         assert 0 < retry_after <= 60
         assert int(headers["retry-after-ms"]) == round(retry_after * 1000)

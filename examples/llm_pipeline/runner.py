@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import click
 from celery import Celery, group
@@ -38,9 +38,19 @@ REPO = Path(__file__).resolve().parents[2]
 APP = "examples.llm_pipeline.app"
 TASKS = {"zae": f"{APP}.complete", "builtin": f"{APP}.complete_builtin"}
 SEED = 7
+
+
+class _Latency(TypedDict):
+    """LocalProvider's latency arguments (typed, so they can be passed as ``**LATENCY``)."""
+
+    latency_median: float
+    latency_sigma: float
+    seconds_per_token: float
+
+
 # The provider's latency: log-normal (median 0.25 s, sigma 0.5) plus 1.5 ms per completion
 # token, roughly a real model's shape, compressed so the demo fits in two minutes.
-LATENCY = {"latency_median": 0.25, "latency_sigma": 0.5, "seconds_per_token": 0.0015}
+LATENCY: _Latency = {"latency_median": 0.25, "latency_sigma": 0.5, "seconds_per_token": 0.0015}
 LIVE_WINDOW = 10.0
 """Seconds of the provider's records behind the live rates."""
 
