@@ -193,3 +193,8 @@ def test_every_429_through_the_sdk_defers_its_task_once_and_nothing_is_lost(tigh
     assert sum(r.status == 200 for r in books) == 10
     # One request per 429 and one deferral for it: the SDK did not retry inside the task.
     assert len(DEFERRED.findall(log_text(tight.logs))) == len(refused)
+
+
+def test_the_docs_quote_the_example_as_it_is() -> None:
+    docs = (REPO / "docs" / "celery.md").read_text()
+    assert (REPO / "examples" / "sdk_tasks.py").read_text() in docs, "docs/celery.md misquotes it"
