@@ -198,3 +198,36 @@ def test_every_429_through_the_sdk_defers_its_task_once_and_nothing_is_lost(tigh
 def test_the_docs_quote_the_example_as_it_is() -> None:
     docs = (REPO / "docs" / "celery.md").read_text()
     assert (REPO / "examples" / "sdk_tasks.py").read_text() in docs, "docs/celery.md misquotes it"
+
+
+@pytest.fixture
+def overloaded(broker: Broker, ddb_local: LocalServer, tmp_path: Path) -> Iterator[Run]:
+    """An Anthropic provider that answers 529 (overloaded) for its first second."""
+    anthropic = LocalProvider(rpm=100_000, itpm=10_000_000, otpm=10_000_000)
+    runs = start(
+        broker,
+        ddb_local,
+        tmp_path,
+        LocalProvider(rpm=100_000, tpm=10_000_000),
+        anthropic,
+    )
+    run = next(runs)
+    anthropic.overload(1.0)
+    yield run
+    next(runs, None)
+
+
+OVERLOADED = re.compile(r"deferred task \S+ \(examples\.sdk_tasks\.translate\).*overloaded")
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_an_overloaded_provider_refunds_and_defers_each_refused_task(overloaded: Run) -> None:
+    results = [overloaded.send("translate", tenant="acme", text=TEXTS[i % 3]) for i in range(4)]
+    for result in results:
+        assert result.get(timeout=60).startswith("(simulated answer"), log_text(overloaded.logs)
+    books = overloaded.anthropic.records
+    refused = [r for r in books if r.status == 529]
+    assert refused, "the provider was not overloaded when the tasks called it"
+    # One deferral per 529 (the refund before the block is tested in test_provider_sdks).
+    assert len(OVERLOADED.findall(log_text(overloaded.logs))) == len(refused)
+    assert sum(r.status == 200 for r in books) == 4

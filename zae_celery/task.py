@@ -698,7 +698,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             lease.commit()
         deferrals = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
         wait = retry_after + random.uniform(0, settings.jitter)
-        self._defer(settings, deferrals, wait, None, f"provider 429, Retry-After {retry_after}")
+        said = "provider 429" if charged else "provider overloaded"
+        self._defer(settings, deferrals, wait, None, f"{said}, Retry-After {retry_after}")
 
     # -- after the body -------------------------------------------------------------------------
     def after_return(
