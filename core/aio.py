@@ -62,6 +62,7 @@ class AsyncLease(LeaseView):
         at: float | None = None,
         buckets: Iterable[tuple[str, str]] | None = None,
         deltas: Mapping[str, int] | None = None,
+        refill: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         """Pull the buckets down to what the provider reports left (``remaining`` tokens
         per limit name at ``at``, the limiter's clock; default now), never up, with
@@ -69,13 +70,16 @@ class AsyncLease(LeaseView):
         already holds no more than that and nothing changes).
 
         ``buckets``: the ``(entity_id, resource)`` pairs that stand for the provider's
-        key (default: all the lease's buckets).
+        key (default: all the lease's buckets). ``refill``: per limit name, the
+        provider's refill in tokens a second and the seconds until its window is full,
+        where known: a bucket that refills faster is held back by the difference over
+        that time, so that it does not overtake the provider before its next report.
         """
         await self._limiter._run(
             self._limiter.engine.adjust(
                 self._state,
                 deltas or {},
-                reported(self._limiter.engine, remaining, at, buckets),
+                reported(self._limiter.engine, remaining, at, buckets, refill),
             )
         )
 

@@ -33,6 +33,7 @@ __all__ = [
     "cost",
     "floor_tat",
     "now_units",
+    "per_second",
     "retry_after_ms",
     "start_ms",
     "tau",
@@ -80,11 +81,17 @@ def available(limit: Limit, tat: int | None, now_ms: int) -> float:
 
 def floor_tat(limit: Limit, remaining: int, at_ms: int) -> int | None:
     """The TAT at which the bucket held exactly ``remaining`` tokens at ``at_ms`` (a
-    provider's report); None when ``remaining`` is the full burst or more, which lowers
-    nothing. A bucket whose TAT is below it holds more than the provider says is left."""
+    provider's report; negative: that much debt); None when ``remaining`` is the full
+    burst or more, which lowers nothing. A bucket whose TAT is below it holds more than
+    the provider says is left."""
     if remaining >= limit.burst:
         return None
-    return now_units(limit, at_ms) + tau(limit) - cost(limit, max(0, remaining))
+    return now_units(limit, at_ms) + tau(limit) - cost(limit, remaining)
+
+
+def per_second(limit: Limit) -> float:
+    """The limit's refill, in tokens a second."""
+    return limit.refill_amount * 1000 / limit.refill_period_ms
 
 
 def earliest_ms(limit: Limit, tat: int | None, tokens: int) -> int:

@@ -656,13 +656,26 @@ class Engine(Records):
         """The TATs to pull the reported buckets up to (their tokens down to what the
         provider said is left), by (entity, resource, attribute), both tracks; a bucket
         this process last saw at or beyond its floor (after ``changes``) is left out: its
-        tokens are at most the provider's already (TATs only fall by refunds)."""
+        tokens are at most the provider's already (TATs only fall by refunds).
+
+        Where the provider also said how fast it refills (``refill``: ``r`` tokens a
+        second, full again in ``T`` s) and the bucket refills faster (``R > r``), what is
+        left is lowered by ``(R - r) * T`` (into debt if need be): then the bucket
+        reaches each level no sooner than the provider does over the next ``T`` s,
+        instead of overtaking it until the next report (a key's limit lower than the
+        configured one is corrected within one window, not 429 by 429)."""
         names = {lim.name for t in lease.targets for lim in t.limits}
         for name, value in reported.remaining.items():
             check_tokens(f"remaining.{name}", value, minimum=0)
             if lease.targets and name not in names:
                 raise ValidationError(
                     f"remaining.{name}", "is not a limit of this lease", ", ".join(sorted(names))
+                )
+        for name, pair in reported.refill.items():
+            ok = isinstance(pair, tuple) and len(pair) == 2
+            if not ok or not all(isinstance(v, (int, float)) and 0 <= v < math.inf for v in pair):
+                raise ValidationError(
+                    f"refill.{name}", f"{pair!r}", "(tokens a second, seconds until full) >= 0"
                 )
         floors: dict[tuple[str, str, str], int] = {}
         for target in lease.targets:
@@ -671,7 +684,11 @@ class Engine(Records):
             for lim in target.limits:
                 if lim.name not in reported.remaining:
                     continue
-                floor = bucket.floor_tat(lim, reported.remaining[lim.name], reported.at_ms)
+                left = reported.remaining[lim.name]
+                if lim.name in reported.refill:
+                    rate, full_in = reported.refill[lim.name]
+                    left = math.floor(left - max(0.0, bucket.per_second(lim) - rate) * full_in)
+                floor = bucket.floor_tat(lim, left, reported.at_ms)
                 if floor is None:
                     continue
                 change = bucket.cost(lim, changes.get(lim.name, 0))

@@ -684,3 +684,23 @@ def test_async_pull_down_decides_as_the_sync_one(backend: Backend, clock: Clock)
             return (await lim.available("e", "r", limits))["rps"]
 
     assert asyncio.run(run()) == pytest.approx(4)
+
+
+def test_a_provider_that_refills_slower_holds_the_bucket_back_by_the_difference(
+    limiter: RateLimiter,
+) -> None:
+    limits = [Limit.per_second("rps", 10)]  # the configured key: 10 a second
+    lease = limiter.acquire("e", "r", {"rps": 1}, limits)
+    # The provider has 5 left, refills 8 a second and is full again in 1.5 s: over those
+    # 1.5 s the bucket would gain 3 more than the provider, so it keeps 5 - 3 = 2.
+    lease.pull_down({"rps": 5}, refill={"rps": (8.0, 1.5)})
+    assert limiter.available("e", "r", limits)["rps"] == pytest.approx(2)
+    # Into debt when the provider is empty and far from full.
+    lease.pull_down({"rps": 0}, refill={"rps": (8.0, 4.0)})
+    assert limiter.available("e", "r", limits)["rps"] == pytest.approx(-8)
+    # A provider refilling as fast or faster: only what is left counts.
+    other = limiter.acquire("f", "r", {"rps": 1}, limits)
+    other.pull_down({"rps": 4}, refill={"rps": (12.0, 9.0)})
+    assert limiter.available("f", "r", limits)["rps"] == pytest.approx(4)
+    with pytest.raises(ValidationError, match=r"refill\.rps"):
+        other.pull_down({"rps": 1}, refill={"rps": (-1.0, 1.0)})

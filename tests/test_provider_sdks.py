@@ -209,6 +209,27 @@ def test_openai_headers_pull_the_buckets_down_in_the_same_write(
     assert zae.limiter.available("tenant", "model", [TPM])["tpm"] == pytest.approx(480, abs=0.01)
 
 
+def test_a_key_whose_limit_is_lower_holds_the_bucket_back_until_its_reset(
+    zae: TaskHarness, app: Celery
+) -> None:
+    # The key allows 4,800 tokens a minute (80 a second), not the 6,000 configured: the
+    # bucket keeps what is left less what it would gain on the provider until its reset.
+    headers = {
+        "x-ratelimit-limit-tokens": "4800",
+        "x-ratelimit-remaining-tokens": "900",
+        "x-ratelimit-reset-tokens": "5s",
+    }
+    provider = Provider(completion(120, 80, headers))
+    client = provider.openai(max_retries=0)
+    task = define(
+        app, lambda self: zae_openai.chat(self, client, model="m", messages=PROMPT, max_tokens=300)
+    )
+    with zae.use(app):
+        task.delay().get()
+    # 900 - (100 - 80) * 5 = 800 tokens.
+    assert zae.limiter.available("tenant", "model", [TPM])["tpm"] == pytest.approx(800, abs=0.01)
+
+
 def test_an_openai_429_blocks_the_fleet_for_its_retry_after(zae: TaskHarness, app: Celery) -> None:
     refused = httpx.Response(
         429,

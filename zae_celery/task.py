@@ -658,6 +658,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             at=at,
             buckets=[(ref.entity_id, ref.resource) for ref in chosen],
             deltas=deltas,
+            refill=profile.refills(report, remaining),
         )
         return True
 
