@@ -590,7 +590,11 @@ def tenants_table(fig: dict[str, Any], plan: Plan, fleet: str) -> Table:
             f"{x['tenant']} {x['status']} +{x['arrived_after_429_ms']:.0f}/"
             f"{x['start_after_429_ms']:+.0f} "
             + ("admitted" if x["admitted"] else "pool")
-            + (", started before the block" if x["started_before_block"] else ", AFTER the block")
+            + (
+                ", counted start before the block was written"
+                if x["started_before_block"]
+                else ", counted start after the block was written"
+            )
             for x in w["inside"]
         )
         table.add_row(
@@ -609,8 +613,8 @@ def tenants_table(fig: dict[str, Any], plan: Plan, fleet: str) -> Table:
             "",
             f"{min(w['retry_after'] for w in rest):.3f}-{max(w['retry_after'] for w in rest):.3f}",
             "",
-            f"{len(inside_rest)} requests ({before} started before the block was written, "
-            f"{len(inside_rest) - before} after or unknown)",
+            f"{len(inside_rest)} requests ({before} with their start counted before the block "
+            f"was written, {len(inside_rest) - before} after it or unknown)",
         )
     return table
 
