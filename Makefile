@@ -20,7 +20,7 @@ DEMO_FLAGS := $(if $(COMPARE),--compare) $(if $(BROKER),--broker '$(BROKER)') \
 
 export ZAE_CACHE_DIR := $(abspath $(CACHE))
 
-.PHONY: demo test setup lint typecheck pytest benchmark benchmark-redis clean
+.PHONY: demo test setup lint typecheck pytest benchmark benchmark-redis benchmark-providers clean
 
 demo: $(VENV)/.installed
 	$(PY) -m examples.llm_pipeline $(DEMO_FLAGS)
@@ -55,6 +55,13 @@ benchmark-redis: $(VENV)/.installed $(DDB_LOCAL_STAMP)
 	$(PY) -m pip freeze | grep -iE '^(boto3|botocore|aioboto3|aiobotocore|redis)==' > $(CACHE)/bench-redis-constraints.txt
 	$(PY) -m pip install --quiet "throttled-py==3.5.0" -c $(CACHE)/bench-redis-constraints.txt
 	$(PY) -m benchmarks.stores $(BENCH_REDIS_ARGS)
+
+# zae-celery against a local provider through the official openai SDK, on real worker
+# fleets (benchmarks/providers.py): a key shared with an unknown client, tpm-bound OpenAI
+# on RabbitMQ (127.0.0.1:5672, needed by that scenario), tenants under one key.
+BENCH_PROVIDERS_ARGS ?= --scenario all
+benchmark-providers: $(VENV)/.installed $(DDB_LOCAL_STAMP)
+	$(PY) -m benchmarks.providers $(BENCH_PROVIDERS_ARGS)
 
 # The environment is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml

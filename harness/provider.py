@@ -76,8 +76,10 @@ Its usage is deterministic per prompt, completion cap and seed, and differs from
 estimate; both routes bill the same request the same.
 
 Every request is recorded (:attr:`LocalProvider.records`: arrival time on the provider's
-clock, route, status, tokens, what each bucket was charged, the retry-after sent), so a
-report can count from the provider's own books.
+clock, route, status, tokens, what each bucket was charged, the retry-after sent, and who
+the request says it is for: OpenAI's ``user``, Anthropic's ``metadata.user_id``, and
+the string values of its ``metadata``), so a report can count from the provider's own
+books, by tenant or by task.
 
 >>> with LocalProvider(rpm=600, tpm=90_000, window=2) as provider:  # doctest: +SKIP
 ...     post(provider.url, {"messages": [{"role": "user", "content": "Hi"}]})
@@ -204,6 +206,12 @@ class ProviderRecord:
     """The bucket that refused a 429 (one of :data:`KINDS`: the one with the longest wait)."""
     request_id: str = ""
     """The id sent in the ``x-request-id`` or ``request-id`` header."""
+    user: str | None = None
+    """Who the request says it is for: OpenAI's ``user`` field, Anthropic's
+    ``metadata.user_id`` (None when it names nobody)."""
+    metadata: tuple[tuple[str, str], ...] = ()
+    """The request's ``metadata`` object: its string values, as sorted pairs (a client
+    may tag its requests there; ``dict(record.metadata)`` reads them)."""
 
     @property
     def total_tokens(self) -> int:
@@ -358,13 +366,25 @@ class LocalProvider:
             self._overloaded_until = self.clock() + seconds
 
     def admit(
-        self, usage: Usage, max_tokens: int = DEFAULT_MAX_TOKENS, *, api: Api = "openai"
+        self,
+        usage: Usage,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        *,
+        api: Api = "openai",
+        user: str | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> ProviderRecord:
-        """Charge one request of ``usage`` on every bucket, or none; record it."""
-        return self._admit(usage, max_tokens, api)[0]
+        """Charge one request of ``usage`` on every bucket, or none; record it (with the
+        ``user`` and ``metadata`` it was tagged with)."""
+        return self._admit(usage, max_tokens, api, user, metadata)[0]
 
     def _admit(
-        self, usage: Usage, max_tokens: int, api: Api
+        self,
+        usage: Usage,
+        max_tokens: int,
+        api: Api,
+        user: str | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> tuple[ProviderRecord, dict[str, _State]]:
         with self._lock:
             now = self.clock()
@@ -399,6 +419,8 @@ class LocalProvider:
                 charged_output_tokens=charged.get("output-tokens", 0),
                 limited_by=limited_by,
                 request_id=request_id,
+                user=user,
+                metadata=metadata,
             )
             self._records.append(record)
             states = {kind: bucket.state() for kind, bucket in self._buckets.items()}
@@ -528,6 +550,23 @@ def _request_of(body: Any, api: Api) -> tuple[str, int]:
     return "\n".join(parts), max_tokens
 
 
+def _tags_of(body: Any, api: Api) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """Who a request is for (OpenAI's ``user``, Anthropic's ``metadata.user_id``) and the
+    string values of its ``metadata``, as sorted pairs; what is not a string is left out."""
+    if not isinstance(body, dict):
+        return None, ()
+    metadata = body.get("metadata")
+    pairs = tuple(
+        sorted(
+            (key, value)
+            for key, value in (metadata.items() if isinstance(metadata, dict) else ())
+            if isinstance(key, str) and isinstance(value, str)
+        )
+    )
+    user = dict(pairs).get("user_id") if api == "anthropic" else body.get("user")
+    return (user if isinstance(user, str) else None), pairs
+
+
 _Reply = tuple[int, dict[str, Any], dict[str, str]]
 
 
@@ -642,7 +681,8 @@ def _handler(provider: LocalProvider) -> type[BaseHTTPRequestHandler]:
                 return
             prompt, max_tokens = _request_of(body, api)
             usage = provider.usage(prompt, max_tokens)
-            record, states = provider._admit(usage, max_tokens, api)
+            user, metadata = _tags_of(body, api)
+            record, states = provider._admit(usage, max_tokens, api, user, metadata)
             if record.status == 200 and (delay := provider.latency(prompt, usage)) > 0:
                 time.sleep(delay)  # the simulated generation time
             model = body.get("model") if isinstance(body, dict) else None

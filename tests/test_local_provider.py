@@ -202,6 +202,34 @@ def test_anthropic_success_parses_and_its_headers_read_back(
     )
 
 
+def test_records_keep_who_a_request_is_for_and_its_metadata(
+    clock: ManualClock, served: list[LocalProvider]
+) -> None:
+    provider = serve(served, rpm=60, clock=clock)
+    with openai_client(provider) as client:
+        chat(client, user="tenant-a", metadata={"task": "t1", "attempt": "0"})
+        chat(client)  # untagged
+        client.chat.completions.with_raw_response.create(  # what is not a string is left out
+            model="gpt-local",
+            messages=[{"role": "user", "content": PROMPT}],
+            extra_body={"user": 7, "metadata": {"n": 1, "ok": "yes"}},
+        )
+    with anthropic_client(provider) as client:
+        client.messages.with_raw_response.create(
+            model="claude-local",
+            max_tokens=50,
+            messages=[{"role": "user", "content": PROMPT}],
+            metadata={"user_id": "tenant-b"},
+        )
+    tagged, untagged, odd, anthropic_record = provider.records
+    assert (tagged.user, dict(tagged.metadata)) == ("tenant-a", {"task": "t1", "attempt": "0"})
+    assert tagged.metadata == (("attempt", "0"), ("task", "t1"))  # sorted pairs
+    assert (untagged.user, untagged.metadata) == (None, ())
+    assert (odd.user, odd.metadata) == (None, (("ok", "yes"),))
+    assert anthropic_record.user == "tenant-b"
+    assert provider.admit(billed_usage(PROMPT), user="direct").user == "direct"
+
+
 def test_anthropic_429_raises_rate_limit_error_with_whole_seconds(
     clock: ManualClock, served: list[LocalProvider]
 ) -> None:
