@@ -654,7 +654,8 @@ class Engine(Records):
         self, lease: LeaseState, changes: Mapping[str, int], reported: Reported
     ) -> dict[tuple[str, str, str], int]:
         """The TATs to pull the reported buckets up to (their tokens down to what the
-        provider said is left), by (entity, resource, attribute), both tracks; a bucket
+        provider said is left), by (entity, resource, attribute), on the start track too
+        when the lease counted its start there (as admitted tasks do); a bucket
         this process last saw at or beyond its floor (after ``changes``) is left out: its
         tokens are at most the provider's already (TATs only fall by refunds).
 
@@ -692,7 +693,8 @@ class Engine(Records):
                 if floor is None:
                     continue
                 change = bucket.cost(lim, changes.get(lim.name, 0))
-                for track in (lim, lim.start_track()):
+                tracks = (lim, lim.start_track()) if lease.start_tracked else (lim,)
+                for track in tracks:
                     seen = self._guess(target, track)
                     if seen is None or seen + change < floor:
                         floors[(target.entity_id, target.resource, track.key)] = floor
@@ -707,14 +709,8 @@ class Engine(Records):
         """Write ``changes`` to the lease's buckets and its running totals (an unchecked
         lease's outage is logged, not raised: it holds only what was charged), with the
         ``floors`` of :meth:`_floors` in the same write."""
-        targets = tracked(lease)
-        if floors:  # a floor may name the start track of a lease that did not count one
-            targets = tuple(
-                Target(t.entity_id, t.resource, w.limits, t.consume)
-                for t, w in zip(targets, with_start_track(lease.targets), strict=True)
-            )
         try:
-            yield from self._change(targets, changes, floors, tracked(lease))
+            yield from self._change(tracked(lease), changes, floors)
         except RateLimiterUnavailable as exc:
             if not lease.unchecked:
                 raise
@@ -728,15 +724,12 @@ class Engine(Records):
         targets: Sequence[Target],
         changes: Mapping[str, int],
         floors: Mapping[tuple[str, str, str], int] | None = None,
-        charged: Sequence[Target] | None = None,
     ) -> Flow[None]:
-        """Write ``changes`` to ``targets`` (only to the limits of ``charged``, when
-        given), and raise each attribute named in ``floors`` to its floor when the
-        change leaves it below: a RAISE guarded by "TAT + change < floor", else the
-        plain change; a refused condition returns the item and the next attempt
-        chooses exactly."""
+        """Write ``changes`` to ``targets``, and raise each attribute named in ``floors``
+        to its floor when the change leaves it below: a RAISE guarded by "TAT + change
+        < floor", else the plain change; a refused condition returns the item and the
+        next attempt chooses exactly (nothing, when the floors were all beaten)."""
         floors = floors or {}
-        keys = None if charged is None else {lim.key for t in charged for lim in t.limits}
         known: Sequence[Item | None] | None = None
         for attempt in range(self.max_attempts):
             if attempt >= 2:
@@ -746,7 +739,7 @@ class Engine(Records):
             for i, t in enumerate(targets):
                 steps = []
                 for lim in t.limits:
-                    tokens = changes.get(lim.name, 0) if keys is None or lim.key in keys else 0
+                    tokens = changes.get(lim.name, 0)
                     floor = floors.get((t.entity_id, t.resource, lim.key))
                     seen = _tat(known[i], lim) if known is not None else None
                     change = bucket.cost(lim, tokens)
@@ -768,6 +761,8 @@ class Engine(Records):
                         )
                 if steps:
                     writes.append((t, ItemWrite(t.key, tuple(steps))))
+            if not writes:  # a refused floor found the buckets lower already: done
+                return
             reply = yield WriteBuckets(
                 tuple(w for _, w in writes), self._ttl(now_ms, 0, changes, targets)
             )

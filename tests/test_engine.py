@@ -651,6 +651,23 @@ def test_a_stale_view_of_the_bucket_costs_one_refused_condition_not_a_wrong_leve
     assert limiter.available("e", "r", limits)["tps"] == pytest.approx(100)
 
 
+@pytest.mark.contract
+def test_a_refused_floor_with_nothing_else_to_write_ends_without_a_write(
+    backend: Backend, limiter: RateLimiter
+) -> None:
+    limits = [Limit.per_second("tps", 1000)]
+    limiter.create_entity("key")
+    limiter.create_entity("tenant", parent_id="key", cascade=True)
+    lease = limiter.acquire("tenant", "r", {"tps": 100}, limits)  # saw 900 left in both
+    other = backend.limiter()
+    other.acquire("tenant", "r", {"tps": 850}, limits).commit()  # 50 left in both
+    counter = Counter(limiter)
+    # Both buckets (a transaction): the guarded floors are refused, nothing is left to do.
+    lease.pull_down({"tps": 300})
+    assert counter.take() == ["TransactWriteItems"]
+    assert limiter.available("tenant", "r", limits)["tps"] == pytest.approx(50)
+
+
 def test_pull_down_reaches_only_the_named_buckets(limiter: RateLimiter) -> None:
     limiter.create_entity("key")
     limiter.create_entity("tenant", parent_id="key", cascade=True)
@@ -704,3 +721,17 @@ def test_a_provider_that_refills_slower_holds_the_bucket_back_by_the_difference(
     assert limiter.available("f", "r", limits)["rps"] == pytest.approx(4)
     with pytest.raises(ValidationError, match=r"refill\.rps"):
         other.pull_down({"rps": 1}, refill={"rps": (-1.0, 1.0)})
+
+
+def test_a_lease_that_counted_its_start_pulls_the_start_track_down_too(
+    limiter: RateLimiter,
+) -> None:
+    limits = [Limit.per_second("rps", 10)]
+    lease = limiter.acquire("e", "r", {"rps": 1}, limits, slot=PACE)
+    assert lease.start_counted
+    lease.pull_down({"rps": 2})
+    for _ in range(2):
+        limiter.acquire("e", "r", {"rps": 1}, limits, slot=PACE)
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("e", "r", {"rps": 1}, limits, slot=PACE)
+    assert {v.limit_name for v in refused.value.violations} == {"rps", "rps~start"}
