@@ -62,7 +62,7 @@ class AsyncLease(LeaseView):
         at: float | None = None,
         buckets: Iterable[tuple[str, str]] | None = None,
         deltas: Mapping[str, int] | None = None,
-        refill: Mapping[str, tuple[float, float]] | None = None,
+        rates: Mapping[str, float] | None = None,
     ) -> None:
         """Pull the buckets down to what the provider reports left (``remaining`` tokens
         per limit name at ``at``, the limiter's clock; default now), never up, with
@@ -70,16 +70,16 @@ class AsyncLease(LeaseView):
         already holds no more than that and nothing changes).
 
         ``buckets``: the ``(entity_id, resource)`` pairs that stand for the provider's
-        key (default: all the lease's buckets). ``refill``: per limit name, the
-        provider's refill in tokens a second and the seconds until its window is full,
-        where known: a bucket that refills faster is held back by the difference over
-        that time, so that it does not overtake the provider before its next report.
+        key (default: all the lease's buckets). ``rates``: per limit name, how fast the
+        provider refills (tokens a second), where known: where the lease's buckets refill
+        faster, the run is charged more in proportion (with ``deltas``), so the fleet
+        goes at the provider's pace (see docs/engine.md).
         """
         await self._limiter._run(
             self._limiter.engine.adjust(
                 self._state,
                 deltas or {},
-                reported(self._limiter.engine, remaining, at, buckets, refill),
+                reported(self._limiter.engine, remaining, at, buckets, rates),
             )
         )
 

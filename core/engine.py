@@ -138,6 +138,8 @@ class Engine(Records):
         self.unavailable_grants = 0
         self._tats: dict[tuple[str, str, str], int | None] = {}
         self._busy: set[tuple[str, str, str]] = set()
+        self._owed: dict[tuple[str, str, str], float] = {}
+        """Fractions of surcharged tokens not charged yet (see ``_surcharged``)."""
         self._tats_lock = threading.Lock()
 
     # -- time and caches ----------------------------------------------------------------
@@ -644,11 +646,51 @@ class Engine(Records):
                     f"would refund more than the {lease.consumed.get(name, 0)} consumed",
                     f"a refund of at most {lease.consumed.get(name, 0)}",
                 )
+        if reported is not None and reported.rates:
+            amounts = self._surcharged(lease, amounts, reported)
         changes = {n: d for n, d in amounts.items() if d}
         floors = self._floors(lease, changes, reported) if reported is not None else {}
         if not changes and not floors:
             return
         yield from self._charge(lease, changes, floors)
+
+    def _surcharged(
+        self, lease: LeaseState, deltas: Mapping[str, int], reported: Reported
+    ) -> dict[str, int]:
+        """``deltas`` plus what a provider slower than the buckets adds to this run.
+
+        Where the provider refills a limit at ``r`` tokens a second and the fastest of
+        the reported buckets at ``R > r``, a run that consumed ``c`` is charged
+        ``c * (R / r - 1)`` more: the fleet's grants then go at the provider's pace,
+        whatever was reserved ahead (a level, which is all ``remaining`` says, cannot
+        slow a bucket whose slots are taken ahead). Fractions carry over to this
+        process's next run of the bucket (never lost, never more than one token early).
+        """
+        result = dict(deltas)
+        for name, rate in reported.rates.items():
+            if not (isinstance(rate, (int, float)) and 0 < rate < math.inf):
+                raise ValidationError(f"rates.{name}", f"{rate!r}", "tokens a second, > 0")
+            ours = max(
+                (
+                    bucket.per_second(lim)
+                    for t in lease.targets
+                    if reported.applies_to(t)
+                    for lim in t.limits
+                    if lim.name == name
+                ),
+                default=0.0,
+            )
+            if ours <= rate:
+                continue
+            used = lease.consumed.get(name, 0) + result.get(name, 0)
+            own = lease.targets[0]
+            key = (own.entity_id, own.resource, name)
+            with self._tats_lock:
+                owed = used * (ours / rate - 1) + self._owed.get(key, 0.0)
+                whole = math.floor(owed)
+                remember(self._owed, key, owed - whole, self.cache_size)
+            result[name] = result.get(name, 0) + whole
+        return result
 
     def _floors(
         self, lease: LeaseState, changes: Mapping[str, int], reported: Reported
@@ -659,24 +701,13 @@ class Engine(Records):
         this process last saw at or beyond its floor (after ``changes``) is left out: its
         tokens are at most the provider's already (TATs only fall by refunds).
 
-        Where the provider also said how fast it refills (``refill``: ``r`` tokens a
-        second, full again in ``T`` s) and the bucket refills faster (``R > r``), what is
-        left is lowered by ``(R - r) * T`` (into debt if need be): then the bucket
-        reaches each level no sooner than the provider does over the next ``T`` s,
-        instead of overtaking it until the next report (a key's limit lower than the
-        configured one is corrected within one window, not 429 by 429)."""
+        """
         names = {lim.name for t in lease.targets for lim in t.limits}
         for name, value in reported.remaining.items():
             check_tokens(f"remaining.{name}", value, minimum=0)
             if lease.targets and name not in names:
                 raise ValidationError(
                     f"remaining.{name}", "is not a limit of this lease", ", ".join(sorted(names))
-                )
-        for name, pair in reported.refill.items():
-            ok = isinstance(pair, tuple) and len(pair) == 2
-            if not ok or not all(isinstance(v, (int, float)) and 0 <= v < math.inf for v in pair):
-                raise ValidationError(
-                    f"refill.{name}", f"{pair!r}", "(tokens a second, seconds until full) >= 0"
                 )
         floors: dict[tuple[str, str, str], int] = {}
         for target in lease.targets:
@@ -685,11 +716,7 @@ class Engine(Records):
             for lim in target.limits:
                 if lim.name not in reported.remaining:
                     continue
-                left = reported.remaining[lim.name]
-                if lim.name in reported.refill:
-                    rate, full_in = reported.refill[lim.name]
-                    left = math.floor(left - max(0.0, bucket.per_second(lim) - rate) * full_in)
-                floor = bucket.floor_tat(lim, left, reported.at_ms)
+                floor = bucket.floor_tat(lim, reported.remaining[lim.name], reported.at_ms)
                 if floor is None:
                     continue
                 change = bucket.cost(lim, changes.get(lim.name, 0))

@@ -230,15 +230,15 @@ class Reported:
         at_ms: when the provider said so, on the limiter's clock (ms).
         buckets: the ``(entity_id, resource)`` of the lease's buckets that stand for
             the provider's key (None: all of them).
-        refill: per limit name, the provider's refill (tokens a second) and the seconds
-            until its window is full again, where it said so: a bucket refilling faster
-            is held back by the difference over that time (see ``Engine._floors``).
+        rates: per limit name, how fast the provider refills (tokens a second), where it
+            said so: where a bucket refills faster, the run is charged more in
+            proportion (see ``Engine.adjust``).
     """
 
     remaining: Mapping[str, int]
     at_ms: int
     buckets: frozenset[tuple[str, str]] | None = None
-    refill: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    rates: Mapping[str, float] = field(default_factory=dict)
 
     def applies_to(self, target: Target) -> bool:
         """True when ``target`` is one of the buckets reported on."""

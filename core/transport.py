@@ -26,15 +26,15 @@ def reported(
     remaining: Mapping[str, int],
     at: float | None,
     buckets: Iterable[tuple[str, str]] | None,
-    refill: Mapping[str, tuple[float, float]] | None = None,
+    rates: Mapping[str, float] | None = None,
 ) -> Reported:
     """A lease's ``pull_down`` arguments as the engine takes them."""
-    for name, value in (("remaining", remaining), ("refill", refill or {})):
+    for name, value in (("remaining", remaining), ("rates", rates or {})):
         if not isinstance(value, Mapping):
             raise ValidationError(name, f"{type(value).__name__}", "a mapping")
     at_ms = engine.now_ms() if at is None else math.floor(at * 1000)
     pairs = None if buckets is None else frozenset((str(e), str(r)) for e, r in buckets)
-    return Reported(dict(remaining), at_ms, pairs, dict(refill or {}))
+    return Reported(dict(remaining), at_ms, pairs, dict(rates or {}))
 
 
 class LeaseView:

@@ -703,24 +703,25 @@ def test_async_pull_down_decides_as_the_sync_one(backend: Backend, clock: Clock)
     assert asyncio.run(run()) == pytest.approx(4)
 
 
-def test_a_provider_that_refills_slower_holds_the_bucket_back_by_the_difference(
+def test_a_provider_that_refills_slower_charges_each_run_in_proportion(
     limiter: RateLimiter,
 ) -> None:
     limits = [Limit.per_second("rps", 10)]  # the configured key: 10 a second
-    lease = limiter.acquire("e", "r", {"rps": 1}, limits)
-    # The provider has 5 left, refills 8 a second and is full again in 1.5 s: over those
-    # 1.5 s the bucket would gain 3 more than the provider, so it keeps 5 - 3 = 2.
-    lease.pull_down({"rps": 5}, refill={"rps": (8.0, 1.5)})
-    assert limiter.available("e", "r", limits)["rps"] == pytest.approx(2)
-    # Into debt when the provider is empty and far from full.
-    lease.pull_down({"rps": 0}, refill={"rps": (8.0, 4.0)})
-    assert limiter.available("e", "r", limits)["rps"] == pytest.approx(-8)
-    # A provider refilling as fast or faster: only what is left counts.
+    counter = Counter(limiter)
+    for _ in range(8):
+        lease = limiter.acquire("e", "r", {"rps": 1}, limits)
+        # The provider refills 8 a second: each request costs 10/8 of one, the quarter
+        # carried over to this process's next run (a whole token every fourth run).
+        lease.pull_down({"rps": 10}, rates={"rps": 8.0})
+        lease.commit()
+    assert counter.take().count("UpdateItem") == 8 + 2  # 8 grants, 2 surcharges
+    assert limiter.available("e", "r", limits)["rps"] == pytest.approx(10 - 8 - 2)
+    # A provider refilling as fast or faster charges nothing more.
     other = limiter.acquire("f", "r", {"rps": 1}, limits)
-    other.pull_down({"rps": 4}, refill={"rps": (12.0, 9.0)})
-    assert limiter.available("f", "r", limits)["rps"] == pytest.approx(4)
-    with pytest.raises(ValidationError, match=r"refill\.rps"):
-        other.pull_down({"rps": 1}, refill={"rps": (-1.0, 1.0)})
+    other.pull_down({"rps": 10}, rates={"rps": 12.0})
+    assert other.consumed == {"rps": 1}
+    with pytest.raises(ValidationError, match=r"rates\.rps"):
+        other.pull_down({"rps": 1}, rates={"rps": 0.0})
 
 
 def test_a_lease_that_counted_its_start_pulls_the_start_track_down_too(

@@ -209,15 +209,15 @@ def test_openai_headers_pull_the_buckets_down_in_the_same_write(
     assert zae.limiter.available("tenant", "model", [TPM])["tpm"] == pytest.approx(480, abs=0.01)
 
 
-def test_a_key_whose_limit_is_lower_holds_the_bucket_back_until_its_reset(
+def test_a_key_whose_limit_is_lower_charges_each_run_in_proportion(
     zae: TaskHarness, app: Celery
 ) -> None:
-    # The key allows 4,800 tokens a minute (80 a second), not the 6,000 configured: the
-    # bucket keeps what is left less what it would gain on the provider until its reset.
+    # The key allows 4,800 tokens a minute (80 a second), not the 6,000 configured: each
+    # run is charged 6,000 / 4,800 of what it used, so the fleet goes at the key's pace.
     headers = {
         "x-ratelimit-limit-tokens": "4800",
-        "x-ratelimit-remaining-tokens": "900",
-        "x-ratelimit-reset-tokens": "5s",
+        "x-ratelimit-remaining-tokens": "4000",
+        "x-ratelimit-reset-tokens": "10s",
     }
     provider = Provider(completion(120, 80, headers))
     client = provider.openai(max_retries=0)
@@ -226,8 +226,9 @@ def test_a_key_whose_limit_is_lower_holds_the_bucket_back_until_its_reset(
     )
     with zae.use(app):
         task.delay().get()
-    # 900 - (100 - 80) * 5 = 800 tokens.
-    assert zae.limiter.available("tenant", "model", [TPM])["tpm"] == pytest.approx(800, abs=0.01)
+    # 120 + 300 as OpenAI counts, and a quarter more: 525; 4,000 left at the provider.
+    assert zae.ledger.runs[0].consumed == {"rpm": 1, "tpm": 525}
+    assert zae.limiter.available("tenant", "model", [TPM])["tpm"] == pytest.approx(4000, abs=0.01)
 
 
 def test_an_openai_429_blocks_the_fleet_for_its_retry_after(zae: TaskHarness, app: Celery) -> None:

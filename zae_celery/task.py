@@ -651,14 +651,15 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         chosen = _blocked(lease.buckets, kinds)
         names = {lim.name for ref in chosen for lim in ref.limits}
         remaining = profile.remaining(report, names)
-        if not remaining:
+        rates = profile.rates(report, names)
+        if not remaining and not rates:
             return False
         lease.pull_down(
             remaining,
             at=at,
             buckets=[(ref.entity_id, ref.resource) for ref in chosen],
             deltas=deltas,
-            refill=profile.refills(report, remaining),
+            rates=rates,
         )
         return True
 

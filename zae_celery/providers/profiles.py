@@ -105,20 +105,16 @@ class Profile:
         }
         return {name: value for name, value in values.items() if name is not None and name in names}
 
-    def refills(
-        self, report: RateLimitHeaders, names: Collection[str]
-    ) -> dict[str, tuple[float, float]]:
-        """The provider's refill (tokens a second: its per-minute ``limit`` / 60, as
-        both providers state their limits) and the seconds until each window is full
-        again, by the limit names among ``names`` whose window reported both."""
-        refills: dict[str, tuple[float, float]] = {}
+    def rates(self, report: RateLimitHeaders, names: Collection[str]) -> dict[str, float]:
+        """How fast the provider refills (tokens a second: its per-minute ``limit`` / 60,
+        as both providers state their limits), by the limit names among ``names`` whose
+        window reported a limit."""
+        rates: dict[str, float] = {}
         for name, kind in self.windows.items():
             window = report.windows.get(kind)
-            if name not in names or window is None:
-                continue
-            if window.limit is not None and window.reset_after is not None:
-                refills[name] = (window.limit / 60, window.reset_after)
-        return refills
+            if name in names and window is not None and window.limit:
+                rates[name] = window.limit / 60
+        return rates
 
     def remaining(self, report: RateLimitHeaders, names: Collection[str]) -> dict[str, int]:
         """What the provider says is left, by the limit names among ``names``."""
