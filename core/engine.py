@@ -699,9 +699,7 @@ class Engine(Records):
         provider said is left), by (entity, resource, attribute), on the start track too
         when the lease counted its start there (as admitted tasks do); a bucket
         this process last saw at or beyond its floor (after ``changes``) is left out: its
-        tokens are at most the provider's already (TATs only fall by refunds).
-
-        """
+        tokens are at most the provider's already (TATs only fall by refunds)."""
         names = {lim.name for t in lease.targets for lim in t.limits}
         for name, value in reported.remaining.items():
             check_tokens(f"remaining.{name}", value, minimum=0)
