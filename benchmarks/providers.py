@@ -186,6 +186,8 @@ class Plan:
     prefetch: int | None = None
     prepare: Callable[[RateLimiter], None] | None = None
     """Entities and stored limits, written before the workers start."""
+    cooldown: float = 0.0
+    """Seconds a 429 closes the provider's key (LocalProvider's ``cooldown``)."""
 
 
 _BLOCK_LINE = re.compile(re.escape(BLOCKED) + r" (\S+/\d+) at (\d+\.\d+)")
@@ -227,6 +229,7 @@ def run_plan(bench: Bench, plan: Plan) -> Run:
         slack_tokens=largest,  # the demo's slack: the largest request's charge
         seed=SEED,
         accounting="request",
+        cooldown=plan.cooldown,
         **LATENCY,  # type: ignore[arg-type]
     )
     env.update(
@@ -369,6 +372,11 @@ TENANTS_SHARE = 0.5
 low enough that 429s happen even when a busy machine's fleet sends below the key's rate."""
 
 
+TENANTS_COOLDOWN = 5.0
+"""Seconds the tenants' provider closes the key after a 429 ("try again in 5 s"), so
+that a 429's retry-after spans more than the next free slot."""
+
+
 def tenants_plan(tasks: int, broker: str) -> Plan:
     key_rpm, key_tpm = 600, 1_000_000
     tenant_rpm, tenant_tpm = 300, 500_000  # three tenants: 900 rpm together, the key binds
@@ -387,6 +395,7 @@ def tenants_plan(tasks: int, broker: str) -> Plan:
         round(key_tpm * TENANTS_SHARE),
         short_batch(tasks, TENANTS, True),
         prepare=prepare,
+        cooldown=TENANTS_COOLDOWN,
     )
 
 

@@ -278,6 +278,9 @@ class LocalProvider:
         otpm: output (completion) tokens allowed per minute; None: no such limit.
         slack_input_tokens: tokens added to the itpm bucket; None: ``slack_tokens``.
         slack_output_tokens: tokens added to the otpm bucket; None: ``slack_tokens``.
+        cooldown: seconds a 429 closes the key (0: none): every request until then is
+            refused too, told the time left, as providers that answer "try again in 20 s"
+            do; requests inside it do not extend it.
     """
 
     def __init__(
@@ -298,6 +301,7 @@ class LocalProvider:
         otpm: int | None = None,
         slack_input_tokens: int | None = None,
         slack_output_tokens: int | None = None,
+        cooldown: float = 0.0,
     ) -> None:
         if rpm < 1 or any(x is not None and x < 1 for x in (tpm, itpm, otpm)) or window <= 0:
             raise ValueError("rpm, tpm, itpm and otpm must be >= 1 and window > 0")
@@ -325,6 +329,11 @@ class LocalProvider:
         }
         self._records: list[ProviderRecord] = []
         self._overloaded_until = -math.inf
+        if cooldown < 0:
+            raise ValueError("cooldown must be >= 0")
+        self.cooldown = cooldown
+        self._closed_until = -math.inf
+        self._closed_by = "requests"
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", free_port()), _handler(self))
         self._server.daemon_threads = True
@@ -396,6 +405,9 @@ class LocalProvider:
             charged: dict[str, int] = {}
             if now < self._overloaded_until:
                 status = 529 if api == "anthropic" else 503
+            elif now < self._closed_until:
+                status, limited_by = 429, self._closed_by
+                retry_after = _retry_after(self._closed_until - now, api)
             else:
                 waits = {k: self._buckets[k].wait_for(amount) for k, amount in charges.items()}
                 if max(waits.values()) == 0:
@@ -405,7 +417,10 @@ class LocalProvider:
                 else:
                     status = 429
                     limited_by = max(waits, key=lambda kind: waits[kind])
-                    retry_after = _retry_after(waits[limited_by], api)
+                    wait = max(waits[limited_by], self.cooldown)
+                    if self.cooldown:
+                        self._closed_until, self._closed_by = now + wait, limited_by
+                    retry_after = _retry_after(wait, api)
             record = ProviderRecord(
                 now,
                 status,

@@ -252,6 +252,29 @@ def test_anthropic_429_raises_rate_limit_error_with_whole_seconds(
         assert message(client).http_response.status_code == 200
 
 
+def test_a_cooldown_closes_the_key_after_a_429_without_extending_it(
+    clock: ManualClock, served: list[LocalProvider]
+) -> None:
+    # 60 a minute, bucket of 1: the second request is 1 s early, and the key closes 20 s.
+    provider = serve(served, rpm=60, window=1, slack_requests=0, cooldown=20, clock=clock)
+    with openai_client(provider) as gpt:
+        assert chat(gpt).http_response.status_code == 200
+        for advance in (0.0, 5.0, 14.999):
+            clock.advance(advance)
+            with pytest.raises(openai.RateLimitError):
+                chat(gpt)
+        clock.advance(0.001)
+        assert chat(gpt).http_response.status_code == 200
+    records = provider.records
+    assert [(r.status, r.retry_after, r.limited_by) for r in records] == [
+        (200, None, None),
+        (429, 20.0, "requests"),
+        (429, 15.0, "requests"),  # inside the cooldown: the time left
+        (429, 0.001, "requests"),
+        (200, None, None),
+    ]
+
+
 # -- overload ----------------------------------------------------------------------------------
 def test_overload_refuses_every_request_and_charges_nothing(
     clock: ManualClock, served: list[LocalProvider]

@@ -231,3 +231,31 @@ def test_an_overloaded_provider_refunds_and_defers_each_refused_task(overloaded:
     # One deferral per 529 (the refund before the block is tested in test_provider_sdks).
     assert len(OVERLOADED.findall(log_text(overloaded.logs))) == len(refused)
     assert sum(r.status == 200 for r in books) == 4
+
+
+@pytest.fixture
+def closing(broker: Broker, ddb_local: LocalServer, tmp_path: Path) -> Iterator[Run]:
+    """An OpenAI provider taking 2 requests at once, 1 a second, that closes the key for
+    5 s after a 429 ("try again in 5 s")."""
+    yield from start(
+        broker,
+        ddb_local,
+        tmp_path,
+        LocalProvider(rpm=60, tpm=10_000_000, window=1, accounting="request", cooldown=5),
+        LocalProvider(rpm=100_000, itpm=10_000_000, otpm=10_000_000),
+    )
+
+
+@BROKERS
+def test_after_a_429_no_worker_sends_before_the_provider_reopens(closing: Run) -> None:
+    results = [closing.send("summarize", tenant="acme", text=TEXTS[i % 3]) for i in range(12)]
+    for result in results:
+        assert result.get(timeout=120).startswith("(simulated answer"), log_text(closing.logs)
+    books = sorted(closing.openai.records, key=lambda r: r.at)
+    first = next((r for r in books if r.status == 429), None)
+    assert first is not None and first.retry_after is not None, "no 429 was provoked"
+    # Slots admitted before the block would land inside it (twelve tasks, slots ahead):
+    # the 429's broadcast holds them. A request already handed to a pool process may
+    # still arrive just after the 429; none after the first second of the 5.
+    late = [r.at - first.at for r in books if first.at + 1.0 < r.at < first.at + 5.0]
+    assert late == [], f"requests {late} s after the 429, inside its retry-after"

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import ImproperlyConfigured
 from celery.signals import worker_shutting_down
 from celery.worker import state as worker_state
+from celery.worker.control import control_command
 from celery.worker.strategy import default as default_strategy
 
 from zae_celery.core import RateLimitExceeded, ZaeError
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from zae_celery.settings import Settings
     from zae_celery.task import RateLimitedTask, _Spec
 
-__all__ = ["ADMITTED", "LATE_START", "Admission", "admission_strategy"]
+__all__ = ["ADMITTED", "BLOCKED_COMMAND", "LATE_START", "Admission", "admission_strategy"]
 
 log = logging.getLogger("zae_celery.admission")
 
@@ -65,6 +66,23 @@ LOOKAHEAD = 2
 buckets set the pace."""
 TICK = 0.02
 """Seconds between two looks at the lines that wait for a free process or their time."""
+BLOCKED_COMMAND = "zae_blocked"
+"""The remote-control command a provider's 429 broadcasts to every worker: hold the tasks
+admitted on the blocked buckets until the block ends (see :meth:`Admission.blocked`)."""
+
+
+@control_command(  # type: ignore[untyped-decorator]
+    name=BLOCKED_COMMAND,
+    args=[("buckets", list), ("until", float)],
+    signature="<[[entity, resource], ...]> <until (epoch seconds)>",
+)
+def zae_blocked(state: Any, buckets: list[Any], until: float, **kwargs: Any) -> dict[str, str]:
+    """A provider's 429 blocked ``buckets`` until ``until``: this worker holds the tasks
+    it admitted on them (slots taken before the block) until then."""
+    admission: Admission | None = getattr(state.consumer, "_zae_admission", None)
+    if admission is not None:
+        admission.blocked(buckets, until)
+    return {"ok": "held"}
 
 
 def admission_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
@@ -192,6 +210,7 @@ class Admission:
         self._paused: dict[str, Any] = {}
         self._waiting = 0  # granted, not yet handed to the pool
         self._leases: dict[int, Lease] = {}  # id(request) -> lease, until handed over
+        self._blocks: dict[tuple[str, str], float] = {}  # (entity, resource) -> until
         self._ticking = False
         self._closed = False
         worker_shutting_down.connect(self._on_shutdown, weak=False)
@@ -352,13 +371,46 @@ class Admission:
             )
             self._pump(line)
 
+    def blocked(self, buckets: Any, until: float) -> None:
+        """A provider's 429 blocked ``buckets`` (``[[entity, resource], ...]``) until
+        ``until`` (epoch seconds; broadcast by the task that met it). Tasks admitted on
+        them before the block, whose slots fall inside it, are handed to the pool only
+        when it ends; their counted start has passed by then, so the pool counts a
+        fresh one on the blocked start track (see the module's docstring). New slots
+        need no hint: the buckets themselves are blocked."""
+        now = time.time()
+        with self._lock:
+            for old in [k for k, end in self._blocks.items() if end <= now]:
+                del self._blocks[old]
+            try:
+                pairs = [(str(e), str(r)) for e, r in buckets]
+                end = float(until)
+            except (TypeError, ValueError):
+                log.warning("zae-celery ignored a malformed %s command", BLOCKED_COMMAND)
+                return
+            for pair in pairs:
+                self._blocks[pair] = max(self._blocks.get(pair, 0.0), end)
+
+    def _held_back(self, head: _Held) -> float:
+        """Seconds until the latest block over the admitted task's buckets ends (0: none)."""
+        lease = self._leases.get(id(head.request))
+        if lease is None or not self._blocks:
+            return 0.0
+        ends = [self._blocks.get((b.entity_id, b.resource), 0.0) for b in lease.buckets]
+        return max(0.0, max(ends, default=0.0) - time.time())
+
     def _release(self, head: _Held, generation: int) -> None:
-        """The slot has come: hand the task to the pool."""
+        """The slot has come: hand the task to the pool (after a block over its buckets
+        that a provider's 429 announced, if one lasts longer)."""
         with self._lock:
             if generation != self._generation:
                 return
             if self.consumer.task_consumer is not self._task_consumer:
                 self._bind(self.consumer.task_consumer)  # its channel is gone: drop it
+                return
+            hold = self._held_back(head)
+            if hold > 0:
+                self.consumer.timer.call_after(hold, self._release, (head, generation))
                 return
             self._waiting -= 1
             self._leases.pop(id(head.request), None)

@@ -31,7 +31,7 @@ from celery import Task, states
 from celery.exceptions import Reject, Retry
 from celery.signals import task_postrun
 
-from zae_celery.admission import ADMITTED, LATE_START
+from zae_celery.admission import ADMITTED, BLOCKED_COMMAND, LATE_START
 from zae_celery.core import (
     BucketRef,
     Lease,
@@ -691,17 +691,37 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             except RateLimiterUnavailable as exc:
                 log.warning("zae-celery could not refund an uncounted request: %s", exc)
         kinds = self._options().get("rate_block", request.args, request.kwargs)
-        for ref in _blocked(lease.buckets if lease is not None else (), kinds):
+        chosen = _blocked(lease.buckets if lease is not None else (), kinds)
+        for ref in chosen:
             try:
                 limiter.block(ref.entity_id, ref.resource, ref.limits, retry_after)
             except RateLimiterUnavailable as exc:  # the deferral below still backs off
                 log.warning("zae-celery could not block the buckets of a 429: %s", exc)
+        if chosen and settings.admission and not request.is_eager:
+            self._announce_block(chosen, limiter.clock() + retry_after)
         if lease is not None and not lease.closed:
             lease.commit()
         deferrals = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
         wait = retry_after + random.uniform(0, settings.jitter)
         said = "provider 429" if charged else "provider overloaded"
         self._defer(settings, deferrals, wait, None, f"{said}, Retry-After {retry_after}")
+
+    def _announce_block(self, buckets: Sequence[BucketRef], until: float) -> None:
+        """Tell every worker (a remote-control broadcast, no reply awaited) that
+        ``buckets`` are blocked until ``until``: their consumers hold the tasks they
+        admitted on them before the block. Best effort: the block in the store holds
+        every new slot anyway."""
+        try:
+            self.app.control.broadcast(
+                BLOCKED_COMMAND,
+                arguments={
+                    "buckets": [[ref.entity_id, ref.resource] for ref in buckets],
+                    "until": until,
+                },
+                reply=False,
+            )
+        except Exception as exc:  # a broker without fanout, a lost connection
+            log.warning("zae-celery could not announce a block to the workers: %s", exc)
 
     # -- after the body -------------------------------------------------------------------------
     def after_return(
