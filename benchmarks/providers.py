@@ -13,11 +13,13 @@ fresh table per run. Scenarios:
 
 1. **shared-key**: the key is shared with a client zae-celery does not know of, so the
    provider allows 20 % less than the limits configured in zae-celery (600 rpm
-   configured, 480 at the provider; tpm likewise, not binding). The batch runs twice:
-   without header feedback (a 429 goes to ``provider_limited`` and the usage to
-   ``report_usage``, the responses' rate-limit headers are never read) and with it
-   (``zae_celery.providers.openai.chat``). Printed: 429s per 1,000 requests, the time to
-   converge (:data:`CONVERGED`), and the accepted rate against the provider's limit.
+   configured, 480 at the provider; tpm likewise, not binding). The batch runs three
+   times: without header feedback (a 429 goes to ``provider_limited`` and the usage to
+   ``report_usage``, the responses' rate-limit headers are never read); with it
+   (``zae_celery.providers.openai.chat``), the headers stating the limit enforced; and
+   with it while the headers state the configured 600 (the other client invisible but
+   in ``remaining``). Printed: 429s per 1,000 requests, the time to converge
+   (:data:`CONVERGED`), and the accepted rate against the provider's limit.
 2. **openai**: RabbitMQ broker, ``task_acks_late``, ``worker_prefetch_multiplier=1``;
    long prompts and a large ``max_tokens`` so that tpm binds; the provider charges tpm
    at request time (``accounting="request"``), the task's ``rate_profile`` is
@@ -28,7 +30,8 @@ fresh table per run. Scenarios:
 3. **tenants**: three tenants (300 rpm each), each an entity under the provider key's
    entity with ``cascade=True`` (the key's 600 rpm stored for it), send through the SDK
    (``zae_celery.providers.openai.chat``) to a provider that allows half the key's
-   configured limits (300 rpm), so 429s happen.
+   configured limits (300 rpm) and closes the key for :data:`TENANTS_COOLDOWN` s after
+   a 429 ("try again in 5 s"), so 429s happen and their retry-after is long.
    For each 429 (arrival t, retry-after r), the requests from any tenant that arrived
    in (t, t + r) are counted, and told apart by when their start was counted: before the
    block was written (admitted by a consumer, or started, before it), or after.
@@ -188,6 +191,8 @@ class Plan:
     """Entities and stored limits, written before the workers start."""
     cooldown: float = 0.0
     """Seconds a 429 closes the provider's key (LocalProvider's ``cooldown``)."""
+    advertise: dict[str, int] | None = None
+    """The limits the provider's headers state instead of those enforced."""
 
 
 _BLOCK_LINE = re.compile(re.escape(BLOCKED) + r" (\S+/\d+) at (\d+\.\d+)")
@@ -230,6 +235,7 @@ def run_plan(bench: Bench, plan: Plan) -> Run:
         seed=SEED,
         accounting="request",
         cooldown=plan.cooldown,
+        advertise=plan.advertise,
         **LATENCY,  # type: ignore[arg-type]
     )
     env.update(
@@ -334,8 +340,14 @@ def long_batch(
 def shared_key_plans(tasks: int, broker: str) -> list[Plan]:
     rpm, tpm = 600, 1_000_000
     plans = []
-    for feedback in (False, True):
-        label = "with header feedback" if feedback else "without header feedback"
+    variants = (
+        ("without header feedback", False, None),
+        ("with header feedback", True, None),
+        # The other client is invisible: the headers state the key's whole limit, and
+        # only what is left shows the other client's use.
+        ("with feedback, the key states 600 rpm", True, {"requests": rpm, "tokens": tpm}),
+    )
+    for label, feedback, advertise in variants:
         plans.append(
             Plan(
                 label,
@@ -345,6 +357,7 @@ def shared_key_plans(tasks: int, broker: str) -> list[Plan]:
                 round(rpm * SHARE),
                 round(tpm * SHARE),
                 short_batch(tasks, ["shared-key"], feedback),
+                advertise=advertise,
             )
         )
     return plans

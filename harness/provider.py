@@ -235,6 +235,7 @@ class _Bucket:
 
     def __init__(self, limit: int, window: float, slack: float) -> None:
         self.limit, self.slack = limit, slack
+        self.stated = limit  # what the headers say the limit is
         self.rate, self.size = limit / 60, limit * window / 60 + slack
         self.level, self.updated = self.size, 0.0
 
@@ -254,7 +255,7 @@ class _Bucket:
     def state(self) -> _State:
         """What the nominal bucket (without the slack) holds, and when it is full."""
         remaining = max(0, math.floor(self.level - self.slack + 1e-9))
-        return _State(self.limit, remaining, max(0.0, (self.size - self.level) / self.rate))
+        return _State(self.stated, remaining, max(0.0, (self.size - self.level) / self.rate))
 
 
 class LocalProvider:
@@ -281,6 +282,10 @@ class LocalProvider:
         cooldown: seconds a 429 closes the key (0: none): every request until then is
             refused too, told the time left, as providers that answer "try again in 20 s"
             do; requests inside it do not extend it.
+        advertise: per kind (``requests``, ``tokens``, ...), the limit the headers state
+            instead of the one enforced: a key shared with a client the caller does not
+            know of states the key's whole limit, and only its ``remaining`` shows the
+            other client's use.
     """
 
     def __init__(
@@ -302,6 +307,7 @@ class LocalProvider:
         slack_input_tokens: int | None = None,
         slack_output_tokens: int | None = None,
         cooldown: float = 0.0,
+        advertise: dict[str, int] | None = None,
     ) -> None:
         if rpm < 1 or any(x is not None and x < 1 for x in (tpm, itpm, otpm)) or window <= 0:
             raise ValueError("rpm, tpm, itpm and otpm must be >= 1 and window > 0")
@@ -327,6 +333,10 @@ class LocalProvider:
             for kind, (limit, slack) in limits.items()
             if limit is not None
         }
+        for kind, stated in (advertise or {}).items():
+            if kind not in self._buckets or stated < 1:
+                raise ValueError(f"advertise names a limit that is not set: {kind}")
+            self._buckets[kind].stated = stated
         self._records: list[ProviderRecord] = []
         self._overloaded_until = -math.inf
         if cooldown < 0:

@@ -275,6 +275,23 @@ def test_a_cooldown_closes_the_key_after_a_429_without_extending_it(
     ]
 
 
+def test_an_advertised_limit_is_stated_while_the_real_one_is_enforced(
+    clock: ManualClock, served: list[LocalProvider]
+) -> None:
+    provider = serve(
+        served, rpm=60, window=2, slack_requests=0, advertise={"requests": 600}, clock=clock
+    )
+    with openai_client(provider) as gpt:
+        first = chat(gpt)
+        assert first.headers["x-ratelimit-limit-requests"] == "600"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"  # of the 2 enforced
+        chat(gpt)
+        with pytest.raises(openai.RateLimitError):
+            chat(gpt)
+    with pytest.raises(ValueError, match="not set: input-tokens"):
+        LocalProvider(rpm=60, advertise={"input-tokens": 5})
+
+
 # -- overload ----------------------------------------------------------------------------------
 def test_overload_refuses_every_request_and_charges_nothing(
     clock: ManualClock, served: list[LocalProvider]
