@@ -287,6 +287,36 @@ def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
     return client, env
 
 
+def collect(
+    console: Console,
+    label: str,
+    client: Celery,
+    results: list[Any],
+    deadline: float,
+    infos: list[Any],
+    failures: list[str],
+) -> None:
+    """Wait for every result until ``deadline`` (monotonic), in order, with a status
+    line: what each task returned goes to ``infos``, each failure (its id and error) to
+    ``failures``."""
+    try:
+        with console.status(f"{label}: 0/{len(results)} done") as status:
+            for done, result in enumerate(results, 1):
+                try:
+                    timeout = max(1.0, deadline - time.monotonic())
+                    infos.append(result.get(timeout=timeout, interval=0.1))
+                except Exception as exc:
+                    failures.append(f"{result.id}: {exc!r}")
+                status.update(f"{label}: {done}/{len(results)} done")
+    finally:
+        # Unsubscribe now, while redis still runs: a result left pending (Ctrl-C) would
+        # otherwise try from its finalizer, after redis-server is stopped.
+        if hasattr(client.backend, "remove_pending_result"):
+            for result in results:
+                with contextlib.suppress(Exception):
+                    client.backend.remove_pending_result(result)
+
+
 def _warm_endpoint(limiter: RateLimiter, requests: int = 300) -> None:
     """Create the run's table and send ``requests`` grants to a scratch bucket: a
     fresh DynamoDB Local compiles its code paths (JIT) over its first few hundred
@@ -367,22 +397,7 @@ def run_mode(setup: Setup, mode: str, console: Console) -> Run:
         run = Run(mode, setup.tasks, setup.rate, submitted_at=time.time())
         results = [client.send_task(task_name, args=[i], queue=queue) for i in range(setup.tasks)]
         deadline = time.monotonic() + (setup.tasks - setup.rate) / setup.rate * 3 + 120
-        try:
-            with console.status(f"{label}: 0/{setup.tasks} done") as status:
-                for done, result in enumerate(results, 1):
-                    try:
-                        timeout = max(1.0, deadline - time.monotonic())
-                        run.infos.append(result.get(timeout=timeout, interval=0.1))
-                    except Exception as exc:
-                        run.failures.append(f"{result.id}: {exc!r}")
-                    status.update(f"{label}: {done}/{setup.tasks} done")
-        finally:
-            # Unsubscribe now, while redis still runs: a result left pending (Ctrl-C)
-            # would otherwise try from its finalizer, after redis-server is stopped.
-            if hasattr(client.backend, "remove_pending_result"):
-                for result in results:
-                    with contextlib.suppress(Exception):
-                        client.backend.remove_pending_result(result)
+        collect(console, label, client, results, deadline, run.infos, run.failures)
         records = provider.records
         run.accepted = [r.at for r in records if r.status == 200]
         run.rejected = [r.at for r in records if r.status == 429]

@@ -63,7 +63,7 @@ import openai
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.celery import REPO, Setup, _client, _warm_endpoint, endpoint_server
+from benchmarks.celery import REPO, Setup, _client, _warm_endpoint, collect, endpoint_server
 from benchmarks.provider_app import BLOCKED, RESOURCE
 from examples.llm_pipeline.report import _peak_per_minute
 from examples.llm_pipeline.workload import bucket_size, limits, load_prompts
@@ -270,20 +270,7 @@ def run_plan(bench: Bench, plan: Plan) -> Run:
             sum(_charge(kw) for kw in plan.batch) / plan.provider_tpm,
         )
         deadline = time.monotonic() + 3 * expected * 60 + 60
-        try:
-            with console.status(f"{plan.label}: 0/{run.tasks} done") as status:
-                for done, result in enumerate(results, 1):
-                    try:
-                        timeout = max(1.0, deadline - time.monotonic())
-                        run.infos.append(result.get(timeout=timeout, interval=0.1))
-                    except Exception as exc:
-                        run.failures.append(f"{result.id}: {exc!r}")
-                    status.update(f"{plan.label}: {done}/{run.tasks} done")
-        finally:
-            if hasattr(client.backend, "remove_pending_result"):
-                for result in results:
-                    with contextlib.suppress(Exception):
-                        client.backend.remove_pending_result(result)
+        collect(console, plan.label, client, results, deadline, run.infos, run.failures)
         run.records = provider.records
     for line in _BLOCK_LINE.finditer(log_text(logs)):
         run.blocks.setdefault(line.group(1), float(line.group(2)))

@@ -64,17 +64,8 @@ class AsyncLease(LeaseView):
         deltas: Mapping[str, int] | None = None,
         rates: Mapping[str, float] | None = None,
     ) -> None:
-        """Pull the buckets down to what the provider reports left (``remaining`` tokens
-        per limit name at ``at``, the limiter's clock; default now), never up, with
-        ``deltas`` as :meth:`adjust` takes them, in one write (none when every bucket
-        already holds no more than that and nothing changes).
-
-        ``buckets``: the ``(entity_id, resource)`` pairs that stand for the provider's
-        key (default: all the lease's buckets). ``rates``: per limit name, how fast the
-        provider refills (tokens a second), where known: where the lease's buckets refill
-        faster, the run is charged more in proportion (with ``deltas``), so the fleet
-        goes at the provider's pace (see docs/engine.md).
-        """
+        """Pull the buckets down to what the provider reports (see
+        :meth:`~.limiter.Lease.pull_down`); one write, none when nothing changes."""
         await self._limiter._run(
             self._limiter.engine.adjust(
                 self._state,
