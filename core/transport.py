@@ -202,6 +202,11 @@ class LimiterBase:
         self._sleep = sleep
 
     @property
+    def breaker_open(self) -> bool:
+        """True while the circuit breaker refuses calls (its ``state`` is ``"open"``)."""
+        return self.breaker.state == "open"
+
+    @property
     def clock(self) -> Clock:
         """The limiter's clock (seconds since the epoch): ``time.time`` unless injected."""
         return self.engine.clock

@@ -41,6 +41,7 @@ from celery.worker.control import control_command
 from celery.worker.strategy import default as default_strategy
 
 from zae_celery.core import RateLimitExceeded, ZaeError
+from zae_celery.metrics import quietly, recorder
 from zae_celery.queues import ConsumedQueues, limit_key
 from zae_celery.settings import MAX_HORIZON
 
@@ -332,6 +333,11 @@ class Admission:
             self._waiting -= 1
             now = time.monotonic()
             if isinstance(outcome, RateLimitExceeded):
+                metrics = recorder(self.settings.metrics_port is not None)
+                if metrics is not None:
+                    with quietly():
+                        for v in outcome.violations:
+                            metrics.throttled.labels(v.resource, v.limit_name).inc()
                 # Its slot lies beyond the horizon (a long provider block, a deep debt):
                 # ask again when it comes within the window; past zae_admission_max_hold
                 # the pool defers it instead (the broker's redelivery timers).
@@ -415,6 +421,11 @@ class Admission:
             self._waiting -= 1
             self._leases.pop(id(head.request), None)
             self._unhold(head.queue)
+        metrics = recorder(self.settings.metrics_port is not None)
+        if metrics is not None:
+            with quietly():
+                waited = time.monotonic() - head.since
+                metrics.wait.labels(head.spec.resource, "admission").observe(waited)
         self._to_pool(head.request)
         self._tick()
 

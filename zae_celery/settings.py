@@ -118,6 +118,23 @@ class Seconds:
 
 
 @dataclass(frozen=True)
+class Port:
+    """A TCP port (1..65535), or None: off."""
+
+    @property
+    def allowed(self) -> str:
+        """What is accepted."""
+        return "None (off) or a port, 1..65535"
+
+    def __call__(self, name: str, value: Any, quote: bool = True) -> int | None:
+        """The value, or ValidationError."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+            raise ValidationError(name, _shown(value, quote), self.allowed)
+        return value
+
+
 class Count:
     """A whole number >= 1 (no bool)."""
 
@@ -476,6 +493,19 @@ EAGER: Setting[str] = Setting(
     "task's horizon, then fail with RateLimitExceeded; 'admit' a refused task at once, "
     "without a lease, and log a warning",
 )
+METRICS_PORT: Setting[int | None] = Setting(
+    "zae_metrics_port",
+    None,
+    Port(),
+    "where a worker with the zae_celery.metrics.MetricsStep bootstep serves Prometheus "
+    "metrics (127.0.0.1 unless zae_metrics_host); None: no metrics are recorded",
+)
+METRICS_HOST: Setting[str | None] = Setting(
+    "zae_metrics_host",
+    "127.0.0.1",
+    Text(),
+    "the address the metrics endpoint listens on ('0.0.0.0': every interface)",
+)
 
 SETTINGS: tuple[Setting[Any], ...] = (
     STORE_URL,
@@ -497,6 +527,8 @@ SETTINGS: tuple[Setting[Any], ...] = (
     ADMISSION_HOLD,
     ADMISSION_MAX_HOLD,
     EAGER,
+    METRICS_PORT,
+    METRICS_HOST,
 )
 """Every ``zae_`` setting, in the order of :class:`Settings`' fields."""
 
@@ -525,6 +557,8 @@ class Settings:
     admission_hold: int
     admission_max_hold: float
     eager: str
+    metrics_port: int | None
+    metrics_host: str | None
 
     @classmethod
     def from_conf(cls, conf: Any) -> Settings:

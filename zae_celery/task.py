@@ -46,6 +46,7 @@ from zae_celery.core import (
     ZaeError,
 )
 from zae_celery.core.limits import RATE_SYNTAX, check_tokens, parse_rate
+from zae_celery.metrics import ObservedStore, quietly, recorder
 from zae_celery.options import OnError, TaskOptions
 from zae_celery.providers.headers import RateLimitHeaders, read_rate_limits
 from zae_celery.providers.profiles import COMPLETION, Profile
@@ -118,6 +119,11 @@ def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
                         endpoint_url=settings.endpoint_url,
                         region=settings.region,
                         **options,
+                    )
+                metrics = recorder(settings.metrics_port is not None)
+                if metrics is not None:
+                    limiter.store = ObservedStore(
+                        limiter.store, metrics, lambda: limiter.breaker_open
                     )
                 found = per_process[pid] = (settings, limiter)
     return found
@@ -511,6 +517,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         error.
         """
         request = self.request
+        self._count_deferral(settings, lease, reason, outage, cause)
         limit = request.zae_run.max_deferrals
         outages = int((request.headers or {}).get(HEADER_OUTAGES) or 0)
         if outage and outages >= limit:
@@ -699,6 +706,13 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 log.warning("zae-celery could not block the buckets of a 429: %s", exc)
         if chosen and settings.admission and not request.is_eager:
             self._announce_block(chosen, limiter.clock() + retry_after)
+        metrics = recorder(settings.metrics_port is not None)
+        if metrics is not None:
+            with quietly():
+                resource = lease.buckets[0].resource if lease and lease.buckets else self.name
+                metrics.provider.labels(resource, "429" if charged else "overloaded").inc()
+                for ref in chosen:
+                    metrics.blocks.labels(ref.resource).inc()
         if lease is not None and not lease.closed:
             lease.commit()
         deferrals = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
@@ -743,13 +757,47 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 log.exception("zae-celery could not settle the lease of task %s", task_id)
         self._settled(status)
 
+    def _count_deferral(
+        self,
+        settings: Settings,
+        lease: Lease | None,
+        reason: str,
+        outage: bool,
+        cause: ZaeError | None,
+    ) -> None:
+        """Metrics of a deferral: its cause, and the limits that refused (if any)."""
+        metrics = recorder(settings.metrics_port is not None)
+        if metrics is None:
+            return
+        with quietly():
+            resource = lease.buckets[0].resource if lease is not None and lease.buckets else None
+            if isinstance(cause, RateLimitExceeded):
+                for v in cause.violations:
+                    metrics.throttled.labels(v.resource, v.limit_name).inc()
+                    resource = resource or v.resource
+            kind = "outage" if outage else "provider" if reason.startswith("provider") else "slot"
+            metrics.deferrals.labels(resource or self.name, kind).inc()
+
     def _settled(self, state: str) -> None:
         """Send :data:`~zae_celery.signals.run_settled` once for this run (one that
-        reached ``before_start``)."""
+        reached ``before_start``), and record its metrics."""
         request = self.request
         if not hasattr(request, "zae_run") or getattr(request, "zae_reported", False):
             return
         request.zae_reported = True
+        lease: Lease | None = getattr(request, "zae_active_lease", None)
+        metrics = recorder(limiter_for(self.app)[0].metrics_port is not None)
+        if metrics is not None and lease is not None and lease.buckets:
+            with quietly():
+                resource = lease.buckets[0].resource
+                path = "admission" if getattr(request, ADMITTED, None) else "pool"
+                path = "eager" if request.is_eager else path
+                targets = lease.ticket().get("targets") or [{}]
+                estimated = dict(targets[0].get("consume") or {})
+                metrics.granted(resource, path, lease.unchecked, estimated)
+                metrics.settled(resource, estimated, lease.consumed)
+                if path != "admission":
+                    metrics.wait.labels(resource, path).observe(getattr(request, "zae_waited", 0.0))
         run_settled.send(
             sender=self,
             task_id=request.id,

@@ -7,7 +7,8 @@ redis:// URL, instead of those two), ZAE_TEST_RPS, ZAE_TEST_PROVIDER, ZAE_TEST_S
 ZAE_TEST_HORIZON, ZAE_TEST_BODY_SECONDS, ZAE_TEST_ACKS_LATE, ZAE_TEST_PREFETCH,
 ZAE_TEST_ADMISSION ("0": tasks are gated in the pool, as before admission),
 ZAE_TEST_MAX_DEFERRALS, ZAE_TEST_VISIBILITY_TIMEOUT (redis), ZAE_TEST_TOPIC ("1": the
-queues of :data:`TOPIC_QUEUES` are declared).
+queues of :data:`TOPIC_QUEUES` are declared), ZAE_TEST_METRICS_PORT (the metrics
+bootstep and its port).
 """
 
 # kombu ships no type information.
@@ -47,6 +48,11 @@ if os.environ.get("ZAE_TEST_STORE_URL"):
 else:
     app.conf.zae_table_name = os.environ.get("ZAE_TEST_TABLE", "zae-celery-tests")
     app.conf.zae_endpoint_url = os.environ.get("ZAE_TEST_ENDPOINT")
+if os.environ.get("ZAE_TEST_METRICS_PORT"):  # tests/test_metrics.py: one worker, its endpoint
+    from zae_celery.metrics import MetricsStep
+
+    app.conf.zae_metrics_port = int(os.environ["ZAE_TEST_METRICS_PORT"])
+    app.steps["worker"].add(MetricsStep)
 # Refilled once a year: what a bucket shows is exactly what was consumed.
 TOTAL = Limit.custom("total", 1000, refill_amount=1, refill_period_seconds=31_536_000)
 app.conf.update(
