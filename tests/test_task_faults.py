@@ -279,6 +279,7 @@ def test_no_secret_reaches_logs_or_results(
         "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
         "ZAE_TEST_START_WAIT": "0",  # deferrals: their log lines are checked too
         "ZAE_TEST_ADMISSION": admission,
+        "ZAE_TEST_DEBUG": "1",  # and every decision's DEBUG line
     }
     with fleet(redis, moto, tmp_path, env=env) as f:
         modes = ["ok", "ok", "ok", "consume", "entity", "report"]
@@ -295,6 +296,8 @@ def test_no_secret_reaches_logs_or_results(
         logs = log_text(f.logs)
     # The path that holds a paced task ran: the consumer's, or the pool's deferral.
     assert ("zae-celery admitted task" if admission == "1" else "zae-celery deferred task") in logs
+    decided = "decision=admitted" if admission == "1" else "decision=deferred"
+    assert decided in logs and "zae-celery decision=settled" in logs
     assert "rate_consume: the callable raised KeyError" in "\n".join(texts)
     assert "rate_entity: is not a valid id" in "\n".join(texts)
     assert "report_usage.total" in "\n".join(texts)

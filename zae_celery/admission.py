@@ -41,6 +41,7 @@ from celery.worker.control import control_command
 from celery.worker.strategy import default as default_strategy
 
 from zae_celery.core import RateLimitExceeded, ZaeError
+from zae_celery.decisions import log_decision
 from zae_celery.metrics import quietly, recorder
 from zae_celery.queues import ConsumedQueues, limit_key
 from zae_celery.settings import MAX_HORIZON
@@ -333,6 +334,15 @@ class Admission:
             self._waiting -= 1
             now = time.monotonic()
             if isinstance(outcome, RateLimitExceeded):
+                v = outcome.violations[0] if outcome.violations else None
+                log_decision(
+                    "refused",
+                    head.request.id,
+                    bucket=f"{v.entity_id}/{v.resource}" if v else None,
+                    limit=v.limit_name if v else None,
+                    wait=float(outcome.retry_after),
+                    path="admission",
+                )
                 metrics = recorder(self.settings.metrics_port is not None)
                 if metrics is not None:
                     with quietly():
@@ -369,6 +379,13 @@ class Admission:
                 head.request.id,
                 head.request.name,
                 max(0.0, ahead),
+            )
+            log_decision(
+                "admitted",
+                head.request.id,
+                bucket=f"{head.spec.entity_id}/{head.spec.resource}",
+                wait=float(max(0.0, ahead)),
+                path="admission",
             )
             self._waiting += 1
             self._leases[id(head.request)] = lease

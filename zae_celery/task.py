@@ -46,6 +46,7 @@ from zae_celery.core import (
     ZaeError,
 )
 from zae_celery.core.limits import RATE_SYNTAX, check_tokens, parse_rate
+from zae_celery.decisions import log_decision
 from zae_celery.metrics import ObservedStore, quietly, recorder
 from zae_celery.options import OnError, TaskOptions
 from zae_celery.providers.headers import RateLimitHeaders, read_rate_limits
@@ -414,6 +415,14 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                     _describe(exc),
                 )
                 return
+            v = exc.violations[0] if exc.violations else None
+            log_decision(
+                "refused",
+                request.id,
+                bucket=f"{v.entity_id}/{v.resource}" if v else None,
+                limit=v.limit_name if v else None,
+                wait=float(exc.retry_after),
+            )
             wait = min(exc.retry_after, horizon) + random.uniform(0, settings.jitter)
             self._defer(settings, deferrals, wait, None, _describe(exc), cause=exc)
         except TableNotFound:
@@ -421,6 +430,14 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         except RateLimiterUnavailable as exc:
             wait = settings.unavailable_retry + random.uniform(0, settings.jitter)
             self._defer(settings, deferrals, wait, None, "rate limiter unavailable", True, exc)
+        log_decision(
+            "granted",
+            request.id,
+            bucket=_bucket_of(lease),
+            wait=float(lease.wait),
+            path="eager" if eager else "pool",
+            unchecked=True if lease.unchecked else None,
+        )
         if lease.wait > start_wait:
             self._defer(settings, deferrals, lease.wait, lease, "reserved slot")
         self._start(settings, limiter, lease, deferrals)
@@ -518,6 +535,15 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         """
         request = self.request
         self._count_deferral(settings, lease, reason, outage, cause)
+        limit = cause.violations[0] if isinstance(cause, RateLimitExceeded) else None
+        log_decision(
+            "deferred",
+            request.id,
+            bucket=_bucket_of(lease) or (f"{limit.entity_id}/{limit.resource}" if limit else None),
+            limit=limit.limit_name if limit else None,
+            wait=float(countdown),
+            cause="outage" if outage else "provider" if reason.startswith("provider") else "slot",
+        )
         limit = request.zae_run.max_deferrals
         outages = int((request.headers or {}).get(HEADER_OUTAGES) or 0)
         if outage and outages >= limit:
@@ -704,6 +730,13 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 limiter.block(ref.entity_id, ref.resource, ref.limits, retry_after)
             except RateLimiterUnavailable as exc:  # the deferral below still backs off
                 log.warning("zae-celery could not block the buckets of a 429: %s", exc)
+        log_decision(
+            "blocked",
+            request.id,
+            bucket=",".join(f"{ref.entity_id}/{ref.resource}" for ref in chosen) or None,
+            wait=float(retry_after),
+            cause="429" if charged else "overloaded",
+        )
         if chosen and settings.admission and not request.is_eager:
             self._announce_block(chosen, limiter.clock() + retry_after)
         metrics = recorder(settings.metrics_port is not None)
@@ -786,6 +819,15 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             return
         request.zae_reported = True
         lease: Lease | None = getattr(request, "zae_active_lease", None)
+        if lease is not None:
+            log_decision(
+                "settled",
+                request.id,
+                bucket=_bucket_of(lease),
+                state=state,
+                consumed=",".join(f"{n}:{v}" for n, v in sorted(lease.consumed.items())),
+                waited=float(getattr(request, "zae_waited", 0.0)),
+            )
         metrics = recorder(limiter_for(self.app)[0].metrics_port is not None)
         if metrics is not None and lease is not None and lease.buckets:
             with quietly():
@@ -866,6 +908,13 @@ def _blocked(buckets: Sequence[BucketRef], kinds: frozenset[str]) -> list[Bucket
         if kind in kinds:
             chosen.append(ref)
     return chosen
+
+
+def _bucket_of(lease: Lease | None) -> str | None:
+    """``entity/resource`` of a lease's own bucket (None: no lease, or no buckets)."""
+    if lease is None or not lease.buckets:
+        return None
+    return f"{lease.buckets[0].entity_id}/{lease.buckets[0].resource}"
 
 
 def _late_tolerance(lease: Lease) -> float:

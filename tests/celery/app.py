@@ -8,7 +8,7 @@ ZAE_TEST_HORIZON, ZAE_TEST_BODY_SECONDS, ZAE_TEST_ACKS_LATE, ZAE_TEST_PREFETCH,
 ZAE_TEST_ADMISSION ("0": tasks are gated in the pool, as before admission),
 ZAE_TEST_MAX_DEFERRALS, ZAE_TEST_VISIBILITY_TIMEOUT (redis), ZAE_TEST_TOPIC ("1": the
 queues of :data:`TOPIC_QUEUES` are declared), ZAE_TEST_METRICS_PORT (the metrics
-bootstep and its port).
+bootstep and its port), ZAE_TEST_DEBUG ("1": zae-celery logs its decisions at DEBUG).
 """
 
 # kombu ships no type information.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 import urllib.error
@@ -48,6 +49,8 @@ if os.environ.get("ZAE_TEST_STORE_URL"):
 else:
     app.conf.zae_table_name = os.environ.get("ZAE_TEST_TABLE", "zae-celery-tests")
     app.conf.zae_endpoint_url = os.environ.get("ZAE_TEST_ENDPOINT")
+if os.environ.get("ZAE_TEST_DEBUG") == "1":  # zae-celery's decisions at DEBUG, nothing else
+    logging.getLogger("zae_celery").setLevel(logging.DEBUG)
 if os.environ.get("ZAE_TEST_METRICS_PORT"):  # tests/test_metrics.py: one worker, its endpoint
     from zae_celery.metrics import MetricsStep
 
