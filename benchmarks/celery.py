@@ -87,6 +87,7 @@ from zae_celery.testing import (
     CountingProxy,
     LocalServer,
     dynamodb_local,
+    free_port,
     moto_server,
     redis_script_calls,
     redis_server,
@@ -132,6 +133,8 @@ class Run:
     redis_scripts: int | None = None
     """On a Redis store: the script calls the server answered during the run."""
     peak_rss_mb: float = 0.0
+    cpu_s: float = 0.0
+    """CPU seconds (user + system) of every worker process, main and pool, summed."""
 
     @property
     def starts_ms(self) -> list[int]:
@@ -227,6 +230,7 @@ class Run:
             "dynamodb": self.dynamodb,
             "redis_scripts": self.redis_scripts,
             "peak_rss_mb": self.peak_rss_mb,
+            "cpu_ms_per_task": 1000 * self.cpu_s / self.tasks,
         }
 
 
@@ -253,6 +257,8 @@ class Setup:
     prefetch: int | None = None
     acks_late: bool = False
     admission: bool = True
+    metrics: bool = False
+    """zae-celery's Prometheus metrics on (the bootstep, a port per run)."""
 
 
 def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
@@ -281,6 +287,7 @@ def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
         "ZAE_BENCH_BODY": str(setup.body),
         "ZAE_BENCH_ACKS_LATE": "1" if setup.acks_late else "0",
         "ZAE_BENCH_ADMISSION": "1" if setup.admission else "0",
+        **({"ZAE_BENCH_METRICS_PORT": str(free_port())} if setup.metrics else {}),
     }
     if setup.prefetch is not None:
         env["ZAE_BENCH_PREFETCH"] = str(setup.prefetch)
@@ -327,15 +334,31 @@ def _warm_endpoint(limiter: RateLimiter, requests: int = 300) -> None:
         limiter.acquire("bench-warm-up", "warm", {"warm": 1}, scratch).commit()
 
 
-def _peak_rss_mb(pids: list[int]) -> float:
-    """Peak resident memory (VmHWM) of these processes and their children, summed."""
-    procs = Path("/proc")
+def _family(pids: list[int]) -> set[int]:
+    """These processes and their children (pool processes)."""
     family = set(pids)
-    for stat in procs.glob("[0-9]*/stat"):
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             if int(fields[1]) in family:  # field 4 of stat: the parent's pid
                 family.add(int(stat.parent.name))
+    return family
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) these processes and their children have used so far."""
+    ticks = 0
+    for pid in _family(pids):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_mb(pids: list[int]) -> float:
+    """Peak resident memory (VmHWM) of these processes and their children, summed."""
+    procs = Path("/proc")
+    family = _family(pids)
     total_kb = 0
     for pid in family:
         with contextlib.suppress(OSError, ValueError):
@@ -402,6 +425,7 @@ def run_mode(setup: Setup, mode: str, console: Console) -> Run:
         run.accepted = [r.at for r in records if r.status == 200]
         run.rejected = [r.at for r in records if r.status == 429]
         run.peak_rss_mb = _peak_rss_mb([p.pid for p in procs])
+        run.cpu_s = _cpu_seconds([p.pid for p in procs])
         stop_workers(procs)  # their last requests (refunds at shutdown) count too
         if store_url is not None:
             run.redis_scripts = redis_script_calls(store_url) - scripts_before
@@ -452,6 +476,7 @@ def _rows(run: Run) -> list[str]:
         f"{mean:.3f} (max {most}){_mark(mean <= 0.05 and most <= 1)}",
         f"{per_task:.3f}{_mark(per_task <= 1.1)}" if is_zae else "0 (none)",
         f"{run.peak_rss_mb:.0f}",
+        f"{1000 * run.cpu_s / run.tasks:.1f}",
         f"{sent} / {len(run.rejected)}",
         "-" if run.late_s is None else "{:.2f} / {:.2f}".format(*run.late_s),
         f"{run.span_s:.2f}",
@@ -497,6 +522,7 @@ def render(runs: list[Run], setup: Setup, endpoint: str, console: Console) -> No
             "<= 1.1",
         ),
         ("workers' peak RSS, MB (all processes)", ""),
+        ("workers' CPU per task, ms (all processes)", ""),
         ("provider requests / 429s", f"{n} / 0" if setup.provider_rate == rate else ""),
         ("start after its slot, median / max s", ""),
         ("span of starts, s", f"{(n - rate) / rate:.1f}"),
@@ -602,6 +628,9 @@ def endpoint_server(kind: str, logs: Path) -> Iterator[LocalServer]:
     default=None,
     help="Write every start time and provider request to this JSON file.",
 )
+@click.option(
+    "--metrics", is_flag=True, help="zae-celery's Prometheus metrics on (docs/observability.md)."
+)
 @click.option("--keep", is_flag=True, help="Keep the work folder (worker and server logs).")
 def main(
     tasks: int,
@@ -620,6 +649,7 @@ def main(
     store: str | None,
     only: str | None,
     save: Path | None,
+    metrics: bool,
     keep: bool,
 ) -> None:
     """Run the same saturated batch with zae-celery and with Celery's rate_limit."""
@@ -677,6 +707,7 @@ def main(
                 prefetch=prefetch,
                 acks_late=acks_late,
                 admission=admission,
+                metrics=metrics,
             )
             for mode in MODES:
                 if only in (None, mode):

@@ -29,6 +29,9 @@ Configured by the benchmark through the environment:
 ``ZAE_BENCH_PREFETCH``      ``worker_prefetch_multiplier`` (default Celery's, 4)
 ``ZAE_BENCH_ACKS_LATE``     ``1``: ``task_acks_late`` (and reject on a lost worker)
 ``ZAE_BENCH_ADMISSION``     ``0``: ``zae_admission=False`` (tasks gated in the pool)
+``ZAE_BENCH_METRICS_PORT``  zae-celery's metrics on, served on this port (one worker
+                            serves it; the others log that it is taken and record all
+                            the same)
 ==========================  =============================================================
 
 DynamoDB requests are counted by the benchmark at the endpoint (a counting proxy), and a
@@ -69,6 +72,11 @@ app.conf.update(
     zae_admission=os.environ.get("ZAE_BENCH_ADMISSION", "1") == "1",
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get("ZAE_BENCH_METRICS_PORT"):  # --metrics: recorded in every process
+    from zae_celery.metrics import MetricsStep
+
+    app.conf.zae_metrics_port = int(os.environ["ZAE_BENCH_METRICS_PORT"])
+    app.steps["worker"].add(MetricsStep)
 if os.environ.get("ZAE_BENCH_PREFETCH"):
     app.conf.worker_prefetch_multiplier = int(os.environ["ZAE_BENCH_PREFETCH"])
 if os.environ.get("ZAE_BENCH_ACKS_LATE") == "1":

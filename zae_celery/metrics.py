@@ -235,7 +235,17 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        self.server, _thread = start_http_server(self.port, addr=self.host, registry=registry)
+        try:
+            self.server, _thread = start_http_server(self.port, addr=self.host, registry=registry)
+        except OSError as exc:  # the port is taken (another worker on this host?)
+            log.error(
+                "zae-celery could not serve metrics on %s:%d (%s): this worker runs without "
+                "its endpoint; give each worker on a host its own zae_metrics_port",
+                self.host,
+                self.port,
+                exc,
+            )
+            return
         log.info("zae-celery metrics on http://%s:%d/metrics", self.host, self.port)
 
     def stop(self, worker: Any) -> None:
