@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 import pytest
+from celery import Celery
 
 from harness import fsbroker
 from tests.helpers import Clock
@@ -26,6 +27,7 @@ from zae_celery.core.stores import DynamoDBStore, MemoryStore, RedisStore, Store
 from zae_celery.testing import (
     LocalServer,
     ServerUnavailable,
+    TaskHarness,
     dynamodb_local,
     moto_server,
     redis_server,
@@ -281,3 +283,18 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
     except OSError:
         unavailable("RabbitMQ is not reachable at 127.0.0.1:5672 (CI machines run one)")
     return Broker("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//", data)
+
+
+@pytest.fixture
+def zae() -> Iterator[TaskHarness]:
+    """An in-memory store and a manual clock for eager runs (zae_celery.testing)."""
+    with TaskHarness() as harness:
+        yield harness
+
+
+@pytest.fixture
+def eager_app() -> Celery:
+    """An app of its own for eager runs on ``zae``: no broker is ever reached."""
+    app = Celery(f"eager-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(zae_table_name="never-used", zae_jitter=0)
+    return app

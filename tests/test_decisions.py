@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,16 +20,8 @@ SECRET = "sk-live-PROMPT-9c1e"
 
 
 @pytest.fixture
-def zae() -> Iterator[TaskHarness]:
-    with TaskHarness() as harness:
-        yield harness
-
-
-@pytest.fixture
-def app() -> Celery:
-    app = Celery(f"decisions-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update(zae_table_name="never-used", zae_jitter=0)
-    return app
+def app(eager_app: Celery) -> Celery:
+    return eager_app
 
 
 def define(app: Celery, body: Any) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,12 +30,6 @@ from zae_celery.testing import TaskHarness
 
 RPM = Limit.per_minute("rpm", 2)  # a bucket of 2, one more every 30 s
 TPM = Limit.per_minute("tpm", 1000)
-
-
-@pytest.fixture
-def zae() -> Iterator[TaskHarness]:
-    with TaskHarness() as harness:
-        yield harness
 
 
 @pytest.fixture

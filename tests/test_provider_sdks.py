@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -45,16 +45,8 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 
 @pytest.fixture
-def zae() -> Iterator[TaskHarness]:
-    with TaskHarness() as harness:
-        yield harness
-
-
-@pytest.fixture
-def app() -> Celery:
-    app = Celery(f"sdk-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update(zae_table_name="never-used", zae_jitter=0)
-    return app
+def app(eager_app: Celery) -> Celery:
+    return eager_app
 
 
 class Provider:
