@@ -42,6 +42,7 @@ from celery.worker.strategy import default as default_strategy
 
 from zae_celery.core import RateLimitExceeded, ZaeError
 from zae_celery.decisions import log_decision
+from zae_celery.events import THROTTLED, from_consumer
 from zae_celery.metrics import quietly, recorder
 from zae_celery.queues import ConsumedQueues, limit_key
 from zae_celery.settings import MAX_HORIZON
@@ -343,6 +344,16 @@ class Admission:
                     wait=float(outcome.retry_after),
                     path="admission",
                 )
+                from_consumer(
+                    self.consumer,
+                    THROTTLED,
+                    head.request.id,
+                    wait=float(outcome.retry_after),
+                    resource=v.resource if v else head.spec.resource,
+                    limit=v.limit_name if v else None,
+                    path="admission",
+                    cause="slot",
+                )
                 metrics = recorder(self.settings.metrics_port is not None)
                 if metrics is not None:
                     with quietly():
@@ -380,6 +391,16 @@ class Admission:
                 head.request.name,
                 max(0.0, ahead),
             )
+            if ahead > DISPATCH_LEAD:  # it waits for its slot, held here
+                from_consumer(
+                    self.consumer,
+                    THROTTLED,
+                    head.request.id,
+                    wait=float(ahead),
+                    resource=head.spec.resource,
+                    path="admission",
+                    cause="slot",
+                )
             log_decision(
                 "admitted",
                 head.request.id,

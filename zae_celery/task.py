@@ -47,6 +47,7 @@ from zae_celery.core import (
 )
 from zae_celery.core.limits import RATE_SYNTAX, check_tokens, parse_rate
 from zae_celery.decisions import log_decision
+from zae_celery.events import PROVIDER_LIMITED, THROTTLED, from_task
 from zae_celery.metrics import ObservedStore, quietly, recorder
 from zae_celery.options import OnError, TaskOptions
 from zae_celery.providers.headers import RateLimitHeaders, read_rate_limits
@@ -536,6 +537,16 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         request = self.request
         self._count_deferral(settings, lease, reason, outage, cause)
         limit = cause.violations[0] if isinstance(cause, RateLimitExceeded) else None
+        if not reason.startswith("provider"):  # provider_limited sends its own
+            from_task(
+                self,
+                THROTTLED,
+                wait=float(countdown),
+                resource=limit.resource if limit else _resource_of(lease),
+                limit=limit.limit_name if limit else None,
+                path="pool",
+                cause="outage" if outage else "slot",
+            )
         log_decision(
             "deferred",
             request.id,
@@ -730,6 +741,13 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 limiter.block(ref.entity_id, ref.resource, ref.limits, retry_after)
             except RateLimiterUnavailable as exc:  # the deferral below still backs off
                 log.warning("zae-celery could not block the buckets of a 429: %s", exc)
+        from_task(
+            self,
+            PROVIDER_LIMITED,
+            wait=float(retry_after),
+            resource=chosen[0].resource if chosen else None,
+            kind="429" if charged else "overloaded",
+        )
         log_decision(
             "blocked",
             request.id,
@@ -908,6 +926,11 @@ def _blocked(buckets: Sequence[BucketRef], kinds: frozenset[str]) -> list[Bucket
         if kind in kinds:
             chosen.append(ref)
     return chosen
+
+
+def _resource_of(lease: Lease | None) -> str | None:
+    """The resource of a lease's own bucket (None: no lease, or no buckets)."""
+    return lease.buckets[0].resource if lease is not None and lease.buckets else None
 
 
 def _bucket_of(lease: Lease | None) -> str | None:

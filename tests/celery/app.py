@@ -8,7 +8,8 @@ ZAE_TEST_HORIZON, ZAE_TEST_BODY_SECONDS, ZAE_TEST_ACKS_LATE, ZAE_TEST_PREFETCH,
 ZAE_TEST_ADMISSION ("0": tasks are gated in the pool, as before admission),
 ZAE_TEST_MAX_DEFERRALS, ZAE_TEST_VISIBILITY_TIMEOUT (redis), ZAE_TEST_TOPIC ("1": the
 queues of :data:`TOPIC_QUEUES` are declared), ZAE_TEST_METRICS_PORT (the metrics
-bootstep and its port), ZAE_TEST_DEBUG ("1": zae-celery logs its decisions at DEBUG).
+bootstep and its port), ZAE_TEST_DEBUG ("1": zae-celery logs its decisions at DEBUG),
+ZAE_TEST_EVENTS ("1": task events on, as with ``celery worker -E``).
 """
 
 # kombu ships no type information.
@@ -49,6 +50,8 @@ if os.environ.get("ZAE_TEST_STORE_URL"):
 else:
     app.conf.zae_table_name = os.environ.get("ZAE_TEST_TABLE", "zae-celery-tests")
     app.conf.zae_endpoint_url = os.environ.get("ZAE_TEST_ENDPOINT")
+if os.environ.get("ZAE_TEST_EVENTS") == "1":  # tests/test_events.py: as celery worker -E
+    app.conf.worker_send_task_events = True
 if os.environ.get("ZAE_TEST_DEBUG") == "1":  # zae-celery's decisions at DEBUG, nothing else
     logging.getLogger("zae_celery").setLevel(logging.DEBUG)
 if os.environ.get("ZAE_TEST_METRICS_PORT"):  # tests/test_metrics.py: one worker, its endpoint
