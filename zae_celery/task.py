@@ -535,25 +535,27 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         error.
         """
         request = self.request
-        self._count_deferral(settings, lease, reason, outage, cause)
-        limit = cause.violations[0] if isinstance(cause, RateLimitExceeded) else None
-        if not reason.startswith("provider"):  # provider_limited sends its own
+        kind = "outage" if outage else "provider" if reason.startswith("provider") else "slot"
+        self._count_deferral(settings, lease, kind, cause)
+        refused = cause.violations[0] if isinstance(cause, RateLimitExceeded) else None
+        if kind != "provider":  # provider_limited sends its own
             from_task(
                 self,
                 THROTTLED,
                 wait=float(countdown),
-                resource=limit.resource if limit else _resource_of(lease),
-                limit=limit.limit_name if limit else None,
+                resource=refused.resource if refused else _resource_of(lease),
+                limit=refused.limit_name if refused else None,
                 path="pool",
-                cause="outage" if outage else "slot",
+                cause=kind,
             )
         log_decision(
             "deferred",
             request.id,
-            bucket=_bucket_of(lease) or (f"{limit.entity_id}/{limit.resource}" if limit else None),
-            limit=limit.limit_name if limit else None,
+            bucket=_bucket_of(lease)
+            or (f"{refused.entity_id}/{refused.resource}" if refused else None),
+            limit=refused.limit_name if refused else None,
             wait=float(countdown),
-            cause="outage" if outage else "provider" if reason.startswith("provider") else "slot",
+            cause=kind,
         )
         limit = request.zae_run.max_deferrals
         outages = int((request.headers or {}).get(HEADER_OUTAGES) or 0)
@@ -678,6 +680,13 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         self.request.zae_provider_report = (report, now, profile or self._profile(COMPLETION))
         return report
 
+    def _key_buckets(self, lease: Lease | None) -> list[BucketRef]:
+        """The run's buckets that stand for the provider's key: those ``rate_block``
+        names (a 429 blocks them, a provider's report pulls them down)."""
+        request = self.request
+        kinds = self._options().get("rate_block", request.args, request.kwargs)
+        return _blocked(lease.buckets if lease is not None else (), kinds)
+
     def _profile(self, default: Profile) -> Profile:
         """The run's ``rate_profile``, else ``default``."""
         request = self.request
@@ -690,9 +699,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             return False
         self.request.zae_provider_report = None
         report, at, profile = pending
-        request = self.request
-        kinds = self._options().get("rate_block", request.args, request.kwargs)
-        chosen = _blocked(lease.buckets, kinds)
+        chosen = self._key_buckets(lease)
         names = {lim.name for ref in chosen for lim in ref.limits}
         remaining = profile.remaining(report, names)
         rates = profile.rates(report, names)
@@ -734,8 +741,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 lease.rollback()
             except RateLimiterUnavailable as exc:
                 log.warning("zae-celery could not refund an uncounted request: %s", exc)
-        kinds = self._options().get("rate_block", request.args, request.kwargs)
-        chosen = _blocked(lease.buckets if lease is not None else (), kinds)
+        chosen = self._key_buckets(lease)
         for ref in chosen:
             try:
                 limiter.block(ref.entity_id, ref.resource, ref.limits, retry_after)
@@ -760,7 +766,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         metrics = recorder(settings.metrics_port is not None)
         if metrics is not None:
             with quietly():
-                resource = lease.buckets[0].resource if lease and lease.buckets else self.name
+                resource = _resource_of(lease) or self.name
                 metrics.provider.labels(resource, "429" if charged else "overloaded").inc()
                 for ref in chosen:
                     metrics.blocks.labels(ref.resource).inc()
@@ -809,24 +815,18 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         self._settled(status)
 
     def _count_deferral(
-        self,
-        settings: Settings,
-        lease: Lease | None,
-        reason: str,
-        outage: bool,
-        cause: ZaeError | None,
+        self, settings: Settings, lease: Lease | None, kind: str, cause: ZaeError | None
     ) -> None:
-        """Metrics of a deferral: its cause, and the limits that refused (if any)."""
+        """Metrics of a deferral: its ``kind`` of cause, and the limits that refused."""
         metrics = recorder(settings.metrics_port is not None)
         if metrics is None:
             return
         with quietly():
-            resource = lease.buckets[0].resource if lease is not None and lease.buckets else None
+            resource = _resource_of(lease)
             if isinstance(cause, RateLimitExceeded):
                 for v in cause.violations:
                     metrics.throttled.labels(v.resource, v.limit_name).inc()
                     resource = resource or v.resource
-            kind = "outage" if outage else "provider" if reason.startswith("provider") else "slot"
             metrics.deferrals.labels(resource or self.name, kind).inc()
 
     def _settled(self, state: str) -> None:
@@ -847,9 +847,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 waited=float(getattr(request, "zae_waited", 0.0)),
             )
         metrics = recorder(limiter_for(self.app)[0].metrics_port is not None)
-        if metrics is not None and lease is not None and lease.buckets:
+        resource = _resource_of(lease)
+        if metrics is not None and lease is not None and resource is not None:
             with quietly():
-                resource = lease.buckets[0].resource
                 path = "admission" if getattr(request, ADMITTED, None) else "pool"
                 path = "eager" if request.is_eager else path
                 targets = lease.ticket().get("targets") or [{}]

@@ -24,12 +24,12 @@ default to their provider's. Use :func:`dataclasses.replace` for other limit nam
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from zae_celery.core import ValidationError
-from zae_celery.providers.headers import RateLimitHeaders
+from zae_celery.providers.headers import RateLimitHeaders, Window
 
 __all__ = [
     "ANTHROPIC",
@@ -105,25 +105,28 @@ class Profile:
         }
         return {name: value for name, value in values.items() if name is not None and name in names}
 
+    def _reported(
+        self, report: RateLimitHeaders, names: Collection[str]
+    ) -> Iterator[tuple[str, Window]]:
+        """(limit name, the provider's window) for each of ``names`` it reported."""
+        for name, kind in self.windows.items():
+            window = report.windows.get(kind)
+            if name in names and window is not None:
+                yield name, window
+
     def rates(self, report: RateLimitHeaders, names: Collection[str]) -> dict[str, float]:
         """How fast the provider refills (tokens a second: its per-minute ``limit`` / 60,
         as both providers state their limits), by the limit names among ``names`` whose
         window reported a limit."""
-        rates: dict[str, float] = {}
-        for name, kind in self.windows.items():
-            window = report.windows.get(kind)
-            if name in names and window is not None and window.limit:
-                rates[name] = window.limit / 60
-        return rates
+        return {name: w.limit / 60 for name, w in self._reported(report, names) if w.limit}
 
     def remaining(self, report: RateLimitHeaders, names: Collection[str]) -> dict[str, int]:
         """What the provider says is left, by the limit names among ``names``."""
-        left: dict[str, int] = {}
-        for name, kind in self.windows.items():
-            window = report.windows.get(kind)
-            if name in names and window is not None and window.remaining is not None:
-                left[name] = max(0, window.remaining)
-        return left
+        return {
+            name: max(0, w.remaining)
+            for name, w in self._reported(report, names)
+            if w.remaining is not None
+        }
 
 
 OPENAI = Profile("openai", tokens_at="request")
