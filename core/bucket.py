@@ -31,6 +31,7 @@ __all__ = [
     "Shape",
     "available",
     "cost",
+    "counted",
     "floor_tat",
     "now_units",
     "per_second",
@@ -47,7 +48,7 @@ class Shape(Enum):
     FRESH = "fresh"  # TAT <= now: SET TAT = now + cost
     QUEUE = "queue"  # now < TAT <= bound: ADD cost
     EXACT = "exact"  # TAT == known value: SET known' + cost
-    REFUND = "refund"  # ADD a negative amount, unconditionally
+    REFUND = "refund"  # ADD an amount (a refund: negative; a counter), unconditionally
     RAISE = "raise"  # TAT < bound (None: value): SET value (push a bucket down to a level)
     CLAMP = "clamp"  # TAT <= bound (None: always): SET max(TAT, now) + cost
 
@@ -130,6 +131,20 @@ class Step:
     amount: int  # scaled amount added (QUEUE/REFUND) or the new value (FRESH/EXACT)
     bound: int | None = None  # QUEUE/CHECK: TAT may be at most this; RAISE: must be below
     expected: int | None = None  # EXACT: the TAT it must still have
+
+
+def counted(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """``steps`` and, for each that charges a bucket (not its start track), an
+    unconditional ADD of the tokens to the limit's ``used`` counter in the same write: a
+    reader subtracts two values of it to tell the tokens charged in between (the rate
+    over the last minute), which the TAT alone cannot once the bucket refills. Costs no
+    request and never fails a condition; a refused write counts nothing."""
+    counts = tuple(
+        Step(step.limit.counter(), step.tokens, Shape.REFUND, 0, step.tokens)
+        for step in steps
+        if step.tokens and not step.limit.track
+    )
+    return steps + counts
 
 
 def plan(

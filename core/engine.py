@@ -101,6 +101,12 @@ class BucketStatus:
     used: bool = True
     """False when the store holds no state for this limit: nothing consumed from it yet
     (or not since its item expired, a day after it was last full): the bucket is full."""
+    charged: int | None = None
+    """The tokens charged to the bucket since its item was created (grants, debt and
+    surcharges, less refunds; not provider blocks): two reads' difference is what was
+    charged in between. None before the first charge (or from an older client only)."""
+    blocks: int = 0
+    """Provider blocks (a 429's retry-after) written on the bucket's item so far."""
 
     @property
     def in_debt(self) -> bool:
@@ -402,8 +408,9 @@ class Engine(Records):
                 )
                 for lim in pending
             ]
+            blocks = Step(checked[0].counter("blocks"), 1, bucket.Shape.REFUND, 0, 1)
             reply = yield WriteBuckets(
-                (ItemWrite(target.key, tuple(steps)),),
+                (ItemWrite(target.key, (*steps, blocks)),),
                 self._ttl(now_ms, wait_ms, None, [target]),
             )
             if reply.ok:
@@ -449,19 +456,21 @@ class Engine(Records):
             writes = [
                 ItemWrite(
                     t.key,
-                    tuple(
-                        bucket.plan(
-                            lim,
-                            t.consume[lim.name],
-                            now_ms,
-                            h,
-                            _tat(known[i], lim)
-                            if known is not None
-                            else self._shape_guess(t, lim, now_ms),
-                            known=exact,
-                            clamp=clamp,
+                    bucket.counted(
+                        tuple(
+                            bucket.plan(
+                                lim,
+                                t.consume[lim.name],
+                                now_ms,
+                                h,
+                                _tat(known[i], lim)
+                                if known is not None
+                                else self._shape_guess(t, lim, now_ms),
+                                known=exact,
+                                clamp=clamp,
+                            )
+                            for lim in t.limits
                         )
-                        for lim in t.limits
                     ),
                 )
                 for i, t in enumerate(targets)
@@ -785,7 +794,7 @@ class Engine(Records):
                             bucket.plan_adjust(lim, tokens, now_ms, guess, clamp=self.clamp)
                         )
                 if steps:
-                    writes.append((t, ItemWrite(t.key, tuple(steps))))
+                    writes.append((t, ItemWrite(t.key, bucket.counted(tuple(steps)))))
             if not writes:  # a refused floor found the buckets lower already: done
                 return
             reply = yield WriteBuckets(
@@ -870,20 +879,21 @@ class Engine(Records):
         for res in sorted(resources):
             item = items.get(res, {})
             merged = merge(code_limits, config.limits_for(res))
+            blocks = sum(n for key, n in item.items() if key.endswith("~blocks"))
             for lim in merged:
                 amount, period = lim.refill_amount, lim.refill_period_ms
                 tat = _tat(item, lim)
                 source = _source(config, res, lim.name)
-                rows.append(
-                    _status(entity_id, res, lim.name, amount, period, tat, now_ms, lim, source)
-                )
+                status = _status(entity_id, res, lim.name, amount, period, tat, now_ms, lim, source)
+                rows.append(_counts(status, item, lim.key, blocks))
             known = {lim.key for lim in merged}
             for key, tat in sorted(item.items()):
                 match = _ATTRIBUTE.match(key)
                 if key in known or match is None:
-                    continue  # a known limit, or a start track
+                    continue  # a known limit, a start track or a counter
                 amount, period = int(match["amount"]), int(match["period"])
-                rows.append(_status(entity_id, res, match["name"], amount, period, tat, now_ms))
+                status = _status(entity_id, res, match["name"], amount, period, tat, now_ms)
+                rows.append(_counts(status, item, key, blocks))
         return rows
 
     def _ttl(
@@ -931,6 +941,11 @@ def _status(
         source,
         tat is not None,
     )
+
+
+def _counts(status: BucketStatus, item: Item, key: str, blocks: int) -> BucketStatus:
+    """``status`` with its bucket's counters from ``item`` (see :func:`.bucket.counted`)."""
+    return replace(status, charged=item.get(f"{key}~used"), blocks=blocks)
 
 
 def _source(config: EntityConfig, resource: str, name: str) -> str:

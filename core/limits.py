@@ -35,6 +35,8 @@ MAX_TOKENS = 10**18
 It keeps every number the engine stores well inside DynamoDB's 38 significant digits.
 """
 MAX_PERIOD_MS = 10 * 365 * 86_400_000
+TRACKS = ("", "start", "used", "blocks")
+"""The attributes a limit has in a bucket item: the bucket, its start track, its counters."""
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 LIMIT_SYNTAX = "NAME=AMOUNT/PERIOD[:capacity=N][:burst=N], e.g. rpm=500/m or tpm=90k/m:burst=120k"
@@ -100,12 +102,13 @@ class Limit:
     refill_amount: int
     refill_period_ms: int
     track: str = field(default="", repr=False)
-    """Internal: ``"start"`` is the copy of the bucket that counts actual starts."""
+    """Internal: ``"start"`` is the copy of the bucket that counts actual starts;
+    ``"used"`` and ``"blocks"`` name the bucket's counters (see :meth:`counter`)."""
 
     def __post_init__(self) -> None:
         check_limit_name("name", self.name)
-        if self.track not in ("", "start"):
-            raise ValidationError("track", f"{self.track!r}", "'' or 'start'")
+        if self.track not in TRACKS:
+            raise ValidationError("track", f"{self.track!r}", " or ".join(map(repr, TRACKS)))
         check_tokens("capacity", self.capacity)
         check_tokens("burst", self.burst)
         check_tokens("refill_amount", self.refill_amount)
@@ -236,6 +239,12 @@ class Limit:
     def start_track(self) -> Limit:
         """The same bucket shape, counting when requests actually start (see docs/engine.md)."""
         return replace(self, track="start")
+
+    def counter(self, kind: str = "used") -> Limit:
+        """The attribute beside the bucket that counts, without condition and never
+        falling but by refunds: ``"used"``, the tokens charged (grants, debt, surcharges,
+        less refunds); ``"blocks"``, the provider blocks written on the item."""
+        return replace(self, track=kind)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (stored limits, CLI output)."""

@@ -435,6 +435,33 @@ def test_block_empties_the_buckets_until_retry_after(limiter: RateLimiter, clock
     limiter.acquire("e", "r", {"rps": 1}, limits)
 
 
+@pytest.mark.contract
+def test_bucket_counters_tell_what_was_charged_and_how_often_it_was_blocked(
+    limiter: RateLimiter, clock: Clock
+) -> None:
+    limits = [Limit.per_second("rps", 10), Limit.per_minute("tpm", 6000)]
+
+    def counts() -> dict[str, tuple[int | None, int]]:
+        return {r.limit_name: (r.charged, r.blocks) for r in limiter.buckets("e", "r", limits)}
+
+    assert counts() == {"rps": (None, 0), "tpm": (None, 0)}
+    with limiter.acquire("e", "r", {"rps": 1, "tpm": 500}, limits) as lease:
+        lease.adjust(tpm=-380)  # the truth: 120 of the 500 estimated
+    with limiter.acquire("e", "r", {"rps": 1, "tpm": 100}, limits) as lease:
+        lease.adjust(tpm=300)  # the truth: 400, into debt
+    assert counts() == {"rps": (2, 0), "tpm": (520, 0)}
+    with pytest.raises(RateLimitExceeded):  # refused: nothing charged, nothing counted
+        limiter.acquire("e", "r", {"rps": 1, "tpm": 5900}, limits)
+    limiter.block("e", "r", limits, 2.0)
+    limiter.block("e", "r", limits, 0.5)  # inside the first block: writes nothing
+    assert counts() == {"rps": (2, 1), "tpm": (520, 1)}
+    clock.advance(2.5)
+    reserved = limiter.reserve("e", "r", {"rps": 1, "tpm": 10}, limits, horizon=5)
+    limiter.start(reserved)  # the start track counts starts, not charges
+    reserved.rollback()  # a refund of all it consumed
+    assert counts() == {"rps": (2, 1), "tpm": (520, 1)}
+
+
 def test_a_lease_round_trips_through_its_ticket(limiter: RateLimiter) -> None:
     lease = limiter.reserve("e", "r", {"rps": 1}, [Limit.per_second("rps", 10)], horizon=1)
     lease.claim_for("task-1")

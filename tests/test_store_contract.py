@@ -16,7 +16,7 @@ from tests.conftest import Backend
 from tests.faults import FaultyHttpProxy, FaultyRedisProxy
 from tests.helpers import Clock
 from zae_celery.core import EndpointUnreachable, Limit
-from zae_celery.core.bucket import Shape, Step, cost, now_units
+from zae_celery.core.bucket import Shape, Step, cost, counted, now_units
 from zae_celery.core.ops import (
     CLAIMED,
     CONDITION,
@@ -142,6 +142,20 @@ def test_every_shape_checks_and_writes_as_the_engine_plans(store: Store) -> None
     new = Step(TPM, 1, Shape.EXACT, now_units(TPM, NOW), 42, expected=None)
     assert store.send(write((A, (new,)))).value[0][TPM.key] == 42
     assert store.send(write((B, (refund,)))).value[0] == {RPS.key: -cost(RPS, 1)}
+
+
+def test_counters_ride_in_the_write_and_count_only_what_lands(store: Store) -> None:
+    used_rps, used_tpm = RPS.counter().key, TPM.counter().key
+    first = store.send(write((A, counted((fresh(RPS, 1), fresh(TPM, 100)))))).value[0]
+    assert (first[used_rps], first[used_tpm]) == (1, 100)
+    refused = store.send(write((A, counted((fresh(RPS, 1, NOW - 1), fresh(TPM, 100))))))
+    assert refused.code == CONDITION and refused.current == (first,)  # counted nothing
+    refund = Step(TPM, -40, Shape.REFUND, 0, -cost(TPM, 40))
+    after = store.send(write((A, counted((refund,))))).value[0]
+    assert (after[used_rps], after[used_tpm]) == (1, 60)
+    assert after[TPM.key] == first[TPM.key] - cost(TPM, 40)
+    page, _ = store.send(ListBuckets("tenant", None, None)).value
+    assert page == {"model": after}
 
 
 def test_a_write_of_several_items_is_all_or_nothing(store: Store) -> None:
