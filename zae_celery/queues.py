@@ -26,6 +26,8 @@ from typing import Any
 
 __all__ = [
     "QUEUE",
+    "QUEUE_ENTITY_PREFIX",
+    "QUEUE_RESOURCE",
     "ConsumedQueues",
     "limit_key",
     "queue_of_run",
@@ -37,6 +39,10 @@ QUEUE = "zae_queue"
 """Request field (not a message header): the queue the worker's consumer took the
 message from. Set or removed by the consumer on every arrival, so a stale value that a
 republish carried in its headers is never believed."""
+
+QUEUE_ENTITY_PREFIX = "queue:"
+QUEUE_RESOURCE = "queue"
+"""A queue's limits live in the bucket of entity ``queue:NAME``, resource ``queue``."""
 
 MAX_TAGS = 1024
 """Consumer tags remembered per consumer (paused and resumed queues get new tags)."""

@@ -52,7 +52,7 @@ from zae_celery.metrics import ObservedStore, quietly, recorder
 from zae_celery.options import OnError, TaskOptions
 from zae_celery.providers.headers import RateLimitHeaders, read_rate_limits
 from zae_celery.providers.profiles import COMPLETION, Profile
-from zae_celery.queues import QUEUE, queue_of_run
+from zae_celery.queues import QUEUE, QUEUE_ENTITY_PREFIX, QUEUE_RESOURCE, queue_of_run
 from zae_celery.settings import Settings
 from zae_celery.signals import run_settled
 
@@ -75,11 +75,6 @@ HEADER_LEASE = "zae_lease"
 """Message header: the reservation a deferred task holds (its slot is already paid)."""
 HEADER_OUTAGES = "zae_outages"
 """Message header: deferrals caused by an unreachable store (capped by max_deferrals)."""
-
-
-QUEUE_ENTITY_PREFIX = "queue:"
-QUEUE_RESOURCE = "queue"
-"""A queue's limits live in the bucket of entity ``queue:NAME``, resource ``queue``."""
 
 
 class DeferralsExhausted(ZaeError):

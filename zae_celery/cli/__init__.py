@@ -32,7 +32,7 @@ The package, by responsibility: :mod:`~zae_celery.cli.options` (where the comman
 global options, shared callbacks), :mod:`~zae_celery.cli.errors` (exit codes and
 messages), :mod:`~zae_celery.cli.stack` (deploy, status, delete, template),
 :mod:`~zae_celery.cli.table` (create-table), :mod:`~zae_celery.cli.limits` (limits,
-entity) and :mod:`~zae_celery.cli.buckets` (buckets).
+entity), :mod:`~zae_celery.cli.buckets` (buckets) and :mod:`~zae_celery.cli.top` (top).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from zae_celery.cli.options import (
 )
 from zae_celery.cli.stack import delete, deploy, status, template
 from zae_celery.cli.table import create_table
+from zae_celery.cli.top import top
 from zae_celery.core import ValidationError
 from zae_celery.infra.stack import DEFAULT_TABLE_NAME
 from zae_celery.settings import STORE_URL, TABLE_NAME
@@ -213,7 +214,7 @@ def celery_command(
         raise _usage(exc) from None
 
 
-for _command in (deploy, status, delete, template, create_table, limits, entity, buckets):
+for _command in (deploy, status, delete, template, create_table, limits, entity, buckets, top):
     main.add_command(_command)
 # The Celery sub-command shares every command.
 for _name, _command in main.commands.items():
