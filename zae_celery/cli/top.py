@@ -20,6 +20,7 @@ command only loops over them (rich's Live on a terminal, a frame per refresh oth
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -123,8 +124,10 @@ class _History:
 class TopView:
     """The readings of the watched buckets over a window, and the rows they make.
 
-    ``clock`` gives the reading times (the limiter's clock by default), so a test drives
-    the window without waiting.
+    ``code_limits`` are those the code passes for the entities (stored limits override
+    them), not for queues: a queue's limits are shown as stored, or as its bucket holds
+    them. ``clock`` gives the reading times (the limiter's clock by default), so a test
+    drives the window without waiting.
     """
 
     def __init__(
@@ -149,7 +152,8 @@ class TopView:
         """Read every watched bucket once; the rows, with the charges over the window."""
         rows = []
         for watch in self.watches:
-            statuses = self.limiter.buckets(watch.entity_id, watch.resource, self.code_limits)
+            code = () if watch.queue is not None else self.code_limits
+            statuses = self.limiter.buckets(watch.entity_id, watch.resource, code)
             now = self.clock()
             before = self._read_at.get(watch)
             rows += [self._row(watch, status, now, before) for status in statuses]
@@ -243,7 +247,8 @@ def _last_minute(row: TopRow) -> str:
         return "…"
     unit = row.rate.split("/", 1)[1]
     color = "red" if row.share > 1.005 else "green" if row.share >= 0.9 else "default"
-    return f"[{color}]{_number(row.per_period)}/{unit} ({row.share:.0%})[/{color}]"
+    rate = _number(row.per_period) if row.per_period < 100 else f"{row.per_period:,.0f}"
+    return f"[{color}]{rate}/{unit} ({row.share:.0%})[/{color}]"
 
 
 def render(
@@ -330,7 +335,7 @@ def _frames(count: int | None, interval: float) -> Iterator[int]:
     multiple=True,
     callback=limits_option,
     metavar="SPEC",
-    help="A limit your code passes (stored limits override it); repeatable.",
+    help="A limit your code passes for the ENTITY buckets (stored limits override it); repeatable.",
 )
 @click.option(
     "--broker",
@@ -398,7 +403,7 @@ def top(
         raise click.UsageError("--broker shows queue lengths: name the queues with --queue")
     from rich.console import Console
 
-    console = Console(file=sys.stdout, record=svg_file is not None)
+    console = Console(file=sys.stdout)
     with translate_errors(target):
         view = TopView(target.limiter(), watches, limit_specs, window)
         depths_reader = QueueDepths(broker) if broker is not None else None
@@ -426,9 +431,9 @@ def top(
             if depths_reader is not None:
                 depths_reader.close()
     if svg_file is not None and frame is not None:
-        if console.is_terminal:
-            console.print(frame)  # Live's frames are not recorded
-        console.save_svg(svg_file, title="zae-celery top")
+        picture = Console(file=io.StringIO(), record=True, width=console.width)
+        picture.print(frame)
+        picture.save_svg(svg_file, title="zae-celery top")
 
 
 def _live(console: Any) -> AbstractContextManager[Any]:
