@@ -1,18 +1,21 @@
 """``limiter.limit(...)``, the decorator form of both limiters, on the in-memory store.
 
 Every behaviour is checked on the sync and the async limiter (``side``); waits go to the
-injected clock.
+injected clock. The example of docs/engine.md ("Decorator") is run as a user runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from tests.conftest import REPO
 from tests.helpers import T0, Clock
 from zae_celery.core import AsyncLease, AsyncRateLimiter, Lease, Limit, RateLimiter, Slot
 from zae_celery.core.errors import RateLimitExceeded, ValidationError
@@ -371,3 +374,25 @@ def test_a_bad_or_failing_callable_stops_the_call_with_nothing_consumed(side: Si
     with pytest.raises(ValidationError, match="can never be granted"):
         call("acme-3")  # 3 requests of a bucket of 2
     assert runs == [] and side.left("acme") == {"rpm": 2, "tpm": 1_000}
+
+
+def test_the_docs_example_runs_and_prints_what_the_docs_show() -> None:
+    source = (REPO / "examples" / "decorator.py").read_text()
+    docs = (REPO / "docs" / "engine.md").read_text()
+    assert source in docs, "docs/engine.md misquotes examples/decorator.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.decorator"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"```text\n{done.stdout}```" in docs, done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[2] == "acme: refused by rpm, retry in 30 s"  # before it ran: no tokens
+    assert lines[-2:] == [
+        "acme: 0 requests and 920 tokens left",  # two calls of 40 tokens billed
+        "globex: 0 requests and 960 tokens left",  # one call, and the async one's request
+    ]
