@@ -6,19 +6,30 @@ It runs the very same flows as :class:`~.limiter.RateLimiter`; only sending diff
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
+from .decorator import Decorator, Limiting, LimitSpec, current, holding
 from .engine import BucketStatus, Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
 from .ops import Done, Op, Reply, Sleep, resume
 from .transport import LeaseView, LimiterBase, Slot, reported
 
-__all__ = ["AsyncLease", "AsyncRateLimiter"]
+__all__ = ["AsyncLease", "AsyncLimited", "AsyncRateLimiter"]
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 
 async def drive(
@@ -121,11 +132,29 @@ class _Acquiring:
         await self._lease.__aexit__(exc_type, exc, tb)
 
 
-class AsyncRateLimiter(LimiterBase):
+class AsyncLimited(Decorator["AsyncRateLimiter"]):
+    """What :meth:`AsyncRateLimiter.limit` returns: it decorates an ``async def``
+    function (see :meth:`~.decorator.Limiting.limit`)."""
+
+    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+        limiter, spec = self.limiter, self.spec
+
+        async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            state = await limiter._run(spec.acquire(limiter.engine, args, kwargs))
+            async with AsyncLease(limiter, state, spec.rollback_on_error) as lease:
+                with holding(limiter, lease):
+                    await limiter._run(spec.start(limiter.engine, state))
+                    return await fn(*args, **kwargs)
+
+        return spec.wrap(fn, call, coroutine=True)
+
+
+class AsyncRateLimiter(Limiting[AsyncLimited], LimiterBase):
     """Global token buckets in a DynamoDB table, or any store (asyncio; DynamoDB through
     aiobotocore, the ``zae-celery[async]`` extra).
 
-    Same arguments and decisions as :class:`~zae_celery.core.RateLimiter`. Close it with
+    Same arguments and decisions as :class:`~zae_celery.core.RateLimiter`, and the same
+    decorator (``limit``) for ``async def`` functions. Close it with
     ``await limiter.aclose()`` or use ``async with AsyncRateLimiter(...) as limiter``.
     """
 
@@ -141,6 +170,14 @@ class AsyncRateLimiter(LimiterBase):
 
     async def _run(self, flow: Flow[T]) -> T:
         return await drive(self._guarded(flow), self.store.asend, self.sleep)
+
+    def _decorator(self, spec: LimitSpec) -> AsyncLimited:
+        return AsyncLimited(self, spec)
+
+    def current_lease(self) -> AsyncLease:
+        """The lease of the innermost call decorated by this limiter's ``limit`` running
+        in this asyncio task (see :meth:`RateLimiter.current_lease`)."""
+        return current(self, AsyncLease)
 
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` the limiter's way (``asyncio.sleep`` unless ``sleep`` was

@@ -5,17 +5,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
+from .decorator import Decorator, Limiting, LimitSpec, current, holding
 from .engine import BucketStatus, Flow, LeaseState
 from .errors import ZaeError
 from .limits import Limit
 from .ops import Done, Op, Reply, Sleep, resume
 from .transport import LeaseView, LimiterBase, Slot, reported
 
-__all__ = ["Lease", "RateLimiter"]
+__all__ = ["Lease", "Limited", "RateLimiter"]
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 
 def drive(
@@ -105,7 +108,23 @@ class Lease(LeaseView):
             self.commit()
 
 
-class RateLimiter(LimiterBase):
+class Limited(Decorator["RateLimiter"]):
+    """What :meth:`RateLimiter.limit` returns: it decorates a plain function (see
+    :meth:`~.decorator.Limiting.limit`)."""
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        limiter, spec = self.limiter, self.spec
+
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            state = limiter._run(spec.acquire(limiter.engine, args, kwargs))
+            with Lease(limiter, state, spec.rollback_on_error) as lease, holding(limiter, lease):
+                limiter._run(spec.start(limiter.engine, state))
+                return fn(*args, **kwargs)
+
+        return spec.wrap(fn, call, coroutine=False)
+
+
+class RateLimiter(Limiting[Limited], LimiterBase):
     """Global token buckets in a DynamoDB table, or any store (sync).
 
     >>> limiter = RateLimiter("rate_limits", endpoint_url="http://127.0.0.1:8000")  # doctest: +SKIP
@@ -115,12 +134,24 @@ class RateLimiter(LimiterBase):
     ...     reply = call_llm()
     ...     lease.adjust(tpm=reply.usage.total_tokens - 500)
 
+    The same as a decorator: ``@limiter.limit("tenant-1", "gpt-4o", ...)`` over a function
+    (:meth:`limit`; the lease inside it is :meth:`current_lease`).
+
     A DynamoDB store's boto3 client is created lazily, once per process (safe across
     ``fork``). ``RateLimiter.from_url("memory://")`` keeps the buckets in memory.
     """
 
     def _run(self, flow: Flow[T]) -> T:
         return drive(self._guarded(flow), self.store.send, self.sleep)
+
+    def _decorator(self, spec: LimitSpec) -> Limited:
+        return Limited(self, spec)
+
+    def current_lease(self) -> Lease:
+        """The lease of the innermost call decorated by this limiter's :meth:`limit`
+        running here (this thread), to report usage from inside it; LookupError outside
+        any."""
+        return current(self, Lease)
 
     def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` the limiter's way (``time.sleep`` unless ``sleep`` was
