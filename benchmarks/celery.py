@@ -259,6 +259,8 @@ class Setup:
     admission: bool = True
     metrics: bool = False
     """zae-celery's Prometheus metrics on (the bootstep, a port per run)."""
+    events: bool = False
+    """Task events on, as ``celery worker -E`` (Celery's own and zae-celery's)."""
 
 
 def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
@@ -288,6 +290,7 @@ def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
         "ZAE_BENCH_ACKS_LATE": "1" if setup.acks_late else "0",
         "ZAE_BENCH_ADMISSION": "1" if setup.admission else "0",
         **({"ZAE_BENCH_METRICS_PORT": str(free_port())} if setup.metrics else {}),
+        **({"ZAE_BENCH_EVENTS": "1"} if setup.events else {}),
     }
     if setup.prefetch is not None:
         env["ZAE_BENCH_PREFETCH"] = str(setup.prefetch)
@@ -631,6 +634,11 @@ def endpoint_server(kind: str, logs: Path) -> Iterator[LocalServer]:
 @click.option(
     "--metrics", is_flag=True, help="zae-celery's Prometheus metrics on (docs/observability.md)."
 )
+@click.option(
+    "--events",
+    is_flag=True,
+    help="Task events on, as celery worker -E: Celery's and zae-celery's (docs/observability.md).",
+)
 @click.option("--keep", is_flag=True, help="Keep the work folder (worker and server logs).")
 def main(
     tasks: int,
@@ -650,6 +658,7 @@ def main(
     only: str | None,
     save: Path | None,
     metrics: bool,
+    events: bool,
     keep: bool,
 ) -> None:
     """Run the same saturated batch with zae-celery and with Celery's rate_limit."""
@@ -708,6 +717,7 @@ def main(
                 acks_late=acks_late,
                 admission=admission,
                 metrics=metrics,
+                events=events,
             )
             for mode in MODES:
                 if only in (None, mode):

@@ -29,6 +29,7 @@ Configured by the benchmark through the environment:
 ``ZAE_BENCH_PREFETCH``      ``worker_prefetch_multiplier`` (default Celery's, 4)
 ``ZAE_BENCH_ACKS_LATE``     ``1``: ``task_acks_late`` (and reject on a lost worker)
 ``ZAE_BENCH_ADMISSION``     ``0``: ``zae_admission=False`` (tasks gated in the pool)
+``ZAE_BENCH_EVENTS``        ``1``: task events on (as ``celery worker -E``)
 ``ZAE_BENCH_METRICS_PORT``  zae-celery's metrics on, served on this port (one worker
                             serves it; the others log that it is taken and record all
                             the same)
@@ -77,6 +78,8 @@ if os.environ.get("ZAE_BENCH_METRICS_PORT"):  # --metrics: recorded in every pro
 
     app.conf.zae_metrics_port = int(os.environ["ZAE_BENCH_METRICS_PORT"])
     app.steps["worker"].add(MetricsStep)
+if os.environ.get("ZAE_BENCH_EVENTS") == "1":  # --events: as celery worker -E
+    app.conf.worker_send_task_events = True
 if os.environ.get("ZAE_BENCH_PREFETCH"):
     app.conf.worker_prefetch_multiplier = int(os.environ["ZAE_BENCH_PREFETCH"])
 if os.environ.get("ZAE_BENCH_ACKS_LATE") == "1":
