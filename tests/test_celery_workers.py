@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,9 @@ class Fleet:
     endpoint: str
     store_url: str | None = None
     """The workers' ``zae_store_url`` (instead of the table and endpoint), if any."""
+    env: dict[str, str] = field(default_factory=dict)
+    """What the workers' environment adds (``tests.celery.app`` reads its settings there):
+    another process that loads the app, such as Flower, needs the same."""
 
     def limiter(self) -> RateLimiter:
         """A limiter on the fleet's buckets: its DynamoDB table, or its store URL."""
@@ -120,7 +123,7 @@ def _start_fleet(
     logs = tmp_path / "logs"
     try:
         with workers(env, logs, count=count, concurrency=concurrency, queues=names, pool=pool):
-            yield Fleet(client, prefix, logs, table, table_endpoint, store_url)
+            yield Fleet(client, prefix, logs, table, table_endpoint, store_url, env)
     finally:  # also when the test closes the generator
         if store_url is not None:
             RateLimiter.from_url(store_url).delete_table()  # every key of the prefix

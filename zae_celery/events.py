@@ -12,8 +12,8 @@ Sent only when the worker sends task events (``celery worker -E``, or
   (``429`` or ``overloaded``).
 
 Celery's event state (and so Flower) shows an unknown task event as the task's state:
-``THROTTLED`` or ``PROVIDER-LIMITED`` until the task starts. No field is ever a task's
-argument or an entity id.
+``THROTTLED`` or ``PROVIDER-LIMITED``, ranked above ``STARTED``, so until the task
+succeeds, fails or is retried. No field is ever a task's argument or an entity id.
 """
 
 from __future__ import annotations
