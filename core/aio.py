@@ -86,11 +86,19 @@ class AsyncLease(LeaseView):
         )
 
     async def commit(self) -> None:
-        """Keep what was consumed. Nothing is written."""
-        self._state.closed = True
+        """Keep what was consumed. Nothing is written, but one write that frees the
+        lease's in-flight slots when it holds some (``Limit.concurrent``)."""
+        await self._limiter._run(self._limiter.engine.commit(self._state))
+
+    async def renew(self) -> bool:
+        """Move the expiry of the lease's in-flight slots to a full ``expires`` from now
+        (one write; none without slots): a call that may run longer than its caps'
+        ``expires`` renews before then. False when a slot had been taken back already
+        (this holder was presumed dead): the lease holds no slot any more."""
+        return await self._limiter._run(self._limiter.engine.renew(self._state))
 
     async def rollback(self) -> None:
-        """Refund everything consumed (one write)."""
+        """Refund everything consumed and free the lease's in-flight slots (one write)."""
         await self._limiter._run(self._limiter.engine.release(self._state))
 
     async def __aenter__(self) -> AsyncLease:

@@ -51,6 +51,7 @@ class Shape(Enum):
     REFUND = "refund"  # ADD an amount (a refund: negative; a counter), unconditionally
     RAISE = "raise"  # TAT < bound (None: value): SET value (push a bucket down to a level)
     CLAMP = "clamp"  # TAT <= bound (None: always): SET max(TAT, now) + cost
+    DROP = "drop"  # value == expected: REMOVE the attribute (an in-flight slot)
 
 
 def now_units(limit: Limit, now_ms: int) -> int:
@@ -142,7 +143,7 @@ def counted(steps: tuple[Step, ...]) -> tuple[Step, ...]:
     counts = tuple(
         Step(step.limit.counter(), step.tokens, Shape.REFUND, 0, step.tokens)
         for step in steps
-        if step.tokens and not step.limit.track
+        if step.tokens and not step.limit.track and not step.limit.inflight
     )
     return steps + counts
 

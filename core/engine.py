@@ -15,11 +15,12 @@ import random
 import re
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
-from . import bucket
+from . import bucket, inflight
 from .bucket import Step
 from .errors import (
     LeaseClaimed,
@@ -39,7 +40,7 @@ from .lease import (
     tracked,
     with_start_track,
 )
-from .limits import Limit, check_tokens
+from .limits import INFLIGHT, Limit, check_tokens, format_rate
 from .ops import (
     CLAIMED,
     CONDITION,
@@ -107,11 +108,21 @@ class BucketStatus:
     charged in between. None before the first charge (or from an older client only)."""
     blocks: int = 0
     """Provider blocks (a 429's retry-after) written on the bucket's item so far."""
+    inflight: bool = False
+    """An in-flight cap (``Limit.concurrent``): ``burst`` is its ``n``, ``in_use`` the
+    slots held, ``available`` those free; ``refill_period_ms`` is a slot's expiry."""
 
     @property
     def in_debt(self) -> bool:
         """True while more tokens are owed than the bucket holds (negative available)."""
         return self.available is not None and self.available < 0
+
+    @property
+    def rate(self) -> str:
+        """The limit's rate as its text form shows it (``480/m``; a cap: ``8/inflight``)."""
+        if self.inflight:
+            return f"{self.burst}/{INFLIGHT}"
+        return format_rate(self.refill_amount, self.refill_period_ms)
 
 
 T = TypeVar("T")
@@ -244,22 +255,13 @@ class Engine(Records):
                 )
         result = []
         for ent, lims in chain:
-            for lim in lims:
-                tokens = amounts.get(lim.name, 0)
-                if tokens > lim.burst:
-                    raise RequestExceedsBurst(f"consume.{lim.name}", tokens, lim.burst)
-            mine = {lim.name: amounts.get(lim.name, 0) for lim in lims}
-            result.append(Target(ent, resource, lims, mine))
+            result.append(_target(ent, resource, lims, amounts, 0))
         for ent, res, extra_limits in extra:
             check_id("entity_id", ent)
             check_id("resource", res)
             checked = check_limits(extra_limits)
-            theirs = {lim.name: amounts.get(lim.name, 1) for lim in checked}
-            for lim in checked:
-                if theirs[lim.name] > lim.burst:
-                    raise RequestExceedsBurst(f"consume.{lim.name}", theirs[lim.name], lim.burst)
             if checked:
-                result.append(Target(ent, res, checked, theirs))
+                result.append(_target(ent, res, checked, amounts, 1))
         return tuple(result)
 
     # -- acquire --------------------------------------------------------------------------
@@ -389,7 +391,9 @@ class Engine(Records):
         check_id("resource", resource)
         # The start track too: tasks already holding reservations must not start
         # during the block either.
-        checked = check_limits(limits)
+        checked = tuple(lim for lim in check_limits(limits) if not lim.inflight)
+        if not checked:
+            return  # in-flight caps only: a slot is held by a call, not by time
         checked += tuple(lim.start_track() for lim in checked)
         wait_ms = check_horizon(seconds)
         target = Target(entity_id, resource, checked, {lim.name: 0 for lim in checked})
@@ -443,6 +447,7 @@ class Engine(Records):
                 raise RateLimitExceeded(violations, passed)
         known: Sequence[Item | None] | None = None
         atomic_many = len(targets) > 1 or claim is not None
+        slot = uuid.uuid4().hex[:16] if any(t.caps for t in targets) else None
         for attempt in range(self.max_attempts):
             if attempt >= 2:
                 yield _backoff(attempt)
@@ -456,7 +461,8 @@ class Engine(Records):
             writes = [
                 ItemWrite(
                     t.key,
-                    bucket.counted(
+                    _caps_taken(t, None if known is None else known[i], slot, now_ms)
+                    + bucket.counted(
                         tuple(
                             bucket.plan(
                                 lim,
@@ -481,6 +487,8 @@ class Engine(Records):
                 for t, w in zip(targets, writes, strict=False):
                     self._note_shapes(t, w.steps)
                 lease = self._granted(targets, writes, reply, now_ms)
+                if slot is not None:
+                    lease.slot, lease.slot_ms = slot, now_ms
                 if align and len(targets) == 1 and lease.start_ms > lease.granted_ms:
                     yield from self._align(targets[0], lease)
                 return lease
@@ -549,6 +557,8 @@ class Engine(Records):
         else:
             for t, w in zip(targets, writes, strict=False):
                 for step in w.steps:
+                    if step.limit.inflight:
+                        continue
                     if step.shape in (bucket.Shape.FRESH, bucket.Shape.EXACT):
                         self._set_tat((t.entity_id, t.resource, step.limit.key), step.amount)
                         start = max(start, bucket.start_ms(step.limit, step.amount, now_ms))
@@ -618,17 +628,32 @@ class Engine(Records):
                     violations.append(status)
                 else:
                     passed.append(replace(status, retry_after=0.0) if wait == 0 else status)
+            for cap in t.caps:  # a slot is free now or not: no horizon reserves one
+                held = inflight.live(item, cap, now_ms)
+                status = LimitStatus(
+                    t.entity_id, t.resource, cap.name, 1, cap.capacity - held, cap.capacity, 0.0
+                )
+                if held < cap.capacity:
+                    passed.append(status)
+                else:
+                    retry = inflight.retry_after(item, cap, now_ms)
+                    violations.append(replace(status, retry_after=retry))
         return violations, passed
 
     # -- adjust ---------------------------------------------------------------------------
     def adjust(
-        self, lease: LeaseState, deltas: Mapping[str, int], reported: Reported | None = None
+        self,
+        lease: LeaseState,
+        deltas: Mapping[str, int],
+        reported: Reported | None = None,
+        end: bool = False,
     ) -> Flow[None]:
         """Add (or refund) tokens to a granted lease. Debt is allowed; never refused.
 
         With ``reported`` (what the provider said is left), each reported bucket that
         holds more than that is pulled down to it, never up, in the same write (see
-        :meth:`_floors`); one write in all, none when nothing changes.
+        :meth:`_floors`); one write in all, none when nothing changes. With ``end``, the
+        lease also ends (committed): its in-flight slots are freed in that same write.
 
         An unchecked lease (granted in ``open`` mode during an outage) consumed nothing:
         what is added to it is charged now if the store answers (usage reported after
@@ -659,9 +684,54 @@ class Engine(Records):
             amounts = self._surcharged(lease, amounts, reported)
         changes = {n: d for n, d in amounts.items() if d}
         floors = self._floors(lease, changes, reported) if reported is not None else {}
-        if not changes and not floors:
+        if changes or floors or (end and lease.holds_slots):
+            yield from self._charge(lease, changes, floors, free=end)
+        if end:
+            lease.closed = True
+
+    def commit(self, lease: LeaseState) -> Flow[None]:
+        """End a lease, keeping what it consumed: one write freeing its in-flight slots,
+        none when it holds none."""
+        if lease.closed:
             return
-        yield from self._charge(lease, changes, floors)
+        if lease.holds_slots:
+            yield from self._charge(lease, {}, free=True)
+        lease.closed = True
+
+    def renew(self, lease: LeaseState) -> Flow[bool]:
+        """Move the expiry of the lease's in-flight slots to a full ``expires`` from now
+        (one write). False when a slot had been taken back already (the lease was
+        presumed dead, its holder silent beyond the expiry): the lease then holds no
+        slot; the caller's call is already running, past the cap."""
+        if lease.closed or not lease.holds_slots:
+            return lease.holds_slots
+        now_ms = self.now_ms()
+        slot = str(lease.slot)
+        writes = [
+            ItemWrite(
+                t.key,
+                tuple(
+                    inflight.renew(cap, slot, lease.slot_expiry(cap), now_ms + cap.refill_period_ms)
+                    for cap in t.caps
+                ),
+            )
+            for t in lease.targets
+            if t.caps
+        ]
+        reply = yield WriteBuckets(tuple(writes), self._ttl(now_ms, 0, None, lease.targets))
+        if reply.ok:
+            lease.slot_ms = now_ms
+            return True
+        _refused(self, reply)
+        log.warning(
+            "an in-flight slot of %s was taken back before its holder renewed it (expired "
+            "more than %d ms ago): the call it guarded runs beyond the cap",
+            "/".join((lease.targets[0].entity_id, lease.targets[0].resource)),
+            inflight.GRACE_MS,
+        )
+        yield from self._charge(lease, {}, free=True)  # any slot still held goes too
+        lease.slot = None
+        return False
 
     def _surcharged(
         self, lease: LeaseState, deltas: Mapping[str, int], reported: Reported
@@ -739,12 +809,14 @@ class Engine(Records):
         lease: LeaseState,
         changes: Mapping[str, int],
         floors: Mapping[tuple[str, str, str], int] | None = None,
+        free: bool = False,
     ) -> Flow[None]:
         """Write ``changes`` to the lease's buckets and its running totals (an unchecked
         lease's outage is logged, not raised: it holds only what was charged), with the
-        ``floors`` of :meth:`_floors` in the same write."""
+        ``floors`` of :meth:`_floors`, and (``free``) the freeing of its in-flight slots,
+        in the same write."""
         try:
-            yield from self._change(tracked(lease), changes, floors)
+            yield from self._change(tracked(lease), changes, floors, lease if free else None)
         except RateLimiterUnavailable as exc:
             if not lease.unchecked:
                 raise
@@ -758,11 +830,14 @@ class Engine(Records):
         targets: Sequence[Target],
         changes: Mapping[str, int],
         floors: Mapping[tuple[str, str, str], int] | None = None,
+        free: LeaseState | None = None,
     ) -> Flow[None]:
         """Write ``changes`` to ``targets``, and raise each attribute named in ``floors``
         to its floor when the change leaves it below: a RAISE guarded by "TAT + change
         < floor", else the plain change; a refused condition returns the item and the
-        next attempt chooses exactly (nothing, when the floors were all beaten)."""
+        next attempt chooses exactly (nothing, when the floors were all beaten). With
+        ``free``, that lease's in-flight slots are freed in the same write (a slot taken
+        back meanwhile is left out of the next attempt: its count was given back then)."""
         floors = floors or {}
         known: Sequence[Item | None] | None = None
         for attempt in range(self.max_attempts):
@@ -793,8 +868,9 @@ class Engine(Records):
                         steps.append(
                             bucket.plan_adjust(lim, tokens, now_ms, guess, clamp=self.clamp)
                         )
-                if steps:
-                    writes.append((t, ItemWrite(t.key, bucket.counted(tuple(steps)))))
+                freed = _caps_freed(t, free, None if known is None else known[i])
+                if steps or freed:
+                    writes.append((t, ItemWrite(t.key, bucket.counted(tuple(steps)) + freed)))
             if not writes:  # a refused floor found the buckets lower already: done
                 return
             reply = yield WriteBuckets(
@@ -823,8 +899,8 @@ class Engine(Records):
         if lease.closed:
             return
         refund = {name: -n for name, n in lease.consumed.items() if n}
-        if refund and lease.targets:  # an unchecked lease: only what was charged since
-            yield from self._charge(lease, refund)
+        if (refund or lease.holds_slots) and lease.targets:  # unchecked: what was charged since
+            yield from self._charge(lease, refund, free=True)
         lease.closed = True
 
     # -- reading --------------------------------------------------------------------------
@@ -882,8 +958,11 @@ class Engine(Records):
             blocks = sum(n for key, n in item.items() if key.endswith("~blocks"))
             for lim in merged:
                 amount, period = lim.refill_amount, lim.refill_period_ms
-                tat = _tat(item, lim)
                 source = _source(config, res, lim.name)
+                if lim.inflight:
+                    rows.append(_cap_status(entity_id, res, lim, item, now_ms, source))
+                    continue
+                tat = _tat(item, lim)
                 status = _status(entity_id, res, lim.name, amount, period, tat, now_ms, lim, source)
                 rows.append(_counts(status, item, lim.key, blocks))
             known = {lim.key for lim in merged}
@@ -911,7 +990,66 @@ class Engine(Records):
                 debt = max(0, (extra or {}).get(lim.name, 0))
                 refill_ms = -(-(lim.burst + debt) * lim.refill_period_ms // lim.refill_amount)
                 longest = max(longest, refill_ms)
+            for cap in t.caps:  # a held slot (and the count) outlive its expiry
+                longest = max(longest, cap.refill_period_ms + inflight.GRACE_MS)
         return (now_ms + horizon_ms + longest) // 1000 + 86_400
+
+
+def _caps_freed(target: Target, lease: LeaseState | None, item: Item | None) -> tuple[Step, ...]:
+    """The steps that free ``lease``'s slot in each of the target's caps; a slot that
+    ``item`` (a view after a refused write; None: unknown) shows gone or renewed by no
+    one but this lease is left out: it was taken back, and its count with it."""
+    if lease is None or lease.slot is None:
+        return ()
+    steps: list[Step] = []
+    for cap in target.caps:
+        expiry = lease.slot_expiry(cap)
+        if item is not None and inflight.slots(item, cap).get(lease.slot) != expiry:
+            continue
+        steps += inflight.free(cap, lease.slot, expiry)
+    return tuple(steps)
+
+
+def _caps_taken(
+    target: Target, item: Item | None, slot: str | None, now_ms: int
+) -> tuple[Step, ...]:
+    """The steps that take ``slot`` in each of the target's caps (taking back what
+    ``item``, the last view of its bucket item, shows expired)."""
+    if slot is None:
+        return ()
+    return tuple(
+        step
+        for cap in target.caps
+        for step in inflight.take(cap, slot, now_ms + cap.refill_period_ms, item, now_ms)
+    )
+
+
+def _target(
+    entity_id: str,
+    resource: str,
+    limits: Sequence[Limit],
+    amounts: Mapping[str, int],
+    default: int,
+) -> Target:
+    """The target of one (entity, resource): its token buckets, each taking the amount
+    of its name (else ``default``), and the in-flight caps the request takes a slot of
+    (one, unless ``amounts`` names the cap with 0)."""
+    rates = tuple(lim for lim in limits if not lim.inflight)
+    consume = {lim.name: amounts.get(lim.name, default) for lim in rates}
+    for lim in rates:
+        if consume[lim.name] > lim.burst:
+            raise RequestExceedsBurst(f"consume.{lim.name}", consume[lim.name], lim.burst)
+    caps = []
+    for cap in limits:
+        if cap.inflight:
+            taken = amounts.get(cap.name, 1)
+            if taken not in (0, 1):
+                raise ValidationError(
+                    f"consume.{cap.name}", f"{taken} slots", "0 or 1: a request holds one slot"
+                )
+            if taken:
+                caps.append(cap)
+    return Target(entity_id, resource, rates, consume, tuple(caps))
 
 
 def _status(
@@ -940,6 +1078,27 @@ def _status(
         in_use * period_ms / amount / 1000,
         source,
         tat is not None,
+    )
+
+
+def _cap_status(
+    entity_id: str, resource: str, cap: Limit, item: Item, now_ms: int, source: str | None
+) -> BucketStatus:
+    """An in-flight cap's state: slots free (``available``) and held (``in_use``)."""
+    held = inflight.live(item, cap, now_ms)
+    return BucketStatus(
+        entity_id,
+        resource,
+        cap.name,
+        cap.refill_amount,
+        cap.refill_period_ms,
+        cap.capacity,
+        float(cap.capacity - held),
+        float(held),
+        0.0,
+        source,
+        cap.key in item,
+        inflight=True,
     )
 
 

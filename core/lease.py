@@ -42,6 +42,8 @@ class Target:
     resource: str
     limits: tuple[Limit, ...]
     consume: Mapping[str, int]
+    caps: tuple[Limit, ...] = ()
+    """The in-flight limits the request takes a slot of (``Limit.concurrent``)."""
 
     @property
     def key(self) -> BucketKey:
@@ -70,6 +72,20 @@ class LeaseState:
     claim: str | None = None
     """Set on a reservation that travels (e.g. in a deferred message): its start also
     creates a claim item named by it, so a second delivery cannot start on it again."""
+    slot: str | None = None
+    """The id of the in-flight slot the lease holds in its targets' caps (None: none)."""
+    slot_ms: int = 0
+    """When the slot was taken or last renewed (epoch ms): in each cap it expires that
+    cap's ``expires`` later (:meth:`slot_expiry`)."""
+
+    def slot_expiry(self, cap: Limit) -> int:
+        """The expiry the lease last wrote for its slot in ``cap`` (epoch ms)."""
+        return self.slot_ms + cap.refill_period_ms
+
+    @property
+    def holds_slots(self) -> bool:
+        """True while the lease holds an in-flight slot to free."""
+        return self.slot is not None and any(t.caps for t in self.targets)
 
     @property
     def wait(self) -> float:
@@ -122,6 +138,7 @@ class LeaseState:
                     "resource": t.resource,
                     "limits": [lim.to_dict() for lim in t.limits],
                     "consume": dict(t.consume),
+                    **({"caps": [lim.to_dict() for lim in t.caps]} if t.caps else {}),
                 }
                 for t in self.targets
             ],
@@ -129,6 +146,8 @@ class LeaseState:
             "granted_ms": self.granted_ms,
             "start_ms": self.start_ms,
             **({"claim": self.claim} if self.claim is not None else {}),
+            # An in-flight slot held: whoever ends the lease frees it.
+            **({"slot": self.slot, "slot_ms": self.slot_ms} if self.holds_slots else {}),
             # Granted unchecked (open mode, store unreachable): nothing to start or refund.
             **({"unchecked": True} if self.unchecked else {}),
             # A start already counted (at a slot that may lie ahead): it travels too.
@@ -157,9 +176,13 @@ class LeaseState:
                     check_id("resource", t["resource"]),
                     tuple(Limit.from_dict(d) for d in t["limits"]),
                     check_amounts("consume", t["consume"], negative=False),
+                    tuple(Limit.from_dict(d) for d in t.get("caps", ())),
                 )
                 for t in data["targets"]
             )
+            slot = data.get("slot")
+            if slot is not None and (not isinstance(slot, str) or not 0 < len(slot) <= 64):
+                raise ValidationError("ticket.slot", "malformed slot", "a string of 1..64")
             claim = data.get("claim")
             if claim is not None and (not isinstance(claim, str) or not 0 < len(claim) <= 512):
                 raise ValidationError("ticket.claim", "malformed claim", "a string of 1..512")
@@ -175,6 +198,8 @@ class LeaseState:
                 started_ms=started,
                 start_tracked=started is not None,
                 unchecked=data.get("unchecked") is True,
+                slot=slot,
+                slot_ms=int(data.get("slot_ms", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ValidationError):
@@ -193,7 +218,7 @@ def start_tracks(targets: tuple[Target, ...]) -> tuple[Target, ...]:
 def with_start_track(targets: tuple[Target, ...]) -> tuple[Target, ...]:
     """Each target with its limits and their start-track copies, for one write."""
     return tuple(
-        Target(t.entity_id, t.resource, t.limits + s.limits, t.consume)
+        Target(t.entity_id, t.resource, t.limits + s.limits, t.consume, t.caps)
         for t, s in zip(targets, start_tracks(targets), strict=True)
     )
 

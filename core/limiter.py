@@ -86,11 +86,19 @@ class Lease(LeaseView):
         )
 
     def commit(self) -> None:
-        """Keep what was consumed. Nothing is written."""
-        self._state.closed = True
+        """Keep what was consumed. Nothing is written, but one write that frees the
+        lease's in-flight slots when it holds some (``Limit.concurrent``)."""
+        self._limiter._run(self._limiter.engine.commit(self._state))
+
+    def renew(self) -> bool:
+        """Move the expiry of the lease's in-flight slots to a full ``expires`` from now
+        (one write; none without slots): a call that may run longer than its caps'
+        ``expires`` renews before then. False when a slot had been taken back already
+        (this holder was presumed dead): the lease holds no slot any more."""
+        return self._limiter._run(self._limiter.engine.renew(self._state))
 
     def rollback(self) -> None:
-        """Refund everything consumed (one write)."""
+        """Refund everything consumed and free the lease's in-flight slots (one write)."""
         self._limiter._run(self._limiter.engine.release(self._state))
 
     def __enter__(self) -> Lease:

@@ -35,11 +35,18 @@ MAX_TOKENS = 10**18
 It keeps every number the engine stores well inside DynamoDB's 38 significant digits.
 """
 MAX_PERIOD_MS = 10 * 365 * 86_400_000
+RATE, INFLIGHT = "rate", "inflight"
+"""The kinds of limit: a token bucket, and a cap on requests in flight."""
+DEFAULT_SLOT_EXPIRY = 300.0
+"""Seconds an in-flight slot stays held without renewal (:meth:`Limit.concurrent`)."""
 TRACKS = ("", "start", "used", "blocks")
 """The attributes a limit has in a bucket item: the bucket, its start track, its counters."""
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
-LIMIT_SYNTAX = "NAME=AMOUNT/PERIOD[:capacity=N][:burst=N], e.g. rpm=500/m or tpm=90k/m:burst=120k"
+LIMIT_SYNTAX = (
+    "NAME=AMOUNT/PERIOD[:capacity=N][:burst=N] or NAME=N/inflight[:expires=PERIOD], e.g. "
+    "rpm=500/m, tpm=90k/m:burst=120k or calls=8/inflight"
+)
 """The text form of a limit, as error messages and help texts show it."""
 RATE_SYNTAX = "AMOUNT/PERIOD, e.g. 500/m, 90k/m, 10/s, 0.5/s or 7/10s"
 """The text form of a rate (a limit's refill), as error messages show it."""
@@ -103,12 +110,26 @@ class Limit:
     refill_period_ms: int
     track: str = field(default="", repr=False)
     """Internal: ``"start"`` is the copy of the bucket that counts actual starts;
-    ``"used"`` and ``"blocks"`` name the bucket's counters (see :meth:`counter`)."""
+    ``"used"`` and ``"blocks"`` name the bucket's counters (see :meth:`counter`);
+    ``"slot:<id>"`` one held slot of an in-flight limit."""
+    kind: str = field(default=RATE, repr=False)
+    """``"rate"``: a token bucket. ``"inflight"``: at most ``capacity`` requests in
+    flight at once (see :meth:`concurrent`), where ``refill_period_ms`` is how long a slot
+    stays held without renewal before another client may take it back."""
 
     def __post_init__(self) -> None:
         check_limit_name("name", self.name)
-        if self.track not in TRACKS:
+        if self.kind not in (RATE, INFLIGHT):
+            raise ValidationError("kind", f"{self.kind!r}", f"{RATE!r} or {INFLIGHT!r}")
+        slot = self.inflight and self.track.startswith("slot:") and len(self.track) > 5
+        if self.track not in TRACKS and not slot:
             raise ValidationError("track", f"{self.track!r}", " or ".join(map(repr, TRACKS)))
+        if self.inflight and self.burst != self.capacity:
+            raise ValidationError(
+                "burst",
+                f"{self.burst} differs from capacity {self.capacity}",
+                "an in-flight limit has no burst",
+            )
         check_tokens("capacity", self.capacity)
         check_tokens("burst", self.burst)
         check_tokens("refill_amount", self.refill_amount)
@@ -143,6 +164,19 @@ class Limit:
             refill_amount=refill_amount,
             refill_period_ms=_period_ms(refill_period_seconds),
         )
+
+    @classmethod
+    def concurrent(cls, name: str, n: int, expires: float = DEFAULT_SLOT_EXPIRY) -> Limit:
+        """At most ``n`` requests in flight at once, across every client: each lease holds
+        one slot from its grant until it ends (commit, rollback, or the end of a
+        Celery task, whatever its outcome).
+
+        A slot whose holder died (a killed worker) comes back ``expires`` seconds after
+        it was taken or last renewed (:meth:`~.limiter.Lease.renew`; a Celery task renews
+        its slots while it runs): the next client that finds the limit full takes it
+        back, in the write that grants its own slot.
+        """
+        return cls(name, n, n, n, _period_ms(expires), kind=INFLIGHT)
 
     @classmethod
     def per_second(cls, name: str, capacity: int, burst: int | None = None) -> Limit:
@@ -185,6 +219,8 @@ class Limit:
             raise ValidationError(field, f"{text!r} is not a limit", LIMIT_SYNTAX)
         name = match.group("name").strip()
         check_limit_name(field, name)
+        if match.group("period").strip() == INFLIGHT:
+            return cls._parse_inflight(field, text, name, match)
         amount, period_ms = _rate(field, match.group("amount"), match.group("period"))
         options: dict[str, int] = {}
         for part in match.group("options").split(":")[1:]:
@@ -205,6 +241,29 @@ class Limit:
                 field, f"{text!r}: {exc.field} {exc.problem}", exc.allowed
             ) from None
 
+    @classmethod
+    def _parse_inflight(cls, field: str, text: str, name: str, match: re.Match[str]) -> Limit:
+        """``NAME=N/inflight[:expires=PERIOD]`` (see :meth:`concurrent`)."""
+        n = _whole(field, "amount", match.group("amount"))
+        expires_ms: int | None = None
+        for part in match.group("options").split(":")[1:]:
+            key, sep, value = part.partition("=")
+            if not sep or key.strip() != "expires":
+                raise ValidationError(
+                    field, f"unknown option {part!r} in {text!r}", "expires=PERIOD, e.g. 10m"
+                )
+            if expires_ms is not None:
+                raise ValidationError(field, f"option 'expires' appears twice in {text!r}")
+            expires_ms = _period(field, value)
+        if expires_ms is None:
+            expires_ms = round(DEFAULT_SLOT_EXPIRY * 1000)
+        try:
+            return cls.concurrent(name, n, expires_ms / 1000)
+        except ValidationError as exc:
+            raise ValidationError(
+                field, f"{text!r}: {exc.field} {exc.problem}", exc.allowed
+            ) from None
+
     def format(self) -> str:
         """The text form of this limit (the inverse of :meth:`parse`); also ``str(limit)``.
 
@@ -213,6 +272,11 @@ class Limit:
 
         The internal ``track`` is not part of it.
         """
+        if self.inflight:
+            text = f"{self.name}={self.capacity}/{INFLIGHT}"
+            if self.refill_period_ms != round(DEFAULT_SLOT_EXPIRY * 1000):
+                text += f":expires={_format_period(self.refill_period_ms)}"
+            return text
         text = f"{self.name}={format_rate(self.refill_amount, self.refill_period_ms)}"
         if self.capacity != self.refill_amount:
             text += f":capacity={self.capacity}"
@@ -230,11 +294,25 @@ class Limit:
         return self.refill_amount * 1000 / self.refill_period_ms
 
     @property
+    def inflight(self) -> bool:
+        """True for a cap on requests in flight (:meth:`concurrent`)."""
+        return self.kind == INFLIGHT
+
+    @property
     def key(self) -> str:
         """The stored attribute of this bucket. It includes the refill rate, so a limit
-        whose rate changes starts a new bucket instead of misreading the old state."""
+        whose rate changes starts a new bucket instead of misreading the old state. An
+        in-flight limit's is its count of held slots, whatever ``n`` (each slot is an
+        attribute of its own: :meth:`slot`)."""
+        if self.inflight:
+            key = f"{self.name}@{INFLIGHT}"
+            return f"{key}~{self.track[5:]}" if self.track else key
         key = f"{self.name}@{self.refill_amount}/{self.refill_period_ms}"
         return f"{key}~{self.track}" if self.track else key
+
+    def slot(self, slot_id: str) -> Limit:
+        """The attribute of one held slot of an in-flight limit (its expiry, epoch ms)."""
+        return replace(self, track=f"slot:{slot_id}")
 
     def start_track(self) -> Limit:
         """The same bucket shape, counting when requests actually start (see docs/engine.md)."""
@@ -254,6 +332,7 @@ class Limit:
             "burst": self.burst,
             "refill_amount": self.refill_amount,
             "refill_period_ms": self.refill_period_ms,
+            **({"kind": INFLIGHT} if self.inflight else {}),
         }
 
     @classmethod
@@ -266,6 +345,7 @@ class Limit:
                 burst=int(data["burst"]),
                 refill_amount=int(data["refill_amount"]),
                 refill_period_ms=int(data["refill_period_ms"]),
+                kind=str(data.get("kind", RATE)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValidationError("limits", f"malformed stored limit {data!r}") from exc
@@ -371,6 +451,11 @@ def _whole(field: str, what: str, text: str) -> int:
     if not 1 <= value.numerator <= MAX_TOKENS:
         raise ValidationError(field, f"{what} {text.strip()!r} is out of range", f"1..{MAX_TOKENS}")
     return value.numerator
+
+
+def _format_period(period_ms: int) -> str:
+    """``period_ms`` as the PERIOD of the text form (``5m``, ``90s``, ``1500ms``)."""
+    return format_rate(1, period_ms).split("/", 1)[1]
 
 
 def _period(field: str, text: str) -> int:

@@ -152,6 +152,7 @@ def _update(table: str, key: dict[str, Any], steps: tuple[Step, ...], ttl: int) 
     values: dict[str, Any] = {":ttl": _n(ttl)}
     sets = ["#ttl = :ttl"]
     adds: list[str] = []
+    removes: list[str] = []
     conditions: list[str] = []
     for i, step in enumerate(steps):
         a, n, b, v, e = f"#a{i}", f":n{i}", f":b{i}", f":v{i}", f":e{i}"
@@ -160,6 +161,11 @@ def _update(table: str, key: dict[str, Any], steps: tuple[Step, ...], ttl: int) 
         if shape is Shape.CHECK:
             conditions.append(f"(attribute_not_exists({a}) OR {a} <= {b})")
             values[b] = _n(step.bound)  # type: ignore[arg-type]
+            continue
+        if shape is Shape.DROP:
+            conditions.append(f"{a} = {e}")
+            values[e] = _n(step.expected)  # type: ignore[arg-type]
+            removes.append(a)
             continue
         values[v] = _n(step.amount)
         if shape is Shape.FRESH:
@@ -195,6 +201,8 @@ def _update(table: str, key: dict[str, Any], steps: tuple[Step, ...], ttl: int) 
     expression = "SET " + ", ".join(sets)
     if adds:
         expression += " ADD " + ", ".join(adds)
+    if removes:
+        expression += " REMOVE " + ", ".join(removes)
     request: dict[str, Any] = {
         "TableName": table,
         "Key": key,

@@ -93,8 +93,8 @@ def _holds(step: Step, value: int | None) -> bool:
         return value is None or step.bound is None or value <= step.bound
     if shape is Shape.RAISE:
         return value is None or value < (step.amount if step.bound is None else step.bound)
-    if shape is Shape.EXACT:
-        return value == step.expected
+    if shape in (Shape.EXACT, Shape.DROP):
+        return value == step.expected and (shape is Shape.EXACT or value is not None)
     return True  # REFUND
 
 
@@ -104,6 +104,8 @@ def _apply(step: Step, attrs: dict[str, int]) -> None:
         attrs[key] = attrs.get(key, 0) + step.amount
     elif step.shape is Shape.CLAMP:
         attrs[key] = max(attrs.get(key, step.now), step.now) + step.amount
+    elif step.shape is Shape.DROP:
+        attrs.pop(key, None)
     elif step.shape is not Shape.CHECK:
         attrs[key] = step.amount
 

@@ -171,6 +171,7 @@ local function holds(shape, v, now, amount, bound, expected)
     if expected == '' then return v == false end
     return v ~= false and cmp(v, expected) == 0
   end
+  if shape == 'drop' then return v ~= false and cmp(v, expected) == 0 end
   return true
 end
 local ttl, n = ARGV[1], tonumber(ARGV[2])
@@ -216,11 +217,14 @@ if failed then
 end
 out[1] = 'ok'
 for i = 1, n do
-  local cur, set = items[i].cur, {'HSET', KEYS[i], '#', ARGV[4]}
+  local cur, set, gone = items[i].cur, {'HSET', KEYS[i], '#', ARGV[4]}, {}
   for _, st in ipairs(items[i].steps) do
     local field, shape, amount = st[1], st[2], st[3]
     local new = nil
-    if shape == 'queue' or shape == 'refund' then
+    if shape == 'drop' then
+      cur[field] = nil
+      gone[#gone + 1] = field
+    elseif shape == 'queue' or shape == 'refund' then
       new = add(cur[field] or '0', amount)
     elseif shape == 'clamp' then
       local v = cur[field]
@@ -237,6 +241,7 @@ for i = 1, n do
   end
   cur['#'] = ARGV[4]
   redis.call(unpack(set))
+  if #gone > 0 then redis.call('HDEL', KEYS[i], unpack(gone)) end
   redis.call('PEXPIRE', KEYS[i], ttl)
   redis.call('ZADD', KEYS[n + i], 0, items[i].resource)
   if redis.call('PTTL', KEYS[n + i]) < tonumber(ttl) then

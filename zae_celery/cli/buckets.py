@@ -21,7 +21,6 @@ from zae_celery.cli.options import (
     scope,
 )
 from zae_celery.core import Limit, RateLimiter
-from zae_celery.core.limits import format_rate
 
 __all__ = ["EVERY_RESOURCE", "BucketReport", "BucketRow", "bucket_rows", "buckets", "read_buckets"]
 
@@ -99,7 +98,7 @@ def read_buckets(
         BucketRow(
             resource=status.resource,
             limit=status.limit_name,
-            rate=format_rate(status.refill_amount, status.refill_period_ms),
+            rate=status.rate,
             burst=status.burst,
             available=status.available,
             in_use=status.in_use,
@@ -123,7 +122,7 @@ def _every_resource(code_limits: Sequence[Limit], stored: Sequence[Limit]) -> li
         BucketRow(
             resource=EVERY_RESOURCE,
             limit=lim.name,
-            rate=format_rate(lim.refill_amount, lim.refill_period_ms),
+            rate=lim.format().split("=", 1)[1].split(":", 1)[0],
             burst=lim.burst,
             available=float(lim.burst),
             in_use=0.0,

@@ -41,9 +41,7 @@ from zae_celery.cli.options import (
     problem,
     resource_option,
 )
-from zae_celery.core import BucketStatus, Limit, RateLimiter, ValidationError
-from zae_celery.core.limits import format_rate
-from zae_celery.core.schema import check_id
+from zae_celery.core import BucketStatus, Limit, RateLimiter, ValidationError, check_id
 from zae_celery.queues import QUEUE_ENTITY_PREFIX, QUEUE_RESOURCE
 
 __all__ = ["QueueDepths", "TopRow", "TopView", "Watch", "render", "top"]
@@ -187,7 +185,7 @@ class TopView:
             entity_id=status.entity_id,
             resource=status.resource,
             limit=status.limit_name,
-            rate=format_rate(status.refill_amount, status.refill_period_ms),
+            rate=status.rate,
             burst=status.burst,
             available=status.available,
             ahead=max(0.0, -status.available) if status.available is not None else 0.0,
