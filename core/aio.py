@@ -90,6 +90,11 @@ class AsyncLease(LeaseView):
         lease's in-flight slots when it holds some (``Limit.concurrent``)."""
         await self._limiter._run(self._limiter.engine.commit(self._state))
 
+    async def free_slots(self) -> None:
+        """Free the lease's in-flight slots and keep the lease (one write; none without
+        slots): its next start takes them again, e.g. before it waits somewhere else."""
+        await self._limiter._run(self._limiter.engine.free_slots(self._state))
+
     async def renew(self) -> bool:
         """Move the expiry of the lease's in-flight slots to a full ``expires`` from now
         (one write; none without slots): a call that may run longer than its caps'

@@ -290,23 +290,39 @@ class Engine(Records):
         targets: tuple[Target, ...] = ()
         try:
             targets = yield from self._targets(entity_id, resource, consume, limits, extra)
-            if not pace:
-                return (yield from self._consume(targets, horizon_ms, align=True))
-            paced = with_start_track(targets)
-            if horizon_ms == 0 or self._may_grant_within(paced, within_ms):
-                try:
-                    lease = yield from self._consume(paced, within_ms, align=True)
-                except RateLimitExceeded as exc:
-                    if horizon_ms == 0 or exc.retry_after * 1000 > horizon_ms:
-                        raise
-                else:
-                    return started_at_slot(lease, targets)
-            return (yield from self._consume(targets, horizon_ms))
+            lease = yield from self._grant(targets, horizon_ms, within_ms, pace, slot)
+            if slot.caps_at_start and any(t.caps for t in targets):
+                lease.targets, lease.caps_pending = targets, True  # taken by start()
+            return lease
         except RateLimiterUnavailable as exc:
             now = self._unchecked(exc, "granting unchecked")
             # Nothing is consumed; the targets (when they could be resolved) stay with
             # the lease, so that usage reported later is charged if the store answers.
             return LeaseState(targets, {}, now, now, unchecked=True, started_ms=now)
+
+    def _grant(
+        self,
+        targets: tuple[Target, ...],
+        horizon_ms: int,
+        within_ms: int,
+        pace: bool,
+        slot: Slot,
+    ) -> Flow[LeaseState]:
+        """The grant of :meth:`acquire` (without the caps when ``slot`` defers them)."""
+        if slot.caps_at_start:
+            targets = tuple(replace(t, caps=()) for t in targets)
+        if not pace:
+            return (yield from self._consume(targets, horizon_ms, align=True))
+        paced = with_start_track(targets)
+        if horizon_ms == 0 or self._may_grant_within(paced, within_ms):
+            try:
+                lease = yield from self._consume(paced, within_ms, align=True)
+            except RateLimitExceeded as exc:
+                if horizon_ms == 0 or exc.retry_after * 1000 > horizon_ms:
+                    raise
+            else:
+                return started_at_slot(lease, targets)
+        return (yield from self._consume(targets, horizon_ms))
 
     def _unchecked(self, exc: RateLimiterUnavailable, what: str) -> int:
         """``on_unavailable``: re-raise ``exc`` ("closed"), or count and log going on
@@ -350,16 +366,18 @@ class Engine(Records):
         was consumed when it was reserved), and logs a warning with the running count.
         """
         try:
+            claim = None
+            if lease.claim is not None and lease.targets:
+                claim = (lease.targets[0].entity_id, lease.claim)
             if lease.paced:
-                if lease.claim is not None and lease.targets:
+                if lease.caps_pending:
+                    yield from self._take_caps(lease, claim)
+                elif claim is not None:
                     yield from self._claim_alone(lease)
                 if lease.started_ms is None:
                     lease.started_ms = self.now_ms()
                 return 0.0
-            tracks = start_tracks(lease.targets)
-            claim = None
-            if lease.claim is not None:
-                claim = (lease.targets[0].entity_id, lease.claim)
+            tracks = start_tracks(lease.targets, caps=lease.caps_pending)
             counted = yield from self._consume(
                 tracks, check_horizon(horizon), align=True, claim=claim
             )
@@ -368,7 +386,25 @@ class Engine(Records):
             return 0.0
         lease.start_tracked = True
         lease.started_ms = counted.start_ms
+        _holding(lease, counted)
         return counted.wait
+
+    def _take_caps(self, lease: LeaseState, claim: tuple[str, str] | None) -> Flow[None]:
+        """Take the slots a lease deferred to its start (with its claim: one write)."""
+        caps_only = tuple(
+            Target(t.entity_id, t.resource, (), {}, t.caps) for t in lease.targets if t.caps
+        )
+        taken = yield from self._consume(caps_only, 0, claim=claim)
+        _holding(lease, taken)
+
+    def free_slots(self, lease: LeaseState) -> Flow[None]:
+        """Free the in-flight slots a lease holds, keeping the lease (one write; none
+        without slots): it takes them again at its next :meth:`start` (a task deferred
+        after its start must not hold them while it waits in the broker)."""
+        if lease.closed or not lease.holds_slots:
+            return
+        yield from self._charge(lease, {}, free=True)
+        lease.slot, lease.caps_pending = None, True
 
     def _claim_alone(self, lease: LeaseState) -> Flow[None]:
         """Create the claim item of a lease whose start was counted before (one write)."""
@@ -631,7 +667,14 @@ class Engine(Records):
             for cap in t.caps:  # a slot is free now or not: no horizon reserves one
                 held = inflight.live(item, cap, now_ms)
                 status = LimitStatus(
-                    t.entity_id, t.resource, cap.name, 1, cap.capacity - held, cap.capacity, 0.0
+                    t.entity_id,
+                    t.resource,
+                    cap.name,
+                    1,
+                    cap.capacity - held,
+                    cap.capacity,
+                    0.0,
+                    inflight=True,
                 )
                 if held < cap.capacity:
                     passed.append(status)
@@ -993,6 +1036,12 @@ class Engine(Records):
             for cap in t.caps:  # a held slot (and the count) outlive its expiry
                 longest = max(longest, cap.refill_period_ms + inflight.GRACE_MS)
         return (now_ms + horizon_ms + longest) // 1000 + 86_400
+
+
+def _holding(lease: LeaseState, granted: LeaseState) -> None:
+    """``lease`` holds the slots ``granted`` took (its caps deferred to the start)."""
+    if granted.slot is not None:
+        lease.slot, lease.slot_ms, lease.caps_pending = granted.slot, granted.slot_ms, False
 
 
 def _caps_freed(target: Target, lease: LeaseState | None, item: Item | None) -> tuple[Step, ...]:

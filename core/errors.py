@@ -103,6 +103,10 @@ class LimitStatus:
     available: float
     burst: int
     retry_after: float
+    inflight: bool = False
+    """An in-flight cap (``Limit.concurrent``): ``burst`` is its ``n``, ``available`` the
+    slots free, and ``retry_after`` a polling interval (a slot comes back when a holder
+    ends, which cannot be foreseen)."""
 
     @property
     def exceeded(self) -> bool:

@@ -74,6 +74,8 @@ class LeaseState:
     creates a claim item named by it, so a second delivery cannot start on it again."""
     slot: str | None = None
     """The id of the in-flight slot the lease holds in its targets' caps (None: none)."""
+    caps_pending: bool = False
+    """The in-flight slots are taken by the lease's start, not yet (``Slot.caps_at_start``)."""
     slot_ms: int = 0
     """When the slot was taken or last renewed (epoch ms): in each cap it expires that
     cap's ``expires`` later (:meth:`slot_expiry`)."""
@@ -146,6 +148,7 @@ class LeaseState:
             "granted_ms": self.granted_ms,
             "start_ms": self.start_ms,
             **({"claim": self.claim} if self.claim is not None else {}),
+            **({"caps_pending": True} if self.caps_pending else {}),
             # An in-flight slot held: whoever ends the lease frees it.
             **({"slot": self.slot, "slot_ms": self.slot_ms} if self.holds_slots else {}),
             # Granted unchecked (open mode, store unreachable): nothing to start or refund.
@@ -200,6 +203,7 @@ class LeaseState:
                 unchecked=data.get("unchecked") is True,
                 slot=slot,
                 slot_ms=int(data.get("slot_ms", 0)),
+                caps_pending=data.get("caps_pending") is True,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ValidationError):
@@ -207,10 +211,17 @@ class LeaseState:
             raise ValidationError("ticket", f"malformed ticket: {exc}") from exc
 
 
-def start_tracks(targets: tuple[Target, ...]) -> tuple[Target, ...]:
-    """The start-track copies of the targets' limits (same buckets, counting starts)."""
+def start_tracks(targets: tuple[Target, ...], caps: bool = False) -> tuple[Target, ...]:
+    """The start-track copies of the targets' limits (same buckets, counting starts),
+    with their in-flight caps when ``caps`` (a start that takes its slots)."""
     return tuple(
-        Target(t.entity_id, t.resource, tuple(lim.start_track() for lim in t.limits), t.consume)
+        Target(
+            t.entity_id,
+            t.resource,
+            tuple(lim.start_track() for lim in t.limits),
+            t.consume,
+            t.caps if caps else (),
+        )
         for t in targets
     )
 
@@ -282,8 +293,13 @@ class Slot:
             slot is at most ``start_within`` seconds ahead (the caller waits in place and
             starts exactly then); a later reservation is started with ``start()``.
         start_within: see ``pace``.
+        caps_at_start: see the attribute.
     """
 
     extra: Sequence[tuple[str, str, Sequence[Limit]]] = ()
     pace: bool = False
     start_within: float = 0.0
+    caps_at_start: bool = False
+    """Take the in-flight slots (``Limit.concurrent``) when the lease's start is counted
+    (``start()``), not with its grant: a task waiting for its rate slot does not hold a
+    slot meanwhile. A full cap then refuses the start."""

@@ -16,6 +16,7 @@ from zae_celery.core import (
     Limit,
     RateLimiter,
     RateLimitExceeded,
+    Slot,
     ValidationError,
 )
 from zae_celery.core.inflight import GRACE_MS, POLL_SECONDS
@@ -25,9 +26,10 @@ RPM = Limit.per_minute("rpm", 600)
 CALLS = Limit.concurrent("calls", 2, expires=10)
 
 
-def held(limiter: RateLimiter, entity: str = "e") -> float:
-    (row,) = [r for r in limiter.buckets(entity, "r", [RPM, CALLS]) if r.limit_name == "calls"]
-    assert row.inflight and row.burst == 2
+def held(limiter: RateLimiter, entity: str = "e", limits: list[Limit] | None = None) -> float:
+    rows = limiter.buckets(entity, "r", limits or [RPM, CALLS])
+    (row,) = [r for r in rows if r.limit_name == "calls"]
+    assert row.inflight
     return row.in_use
 
 
@@ -250,3 +252,29 @@ def test_the_cli_stores_and_shows_a_cap(store: Store) -> None:  # noqa: F811
     lease.commit()
     (row,) = json.loads(run(store.cli("buckets", "tenant", "--json")).stdout)
     assert row["in_use"] == 0
+
+
+def test_a_scheduler_takes_the_slot_when_the_start_is_counted(limiter: RateLimiter) -> None:
+    deferred = Slot(pace=True, caps_at_start=True)
+    one = [RPM, Limit.concurrent("calls", 1)]
+    first = limiter.acquire("e", "r", {"rpm": 1}, one, horizon=5, slot=deferred)
+    second = limiter.acquire("e", "r", {"rpm": 1}, one, horizon=5, slot=deferred)
+    assert held(limiter, limits=one) == 0  # granted their rate slots, no cap slot yet
+    assert limiter.start(first) == 0
+    assert held(limiter, limits=one) == 1
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.start(second)
+    assert [v.inflight for v in refused.value.violations] == [True]
+    ticket = second.ticket()
+    assert ticket["caps_pending"] and "slot" not in ticket
+    first.free_slots()  # e.g. before it waits in a broker: it takes one again at its start
+    assert held(limiter, limits=one) == 0 and first.ticket()["caps_pending"]
+    resumed = limiter.resume(ticket)
+    limiter.start(resumed)
+    with pytest.raises(RateLimitExceeded):
+        limiter.start(first)
+    resumed.commit()
+    limiter.start(first)
+    first.commit()
+    second.rollback()
+    assert held(limiter, limits=one) == 0
