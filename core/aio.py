@@ -74,6 +74,7 @@ class AsyncLease(LeaseView):
         buckets: Iterable[tuple[str, str]] | None = None,
         deltas: Mapping[str, int] | None = None,
         rates: Mapping[str, float] | None = None,
+        end: bool = False,
     ) -> None:
         """Pull the buckets down to what the provider reports (see
         :meth:`~.limiter.Lease.pull_down`); one write, none when nothing changes."""
@@ -82,13 +83,16 @@ class AsyncLease(LeaseView):
                 self._state,
                 deltas or {},
                 reported(self._limiter.engine, remaining, at, buckets, rates),
+                end=end,
             )
         )
 
-    async def commit(self) -> None:
-        """Keep what was consumed. Nothing is written, but one write that frees the
-        lease's in-flight slots when it holds some (``Limit.concurrent``)."""
-        await self._limiter._run(self._limiter.engine.commit(self._state))
+    async def commit(self, **deltas: int) -> None:
+        """Keep what was consumed, with ``deltas`` (as :meth:`adjust` takes them) charged
+        in the same write. Nothing is written without deltas, but one write that frees
+        the lease's in-flight slots when it holds some (``Limit.concurrent``): so a
+        lease's last adjustment and its release are one write."""
+        await self._limiter._run(self._limiter.engine.adjust(self._state, deltas, end=True))
 
     async def free_slots(self) -> None:
         """Free the lease's in-flight slots and keep the lease (one write; none without

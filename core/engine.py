@@ -705,8 +705,11 @@ class Engine(Records):
         resolved during the outage) nothing can be charged.
         """
         if lease.closed:
+            if end and not deltas:
+                return  # committing twice keeps what the first did
             raise ValidationError("lease", "is already committed or rolled back")
         if not lease.targets:
+            lease.closed = lease.closed or end
             return
         amounts = check_amounts("adjust", deltas, negative=True)
         own = lease.targets[0]
@@ -731,15 +734,6 @@ class Engine(Records):
             yield from self._charge(lease, changes, floors, free=end)
         if end:
             lease.closed = True
-
-    def commit(self, lease: LeaseState) -> Flow[None]:
-        """End a lease, keeping what it consumed: one write freeing its in-flight slots,
-        none when it holds none."""
-        if lease.closed:
-            return
-        if lease.holds_slots:
-            yield from self._charge(lease, {}, free=True)
-        lease.closed = True
 
     def renew(self, lease: LeaseState) -> Flow[bool]:
         """Move the expiry of the lease's in-flight slots to a full ``expires`` from now

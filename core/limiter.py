@@ -65,6 +65,7 @@ class Lease(LeaseView):
         buckets: Iterable[tuple[str, str]] | None = None,
         deltas: Mapping[str, int] | None = None,
         rates: Mapping[str, float] | None = None,
+        end: bool = False,
     ) -> None:
         """Pull the buckets down to what the provider reports left (``remaining`` tokens
         per limit name at ``at``, the limiter's clock; default now), never up, with
@@ -75,20 +76,24 @@ class Lease(LeaseView):
         key (default: all the lease's buckets). ``rates``: per limit name, how fast the
         provider refills (tokens a second), where known: where the lease's buckets refill
         faster, the run is charged more in proportion (with ``deltas``), so the fleet
-        goes at the provider's pace (see docs/engine.md).
+        goes at the provider's pace (see docs/engine.md). ``end``: the lease also ends
+        (committed) in that write, its in-flight slots freed.
         """
         self._limiter._run(
             self._limiter.engine.adjust(
                 self._state,
                 deltas or {},
                 reported(self._limiter.engine, remaining, at, buckets, rates),
+                end=end,
             )
         )
 
-    def commit(self) -> None:
-        """Keep what was consumed. Nothing is written, but one write that frees the
-        lease's in-flight slots when it holds some (``Limit.concurrent``)."""
-        self._limiter._run(self._limiter.engine.commit(self._state))
+    def commit(self, **deltas: int) -> None:
+        """Keep what was consumed, with ``deltas`` (as :meth:`adjust` takes them) charged
+        in the same write. Nothing is written without deltas, but one write that frees
+        the lease's in-flight slots when it holds some (``Limit.concurrent``): so a
+        lease's last adjustment and its release are one write."""
+        self._limiter._run(self._limiter.engine.adjust(self._state, deltas, end=True))
 
     def free_slots(self) -> None:
         """Free the lease's in-flight slots and keep the lease (one write; none without

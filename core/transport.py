@@ -97,6 +97,16 @@ class LeaseView:
         and any ``extra`` buckets (empty for an unchecked lease)."""
         return tuple(BucketRef(t.entity_id, t.resource, t.limits) for t in self._state.targets)
 
+    @property
+    def caps(self) -> tuple[BucketRef, ...]:
+        """The in-flight caps whose slots the lease holds now, by bucket (empty: none;
+        ``Limit.concurrent``)."""
+        if not self._state.holds_slots:
+            return ()
+        return tuple(
+            BucketRef(t.entity_id, t.resource, t.caps) for t in self._state.targets if t.caps
+        )
+
     def claim_for(self, owner: str) -> None:
         """Let the lease's ticket be started once only, by a holder that names ``owner``
         (e.g. a task id): the first :meth:`~.RateLimiter.start` of a resumed ticket

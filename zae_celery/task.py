@@ -53,6 +53,7 @@ from zae_celery.options import OnError, TaskOptions
 from zae_celery.providers.headers import RateLimitHeaders, read_rate_limits
 from zae_celery.providers.profiles import COMPLETION, Profile
 from zae_celery.queues import QUEUE, QUEUE_ENTITY_PREFIX, QUEUE_RESOURCE, queue_of_run
+from zae_celery.renewal import renewer
 from zae_celery.settings import Settings
 from zae_celery.signals import run_settled
 
@@ -201,7 +202,7 @@ class _Spec:
             self.consume,
             self.limits,
             horizon=horizon,
-            slot=Slot(extra=self.extra, pace=True, start_within=start_within),
+            slot=Slot(extra=self.extra, pace=True, start_within=start_within, caps_at_start=True),
         )
 
 
@@ -368,7 +369,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         if admitted:
             lease = limiter.resume(admitted)
             self._start(settings, limiter, lease, deferrals)
-            request.zae_active_lease = lease
+            self._running(lease)
             return
         carried = headers.get(HEADER_LEASE)
         if carried:
@@ -387,7 +388,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                         self.name,
                     )
                 else:
-                    request.zae_active_lease = lease
+                    self._running(lease)
                     return
             # A reservation not made for this task id (or before claims existed) is
             # never started: the task acquires like a new one.
@@ -437,7 +438,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         if lease.wait > start_wait:
             self._defer(settings, deferrals, lease.wait, lease, "reserved slot")
         self._start(settings, limiter, lease, deferrals)
-        request.zae_active_lease = lease
+        self._running(lease)
 
     def _start(
         self, settings: Settings, limiter: RateLimiter, lease: Lease, deferrals: int
@@ -475,17 +476,38 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 -early,
             )
             lease.recount_start()
-        try:
-            wait = limiter.start(lease, horizon=max(self.request.zae_run.horizon, wait_limit))
-        except RateLimitExceeded as exc:
-            self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc), cause=exc)
-        except RateLimiterUnavailable as exc:  # "closed"; "open" starts unchecked in the engine
-            retry = settings.unavailable_retry + random.uniform(0, settings.jitter)
-            self._defer(settings, deferrals, retry, lease, "rate limiter unavailable", True, exc)
+        horizon = max(self.request.zae_run.horizon, wait_limit)
+        polled = 0.0
+        while True:
+            try:
+                wait = limiter.start(lease, horizon=horizon)
+                break
+            except RateLimitExceeded as exc:
+                # An in-flight cap is full: a slot comes back when a holder ends, which
+                # no store foresees. The task waits here for one, asking again every
+                # retry_after (at most 1 s), up to its horizon; only then round the broker.
+                if all(v.inflight for v in exc.violations) and polled < horizon:
+                    pause = exc.retry_after * random.uniform(1.0, 1.25)
+                    self._wait(limiter, pause)
+                    polled += pause
+                    continue
+                self._defer(settings, deferrals, exc.retry_after, lease, _describe(exc), cause=exc)
+            except RateLimiterUnavailable as exc:  # "closed"; "open" starts unchecked
+                retry = settings.unavailable_retry + random.uniform(0, settings.jitter)
+                self._defer(
+                    settings, deferrals, retry, lease, "rate limiter unavailable", True, exc
+                )
         if wait > wait_limit:
             self._defer(settings, deferrals, wait, lease, "start slot reserved")
         if wait > 0:
             self._wait(limiter, wait)  # this task's own start slot, on the start track
+
+    def _running(self, lease: Lease) -> None:
+        """The run holds ``lease`` while its body runs; its in-flight slots are renewed
+        until it ends (not in an eager run: the caller's process, perhaps a test clock)."""
+        self.request.zae_active_lease = lease
+        if lease.caps and not self.request.is_eager:
+            renewer().hold(lease)
 
     def _wait_limit(self, settings: Settings) -> float:
         """How long this run may wait in place for its slot: ``zae_start_wait`` (with
@@ -576,8 +598,15 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         if lease is not None:
             # A new reservation, or one whose start this run counted (and whose claim
             # it used), gets a claim of its own for the next delivery; a carried one
-            # not started yet keeps its claim.
+            # not started yet keeps its claim. In-flight slots never wait in a broker:
+            # freed here, taken again by the next delivery's start.
             lease.claim_for(request.id)
+            try:
+                lease.free_slots()
+            except ZaeError as exc:  # they expire, and come back then
+                log.warning(
+                    "zae-celery could not free the in-flight slots of %s: %s", request.id, exc
+                )
         headers = dict(request.headers or {})
         headers.pop(ADMITTED, None)  # granted to this run only
         headers.pop(QUEUE, None)  # told by the consumer that takes the next delivery
@@ -652,10 +681,26 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 raise ValidationError(
                     f"report_usage.{name}", "is not a limit of this task", ", ".join(names)
                 )
-        consumed = lease.consumed
-        deltas = {name: value - consumed.get(name, 0) for name, value in actual.items()}
+        if lease.caps:  # charged in the write that frees its slots, as the run ends
+            pending = getattr(self.request, "zae_pending_usage", None) or {}
+            self.request.zae_pending_usage = {**pending, **actual}
+            return
+        deltas = self._deltas(lease, actual)
         if not self._pull_down(lease, deltas):
             lease.adjust(**deltas)
+
+    @staticmethod
+    def _deltas(lease: Lease, actual: dict[str, int]) -> dict[str, int]:
+        """What reporting ``actual`` usage adds to (or refunds from) what was consumed."""
+        consumed = lease.consumed
+        return {name: value - consumed.get(name, 0) for name, value in actual.items()}
+
+    def _pending(self, lease: Lease) -> dict[str, int]:
+        """The deltas of usage reported but not charged yet (a run holding in-flight
+        slots charges it in the write that frees them); taken once."""
+        actual = getattr(self.request, "zae_pending_usage", None) or {}
+        self.request.zae_pending_usage = None
+        return self._deltas(lease, actual)
 
     def provider_reported(self, headers: Any, profile: Profile | None = None) -> RateLimitHeaders:
         """What the provider's response ``headers`` (a mapping, e.g. ``httpx.Headers``)
@@ -687,8 +732,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         request = self.request
         return self._options().profile(request.args, request.kwargs, default)
 
-    def _pull_down(self, lease: Lease, deltas: dict[str, int]) -> bool:
-        """Write a pending provider report (with ``deltas``); False when none is pending."""
+    def _pull_down(self, lease: Lease, deltas: dict[str, int], end: bool = False) -> bool:
+        """Write a pending provider report (with ``deltas``; ``end``: the lease ends in
+        that write); False when none is pending."""
         pending = getattr(self.request, "zae_provider_report", None)
         if pending is None or lease.closed:
             return False
@@ -706,6 +752,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             buckets=[(ref.entity_id, ref.resource) for ref in chosen],
             deltas=deltas,
             rates=rates,
+            end=end,
         )
         return True
 
@@ -766,7 +813,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 for ref in chosen:
                     metrics.blocks.labels(ref.resource).inc()
         if lease is not None and not lease.closed:
-            lease.commit()
+            lease.commit(**self._pending(lease))
         deferrals = int((self.request.headers or {}).get(HEADER_DEFERRALS) or 0)
         wait = retry_after + random.uniform(0, settings.jitter)
         said = "provider 429" if charged else "provider overloaded"
@@ -795,15 +842,23 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     ) -> None:
         """Keep the consumption on success; apply ``rate_on_error`` otherwise. Never raises."""
         lease: Lease | None = getattr(self.request, "zae_active_lease", None)
+        if lease is not None:
+            renewer().drop(lease)
         if lease is not None and not lease.closed:
+            success = status == states.SUCCESS
+            deltas = self._pending(lease)
             try:
-                self._pull_down(lease, {})
+                # A success ends in this one write: usage, the provider's report, slots.
+                if self._pull_down(lease, deltas, end=success):
+                    deltas = {}
             except Exception:
                 log.exception("zae-celery could not apply the provider's report of %s", task_id)
             try:
-                if status == states.SUCCESS:
-                    lease.commit()
+                if success:
+                    lease.commit(**deltas)
                 else:
+                    if deltas:
+                        lease.adjust(**deltas)
                     self._settle_error(lease)
             except Exception:
                 log.exception("zae-celery could not settle the lease of task %s", task_id)
@@ -968,8 +1023,13 @@ def _settle_after_retry(
     ):
         return  # SUCCESS and FAILURE were settled by after_return, unless propagated
     lease: Lease | None = getattr(sender.request, "zae_active_lease", None)
+    if lease is not None:
+        renewer().drop(lease)
     if lease is not None and not lease.closed:
         try:
+            deltas = sender._pending(lease)
+            if deltas:
+                lease.adjust(**deltas)
             sender._settle_error(lease)
         except Exception:
             log.exception("zae-celery could not settle the lease of task %s", task_id)
