@@ -47,7 +47,12 @@ def test_the_slot_is_held_while_the_body_runs_and_freed_after(
     zae: TaskHarness, eager_app: Celery
 ) -> None:
     seen: list[float] = []
-    task = define(eager_app, lambda self: seen.append(held(zae)) or "ok")
+
+    def body(self: Any) -> str:
+        seen.append(held(zae))
+        return "ok"
+
+    task = define(eager_app, body)
     failing = define(eager_app, lambda self: 1 / 0)
     with zae.use(eager_app):
         assert task.delay().get() == "ok"
