@@ -176,7 +176,7 @@ def fleet(
         "ZAE_TEST_RECORDS": url,
         **(env or {}),
     }
-    records = redis_client.Redis.from_url(url)
+    records = redis_client.Redis.from_url(url, socket_timeout=150)  # blpop waits up to 90 s
     client = Celery("client", broker=url, backend=backend)
     try:
         with worker_fleet(

@@ -295,7 +295,7 @@ if BROKER.startswith("zaeflaky://"):
 def _record(task: Any, gate: str) -> Any:
     import redis
 
-    client = redis.Redis.from_url(os.environ["ZAE_TEST_RECORDS"])
+    client = redis.Redis.from_url(os.environ["ZAE_TEST_RECORDS"], socket_timeout=150)
     lease = task.lease
     started = None if lease.started_at is None else round(lease.started_at * 1000)
     run = {**_run_info(task), "claim": lease.ticket().get("claim"), "started_ms": started}
@@ -358,6 +358,34 @@ def slow(self: RateLimitedTask, gate: str) -> dict[str, Any]:
     import redis
 
     info = {**_run_info(self), "id": self.request.id, "hostname": self.request.hostname}
-    client = redis.Redis.from_url(os.environ["ZAE_TEST_RECORDS"])
+    client = redis.Redis.from_url(os.environ["ZAE_TEST_RECORDS"], socket_timeout=150)
     client.rpush(f"{gate}:runs", json.dumps(info))
     return info
+
+
+# -- in-flight caps (tests/test_inflight_workers.py) ---------------------------------------
+# ZAE_TEST_SEATS: the cap (default 2); ZAE_TEST_SEAT_EXPIRES: its slots' expiry, seconds.
+SEATS = Limit.concurrent(
+    "seats",
+    int(os.environ.get("ZAE_TEST_SEATS", "2")),
+    expires=float(os.environ.get("ZAE_TEST_SEAT_EXPIRES", "300")),
+)
+
+
+@app.task(base=RateLimitedTask, bind=True, max_retries=0,
+          rate_limits=[Limit.per_second("rps", 50), SEATS], rate_resource="seats")  # fmt: skip
+def seated(self: RateLimitedTask, gate: str, hold: bool) -> dict[str, Any]:
+    """Counts itself in ``<gate>:inside`` while its body runs (each count it saw goes to
+    ``<gate>:peaks``), records its run in ``<gate>:runs`` and, with ``hold``, waits for
+    an item in ``<gate>:go``."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ["ZAE_TEST_RECORDS"], socket_timeout=150)
+    client.rpush(f"{gate}:peaks", client.incr(f"{gate}:inside"))
+    try:
+        client.rpush(f"{gate}:runs", json.dumps(_run_info(self)))
+        if hold and client.blpop([f"{gate}:go"], timeout=120) is None:
+            raise TimeoutError("the test never released the gate")
+    finally:
+        client.decr(f"{gate}:inside")
+    return _run_info(self)
