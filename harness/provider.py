@@ -70,6 +70,24 @@ least 0); *reset* is the time until the bucket is full again.
 - Any JSON body is accepted (what is missing takes a default); a body that is not JSON
   gets 400 in the route's error shape.
 
+Requests in flight
+------------------
+A request is *in flight* from the moment it is accepted (charged, status 200) until its
+reply has been sent, its latency included; refused requests never are.
+:attr:`LocalProvider.in_flight` is how many are now, :attr:`LocalProvider.peak_in_flight`
+the most there have been since serving started or :meth:`LocalProvider.reset_peak`, and
+each record keeps the count when it arrived (:attr:`ProviderRecord.in_flight`).
+
+- ``max_in_flight`` caps them, as a self-hosted inference server caps its concurrent
+  requests: a request that arrives while that many are in flight is refused at once with
+  429 and a retry-after of 1 s, in the route's rate-limit shape (OpenAI: type
+  ``requests``; Anthropic: ``rate_limit_error``), charged nothing, and recorded with
+  ``limited_by`` :data:`IN_FLIGHT`. It does not close the key (``cooldown``).
+- :meth:`LocalProvider.hold` holds the replies of the requests accepted from then on
+  until :meth:`Hold.release`, so a test can keep exactly N requests in flight while it
+  checks them (:meth:`LocalProvider.wait_in_flight` waits for the count); refusals are
+  not held. Unused, it changes nothing.
+
 An accepted request is answered after a latency drawn from a seeded log-normal
 distribution plus a time per completion token (wall time, not the injected clock).
 Its usage is deterministic per prompt, completion cap and seed, and differs from any
@@ -106,9 +124,11 @@ from zae_celery.testing import free_port
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "IN_FLIGHT",
     "KINDS",
     "Accounting",
     "Api",
+    "Hold",
     "LocalProvider",
     "ProviderRecord",
     "Usage",
@@ -164,17 +184,23 @@ def _rng(seed: int, prompt: str, number: int, purpose: str) -> random.Random:
 KINDS = ("requests", "tokens", "input-tokens", "output-tokens")
 """The provider's buckets, named as the rate-limit headers name them."""
 
+IN_FLIGHT = "in-flight"
+"""The ``limited_by`` of a request refused by the provider's ``max_in_flight``."""
+
 _LABELS = {
     "requests": "requests per minute (RPM)",
     "tokens": "tokens per minute (TPM)",
     "input-tokens": "input tokens per minute (ITPM)",
     "output-tokens": "output tokens per minute (OTPM)",
+    IN_FLIGHT: "requests in flight",
 }
 _TOKEN_KINDS = ("tokens", "input-tokens", "output-tokens")
 _MAX_WAIT = 3600.0
 """The longest retry-after sent (a request larger than a bucket never fits)."""
 _EPSILON = 1e-6
 """Float noise tolerated when a wait or a reset is rounded up."""
+_IN_FLIGHT_RETRY_AFTER = 1.0
+"""The retry-after of a request refused by ``max_in_flight``, in seconds."""
 
 
 @dataclass(frozen=True)
@@ -203,7 +229,8 @@ class ProviderRecord:
     charged_output_tokens: int = 0
     """What the otpm bucket was charged (the completion's tokens)."""
     limited_by: str | None = None
-    """The bucket that refused a 429 (one of :data:`KINDS`: the one with the longest wait)."""
+    """What refused a 429: the bucket with the longest wait (one of :data:`KINDS`), or
+    :data:`IN_FLIGHT` for the provider's ``max_in_flight``."""
     request_id: str = ""
     """The id sent in the ``x-request-id`` or ``request-id`` header."""
     user: str | None = None
@@ -212,6 +239,11 @@ class ProviderRecord:
     metadata: tuple[tuple[str, str], ...] = ()
     """The request's ``metadata`` object: its string values, as sorted pairs (a client
     may tag its requests there; ``dict(record.metadata)`` reads them)."""
+    in_flight: int = 0
+    """The requests in flight just after this one arrived: itself included when it was
+    accepted, not when it was refused (or charged through :meth:`LocalProvider.admit`,
+    which serves nothing). The largest over the records is the peak since serving
+    started."""
 
     @property
     def total_tokens(self) -> int:
@@ -221,7 +253,7 @@ class ProviderRecord:
 
 @dataclass(frozen=True)
 class _State:
-    """One bucket as a response reports it."""
+    """One bucket (or the in-flight cap, whose reset is 0) as a response reports it."""
 
     limit: int
     remaining: int
@@ -258,6 +290,41 @@ class _Bucket:
         return _State(self.stated, remaining, max(0.0, (self.size - self.level) / self.rate))
 
 
+class Hold:
+    """Replies held until :meth:`release`: those of the requests the provider accepts while
+    this hold is its current one (:meth:`LocalProvider.hold`). As a context manager, it
+    releases them when the block exits."""
+
+    def __init__(self, provider: LocalProvider) -> None:
+        self._provider = provider
+        self._released = threading.Event()
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called (or the provider stopped)."""
+        return self._released.is_set()
+
+    def release(self) -> None:
+        """Send the held replies (each after its latency, if that has not passed yet); the
+        provider holds nothing from now on. Calling it again does nothing."""
+        self._provider._unhold(self)
+        self._released.set()
+
+    def _wait(self) -> None:
+        self._released.wait()
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
 class LocalProvider:
     """An HTTP LLM provider on 127.0.0.1 that enforces its rate limits itself and answers
     in OpenAI's and Anthropic's wire formats (see the module's docs).
@@ -286,6 +353,8 @@ class LocalProvider:
             instead of the one enforced: a key shared with a client the caller does not
             know of states the key's whole limit, and only its ``remaining`` shows the
             other client's use.
+        max_in_flight: the most requests in flight at once (None: no cap); one more is
+            refused at once with 429 and a retry-after of 1 s (see the module's docs).
     """
 
     def __init__(
@@ -308,6 +377,7 @@ class LocalProvider:
         slack_output_tokens: int | None = None,
         cooldown: float = 0.0,
         advertise: dict[str, int] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         if rpm < 1 or any(x is not None and x < 1 for x in (tpm, itpm, otpm)) or window <= 0:
             raise ValueError("rpm, tpm, itpm and otpm must be >= 1 and window > 0")
@@ -344,7 +414,13 @@ class LocalProvider:
         self.cooldown = cooldown
         self._closed_until = -math.inf
         self._closed_by = "requests"
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        self.max_in_flight = max_in_flight
+        self._in_flight = self._peak_in_flight = 0
+        self._hold: Hold | None = None
         self._lock = threading.Lock()
+        self._in_flight_changed = threading.Condition(self._lock)
         self._server = ThreadingHTTPServer(("127.0.0.1", free_port()), _handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -394,7 +470,8 @@ class LocalProvider:
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> ProviderRecord:
         """Charge one request of ``usage`` on every bucket, or none; record it (with the
-        ``user`` and ``metadata`` it was tagged with)."""
+        ``user`` and ``metadata`` it was tagged with). Nothing is served, so the request is
+        never in flight and ``max_in_flight`` does not apply."""
         return self._admit(usage, max_tokens, api, user, metadata)[0]
 
     def _admit(
@@ -404,7 +481,11 @@ class LocalProvider:
         api: Api,
         user: str | None = None,
         metadata: tuple[tuple[str, str], ...] = (),
-    ) -> tuple[ProviderRecord, dict[str, _State]]:
+        *,
+        serve: bool = False,
+    ) -> tuple[ProviderRecord, dict[str, _State], Hold | None]:
+        """Admit and record one request; with ``serve``, an accepted one is in flight until
+        :meth:`_reply_sent`, after the hold returned (if any) is released."""
         with self._lock:
             now = self.clock()
             request_id = f"req_local{len(self._records) + 1:08d}"
@@ -418,6 +499,9 @@ class LocalProvider:
             elif now < self._closed_until:
                 status, limited_by = 429, self._closed_by
                 retry_after = _retry_after(self._closed_until - now, api)
+            elif serve and self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
+                status, limited_by = 429, IN_FLIGHT
+                retry_after = _retry_after(_IN_FLIGHT_RETRY_AFTER, api)
             else:
                 waits = {k: self._buckets[k].wait_for(amount) for k, amount in charges.items()}
                 if max(waits.values()) == 0:
@@ -431,6 +515,12 @@ class LocalProvider:
                     if self.cooldown:
                         self._closed_until, self._closed_by = now + wait, limited_by
                     retry_after = _retry_after(wait, api)
+            hold = None
+            if serve and status == 200:
+                self._in_flight += 1
+                self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+                self._in_flight_changed.notify_all()
+                hold = self._hold
             record = ProviderRecord(
                 now,
                 status,
@@ -446,10 +536,61 @@ class LocalProvider:
                 request_id=request_id,
                 user=user,
                 metadata=metadata,
+                in_flight=self._in_flight,
             )
             self._records.append(record)
             states = {kind: bucket.state() for kind, bucket in self._buckets.items()}
-            return record, states
+            if self.max_in_flight is not None:
+                room = max(0, self.max_in_flight - self._in_flight)
+                states[IN_FLIGHT] = _State(self.max_in_flight, room, 0.0)
+            return record, states, hold
+
+    def _reply_sent(self) -> None:
+        """An accepted request's reply was sent (or failed to be): it is no longer in flight."""
+        with self._lock:
+            self._in_flight -= 1
+            self._in_flight_changed.notify_all()
+
+    # -- requests in flight --------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """The requests accepted whose replies are not sent yet (latency and holds included)."""
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most requests there have been in flight at once since serving started or
+        since :meth:`reset_peak`."""
+        with self._lock:
+            return self._peak_in_flight
+
+    def reset_peak(self) -> None:
+        """Start :attr:`peak_in_flight` again from the requests in flight now."""
+        with self._lock:
+            self._peak_in_flight = self._in_flight
+
+    def wait_in_flight(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until exactly ``count`` requests are in flight: True, or False after
+        ``timeout`` seconds (wall time) without it."""
+        with self._in_flight_changed:
+            return self._in_flight_changed.wait_for(lambda: self._in_flight == count, timeout)
+
+    def hold(self) -> Hold:
+        """Hold the replies of the requests accepted from now on until the returned hold is
+        released (:meth:`Hold.release`, the end of its ``with`` block, or :meth:`stop`).
+        Refusals are answered at once. One hold at a time: holding again before the
+        release is a RuntimeError."""
+        with self._lock:
+            if self._hold is not None:
+                raise RuntimeError("the provider is already holding replies")
+            self._hold = Hold(self)
+            return self._hold
+
+    def _unhold(self, hold: Hold) -> None:
+        with self._lock:
+            if self._hold is hold:
+                self._hold = None
 
     @property
     def records(self) -> list[ProviderRecord]:
@@ -491,7 +632,11 @@ class LocalProvider:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket (idempotent)."""
+        """Stop serving and close the socket, releasing any held replies (idempotent)."""
+        with self._lock:
+            hold = self._hold
+        if hold is not None:
+            hold.release()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
@@ -612,7 +757,7 @@ def _openai_reply(record: ProviderRecord, states: dict[str, _State], model: str)
             f"{states[record.limited_by].limit}. Please try again in "
             f"{_go_duration(record.retry_after)}."
         )
-        error_type = "requests" if record.limited_by == "requests" else "tokens"
+        error_type = "tokens" if record.limited_by in _TOKEN_KINDS else "requests"
         error = {"message": message, "type": error_type, "param": None}
         return 429, {"error": {**error, "code": "rate_limit_exceeded"}}, headers
     if record.status != 200:
@@ -707,12 +852,20 @@ def _handler(provider: LocalProvider) -> type[BaseHTTPRequestHandler]:
             prompt, max_tokens = _request_of(body, api)
             usage = provider.usage(prompt, max_tokens)
             user, metadata = _tags_of(body, api)
-            record, states = provider._admit(usage, max_tokens, api, user, metadata)
-            if record.status == 200 and (delay := provider.latency(prompt, usage)) > 0:
-                time.sleep(delay)  # the simulated generation time
-            model = body.get("model") if isinstance(body, dict) else None
-            reply = _anthropic_reply if api == "anthropic" else _openai_reply
-            self._send(*reply(record, states, model if isinstance(model, str) else "local"))
+            record, states, hold = provider._admit(
+                usage, max_tokens, api, user, metadata, serve=True
+            )
+            try:
+                if record.status == 200 and (delay := provider.latency(prompt, usage)) > 0:
+                    time.sleep(delay)  # the simulated generation time
+                if hold is not None:
+                    hold._wait()
+                model = body.get("model") if isinstance(body, dict) else None
+                reply = _anthropic_reply if api == "anthropic" else _openai_reply
+                self._send(*reply(record, states, model if isinstance(model, str) else "local"))
+            finally:
+                if record.status == 200:  # accepted: in flight until now
+                    provider._reply_sent()
 
         def _send(
             self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None

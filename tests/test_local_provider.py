@@ -3,7 +3,9 @@ success parses, the rate-limit headers read back through our own parser
 (:func:`zae_celery.providers.read_rate_limits`) as the buckets stand on the provider's
 injected clock, a 429 raises the SDK's RateLimitError with a retry-after we read, an
 overload is 529 / 503 and charges nothing, the ``"request"`` accounting charges prompt +
-completion cap, and the itpm and otpm buckets refuse on their own."""
+completion cap, and the itpm and otpm buckets refuse on their own. Requests in flight are
+counted from real concurrent requests whose replies a hold keeps back, and
+``max_in_flight`` refuses one more at once in both formats."""
 
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import math
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import anthropic
 import openai
 import pytest
 
-from harness.provider import LocalProvider, _go_duration, billed_usage, count_tokens
+from harness.provider import IN_FLIGHT, LocalProvider, _go_duration, billed_usage, count_tokens
 from zae_celery.providers import Window, parse_go_duration, read_rate_limits
 from zae_celery.testing import ManualClock
 
@@ -441,3 +444,122 @@ def test_a_body_that_is_not_json_is_a_400_in_the_route_s_shape(
     else:
         assert body["error"]["type"] == "invalid_request_error"
     assert provider.records == []  # never admitted, never recorded
+
+
+# -- requests in flight ------------------------------------------------------------------------
+def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` as JSON: the status and the JSON reply (an error status included)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def send(pool: ThreadPoolExecutor, provider: LocalProvider, api: str) -> Future[Any]:
+    """One request from a thread of ``pool``, in the wire format ``api``."""
+    body = {"model": "local", "max_tokens": 20, "messages": [{"role": "user", "content": PROMPT}]}
+    url = provider.messages_url if api == "anthropic" else provider.url
+    return pool.submit(post, url, body)
+
+
+def test_requests_in_flight_are_counted_while_a_hold_keeps_their_replies(
+    clock: ManualClock, served: list[LocalProvider]
+) -> None:
+    provider = serve(served, rpm=600, clock=clock)
+    assert (provider.in_flight, provider.peak_in_flight) == (0, 0)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        with provider.hold() as hold:
+            futures = [send(pool, provider, api) for api in ("openai", "anthropic") * 2]
+            assert provider.wait_in_flight(4)
+            assert (provider.in_flight, provider.peak_in_flight) == (4, 4)
+            assert not any(future.done() for future in futures)  # every reply held
+            # Each counted itself when it arrived, in some order.
+            assert sorted(r.in_flight for r in provider.records) == [1, 2, 3, 4]
+        assert hold.released
+        assert [future.result(timeout=10)[0] for future in futures] == [200] * 4
+    assert provider.wait_in_flight(0)
+    assert provider.peak_in_flight == 4  # the peak stays until reset
+    assert max(r.in_flight for r in provider.records) == 4  # ... and reads from the records
+
+    provider.reset_peak()
+    assert provider.peak_in_flight == 0
+    assert post(provider.url, {})[0] == 200  # not held: the hold was released
+    assert provider.wait_in_flight(0)
+    assert (provider.peak_in_flight, provider.records[-1].in_flight) == (1, 1)
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_beyond_max_in_flight_a_request_is_refused_at_once_with_a_429(
+    api: str, clock: ManualClock, served: list[LocalProvider]
+) -> None:
+    # A cooldown, to show that the cap's refusals do not close the key.
+    provider = serve(served, rpm=600, max_in_flight=2, cooldown=20, clock=clock)
+    with ThreadPoolExecutor(max_workers=2) as pool, provider.hold():
+        futures = [send(pool, provider, api) for _ in range(2)]
+        assert provider.wait_in_flight(2)
+        # The third is answered while the two are held.
+        if api == "openai":
+            with openai_client(provider) as gpt, pytest.raises(openai.RateLimitError) as caught:
+                chat(gpt)
+            error = caught.value
+            assert (error.code, error.type, error.param) == (
+                "rate_limit_exceeded",
+                "requests",
+                None,
+            )
+            assert "requests in flight: Limit 2" in error.message
+            headers = error.response.headers
+            assert (headers["retry-after"], headers["retry-after-ms"]) == ("1.000", "1000")
+            # Nothing charged: the rpm bucket lacks the two accepted requests only.
+            assert headers["x-ratelimit-remaining-requests"] == "598"
+        else:
+            with (
+                anthropic_client(provider) as claude,
+                pytest.raises(anthropic.RateLimitError) as refused,
+            ):
+                message(claude)
+            assert isinstance(refused.value.body, dict)
+            assert refused.value.body["type"] == "error"
+            assert refused.value.body["error"]["type"] == "rate_limit_error"
+            assert "2 requests in flight" in refused.value.body["error"]["message"]
+            headers = refused.value.response.headers
+            assert headers["retry-after"] == "1"
+            assert headers["anthropic-ratelimit-requests-remaining"] == "598"
+        assert (provider.in_flight, provider.peak_in_flight) == (2, 2)  # not counted
+        assert not any(future.done() for future in futures)
+    assert [future.result(timeout=10)[0] for future in futures] == [200, 200]
+    assert provider.wait_in_flight(0)
+
+    # Room again, and the key is not closed.
+    assert post(provider.messages_url if api == "anthropic" else provider.url, {})[0] == 200
+    refused_record = provider.records[2]
+    assert (refused_record.status, refused_record.limited_by) == (429, IN_FLIGHT)
+    assert (refused_record.retry_after, refused_record.in_flight) == (1.0, 2)
+    assert refused_record.charged_tokens == 0
+    assert [r.status for r in provider.records] == [200, 200, 429, 200]
+    assert provider.records[3].in_flight == 1
+
+
+def test_a_hold_is_one_at_a_time_and_released_by_stop(served: list[LocalProvider]) -> None:
+    with pytest.raises(ValueError, match="max_in_flight"):
+        LocalProvider(rpm=60, max_in_flight=0)
+    provider = serve(served, rpm=600, max_in_flight=1)
+    hold = provider.hold()
+    with pytest.raises(RuntimeError, match="already holding"):
+        provider.hold()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = send(pool, provider, "openai")
+        assert provider.wait_in_flight(1)
+        assert not provider.wait_in_flight(0, timeout=0)  # still held
+        # A request charged directly is never in flight, and the cap does not apply to it.
+        direct = provider.admit(billed_usage(PROMPT))
+        assert (direct.status, direct.in_flight, provider.in_flight) == (200, 1, 1)
+        provider.stop()  # a forgotten hold does not keep a reply forever
+        assert hold.released
+        assert future.result(timeout=10)[0] == 200
+    assert provider.wait_in_flight(0)
+    hold.release()  # again: nothing
+    provider.hold().release()  # a new hold once the last one is released
+    assert provider.peak_in_flight == 1
