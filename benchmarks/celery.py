@@ -135,6 +135,18 @@ class Run:
     peak_rss_mb: float = 0.0
     cpu_s: float = 0.0
     """CPU seconds (user + system) of every worker process, main and pool, summed."""
+    peak_in_flight: int = 0
+    """The most requests the provider had in flight at once."""
+
+    @property
+    def mean_in_flight(self) -> float:
+        """Task bodies running at once on average, from the first body's start to the
+        last one's end (what a cap on requests in flight lets through)."""
+        if not self.infos:
+            return math.nan
+        busy = sum(info["end"] - info["body"] for info in self.infos)
+        span = max(info["end"] for info in self.infos) - min(info["body"] for info in self.infos)
+        return busy / span if span > 0 else math.nan
 
     @property
     def starts_ms(self) -> list[int]:
@@ -261,6 +273,12 @@ class Setup:
     """zae-celery's Prometheus metrics on (the bootstep, a port per run)."""
     events: bool = False
     """Task events on, as ``celery worker -E`` (Celery's own and zae-celery's)."""
+    inflight: int | None = None
+    """An in-flight cap on zae-celery's task, and the provider's own at the same n."""
+    latency: float = 0.0
+    """The provider's median latency, seconds (log-normal, sigma 0.3 when not 0)."""
+    slot_poll: float | None = None
+    """``zae_slot_poll`` in the workers (None: its default)."""
 
 
 def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
@@ -291,6 +309,8 @@ def _client(setup: Setup, run_dir: Path) -> tuple[Celery, dict[str, str]]:
         "ZAE_BENCH_ADMISSION": "1" if setup.admission else "0",
         **({"ZAE_BENCH_METRICS_PORT": str(free_port())} if setup.metrics else {}),
         **({"ZAE_BENCH_EVENTS": "1"} if setup.events else {}),
+        **({"ZAE_BENCH_INFLIGHT": str(setup.inflight)} if setup.inflight else {}),
+        **({"ZAE_BENCH_SLOT_POLL": str(setup.slot_poll)} if setup.slot_poll else {}),
     }
     if setup.prefetch is not None:
         env["ZAE_BENCH_PREFETCH"] = str(setup.prefetch)
@@ -397,7 +417,14 @@ def run_mode(setup: Setup, mode: str, console: Console) -> Run:
         env.update(ZAE_BENCH_ENDPOINT=proxy.url, ZAE_BENCH_TABLE=table)
     # The provider enforces the limit under test exactly: a bucket of one second of it,
     # with no slack for jitter (harness.provider).
-    provider = LocalProvider(rpm=setup.provider_rate * 60, window=1.0, slack_requests=0)
+    provider = LocalProvider(
+        rpm=setup.provider_rate * 60,
+        window=1.0,
+        slack_requests=0,
+        latency_median=setup.latency,
+        latency_sigma=0.3 if setup.latency else 0.0,
+        max_in_flight=setup.inflight,
+    )
     env["ZAE_BENCH_PROVIDER"] = provider.url
     logs = run_dir / "logs"
     with contextlib.ExitStack() as stack:
@@ -425,6 +452,7 @@ def run_mode(setup: Setup, mode: str, console: Console) -> Run:
         deadline = time.monotonic() + (setup.tasks - setup.rate) / setup.rate * 3 + 120
         collect(console, label, client, results, deadline, run.infos, run.failures)
         records = provider.records
+        run.peak_in_flight = provider.peak_in_flight
         run.accepted = [r.at for r in records if r.status == 200]
         run.rejected = [r.at for r in records if r.status == 429]
         run.peak_rss_mb = _peak_rss_mb([p.pid for p in procs])
@@ -548,6 +576,14 @@ def render(runs: list[Run], setup: Setup, endpoint: str, console: Console) -> No
                 f"{MODES[run.mode][0]} DynamoDB requests: {ops} "
                 f"({run.dynamodb_condition_failed} of them answered 'condition failed')"
             )
+    if setup.inflight:
+        for run in runs:
+            console.print(
+                f"{MODES[run.mode][0]}: in flight at the provider, peak {run.peak_in_flight} "
+                f"(cap {setup.inflight}), mean {run.mean_in_flight:.2f} while the batch ran; "
+                f"provider latency median {setup.latency:g} s: at most "
+                f"{setup.inflight / setup.latency if setup.latency else math.inf:.1f} tasks/s"
+            )
     console.print(
         f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}, Celery {celery_pkg.__version__}"
@@ -639,6 +675,26 @@ def endpoint_server(kind: str, logs: Path) -> Iterator[LocalServer]:
     is_flag=True,
     help="Task events on, as celery worker -E: Celery's and zae-celery's (docs/observability.md).",
 )
+@click.option(
+    "--inflight",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cap zae-celery's task at N requests in flight (Limit.concurrent), and the "
+    "provider at the same N (429 beyond it).",
+)
+@click.option(
+    "--latency",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="The provider's median latency, seconds.",
+)
+@click.option(
+    "--slot-poll",
+    type=click.FloatRange(min=0.01, max=1.0),
+    default=None,
+    help="zae_slot_poll in the workers: how often a task waiting for an in-flight slot asks.",
+)
 @click.option("--keep", is_flag=True, help="Keep the work folder (worker and server logs).")
 def main(
     tasks: int,
@@ -659,6 +715,9 @@ def main(
     save: Path | None,
     metrics: bool,
     events: bool,
+    inflight: int | None,
+    latency: float,
+    slot_poll: float | None,
     keep: bool,
 ) -> None:
     """Run the same saturated batch with zae-celery and with Celery's rate_limit."""
@@ -718,6 +777,9 @@ def main(
                 admission=admission,
                 metrics=metrics,
                 events=events,
+                inflight=inflight,
+                latency=latency,
+                slot_poll=slot_poll,
             )
             for mode in MODES:
                 if only in (None, mode):

@@ -30,6 +30,8 @@ Configured by the benchmark through the environment:
 ``ZAE_BENCH_ACKS_LATE``     ``1``: ``task_acks_late`` (and reject on a lost worker)
 ``ZAE_BENCH_ADMISSION``     ``0``: ``zae_admission=False`` (tasks gated in the pool)
 ``ZAE_BENCH_EVENTS``        ``1``: task events on (as ``celery worker -E``)
+``ZAE_BENCH_INFLIGHT``      N: zae-celery's task also has ``Limit.concurrent("calls", N)``
+``ZAE_BENCH_SLOT_POLL``     ``zae_slot_poll`` (seconds)
 ``ZAE_BENCH_METRICS_PORT``  zae-celery's metrics on, served on this port (one worker
                             serves it; the others log that it is taken and record all
                             the same)
@@ -56,6 +58,8 @@ from zae_celery import Limit, RateLimitedTask
 from zae_celery.task import HEADER_DEFERRALS
 
 RATE = int(os.environ.get("ZAE_BENCH_RATE", "10"))
+INFLIGHT = int(os.environ.get("ZAE_BENCH_INFLIGHT", "0"))
+CAP = [Limit.concurrent("calls", INFLIGHT)] if INFLIGHT else []
 BROKER = os.environ.get("ZAE_BENCH_BROKER", "memory://")
 PROVIDER = os.environ.get("ZAE_BENCH_PROVIDER", "http://127.0.0.1:9/")
 BUILTIN_MAX_RETRIES = 10_000
@@ -78,6 +82,8 @@ if os.environ.get("ZAE_BENCH_METRICS_PORT"):  # --metrics: recorded in every pro
 
     app.conf.zae_metrics_port = int(os.environ["ZAE_BENCH_METRICS_PORT"])
     app.steps["worker"].add(MetricsStep)
+if os.environ.get("ZAE_BENCH_SLOT_POLL"):  # --slot-poll
+    app.conf.zae_slot_poll = float(os.environ["ZAE_BENCH_SLOT_POLL"])
 if os.environ.get("ZAE_BENCH_EVENTS") == "1":  # --events: as celery worker -E
     app.conf.worker_send_task_events = True
 if os.environ.get("ZAE_BENCH_PREFETCH"):
@@ -117,7 +123,7 @@ def _call_provider(task: Task, attempt: int) -> float | None:
     base=RateLimitedTask,
     bind=True,
     max_retries=0,  # waiting on the limit never uses retries
-    rate_limits=[Limit.per_second("rps", RATE)],
+    rate_limits=[Limit.per_second("rps", RATE), *CAP],
     rate_resource="bench-provider",
 )
 def zae_call(self: RateLimitedTask, i: int) -> dict[str, Any]:

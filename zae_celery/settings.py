@@ -51,6 +51,7 @@ __all__ = [
     "REGION",
     "REQUIRED",
     "SETTINGS",
+    "SLOT_POLL",
     "START_WAIT",
     "TABLE_NAME",
     "UNAVAILABLE_RETRY",
@@ -440,6 +441,13 @@ START_WAIT: Setting[float] = Setting(
     "how long a worker may wait in place for its slot rather than republish the task "
     "(0: always republish a task that cannot start now)",
 )
+SLOT_POLL: Setting[float] = Setting(
+    "zae_slot_poll",
+    0.25,
+    Seconds(0.01, 1.0),
+    "how often a task that finds an in-flight cap full asks again for a slot while it "
+    "waits in place (one refused write each time; a freed slot stays idle about half of it)",
+)
 UNAVAILABLE_RETRY: Setting[float] = Setting(
     "zae_unavailable_retry",
     5.0,
@@ -519,6 +527,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     MAX_DEFERRALS,
     JITTER,
     START_WAIT,
+    SLOT_POLL,
     UNAVAILABLE_RETRY,
     BREAKER_THRESHOLD,
     BREAKER_COOLDOWN,
@@ -549,6 +558,7 @@ class Settings:
     max_deferrals: int
     jitter: float
     start_wait: float
+    slot_poll: float
     unavailable_retry: float
     breaker_threshold: int
     breaker_cooldown: float

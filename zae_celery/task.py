@@ -485,9 +485,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             except RateLimitExceeded as exc:
                 # An in-flight cap is full: a slot comes back when a holder ends, which
                 # no store foresees. The task waits here for one, asking again every
-                # retry_after (at most 1 s), up to its horizon; only then round the broker.
+                # zae_slot_poll, up to its horizon; only then round the broker.
                 if all(v.inflight for v in exc.violations) and polled < horizon:
-                    pause = exc.retry_after * random.uniform(1.0, 1.25)
+                    pause = min(exc.retry_after, settings.slot_poll) * random.uniform(1.0, 1.25)
                     self._wait(limiter, pause)
                     polled += pause
                     continue
