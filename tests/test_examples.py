@@ -125,3 +125,10 @@ def test_queue_limits_bind_both_task_types_together(moto: LocalServer) -> None:
         tokens -= token
         assert tokens >= 0, f"start at {s['started_ms']} ms exceeded the queue's limit"
     assert len(starts) > limit["burst"]  # more tasks than the bucket: the limit had to bind
+
+
+def test_inflight_never_lets_a_call_beyond_the_cap_reach_the_server(moto: LocalServer) -> None:
+    out = run_example("inflight", moto.url, timeout=240)
+    assert out["statuses"] == [200] * len(out["statuses"])  # no task met a 429
+    assert out["refused"] == 0 and out["requests"] == len(out["statuses"])
+    assert out["peak_in_flight"] == out["cap"]  # the cap was reached, never passed
