@@ -132,3 +132,11 @@ def test_inflight_never_lets_a_call_beyond_the_cap_reach_the_server(moto: LocalS
     assert out["statuses"] == [200] * len(out["statuses"])  # no task met a 429
     assert out["refused"] == 0 and out["requests"] == len(out["statuses"])
     assert out["peak_in_flight"] == out["cap"]  # the cap was reached, never passed
+
+
+def test_the_celery_docs_quote_the_inflight_example() -> None:
+    source = (REPO / "examples" / "inflight.py").read_text()
+    docs = (REPO / "docs" / "celery.md").read_text()
+    start = docs.index("## In-flight caps")
+    task = docs[docs.index("@app.task(", start) : docs.index("    ...", start)]
+    assert task in source, "docs/celery.md misquotes examples/inflight.py"

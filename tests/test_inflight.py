@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -278,3 +280,23 @@ def test_a_scheduler_takes_the_slot_when_the_start_is_counted(limiter: RateLimit
     first.commit()
     second.rollback()
     assert held(limiter, limits=one) == 0
+
+
+def test_the_engine_docs_example_prints_what_the_page_says(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "engine.md").read_text()
+    section = page[page.index("## In-flight caps") :]
+    code, printed = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)[:2]
+    exec(compile(code, "docs/engine.md", "exec"), {})
+    assert capsys.readouterr().out == printed
+
+
+def test_a_queue_cap_is_shared_by_every_tenant_on_the_queue(limiter: RateLimiter) -> None:
+    queue = Slot(extra=(("queue:gpu", "queue", [Limit.concurrent("calls", 1)]),))
+    first = limiter.acquire("tenant-1", "r", {"rpm": 1}, [RPM], slot=queue)
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("tenant-2", "r", {"rpm": 1}, [RPM], slot=queue)
+    assert [(v.entity_id, v.inflight) for v in refused.value.violations] == [("queue:gpu", True)]
+    first.commit()
+    limiter.acquire("tenant-2", "r", {"rpm": 1}, [RPM], slot=queue).commit()
