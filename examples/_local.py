@@ -1,4 +1,5 @@
-"""What the small examples share: where DynamoDB is, and how a result is printed.
+"""What the small examples share: where DynamoDB is, how a result is printed, and the
+configuration of the examples that run real workers (a filesystem broker in a folder).
 
 Every example takes ``--endpoint-url`` (or the ``ZAE_ENDPOINT_URL`` environment variable)
 for a DynamoDB endpoint that is already running, such as DynamoDB Local or a moto server.
@@ -16,11 +17,20 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from zae_celery.testing import moto_server, use_local_credentials
 
-__all__ = ["ENDPOINT_ENV", "Endpoint", "dynamodb", "emit", "parse_args", "table_name"]
+__all__ = [
+    "ENDPOINT_ENV",
+    "Endpoint",
+    "dynamodb",
+    "emit",
+    "folder_conf",
+    "parse_args",
+    "table_name",
+]
 
 ENDPOINT_ENV = "ZAE_ENDPOINT_URL"
 
@@ -75,3 +85,22 @@ def emit(as_json: bool, endpoint: Endpoint, result: dict[str, Any], text: Sequen
         print(json.dumps({**where, **result}, indent=2))
     else:
         print("\n".join(text))
+
+
+def folder_conf(endpoint_url: str, table: str, folder: Path, queue: str) -> dict[str, Any]:
+    """Celery settings of an example that runs real workers: the buckets in ``table`` at
+    ``endpoint_url``, the broker (``harness.fsbroker``, registered here) and the results
+    in ``folder``, tasks sent to ``queue`` by default."""
+    from harness import fsbroker
+
+    (folder / "results").mkdir(parents=True, exist_ok=True)
+    fsbroker.register()
+    return {
+        "broker_url": f"{fsbroker.SCHEME}://",
+        "broker_transport_options": fsbroker.transport_options(folder / "broker"),
+        "result_backend": (folder / "results").as_uri(),
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": queue,
+        "zae_table_name": table,
+        "zae_endpoint_url": endpoint_url,
+    }

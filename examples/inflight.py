@@ -32,8 +32,7 @@ from typing import Any
 
 from celery import Celery
 
-from examples._local import ENDPOINT_ENV, dynamodb, emit, parse_args, table_name
-from harness import fsbroker
+from examples._local import ENDPOINT_ENV, dynamodb, emit, folder_conf, parse_args, table_name
 from harness.provider import LocalProvider
 from harness.workers import worker_fleet
 from zae_celery import Limit, RateLimitedTask, RateLimiter
@@ -50,17 +49,7 @@ app = Celery("inflight")
 
 def configure(endpoint_url: str, table: str, folder: Path) -> None:
     """Point the app at DynamoDB and at a broker and result store living in ``folder``."""
-    (folder / "results").mkdir(parents=True, exist_ok=True)
-    fsbroker.register()  # the workers call this too, on import (below)
-    app.conf.update(
-        broker_url=f"{fsbroker.SCHEME}://",
-        broker_transport_options=fsbroker.transport_options(folder / "broker"),
-        result_backend=(folder / "results").as_uri(),
-        broker_connection_retry_on_startup=True,
-        task_default_queue="models",
-        zae_table_name=table,
-        zae_endpoint_url=endpoint_url,
-    )
+    app.conf.update(folder_conf(endpoint_url, table, folder, "models"))
 
 
 if os.environ.get(ENV_FOLDER):  # imported by a worker that main() started
