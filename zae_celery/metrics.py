@@ -204,6 +204,19 @@ class ObservedStore:
         return getattr(self._store, name)
 
 
+def _multiprocess_values() -> None:
+    """Make prometheus-client keep its values in the multiprocess folder even when it was
+    imported before the folder was set: it decides at import time, and any ``celery``
+    command imports every ``celery.commands`` plugin first (Flower's imports
+    prometheus-client), so the pool processes would keep their samples in memory, where
+    the endpoint never sees them."""
+    import sys
+
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
+
+
 class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """A worker bootstep serving ``/metrics`` on ``zae_metrics_port`` (see the module).
 
@@ -225,6 +238,8 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.port is not None and not os.environ.get(MULTIPROC_ENV):
             self.folder = tempfile.mkdtemp(prefix="zae-metrics-")
             os.environ[MULTIPROC_ENV] = self.folder
+        if self.port is not None:
+            _multiprocess_values()
 
     def start(self, worker: Any) -> None:
         """Serve the endpoint from a thread of the main process."""
