@@ -4,9 +4,11 @@ A slot expires ``expires`` seconds after it was taken or renewed, so that a kill
 worker's slots come back (docs/engine.md, "In-flight caps"). A task that runs longer must
 renew: :class:`Renewer`, one thread per worker process started on first use, renews each
 running lease's slots a third of its shortest cap's ``expires`` after it last wrote
-them, and forgets the lease when the task ends. A renewal that finds a slot taken back
-(this process was silent beyond the expiry: a frozen or overloaded host) is logged by the
-engine; the task goes on, since its call is already running.
+them, and forgets the lease when the task ends. A renewal holds the renewer's lock: a
+task ending meanwhile waits for it (one write) before it frees its slots. A renewal that
+finds a slot taken back (this process was silent beyond the expiry: a frozen or
+overloaded host) is logged by the engine; the task goes on, since its call is already
+running.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import logging
 import os
 import threading
 import time
-from typing import Any
 
 from zae_celery.core import Lease
 
@@ -50,7 +51,8 @@ class Renewer:
             self._changed.notify()
 
     def drop(self, lease: Lease) -> None:
-        """Stop renewing ``lease`` (its task ended)."""
+        """Stop renewing ``lease`` (its task ended). Returns once no renewal of it is in
+        flight: the release that follows must see the expiry the lease last wrote."""
         with self._changed:
             self._due.pop(id(lease), None)
 
@@ -63,23 +65,23 @@ class Renewer:
                     soonest = min((at for at, _ in self._due.values()), default=None)
                     self._changed.wait(None if soonest is None else soonest - now)
                     continue
-                for key, lease in due:  # renewed below; held again unless dropped meanwhile
-                    period = _period(lease)
+                # Renewed under the lock, so that drop() never returns in the middle of
+                # a renewal (a release racing it would miss the new expiry).
+                for key, lease in due:
+                    period = _period(lease) if self._renewed(lease) else None
                     if period is None:
                         self._due.pop(key, None)
                     else:
-                        self._due[key] = (now + period, lease)
-            for key, lease in due:
-                self._renew(key, lease)
+                        self._due[key] = (time.monotonic() + period, lease)
 
-    def _renew(self, key: int, lease: Any) -> None:
+    @staticmethod
+    def _renewed(lease: Lease) -> bool:
+        """Renew ``lease``'s slots; False when it holds them no more."""
         try:
-            kept = lease.renew()
+            return lease.renew()
         except Exception as exc:  # an outage: the next round tries again, before expiry
             log.warning("zae-celery could not renew an in-flight slot: %s", exc)
-            return
-        if not kept:
-            self.drop(lease)
+            return True
 
 
 def _period(lease: Lease) -> float | None:
