@@ -857,9 +857,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 if success:
                     lease.commit(**deltas)
                 else:
-                    if deltas:
-                        lease.adjust(**deltas)
-                    self._settle_error(lease)
+                    self._settle_error(lease, deltas)
             except Exception:
                 log.exception("zae-celery could not settle the lease of task %s", task_id)
         self._settled(status)
@@ -917,8 +915,11 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             deferrals=int((request.headers or {}).get(HEADER_DEFERRALS) or 0),
         )
 
-    def _settle_error(self, lease: Lease) -> None:
-        """Apply this run's ``rate_on_error`` (decided and validated in before_start)."""
+    def _settle_error(self, lease: Lease, reported: dict[str, int] | None = None) -> None:
+        """Charge the ``reported`` usage not charged yet (:meth:`_pending`), then apply
+        this run's ``rate_on_error`` (decided and validated in before_start)."""
+        if reported:
+            lease.adjust(**reported)
         run: _Run | None = getattr(self.request, "zae_run", None)
         policy = "keep" if run is None else run.on_error
         if policy == "keep":
@@ -1027,10 +1028,7 @@ def _settle_after_retry(
         renewer().drop(lease)
     if lease is not None and not lease.closed:
         try:
-            deltas = sender._pending(lease)
-            if deltas:
-                lease.adjust(**deltas)
-            sender._settle_error(lease)
+            sender._settle_error(lease, sender._pending(lease))
         except Exception:
             log.exception("zae-celery could not settle the lease of task %s", task_id)
     sender._settled(state)
