@@ -1040,8 +1040,9 @@ def _holding(lease: LeaseState, granted: LeaseState) -> None:
 
 def _caps_freed(target: Target, lease: LeaseState | None, item: Item | None) -> tuple[Step, ...]:
     """The steps that free ``lease``'s slot in each of the target's caps; a slot that
-    ``item`` (a view after a refused write; None: unknown) shows gone or renewed by no
-    one but this lease is left out: it was taken back, and its count with it."""
+    ``item`` (a view after a refused write; None: unknown) shows gone, or holding another
+    expiry than the lease last wrote, is left out: it was taken back, and its count with
+    it."""
     if lease is None or lease.slot is None:
         return ()
     steps: list[Step] = []

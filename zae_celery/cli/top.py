@@ -36,12 +36,12 @@ from zae_celery.cli.errors import translate_errors
 from zae_celery.cli.options import (
     CONTEXT,
     Target,
+    id_argument,
     limits_option,
     pass_target,
-    problem,
     resource_option,
 )
-from zae_celery.core import BucketStatus, Limit, RateLimiter, ValidationError, check_id
+from zae_celery.core import BucketStatus, Limit, RateLimiter, ValidationError
 from zae_celery.queues import QUEUE_ENTITY_PREFIX, QUEUE_RESOURCE
 
 __all__ = ["QueueDepths", "TopRow", "TopView", "Watch", "render", "top"]
@@ -295,13 +295,11 @@ def render(
 
 
 def _ids(field_name: str) -> Callable[[click.Context, click.Parameter, Any], list[str]]:
-    """Callback of repeated ids (the engine's rules)."""
+    """Callback of repeated ids: :func:`id_argument` on each."""
+    one = id_argument(field_name)
 
     def check(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> list[str]:
-        try:
-            return [check_id(field_name, value) for value in values]
-        except ValidationError as exc:
-            raise click.BadParameter(problem(exc), ctx=ctx, param=param) from None
+        return [one(ctx, param, value) for value in values]
 
     return check
 
