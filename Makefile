@@ -20,7 +20,7 @@ DEMO_FLAGS := $(if $(COMPARE),--compare) $(if $(BROKER),--broker '$(BROKER)') \
 
 export ZAE_CACHE_DIR := $(abspath $(CACHE))
 
-.PHONY: demo test setup lint typecheck pytest benchmark benchmark-redis benchmark-providers clean
+.PHONY: demo test setup lint typecheck pytest benchmark benchmark-redis benchmark-providers benchmark-hot clean
 
 demo: $(VENV)/.installed
 	$(PY) -m examples.llm_pipeline $(DEMO_FLAGS)
@@ -62,6 +62,12 @@ benchmark-redis: $(VENV)/.installed $(DDB_LOCAL_STAMP)
 BENCH_PROVIDERS_ARGS ?= --scenario all
 benchmark-providers: $(VENV)/.installed $(DDB_LOCAL_STAMP)
 	$(PY) -m benchmarks.providers $(BENCH_PROVIDERS_ARGS)
+
+# One hot bucket under 1..8 client processes on DynamoDB Local (benchmarks/hot.py): grants,
+# reservations and a naive retry loop; requests per grant, latency, writes per item.
+BENCH_HOT_ARGS ?=
+benchmark-hot: $(VENV)/.installed $(DDB_LOCAL_STAMP)
+	$(PY) -m benchmarks.hot $(BENCH_HOT_ARGS)
 
 # The environment is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
