@@ -121,6 +121,43 @@ def next_tat(limit: Limit, tat: int | None, tokens: int, now_ms: int) -> int:
     return base + cost(limit, tokens)
 
 
+FOLD_SHARE = 4
+"""A limit folded into a later start is counted at most 1/FOLD_SHARE of its free room
+(the burst less the request) after that start..."""
+FOLD_MAX_MS = 500
+"""...and at most this many milliseconds after it."""
+
+
+def fold_margin_ms(limit: Limit, tokens: int) -> int:
+    """How much later than a common start a non-binding limit may be counted (ms).
+
+    Counting a request later than it starts only charges the limit sooner (its TAT is a
+    little higher than GCRA's), never lets anything through early, as long as the
+    request's start still fits: ``margin + cost <= tau``. The margin absorbs other
+    clients' grants that this process has not seen yet (a start later than predicted
+    by at most the margin needs no second write)."""
+    room = (tau(limit) - cost(limit, tokens)) // limit.refill_amount
+    return max(0, min(FOLD_MAX_MS, room // FOLD_SHARE))
+
+
+def fold_ms(
+    limit: Limit, tokens: int, guess: int | None, own_ms: int, start_ms: int, now_ms: int
+) -> int:
+    """When to count ``tokens`` of ``limit`` in a grant whose requests start at
+    ``start_ms`` (the latest of the limits' own slots; this limit's is ``own_ms``).
+
+    Now for the binding limit, and for a limit last seen busy (its TAT ahead of now: a
+    queue add, which no other client's write can make fail, counts it there, and the
+    grant's reply tells whether it still needs aligning). A limit last seen idle is
+    counted a little after the start (see :func:`fold_margin_ms`) in the grant itself:
+    its FRESH write fails only if other clients pushed it beyond that meanwhile."""
+    if not tokens or own_ms >= start_ms:
+        return now_ms
+    if guess is not None and guess > now_units(limit, now_ms):
+        return now_ms
+    return start_ms + fold_margin_ms(limit, tokens)
+
+
 @dataclass(frozen=True)
 class Step:
     """What to write for one limit: the shape and the values its condition uses."""

@@ -181,11 +181,13 @@ class Engine(Records):
             return now + 1
         return tat
 
-    def _note_shapes(self, target: Target, steps: Sequence[Step]) -> None:
-        """After a granted write: a QUEUE write found the bucket busy, a FRESH one idle."""
+    def _note_shapes(self, target: Target, steps: Sequence[Step], now_ms: int) -> None:
+        """After a granted write: a QUEUE write found the bucket busy, a FRESH one idle
+        (unless it was written at a later start, which leaves the bucket busy)."""
         for step in steps:
             key = (target.entity_id, target.resource, step.limit.key)
-            if step.shape is bucket.Shape.QUEUE:
+            later = step.now > bucket.now_units(step.limit, now_ms)
+            if step.shape is bucket.Shape.QUEUE or (step.shape is bucket.Shape.FRESH and later):
                 self._busy.add(key)
             elif step.shape is bucket.Shape.FRESH:
                 self._busy.discard(key)
@@ -494,24 +496,14 @@ class Engine(Records):
             # reservation landed, so a first blind attempt asks for an immediate grant. A
             # clamping store returns every item's values: its writes are never blind.
             h = horizon_ms if (clamp or not atomic_many or exact) else 0
+            fold = align and len(targets) == 1  # the alignment rides in the grant
             writes = [
                 ItemWrite(
                     t.key,
                     _caps_taken(t, None if known is None else known[i], slot, now_ms)
                     + bucket.counted(
-                        tuple(
-                            bucket.plan(
-                                lim,
-                                t.consume[lim.name],
-                                now_ms,
-                                h,
-                                _tat(known[i], lim)
-                                if known is not None
-                                else self._shape_guess(t, lim, now_ms),
-                                known=exact,
-                                clamp=clamp,
-                            )
-                            for lim in t.limits
+                        self._plan(
+                            t, None if known is None else (known[i],), now_ms, h, exact, fold
                         )
                     ),
                 )
@@ -521,7 +513,7 @@ class Engine(Records):
             reply = yield WriteBuckets(tuple(writes), ttl, claim)
             if reply.ok:
                 for t, w in zip(targets, writes, strict=False):
-                    self._note_shapes(t, w.steps)
+                    self._note_shapes(t, w.steps, now_ms)
                 lease = self._granted(targets, writes, reply, now_ms)
                 if slot is not None:
                     lease.slot, lease.slot_ms = slot, now_ms
@@ -553,6 +545,59 @@ class Engine(Records):
             known = current
         raise RateLimiterUnavailable(
             f"gave up after {self.max_attempts} conditional writes lost to contention"
+        )
+
+    def _plan(
+        self,
+        target: Target,
+        known: tuple[Item | None] | None,
+        now_ms: int,
+        horizon_ms: int,
+        exact: bool,
+        fold: bool,
+    ) -> tuple[Step, ...]:
+        """The grant's step for each limit of ``target``, its shape chosen from ``known``
+        (``(item,)``: the item just returned or read) or this process's last view.
+
+        With ``fold``, the alignment of :meth:`_align` rides in the grant: the common
+        start the view predicts (the latest of the limits' own slots) is computed first,
+        and every limit whose own slot comes earlier and which was last seen idle is
+        written as consumed a margin after that start (a FRESH write on that clock; see
+        :func:`~.bucket.fold_ms`). A start later than predicted by at most the margin
+        leaves nothing to align; a limit last seen busy keeps its queue add (no other
+        client's write can make it fail) and is aligned only if the reply shows it
+        short of the start. Counting a limit at or after the start is what the
+        alignment writes anyway."""
+        guesses = [
+            _tat(known[0], lim) if known is not None else self._shape_guess(target, lim, now_ms)
+            for lim in target.limits
+        ]
+        at = [now_ms] * len(guesses)
+        if fold:
+            own = [
+                bucket.start_ms(
+                    lim, bucket.next_tat(lim, tat, target.consume[lim.name], now_ms), now_ms
+                )
+                if target.consume[lim.name]
+                else now_ms
+                for lim, tat in zip(target.limits, guesses, strict=True)
+            ]
+            start = min(max(own, default=now_ms), now_ms + horizon_ms)
+            at = [
+                bucket.fold_ms(lim, target.consume[lim.name], tat, slot, start, now_ms)
+                for lim, tat, slot in zip(target.limits, guesses, own, strict=True)
+            ]
+        return tuple(
+            bucket.plan(
+                lim,
+                target.consume[lim.name],
+                ms,
+                horizon_ms - (ms - now_ms),
+                tat,
+                known=exact,
+                clamp=self.clamp,
+            )
+            for lim, tat, ms in zip(target.limits, guesses, at, strict=True)
         )
 
     def _seen(self, targets: Sequence[Target]) -> list[Item]:
@@ -607,8 +652,12 @@ class Engine(Records):
         A request waits for its slowest limit; a limit that counted it earlier (at its
         own, earlier slot) would let other requests use the tokens again by the time this
         one really starts, and the starts would bunch. Each limit's TAT becomes at least
-        ``start + cost``: what consuming at the start leaves (GCRA). One unconditional
-        write, only when the slots differ.
+        ``start + cost``: what consuming at the start leaves (GCRA). The grant already
+        wrote each limit at the start its view predicted (see :meth:`_plan`); this one
+        unconditional write remains only when a limit still falls short of that (the
+        real start came later than predicted, or the limit was queued behind it). Such a
+        limit is padded to :func:`~.bucket.fold_margin_ms` after the start, so that the
+        next grants find it ahead of their start and need no pad of their own.
         """
         start = lease.start_ms
         pads = []
@@ -617,7 +666,10 @@ class Engine(Records):
             tokens = target.consume.get(lim.name)
             if tat is None or not tokens:
                 continue
-            pad = bucket.now_units(lim, start) + bucket.cost(lim, tokens) - tat
+            if tat >= bucket.now_units(lim, start) + bucket.cost(lim, tokens):
+                continue  # counted at the start or later already
+            later = start + bucket.fold_margin_ms(lim, tokens)
+            pad = bucket.now_units(lim, later) + bucket.cost(lim, tokens) - tat
             if pad > 0:
                 pads.append(bucket.Step(lim, 0, bucket.Shape.REFUND, 0, pad))
         if not pads:
@@ -915,7 +967,7 @@ class Engine(Records):
             )
             if reply.ok:
                 for t, w in writes:
-                    self._note_shapes(t, w.steps)
+                    self._note_shapes(t, w.steps, now_ms)
                 if len(writes) == 1:
                     self._remember(writes[0][0], reply.value[0])
                 return

@@ -464,6 +464,36 @@ def test_plan_write_is_sound_for_any_stored_tat(
         assert ok is (True if step.shape is Shape.EXACT else allowed)
 
 
+@settings(max_examples=500)
+@given(limits(), st.integers(1, 100), now_ms_values(), st.integers(0, 10**6), st.data())
+def test_a_limit_counted_after_a_common_start_is_charged_never_early(
+    limit: Limit, n_raw: int, now: int, ahead: int, data: st.DataObject
+) -> None:
+    """A non-binding limit of a grant that starts at ``start`` is written at
+    ``fold_ms`` (a margin after the start). Whenever that write succeeds, its TAT is at
+    least GCRA's for consuming at the start (never early: the dominance that keeps every
+    window within the limit), and the request may still start at ``start``. A limit
+    last seen busy is counted now instead (its alignment, if needed, follows)."""
+    tokens = min(n_raw, limit.burst)
+    a = limit.refill_amount
+    start = now + ahead
+    margin = bucket.fold_margin_ms(limit, tokens)
+    assert 0 <= margin <= bucket.FOLD_MAX_MS
+    assert margin * a + bucket.cost(limit, tokens) <= bucket.tau(limit)
+    guess = data.draw(st.none() | st.integers(0, start * a), label="guess")
+    at = bucket.fold_ms(limit, tokens, guess, start - 1, start, now)
+    assert at == (now if guess is not None and guess > now * a else start + margin)
+    horizon = ahead + bucket.tau(limit) // a + 1
+    step = bucket.plan(limit, tokens, at, horizon - (at - now), guess)
+    actual = data.draw(st.none() | st.integers(0, (start + margin) * a + 10), label="actual")
+    ok, new = apply(step, actual)
+    if ok and at != now:
+        assert new is not None
+        assert new >= bucket.next_tat(limit, actual, tokens, start)
+        assert bucket.start_ms(limit, new, now) <= start
+    # Counted now (a busy view), the grant's reply decides whether an alignment follows.
+
+
 @settings(max_examples=300)
 @given(limits(big=False), st.integers(-1000, 1000), now_ms_values(), st.data())
 def test_plan_adjust_is_never_refused_with_a_right_guess(

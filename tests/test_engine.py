@@ -23,6 +23,7 @@ from zae_celery.core import (
     RateLimitExceeded,
     Slot,
     ValidationError,
+    bucket,
 )
 from zae_celery.core.lease import LeaseState
 from zae_celery.core.ops import Op, Reply, WriteBuckets
@@ -487,16 +488,46 @@ def test_a_reservation_holds_every_limit_until_its_common_start(
     # bucket would be charged "now" and let the next requests start too soon after this.
     limits = [Limit.per_second("rps", 10), Limit.per_second("tokens", 1000)]
     for _ in range(10):
-        limiter.acquire("e", "r", {"rps": 1, "tokens": 1}, limits)
+        limiter.acquire("e", "r", {"rps": 1, "tokens": 0}, limits)
     counter = Counter(limiter)
     lease = limiter.reserve("e", "r", {"rps": 1, "tokens": 1}, limits, horizon=1.0)
     assert lease.wait == pytest.approx(0.1)
-    assert counter.take() == ["UpdateItem", "UpdateItem"]  # the reservation + the alignment
-    # tokens counted the request at the common start (0.1 s = 100 tokens of refill from
-    # now), not now: 1000 - 100 - 1 left now, and a whole bucket less 1 at the start.
-    assert limiter.available("e", "r", limits) == {"rps": -1.0, "tokens": 899.0}
+    # One write: this client's view predicted the common start (0.1 s), and the grant
+    # counted tokens a margin after it (1 token = 1 ms of tokens' clock).
+    assert counter.take() == ["UpdateItem"]
+    margin = bucket.fold_margin_ms(limits[1], 1)
+    assert 0 < margin <= bucket.FOLD_MAX_MS
+    assert limiter.available("e", "r", limits) == {"rps": -1.0, "tokens": 899.0 - margin}
     clock.advance(0.1)
-    assert limiter.available("e", "r", limits) == {"rps": 0.0, "tokens": 999.0}
+    assert limiter.available("e", "r", limits) == {"rps": 0.0, "tokens": 999.0 - margin}
+
+
+@pytest.mark.parametrize(("others", "writes"), [(2, 1), (5, 2)])
+def test_a_reservation_later_than_predicted_is_aligned_beyond_the_margin_only(
+    limiter: RateLimiter, backend: Backend, clock: Clock, others: int, writes: int
+) -> None:
+    # This client's view of rps is stale: another client reserved `others` slots since.
+    # tokens was counted a margin (249 ms) after the predicted start (0.1 s): a real
+    # start up to the margin later (0.3 s) needs no more; a later one (0.6 s) costs one
+    # more write, which moves tokens to the margin after the real start.
+    limits = [Limit.per_second("rps", 10), Limit.per_second("tokens", 1000)]
+    for _ in range(10):
+        limiter.acquire("e", "r", {"rps": 1, "tokens": 0}, limits)
+    other = backend.limiter()
+    for _ in range(others):
+        other.reserve("e", "r", {"rps": 1}, limits[:1], horizon=1.0)
+    counter = Counter(limiter)
+    lease = limiter.reserve("e", "r", {"rps": 1, "tokens": 1}, limits, horizon=1.0)
+    start = 0.1 * (others + 1)
+    assert lease.wait == pytest.approx(start)
+    assert counter.take() == ["UpdateItem"] * writes
+    margin = bucket.fold_margin_ms(limits[1], 1)
+    counted_at = max(100 + margin, round(start * 1000) + (margin if writes == 2 else 0))
+    assert limiter.available("e", "r", limits)["tokens"] == 999.0 - counted_at
+    clock.advance(start)
+    tokens = limiter.available("e", "r", limits)["tokens"]
+    assert tokens <= 999.0  # counted at the start or later: never early
+    assert tokens == 999.0 - (counted_at - round(start * 1000))
 
 
 def test_a_close_slot_is_granted_with_its_start_counted_in_one_write(
