@@ -10,8 +10,9 @@ rpm(1) + tpm(100) on one (entity "hot", resource "model"), committing each at on
 
 - grant: limits so large nothing is refused; acquire and commit as fast as possible.
 - reserve: the fleet bound to ``--rate`` grants/s on rpm (a bucket of 1 s worth; tpm at
-  ``--tpm-pace`` times that pace, so that rpm binds: a reservation whose tpm slot comes
-  earlier pads tpm to rpm's slot, a second write; 1 makes both slots one), each acquire
+  ``--tpm-pace`` times that pace, so that rpm binds and tpm must be counted at rpm's
+  slot: in the grant when this client's view predicted that slot, else a second
+  write; 1 makes both slots one), each acquire
   with ``horizon=--horizon``; the client sleeps until ``lease.start_at``, then starts
   (commits).
 - retry: the same limits, horizon 0; on RateLimitExceeded the client sleeps
