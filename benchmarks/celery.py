@@ -78,6 +78,7 @@ from celery import Celery
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import endpoint_option
 from harness import fsbroker as fs_broker
 from harness.provider import LocalProvider
 from harness.stores import is_redis, where, with_run_prefix
@@ -639,13 +640,7 @@ def endpoint_server(kind: str, logs: Path) -> Iterator[LocalServer]:
     help="A private redis-server, RabbitMQ at 127.0.0.1:5672 (guest/guest; results in a "
     "private redis), or filesystem:// with atomic writes (harness/fsbroker.py).",
 )
-@click.option(
-    "--endpoint",
-    type=click.Choice(["dynamodb-local", "moto"]),
-    default="dynamodb-local",
-    show_default=True,
-    help="The local DynamoDB of zae-celery (without --store).",
-)
+@endpoint_option("The local DynamoDB of zae-celery (without --store).")
 @click.option(
     "--store",
     metavar="redis|URL",

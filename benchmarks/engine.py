@@ -29,6 +29,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import endpoint_option
 from zae_celery.core import Limit, RateLimiter, RateLimitExceeded
 from zae_celery.testing import LocalServer, dynamodb_local, moto_server, use_local_credentials
 
@@ -162,13 +163,7 @@ def endpoint_server(kind: str) -> Iterator[LocalServer]:
 
 
 @click.command()
-@click.option(
-    "--endpoint",
-    type=click.Choice(["dynamodb-local", "moto"]),
-    default="dynamodb-local",
-    show_default=True,
-    help="Which local DynamoDB both libraries run against.",
-)
+@endpoint_option("Which local DynamoDB both libraries run against.")
 @click.option("--cycles", default=300, show_default=True, help="Timed cycles per case.")
 @click.option("--ours-only", is_flag=True, help="Skip zae-limiter even if it is installed.")
 def main(endpoint: str, cycles: int, ours_only: bool) -> None:

@@ -47,6 +47,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import endpoint_option
 from benchmarks.engine import endpoint_server
 from zae_celery.core import Limit, RateLimiter, RateLimitExceeded
 from zae_celery.testing import use_local_credentials
@@ -300,13 +301,7 @@ def _processes(_: Any, __: Any, value: str) -> list[int]:
 
 
 @click.command()
-@click.option(
-    "--endpoint",
-    type=click.Choice(["dynamodb-local", "moto"]),
-    default="dynamodb-local",
-    show_default=True,
-    help="Which local DynamoDB the clients run against.",
-)
+@endpoint_option("Which local DynamoDB the clients run against.")
 @click.option(
     "--mode",
     "modes",
