@@ -575,9 +575,7 @@ class Engine(Records):
         at = [now_ms] * len(guesses)
         if fold:
             own = [
-                bucket.start_ms(
-                    lim, bucket.next_tat(lim, tat, target.consume[lim.name], now_ms), now_ms
-                )
+                now_ms + bucket.retry_after_ms(lim, tat, target.consume[lim.name], now_ms)
                 if target.consume[lim.name]
                 else now_ms
                 for lim, tat in zip(target.limits, guesses, strict=True)
@@ -670,8 +668,7 @@ class Engine(Records):
                 continue  # counted at the start or later already
             later = start + bucket.fold_margin_ms(lim, tokens)
             pad = bucket.now_units(lim, later) + bucket.cost(lim, tokens) - tat
-            if pad > 0:
-                pads.append(bucket.Step(lim, 0, bucket.Shape.REFUND, 0, pad))
+            pads.append(bucket.Step(lim, 0, bucket.Shape.REFUND, 0, pad))
         if not pads:
             return
         reply = yield WriteBuckets(
