@@ -18,3 +18,17 @@ def endpoint_option(help: str) -> Any:
         show_default=True,
         help=help,
     )
+
+
+def max_window_excess(times_ms: list[int], burst: int, rate: int) -> int:
+    """The worst window of ``times_ms`` against a limit of ``burst`` and ``rate`` a
+    second: max over windows [t_i, t_j] of (events in it) - (burst + rate * width), the
+    allowance floored to whole events (integer milliseconds throughout). At most 0: no
+    window held more than the limit allows."""
+    times = sorted(times_ms)
+    worst = -burst
+    for i, first in enumerate(times):
+        for j in range(i, len(times)):
+            allowed = burst + (times[j] - first) * rate // 1000
+            worst = max(worst, j - i + 1 - allowed)
+    return worst

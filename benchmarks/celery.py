@@ -78,7 +78,7 @@ from celery import Celery
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import endpoint_option
+from benchmarks import endpoint_option, max_window_excess
 from harness import fsbroker as fs_broker
 from harness.provider import LocalProvider
 from harness.stores import is_redis, where, with_run_prefix
@@ -105,18 +105,6 @@ MODES = {
 
 
 # -- measures -------------------------------------------------------------------------------------
-def max_window_excess(times_ms: list[int], burst: int, rate: int) -> int:
-    """max over windows [t_i, t_j] of (events in it) - (burst + rate * width), with the
-    allowance floored to whole requests (integer milliseconds throughout)."""
-    times = sorted(times_ms)
-    worst = -burst
-    for i, first in enumerate(times):
-        for j in range(i, len(times)):
-            allowed = burst + (times[j] - first) * rate // 1000
-            worst = max(worst, j - i + 1 - allowed)
-    return worst
-
-
 @dataclass
 class Run:
     """One mode's batch: what the tasks returned and what the provider saw."""

@@ -25,10 +25,11 @@ import pytest
 import redis as redis_client
 from celery import Celery
 
+from benchmarks import max_window_excess
 from harness.workers import log_text, worker_fleet
 from tests.conftest import Broker
 from tests.helpers import Counter
-from tests.test_celery_workers import Fleet, _max_window_excess, _start_fleet, redis_store_url
+from tests.test_celery_workers import Fleet, _start_fleet, redis_store_url
 from zae_celery.core import Limit, RateLimiter, RateLimitExceeded, Slot
 from zae_celery.task import HEADER_DEFERRALS, HEADER_LEASE
 from zae_celery.testing import CountingProxy, LocalServer, redis_script_calls
@@ -89,9 +90,9 @@ def _a_backlog_waits_in_the_broker(
     assert sum(i["deferrals"] for i in infos) <= 0.05 * n  # no republish loop
     assert "DeferralsExhausted" not in log_text(fleet.logs)
     starts = sorted(round(i["start"] * 1000) for i in infos)
-    assert _max_window_excess(starts, RPS, RPS) <= 0
+    assert max_window_excess(starts, RPS, RPS) <= 0
     bodies = sorted(round(i["body"] * 1000) for i in infos)
-    assert _max_window_excess(bodies, RPS, RPS) <= body_slack  # the actual starts too
+    assert max_window_excess(bodies, RPS, RPS) <= body_slack  # the actual starts too
     after = count()
     return n, {key: after[key] - before[key] for key in after}
 
@@ -249,9 +250,9 @@ def test_late_counted_starts_take_fresh_slots_on_rabbitmq(
         assert starts[0] >= sent_at * 1000 - 50  # none started on its stale slot
         # 20 late messages against a bucket of 10 (whose 20 tokens the test itself
         # consumed): taken together they would break it by 10 and more.
-        assert _max_window_excess(starts, RPS, RPS) <= 0
+        assert max_window_excess(starts, RPS, RPS) <= 0
         bodies = sorted(round(i["body"] * 1000) for i in infos)
-        assert _max_window_excess(bodies, RPS, RPS) <= 0
+        assert max_window_excess(bodies, RPS, RPS) <= 0
     finally:
         next(gen, None)
 

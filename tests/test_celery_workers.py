@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from benchmarks import max_window_excess
 from harness import fsbroker
 from tests.celery.fleet import log_text, workers
 from tests.conftest import Broker
@@ -138,16 +139,6 @@ def fleet(broker: Broker, ddb_local: LocalServer, tmp_path: Path) -> Iterator[Fl
     yield from _start_fleet(broker, ddb_local, tmp_path)
 
 
-def _max_window_excess(starts_ms: list[int], burst: int, per_second: int) -> int:
-    """max over windows [s_i, s_j] of (starts in it) - (burst + rate * width)."""
-    worst = -burst
-    for i in range(len(starts_ms)):
-        for j in range(i, len(starts_ms)):
-            allowed = burst + (starts_ms[j] - starts_ms[i]) * per_second // 1000
-            worst = max(worst, j - i + 1 - allowed)
-    return worst
-
-
 @pytest.mark.parametrize(
     "mode",
     [
@@ -196,7 +187,7 @@ def _check_adherence(infos: list[dict[str, Any]], mode: dict[str, str]) -> None:
     """What a batch of ``limited`` tasks must show in ``mode`` (extra worker env)."""
     n = len(infos)
     starts = sorted(round(info["start"] * 1000) for info in infos)
-    excess = _max_window_excess(starts, RPS, RPS)
+    excess = max_window_excess(starts, RPS, RPS)
     assert excess <= 0, f"starts exceeded capacity + rate*W by {excess}"
     republishes = sum(info["deferrals"] for info in infos) / n
     if "ZAE_TEST_ADMISSION" not in mode:
@@ -241,7 +232,7 @@ def test_queue_limits_are_shared_by_task_types(fleet: Fleet) -> None:
     results += [fleet.send("on_queue_b", "shared") for _ in range(15)]
     other = [fleet.send("on_queue_a", "other") for _ in range(15)]
     shared_starts = sorted(round(i["start"] * 1000) for i in fleet.collect(results))
-    assert _max_window_excess(shared_starts, 5, 5) <= 0
+    assert max_window_excess(shared_starts, 5, 5) <= 0
     other_infos = fleet.collect(other)
     assert all(i["deferrals"] == 0 for i in other_infos)  # another queue is not limited
     span = (shared_starts[-1] - shared_starts[0]) / 1000
@@ -343,7 +334,7 @@ def test_provider_429_makes_the_fleet_back_off(
 def test_task_cls_makes_plain_tasks_share_their_queue_limit(fleet: Fleet) -> None:
     infos = fleet.collect([fleet.send("plain", "shared") for _ in range(15)])
     starts = sorted(round(i["start"] * 1000) for i in infos)
-    assert _max_window_excess(starts, 5, 5) <= 0
+    assert max_window_excess(starts, 5, 5) <= 0
     assert starts[-1] - starts[0] >= (15 - 5) * 1000 // 5 - 50  # the queue's 5/s held it
 
 
@@ -356,7 +347,7 @@ def test_celery_rate_limit_string_becomes_global(fleet: Fleet) -> None:
     infos = fleet.collect([fleet.send("celery_style", "limited") for _ in range(15)])
     starts = sorted(round(i["start"] * 1000) for i in infos)
     # Six pool processes, one global bucket of one token refilled 5 times a second.
-    assert _max_window_excess(starts, 1, 5) <= 0
+    assert max_window_excess(starts, 1, 5) <= 0
 
 
 @pytest.mark.parametrize("pool", ["solo", "threads"])
@@ -371,7 +362,7 @@ def test_other_pools_share_the_limit(
     finally:
         gen.close()
     starts = sorted(round(i["start"] * 1000) for i in infos)
-    assert _max_window_excess(starts, RPS, RPS) <= 0
+    assert max_window_excess(starts, RPS, RPS) <= 0
     assert sum(i["deferrals"] for i in infos) / len(infos) <= 1.0
 
 

@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 
+from benchmarks import max_window_excess
 from harness import fsbroker
 from tests.celery.fleet import log_text
 from tests.conftest import Broker
 from tests.faults import DeadEndpoint, FaultyHttpProxy, TcpProxy
 from tests.helpers import Clock, Counter, Front
-from tests.test_celery_workers import RPS, _max_window_excess, _start_fleet
+from tests.test_celery_workers import RPS, _start_fleet
 from zae_celery.core import (
     CircuitOpen,
     EndpointUnreachable,
@@ -485,7 +486,7 @@ def test_endpoint_outage_in_the_middle_of_a_batch(
         # get tasks after the outage; the breaker itself is tested with a clock.)
         assert not unchecked
         starts = sorted(round(i["start"] * 1000) for i in infos)
-        assert _max_window_excess(starts, RPS, RPS) <= 0  # no over-grant across the outage
+        assert max_window_excess(starts, RPS, RPS) <= 0  # no over-grant across the outage
     else:
         assert unchecked, "no task ran unchecked: the outage proved nothing"
         # Tasks that reported usage on an unchecked lease, the store still down,
