@@ -126,6 +126,8 @@ class BucketStatus:
 
 
 T = TypeVar("T")
+CONTENDED_MS = 10_000
+"""How long a bucket counts as contended after this process lost an idle-shape race."""
 OnUnavailable = Literal["closed", "open"]
 Item = Bucket
 
@@ -155,6 +157,9 @@ class Engine(Records):
         self.unavailable_grants = 0
         self._tats: dict[tuple[str, str, str], int | None] = {}
         self._busy: set[tuple[str, str, str]] = set()
+        self._contended: dict[tuple[str, str, str], int] = {}
+        """Buckets whose idle-shape write this process lost to another client's, until
+        when (ms): their idle grants are counted a margin later (see ``_plan``)."""
         self._owed: dict[tuple[str, str, str], float] = {}
         """Fractions of surcharged tokens not charged yet (see ``_surcharged``)."""
         self._tats_lock = threading.Lock()
@@ -191,6 +196,23 @@ class Engine(Records):
                 self._busy.add(key)
             elif step.shape is bucket.Shape.FRESH:
                 self._busy.discard(key)
+
+    def _note_lost(
+        self, target: Target, steps: Sequence[Step], item: Item | None, now_ms: int
+    ) -> None:
+        """After a refused write: a FRESH step that found the bucket already beyond its
+        clock lost a race to another client (its later ``now`` landed first). Such a
+        bucket is contended for ``CONTENDED_MS``."""
+        for step in steps:
+            tat = _tat(item, step.limit)
+            if step.shape is bucket.Shape.FRESH and tat is not None and tat > step.now:
+                key = (target.entity_id, target.resource, step.limit.key)
+                with self._tats_lock:
+                    remember(self._contended, key, now_ms + CONTENDED_MS, self.cache_size)
+
+    def _contended_now(self, target: Target, limit: Limit, now_ms: int) -> bool:
+        key = (target.entity_id, target.resource, limit.key)
+        return self._contended.get(key, 0) > now_ms
 
     def _note_seen(self, target: Target, item: Item | None, now_ms: int) -> None:
         """After a refused write or a read: busy when its TAT is ahead of the clock."""
@@ -528,6 +550,9 @@ class Engine(Records):
             returned = [
                 (t, item) for t, item in zip(targets, current, strict=False) if item is not None
             ]
+            for t, w, item in zip(targets, writes, current, strict=False):
+                if item is not None:
+                    self._note_lost(t, w.steps, item, now_ms)
             for t, item in returned:
                 self._remember(t, item)
                 self._note_seen(t, item, now_ms)
@@ -584,6 +609,15 @@ class Engine(Records):
             at = [
                 bucket.fold_ms(lim, target.consume[lim.name], tat, slot, start, now_ms)
                 for lim, tat, slot in zip(target.limits, guesses, own, strict=True)
+            ]
+        if not exact:  # an idle bucket this process lost races on: count a margin later
+            at = [
+                now_ms + bucket.fold_margin_ms(lim, target.consume[lim.name])
+                if ms == now_ms
+                and (tat is None or tat <= bucket.now_units(lim, now_ms))
+                and self._contended_now(target, lim, now_ms)
+                else ms
+                for lim, tat, ms in zip(target.limits, guesses, at, strict=True)
             ]
         return tuple(
             bucket.plan(

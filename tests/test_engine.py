@@ -25,6 +25,7 @@ from zae_celery.core import (
     ValidationError,
     bucket,
 )
+from zae_celery.core.engine import CONTENDED_MS
 from zae_celery.core.lease import LeaseState
 from zae_celery.core.ops import Op, Reply, WriteBuckets
 from zae_celery.core.schema import SCHEMA_VERSION
@@ -528,6 +529,33 @@ def test_a_reservation_later_than_predicted_is_aligned_beyond_the_margin_only(
     tokens = limiter.available("e", "r", limits)["tokens"]
     assert tokens <= 999.0  # counted at the start or later: never early
     assert tokens == 999.0 - (counted_at - round(start * 1000))
+
+
+def test_a_bucket_whose_idle_write_lost_to_another_client_is_counted_a_margin_later(
+    limiter: RateLimiter, backend: Backend, clock: Clock
+) -> None:
+    # This client last saw the bucket idle; another client's grant moved it beyond its
+    # clock: the idle-shape (FRESH) write fails, the retry is exact, and the bucket is
+    # contended for CONTENDED_MS. Its idle grants are then written a margin after now,
+    # so that the bucket stays busy (queue adds, which no race can fail) while clients
+    # keep coming; charged sooner by the margin, never later. Then exact again.
+    limits = [Limit.per_second("rps", 100)]
+    margin = bucket.fold_margin_ms(limits[0], 1)
+    assert margin > 0
+    limiter.acquire("e", "r", {"rps": 1}, limits)  # seen idle: 99 left
+    clock.advance(1.0)
+    backend.limiter().acquire("e", "r", {"rps": 5}, limits)  # another client: TAT > now
+    counter = Counter(limiter)
+    limiter.acquire("e", "r", {"rps": 1}, limits)
+    assert counter.take() == ["UpdateItem", "UpdateItem"]  # the lost FRESH, the exact retry
+    clock.advance(2.0)  # idle again, for longer than the burst
+    limiter.acquire("e", "r", {"rps": 1}, limits)
+    assert counter.take() == ["UpdateItem"]
+    # 1 token = 10 ms of rps's clock: counted margin ms later, margin / 10 tokens sooner.
+    assert limiter.available("e", "r", limits)["rps"] == 99.0 - margin / 10
+    clock.advance(CONTENDED_MS / 1000 + 1.0)
+    limiter.acquire("e", "r", {"rps": 1}, limits)
+    assert limiter.available("e", "r", limits)["rps"] == 99.0
 
 
 def test_a_close_slot_is_granted_with_its_start_counted_in_one_write(
