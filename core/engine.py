@@ -128,6 +128,10 @@ class BucketStatus:
 T = TypeVar("T")
 CONTENDED_MS = 10_000
 """How long a bucket counts as contended after this process lost an idle-shape race."""
+HERD_MAX_MS = 1_000
+"""The widest random spread added to a refusal's exact wait (see ``Engine._refusal``)."""
+HERD_HALF_LIFE_MS = 3_000
+"""A bucket's spread halves every this many ms without a lost race (see ``_refusal``)."""
 OnUnavailable = Literal["closed", "open"]
 Item = Bucket
 
@@ -162,6 +166,12 @@ class Engine(Records):
         when (ms): their idle grants are counted a margin later (see ``_plan``)."""
         self._owed: dict[tuple[str, str, str], float] = {}
         """Fractions of surcharged tokens not charged yet (see ``_surcharged``)."""
+        self._spread: dict[tuple[str, str], tuple[float, int]] = {}
+        """Per bucket item: how widely this process spreads its refusals' retry_after
+        (ms) and when that was set (ms): grown by every request another client's grant
+        beat, halved every ``HERD_HALF_LIFE_MS`` since."""
+        self.random = random.Random()
+        """The source of the spread (seed it in a test to fix the draws)."""
         self._tats_lock = threading.Lock()
 
     # -- time and caches ----------------------------------------------------------------
@@ -209,6 +219,42 @@ class Engine(Records):
                 key = (target.entity_id, target.resource, step.limit.key)
                 with self._tats_lock:
                     remember(self._contended, key, now_ms + CONTENDED_MS, self.cache_size)
+
+    def _refusal(
+        self, violations: list[LimitStatus], passed: list[LimitStatus], lost: bool
+    ) -> RateLimitExceeded:
+        """The refusal to raise, its ``retry_after`` spread against a herd.
+
+        ``lost``: this process sent the write because its view predicted a grant, and
+        another client's grant got there first. Each such loss on an item doubles the
+        item's spread and adds the exact wait (at most ``HERD_MAX_MS``); the spread halves
+        every ``HERD_HALF_LIFE_MS`` after. The refusal's ``jitter`` is drawn uniformly
+        below the spread, so the clients a grant beat come back over a window that widens
+        until few of them lose again, instead of all at the one instant the bucket named.
+        The spread decays with time, not with this process's grants, so a client that
+        keeps winning gets no shorter waits than the ones it beat (binary backoff's
+        capture effect). A lone client never loses a race: its waits stay exact. A
+        refusal by in-flight caps alone keeps its polling interval as it is."""
+        rated = [v for v in violations if not v.inflight]
+        if not rated:
+            return RateLimitExceeded(violations, passed)
+        keys = {(v.entity_id, v.resource) for v in rated}
+        now_ms = self.now_ms()
+        wait_ms = math.ceil(max(v.retry_after for v in rated) * 1000)
+        with self._tats_lock:
+            spreads = {key: self._spread_at(key, now_ms) for key in keys}
+            if lost:
+                for key, spread in spreads.items():
+                    spreads[key] = min(HERD_MAX_MS, 2 * spread + wait_ms)
+                    remember(self._spread, key, (spreads[key], now_ms), self.cache_size)
+        spread = max(spreads.values(), default=0.0)
+        jitter = self.random.uniform(0, spread) / 1000 if spread else 0.0
+        return RateLimitExceeded(violations, passed, jitter)
+
+    def _spread_at(self, key: tuple[str, str], now_ms: int) -> float:
+        """An item's spread (ms) at ``now_ms``: as last set, halved per half-life since."""
+        spread, at_ms = self._spread.get(key, (0.0, now_ms))
+        return float(spread * 0.5 ** (max(0, now_ms - at_ms) / HERD_HALF_LIFE_MS))
 
     def _contended_now(self, target: Target, limit: Limit, now_ms: int) -> bool:
         key = (target.entity_id, target.resource, limit.key)
@@ -498,13 +544,13 @@ class Engine(Records):
         align: bool = False,
         claim: tuple[str, str] | None = None,
     ) -> Flow[LeaseState]:
-        if self.local_refusals:
-            # TATs only grow (but for refunds), so the last values this process saw are
-            # lower bounds: a refusal they predict is certain, and costs no request.
-            now_ms = self.now_ms()
-            violations, passed = self._statuses(targets, self._seen(targets), now_ms, horizon_ms)
-            if violations:
-                raise RateLimitExceeded(violations, passed)
+        # TATs only grow (but for refunds), so the last values this process saw are
+        # lower bounds: a refusal they predict is certain, and costs no request.
+        now_ms = self.now_ms()
+        violations, passed = self._statuses(targets, self._seen(targets), now_ms, horizon_ms)
+        foreseen = bool(violations)  # then a refusal by the store lost no race
+        if foreseen and self.local_refusals:
+            raise self._refusal(violations, passed, lost=False)
         known: Sequence[Item | None] | None = None
         atomic_many = len(targets) > 1 or claim is not None
         slot = uuid.uuid4().hex[:16] if any(t.caps for t in targets) else None
@@ -561,12 +607,13 @@ class Engine(Records):
             )
             if violations:
                 held = [t for t, item in zip(targets, current, strict=False) if item is None]
-                raise RateLimitExceeded(violations, passed + self._held(held, now_ms))
+                passed += self._held(held, now_ms)
+                raise self._refusal(violations, passed, lost=not foreseen)
             if len(returned) < len(targets):
                 current = yield from self._read(targets)
                 violations, passed = self._statuses(targets, current, now_ms, horizon_ms)
                 if violations:
-                    raise RateLimitExceeded(violations, passed)
+                    raise self._refusal(violations, passed, lost=not foreseen)
             known = current
         raise RateLimiterUnavailable(
             f"gave up after {self.max_attempts} conditional writes lost to contention"

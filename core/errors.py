@@ -115,22 +115,30 @@ class LimitStatus:
 
 
 class RateLimitExceeded(ZaeError):
-    """The request was refused. ``retry_after`` seconds from now it would be granted,
-    if nothing else consumed in between. ``violations`` are the limits that refused,
-    ``passed`` the ones that would have granted.
+    """The request was refused. ``violations`` are the limits that refused, ``passed``
+    the ones that would have granted; each violation's ``retry_after`` is exact: that
+    many seconds from now it would be granted, if nothing else consumed in between.
+
+    ``retry_after`` is the longest of those waits plus ``jitter``: a random spread the
+    engine adds when this process's requests on the bucket keep losing to other
+    clients', so that clients refused together do not all come back in the same
+    millisecond (see "No herd" in docs/engine.md). It is 0 for a lone client.
     """
 
-    def __init__(self, violations: list[LimitStatus], passed: list[LimitStatus]) -> None:
+    def __init__(
+        self, violations: list[LimitStatus], passed: list[LimitStatus], jitter: float = 0.0
+    ) -> None:
         self.violations = violations
         self.passed = passed
-        self.retry_after = max((v.retry_after for v in violations), default=0.0)
+        self.jitter = jitter
+        self.retry_after = max((v.retry_after for v in violations), default=0.0) + jitter
         names = ", ".join(f"{v.entity_id}/{v.resource}/{v.limit_name}" for v in violations)
         super().__init__(f"rate limit exceeded on {names}; retry after {self.retry_after:.3f} s")
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled (a task's result, a process pool) as itself, with its limits, not as
         # the nearest base class Celery could rebuild from the message alone.
-        return (type(self), (self.violations, self.passed))
+        return (type(self), (self.violations, self.passed, self.jitter))
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly description (for logs, task results, HTTP 429 bodies)."""

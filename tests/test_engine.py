@@ -8,6 +8,8 @@ time comes from an injected clock.
 from __future__ import annotations
 
 import asyncio
+import pickle
+import random
 from typing import Any
 
 import pytest
@@ -25,7 +27,7 @@ from zae_celery.core import (
     ValidationError,
     bucket,
 )
-from zae_celery.core.engine import CONTENDED_MS
+from zae_celery.core.engine import CONTENDED_MS, HERD_HALF_LIFE_MS, HERD_MAX_MS
 from zae_celery.core.lease import LeaseState
 from zae_celery.core.ops import Op, Reply, WriteBuckets
 from zae_celery.core.schema import SCHEMA_VERSION
@@ -107,6 +109,57 @@ def test_retry_after_is_exact(limiter: RateLimiter, clock: Clock) -> None:
         limiter.acquire("e", "r", {"rpm": 1}, limits)
     clock.advance(0.001)
     limiter.acquire("e", "r", {"rpm": 1}, limits)
+
+
+@pytest.mark.contract
+def test_a_refusal_that_lost_a_race_spreads_its_retry_after(
+    limiter: RateLimiter, backend: Backend, clock: Clock
+) -> None:
+    # Each time another client's grant beats this process's request, the item's spread
+    # doubles and grows by the exact wait (at most HERD_MAX_MS), and it halves every
+    # HERD_HALF_LIFE_MS after; every refusal adds a uniform draw below it to retry_after.
+    # The violations stay exact; a refusal this process's own view foresaw costs no
+    # request and grows nothing.
+    limits = [Limit.custom("rps", 1, 1, 0.1)]  # a bucket of 1, a token every 100 ms
+    draws = random.Random(7)
+    limiter.engine.random = random.Random(7)
+    other = backend.limiter()
+    counter = Counter(limiter)
+    limiter.acquire("e", "r", {"rps": 1}, limits)
+    spread, spreads = 0.0, []
+    for _ in range(6):
+        clock.advance(0.1)
+        spread *= 0.5 ** (100 / HERD_HALF_LIFE_MS)
+        other.acquire("e", "r", {"rps": 1}, limits)  # takes the token this view expects
+        for lost in (True, False):  # a request that lost, then a refusal from the view
+            counter.take()
+            with pytest.raises(RateLimitExceeded) as refused:
+                limiter.acquire("e", "r", {"rps": 1}, limits)
+            assert counter.take() == (["UpdateItem"] if lost else [])
+            spread = min(HERD_MAX_MS, 2 * spread + 100) if lost else spread
+            exc = refused.value
+            assert [v.retry_after for v in exc.violations] == [0.1]
+            assert exc.jitter == draws.uniform(0, spread) / 1000
+            assert exc.retry_after == 0.1 + exc.jitter
+        spreads.append(spread)
+    assert spreads[0] == 100 and spreads[-2:] == [HERD_MAX_MS] * 2
+    again = pickle.loads(pickle.dumps(exc))  # a task's result, a process pool
+    assert (again.retry_after, again.jitter, again.violations) == (
+        exc.retry_after,
+        exc.jitter,
+        exc.violations,
+    )
+    assert spreads == sorted(spreads)
+    clock.advance(HERD_HALF_LIFE_MS / 1000)  # a grant shrinks nothing; time halves it
+    limiter.acquire("e", "r", {"rps": 1}, limits)
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("e", "r", {"rps": 1}, limits)
+    assert refused.value.jitter == draws.uniform(0, HERD_MAX_MS / 2) / 1000
+    # Another item of the same process, never raced: exact.
+    limiter.acquire("e2", "r", {"rps": 1}, limits)
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("e2", "r", {"rps": 1}, limits)
+    assert (refused.value.jitter, refused.value.retry_after) == (0.0, 0.1)
 
 
 def test_reservations_are_one_write_each_and_spaced_by_their_cost(
