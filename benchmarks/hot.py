@@ -2,7 +2,7 @@
 
     python -m benchmarks.hot [--endpoint dynamodb-local|moto] [--mode grant|reserve|retry]...
         [--processes 1,2,4,8] [--seconds 10] [--rate 50] [--tpm-pace 2] [--horizon 30]
-        [--json FILE]
+        [--refund 0] [--settle-delay 0] [--json FILE]
 
 N client processes (spawned, each with its own RateLimiter on the same endpoint and a
 fresh table per mode and N) start together and, for ``--seconds``, take grants of
@@ -17,6 +17,10 @@ rpm(1) + tpm(100) on one (entity "hot", resource "model"), committing each at on
   (commits).
 - retry: the same limits, horizon 0; on RateLimitExceeded the client sleeps
   ``retry_after`` and tries again (the naive loop), refused attempts counted apart.
+
+With ``--refund R`` each commit gives R tpm tokens back (the usage came in under the
+estimate): a settle write of its own, or with ``--settle-delay D`` a refund that rides
+in the client's next grant (held refunds left at the end are flushed and counted).
 
 Per mode and N it prints: grants, grants/s, DynamoDB requests (every operation),
 refused conditions and UpdateItems per grant, refused attempts per grant, latency per
@@ -73,6 +77,8 @@ class Spec:
     rate: int
     tpm_pace: float
     horizon: float
+    refund: int
+    settle_delay: float
     index: int
 
 
@@ -110,7 +116,7 @@ def _client(spec: Spec, barrier: Any, out: Any) -> None:
 
 
 def _run_client(spec: Spec, barrier: Any) -> dict[str, Any]:
-    limiter = RateLimiter(spec.table, endpoint_url=spec.url)
+    limiter = RateLimiter(spec.table, endpoint_url=spec.url, settle_delay=spec.settle_delay)
     limits = limits_for(spec.mode, spec.rate, spec.tpm_pace)
     limiter.warm_up()
     for _ in range(WARMUP):
@@ -147,13 +153,14 @@ def _run_client(spec: Spec, barrier: Any) -> dict[str, Any]:
             bound_at = bound_at or granted
             time.sleep(wait)
         started = time.time()
-        with lease:  # commit: nothing to write without deltas or in-flight slots
-            pass
+        # The usage came in under the estimate by --refund tokens (0: nothing to write).
+        lease.commit(tpm=-spec.refund) if spec.refund else lease.commit()
         if spec.mode == "reserve":
             grants.append((started, granted - first, started - granted, lease.start_at))
         else:
             grants.append((started, started - first, 0.0, lease.start_at))
         first = None
+    limiter.flush()  # refunds still held (--settle-delay) are part of the cost
     snapshot = counter.snapshot()
     return {"t0": t0, "grants": grants, "refused": refused, "bound_at": bound_at,
             "requests": snapshot, "writes": writes}  # fmt: skip
@@ -333,6 +340,20 @@ def _processes(_: Any, __: Any, value: str) -> list[int]:
     "--tpm-pace", default=2.0, show_default=True, help="tpm's pace over rpm's (bound modes)."
 )
 @click.option("--horizon", default=30.0, show_default=True, help="Reserve mode's horizon (s).")
+@click.option(
+    "--refund",
+    type=click.IntRange(min=0, max=CONSUME["tpm"]),
+    default=0,
+    show_default=True,
+    help="tpm tokens each grant gives back at its commit (usage under the estimate).",
+)
+@click.option(
+    "--settle-delay",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="The clients' settle_delay: how long a refund may wait to ride in a later write.",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write figures here.")
 def main(
     endpoint: str,
@@ -342,6 +363,8 @@ def main(
     rate: int,
     tpm_pace: float,
     horizon: float,
+    refund: int,
+    settle_delay: float,
     json_path: str | None,
 ) -> None:
     """Benchmark one hot bucket under N concurrent client processes and print a table."""
@@ -349,7 +372,8 @@ def main(
         raise click.BadParameter("--seconds must exceed the bucket's length (burst / rate)")
     if tpm_pace < 1:
         raise click.BadParameter("--tpm-pace below 1 would make tpm bind instead of rpm")
-    options = {"seconds": seconds, "rate": rate, "tpm_pace": tpm_pace, "horizon": horizon}
+    options = {"seconds": seconds, "rate": rate, "tpm_pace": tpm_pace, "horizon": horizon,
+               "refund": refund, "settle_delay": settle_delay}  # fmt: skip
     use_local_credentials()
     console = Console(width=200)
     results: list[dict[str, Any]] = []
@@ -361,7 +385,8 @@ def main(
                 console.print(f"{mode} N={n}: {results[-1]['grants']} grants", style="dim")
     title = (
         f"one hot bucket, {endpoint}, {seconds:g} s per case; bound modes: {rate:g} grants/s, "
-        f"burst {burst_for(rate)}, tpm pace x{tpm_pace:g}, reserve horizon {horizon:g} s"
+        f"burst {burst_for(rate)}, tpm pace x{tpm_pace:g}, reserve horizon {horizon:g} s; "
+        f"refund {refund} of {CONSUME['tpm']} tpm per grant, settle_delay {settle_delay:g} s"
     )
     console.print(render(results, title))
     if json_path:

@@ -6,6 +6,8 @@ It runs the very same flows as :class:`~.limiter.RateLimiter`; only sending diff
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import (
     Awaitable,
     Callable,
@@ -30,6 +32,7 @@ __all__ = ["AsyncLease", "AsyncLimited", "AsyncRateLimiter"]
 T = TypeVar("T")
 R = TypeVar("R")
 P = ParamSpec("P")
+log = logging.getLogger(__name__)
 
 
 async def drive(
@@ -176,8 +179,39 @@ class AsyncRateLimiter(Limiting[AsyncLimited], LimiterBase):
     """
 
     async def aclose(self) -> None:
-        """Close the store's connections."""
-        await self.store.aclose()
+        """Write the refunds held by ``settle_delay``, then close the store's connections."""
+        try:
+            await self.flush()
+        finally:
+            await self.store.aclose()
+
+    async def flush(self) -> int:
+        """Write every refund held by ``settle_delay`` now (one write per bucket item);
+        returns the number of items written (see :meth:`RateLimiter.flush`)."""
+        return await self._run(self.engine.flush())
+
+    def _on_hold(self, due_ms: int) -> None:
+        # One task per limiter writes the refunds that fall due, on the running loop;
+        # it sleeps on the wall clock: with an injected clock, flush() is the caller's.
+        if self.engine.clock is not time.time:
+            return
+        task = getattr(self, "_flusher", None)
+        if task is None or task.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_due())
+
+    async def _flush_due(self) -> None:
+        """Sleep until the earliest held refund is due, write the due ones; until none
+        is held. A failed flush keeps them and tries again in 1 s."""
+        while (due := self.engine.next_due_ms()) is not None:
+            wait = (due - self.engine.now_ms()) / 1000
+            if wait > 0:
+                await asyncio.sleep(min(wait, 1.0))
+                continue
+            try:
+                await self._run(self.engine.flush(due_only=True))
+            except Exception as exc:
+                log.warning("held refunds not written, trying again in 1 s: %s", exc)
+                await asyncio.sleep(1.0)
 
     async def __aenter__(self) -> AsyncRateLimiter:
         return self

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
-from . import bucket, inflight
+from . import bucket, inflight, settle
 from .bucket import Step
 from .errors import (
     LeaseClaimed,
@@ -136,6 +138,18 @@ OnUnavailable = Literal["closed", "open"]
 Item = Bucket
 
 
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+"""Every engine of this process: a forked child forgets their held refunds."""
+
+
+def _after_fork() -> None:
+    for engine in list(_ENGINES):
+        engine._forget_held()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class Engine(Records):
     """Limiter state shared by the sync and async front ends, and their decisions."""
 
@@ -172,7 +186,19 @@ class Engine(Records):
         beat, halved every ``HERD_HALF_LIFE_MS`` since."""
         self.random = random.Random()
         """The source of the spread (seed it in a test to fix the draws)."""
+        self.settle_delay_ms = 0
+        """How long a refund may wait for a later write of this process to the same item
+        (0: every settle writes at once); see :mod:`.settle`."""
+        self.on_hold: Callable[[int], None] | None = None
+        """Called (with the due time, ms) when a refund starts waiting: a limiter's
+        flusher schedules itself by it."""
+        self._waiting: dict[tuple[str, str], settle.Held] = {}
+        self._unsure: set[tuple[str, str]] = set()
+        """Items this process wrote without learning their new values (a transaction):
+        its view of them may lag its own writes, so a refusal it did not foresee there
+        is no sign of other clients (see ``_refusal``)."""
         self._tats_lock = threading.Lock()
+        _ENGINES.add(self)
 
     # -- time and caches ----------------------------------------------------------------
     def now_ms(self) -> int:
@@ -271,6 +297,7 @@ class Engine(Records):
                 self._busy.discard(key)
 
     def _remember(self, target: Target, item: Item | None) -> None:
+        self._unsure.discard((target.entity_id, target.resource))
         for lim in target.limits:
             self._set_tat((target.entity_id, target.resource, lim.key), _tat(item, lim))
 
@@ -549,6 +576,8 @@ class Engine(Records):
         now_ms = self.now_ms()
         violations, passed = self._statuses(targets, self._seen(targets), now_ms, horizon_ms)
         foreseen = bool(violations)  # then a refusal by the store lost no race
+        # Nor did one on an item whose view lags this process's own writes.
+        lagging = any((t.entity_id, t.resource) in self._unsure for t in targets)
         if foreseen and self.local_refusals:
             raise self._refusal(violations, passed, lost=False)
         known: Sequence[Item | None] | None = None
@@ -565,20 +594,20 @@ class Engine(Records):
             # clamping store returns every item's values: its writes are never blind.
             h = horizon_ms if (clamp or not atomic_many or exact) else 0
             fold = align and len(targets) == 1  # the alignment rides in the grant
-            writes = [
-                ItemWrite(
-                    t.key,
-                    _caps_taken(t, None if known is None else known[i], slot, now_ms)
-                    + bucket.counted(
-                        self._plan(
-                            t, None if known is None else (known[i],), now_ms, h, exact, fold
-                        )
-                    ),
+            writes, carried = [], []
+            for i, t in enumerate(targets):
+                seen = None if known is None else (known[i],)
+                steps, taken, due = self._carry(
+                    t, self._plan(t, seen, now_ms, h, exact, fold), seen, now_ms
                 )
-                for i, t in enumerate(targets)
-            ]
+                caps = _caps_taken(t, None if known is None else known[i], slot, now_ms)
+                writes.append(ItemWrite(t.key, caps + settle.counted(steps, taken)))
+                carried.append((t, taken, due))
             ttl = self._ttl(now_ms, horizon_ms, None, targets)
             reply = yield WriteBuckets(tuple(writes), ttl, claim)
+            if not reply.ok:
+                for t, taken, due in carried:
+                    self._hold(t, taken, due)  # they wait for the next write again
             if reply.ok:
                 for t, w in zip(targets, writes, strict=False):
                     self._note_shapes(t, w.steps, now_ms)
@@ -608,12 +637,12 @@ class Engine(Records):
             if violations:
                 held = [t for t, item in zip(targets, current, strict=False) if item is None]
                 passed += self._held(held, now_ms)
-                raise self._refusal(violations, passed, lost=not foreseen)
+                raise self._refusal(violations, passed, lost=not (foreseen or lagging))
             if len(returned) < len(targets):
                 current = yield from self._read(targets)
                 violations, passed = self._statuses(targets, current, now_ms, horizon_ms)
                 if violations:
-                    raise self._refusal(violations, passed, lost=not foreseen)
+                    raise self._refusal(violations, passed, lost=not (foreseen or lagging))
             known = current
         raise RateLimiterUnavailable(
             f"gave up after {self.max_attempts} conditional writes lost to contention"
@@ -715,6 +744,7 @@ class Engine(Records):
                             tats[lim.key] = tat
                         start = max(start, bucket.start_ms(lim, tat, now_ms))
         else:
+            self._unsure.update((t.entity_id, t.resource) for t in targets)
             for t, w in zip(targets, writes, strict=False):
                 for step in w.steps:
                     if step.limit.inflight:
@@ -860,10 +890,145 @@ class Engine(Records):
             amounts = self._surcharged(lease, amounts, reported)
         changes = {n: d for n, d in amounts.items() if d}
         floors = self._floors(lease, changes, reported) if reported is not None else {}
-        if changes or floors or (end and lease.holds_slots):
+        frees = end and lease.holds_slots
+        if self.settle_delay_ms and not floors and not frees and not lease.unchecked:
+            held = self._hold_refunds(lease, {n: d for n, d in changes.items() if d < 0})
+            for name in held:  # they wait for a later write (see .settle); debt never does
+                lease.consumed[name] = lease.consumed.get(name, 0) + changes.pop(name)
+        if changes or floors or frees:
             yield from self._charge(lease, changes, floors, free=end)
         if end:
             lease.closed = True
+
+    # -- held refunds (settle coalescing; see .settle) ------------------------------------
+    def _hold_refunds(self, lease: LeaseState, refunds: Mapping[str, int]) -> list[str]:
+        """Hold the ``refunds`` (by limit name) that every bucket of the lease surely
+        still holds (:func:`.settle.room` of this process's view, or of the lease's own
+        grant); returns their names. The others are written at once."""
+        now_ms = self.now_ms()
+        targets = tracked(lease)
+
+        def proof(t: Target, lim: Limit) -> int | None:
+            seen = self._guess(t, lim)
+            own = lease.tats.get(lim.key) if t.key == lease.targets[0].key else None
+            return max((v for v in (seen, own) if v is not None), default=None)
+
+        names = [
+            name
+            for name, tokens in refunds.items()
+            if all(
+                settle.room(lim, proof(t, lim), now_ms) >= -tokens
+                for t in targets
+                for lim in t.limits
+                if lim.name == name
+            )
+        ]
+        for t in targets:
+            held = {
+                lim.key: [settle.Refund(lim, refunds[lim.name], proof(t, lim) or 0)]
+                for lim in t.limits
+                if lim.name in names
+            }
+            self._hold(t, held, now_ms + self.settle_delay_ms)
+        return names
+
+    def _hold(self, target: Target, refunds: settle.Refunds, due_ms: int) -> None:
+        """Hold ``refunds`` for ``target``'s item, due at ``due_ms``."""
+        if not any(refunds.values()):
+            return
+        key = (target.entity_id, target.resource)
+        fresh = settle.Held(*key, due_ms)
+        fresh.add(refunds)
+        with self._tats_lock:
+            if (held := self._waiting.get(key)) is not None:
+                held.merge(fresh)
+            else:
+                # Past cache_size items the oldest refunds are given up: the fleet
+                # under-uses them, nothing is granted early.
+                remember(self._waiting, key, fresh, self.cache_size)
+                held = fresh
+            due = held.due_ms
+        if self.on_hold is not None:
+            self.on_hold(due)
+
+    def _take_held(self, target: Target) -> settle.Held | None:
+        with self._tats_lock:
+            return self._waiting.pop((target.entity_id, target.resource), None)
+
+    def _carry(
+        self, target: Target, steps: tuple[Step, ...], known: tuple[Item | None] | None, now_ms: int
+    ) -> tuple[tuple[Step, ...], dict[str, Sequence[settle.Refund]], int]:
+        """A write's ``steps`` with the refunds held for its item that they can carry
+        (:func:`.settle.carry`), and when those were due; the others stay held."""
+        held = self._take_held(target)
+        if held is None:
+            return steps, {}, 0
+        seen = {
+            lim.key: _tat(known[0], lim) if known is not None else self._guess(target, lim)
+            for lim in target.limits
+        }
+        steps, taken = settle.carry(steps, held.refunds, seen, now_ms)
+        self._hold(target, {k: v for k, v in held.refunds.items() if k not in taken}, held.due_ms)
+        return steps, taken, held.due_ms
+
+    def _forget_held(self) -> None:
+        """In a forked child: the parent's held refunds are the parent's to write."""
+        self._waiting = {}
+
+    def held_refunds(self) -> int:
+        """How many bucket items have refunds waiting (see :meth:`flush`)."""
+        return len(self._waiting)
+
+    def next_due_ms(self) -> int | None:
+        """When the earliest held refund is due (ms), None when none is held."""
+        with self._tats_lock:
+            return min((held.due_ms for held in self._waiting.values()), default=None)
+
+    def flush(self, due_only: bool = False) -> Flow[int]:
+        """Write the held refunds (only those due with ``due_only``): one write per
+        item. Returns the number of items written. A write that fails holds its refunds
+        again and raises."""
+        now_ms = self.now_ms()
+        with self._tats_lock:
+            keys = [k for k, h in self._waiting.items() if not due_only or h.due_ms <= now_ms]
+            batch = [self._waiting.pop(k) for k in keys]
+        for i, held in enumerate(batch):
+            try:
+                yield from self._write_held(held)
+            except BaseException:
+                for rest in batch[i:]:
+                    self._hold(rest.target(), rest.refunds, rest.due_ms)
+                raise
+        return len(batch)
+
+    def _write_held(self, held: settle.Held) -> Flow[None]:
+        """Write one item's held refunds on their own (:func:`.settle.floored`)."""
+        target = held.target()
+        known: Item | None = None
+        for attempt in range(self.max_attempts):
+            if attempt >= 2:
+                yield _backoff(attempt)
+            now_ms = self.now_ms()
+            steps = tuple(
+                step
+                for refunds in held.refunds.values()
+                if refunds
+                for step in settle.floored(
+                    refunds, None if attempt == 0 else _tat(known, refunds[0].limit), now_ms
+                )
+            )
+            if not steps:
+                return
+            reply = yield WriteBuckets((ItemWrite(target.key, steps),), self._ttl(now_ms, 0))
+            if reply.ok:
+                self._remember(target, reply.value[0])
+                return
+            current = _refused(self, reply)
+            known = current[0] if current[0] is not None else (yield from self._read([target]))[0]
+            self._remember(target, known)
+        raise RateLimiterUnavailable(
+            f"gave up after {self.max_attempts} conditional writes lost to contention"
+        )
 
     def renew(self, lease: LeaseState) -> Flow[bool]:
         """Move the expiry of the lease's in-flight slots to a full ``expires`` from now
@@ -983,7 +1148,9 @@ class Engine(Records):
         ``floors`` of :meth:`_floors`, and (``free``) the freeing of its in-flight slots,
         in the same write."""
         try:
-            yield from self._change(tracked(lease), changes, floors, lease if free else None)
+            yield from self._change(
+                tracked(lease), changes, floors, lease if free else None, carry=True
+            )
         except RateLimiterUnavailable as exc:
             if not lease.unchecked:
                 raise
@@ -998,20 +1165,24 @@ class Engine(Records):
         changes: Mapping[str, int],
         floors: Mapping[tuple[str, str, str], int] | None = None,
         free: LeaseState | None = None,
+        carry: bool = False,
     ) -> Flow[None]:
-        """Write ``changes`` to ``targets``, and raise each attribute named in ``floors``
+        """Write ``changes`` to ``targets`` (with ``carry``, the refunds held for their
+        items ride in the same write: see :mod:`.settle`), and raise each attribute
+        named in ``floors``
         to its floor when the change leaves it below: a RAISE guarded by "TAT + change
         < floor", else the plain change; a refused condition returns the item and the
         next attempt chooses exactly (nothing, when the floors were all beaten). With
         ``free``, that lease's in-flight slots are freed in the same write (a slot taken
         back meanwhile is left out of the next attempt: its count was given back then)."""
         floors = floors or {}
+        carry = carry and not floors
         known: Sequence[Item | None] | None = None
         for attempt in range(self.max_attempts):
             if attempt >= 2:
                 yield _backoff(attempt)
             now_ms = self.now_ms()
-            writes = []
+            writes, carried = [], []
             for i, t in enumerate(targets):
                 steps = []
                 for lim in t.limits:
@@ -1036,18 +1207,32 @@ class Engine(Records):
                             bucket.plan_adjust(lim, tokens, now_ms, guess, clamp=self.clamp)
                         )
                 freed = _caps_freed(t, free, None if known is None else known[i])
+                taken: dict[str, Sequence[settle.Refund]] = {}
+                due = 0
+                if carry:  # debt's steps carry the refunds held for the item
+                    view = None if known is None else (known[i],)
+                    planned, taken, due = self._carry(t, tuple(steps), view, now_ms)
+                    counted = settle.counted(planned, taken)
+                else:
+                    counted = bucket.counted(tuple(steps))
+                carried.append((t, taken, due))
                 if steps or freed:
-                    writes.append((t, ItemWrite(t.key, bucket.counted(tuple(steps)) + freed)))
+                    writes.append((t, ItemWrite(t.key, counted + freed)))
             if not writes:  # a refused floor found the buckets lower already: done
                 return
             reply = yield WriteBuckets(
                 tuple(w for _, w in writes), self._ttl(now_ms, 0, changes, targets)
             )
+            if not reply.ok:
+                for t, taken, due in carried:
+                    self._hold(t, taken, due)
             if reply.ok:
                 for t, w in writes:
                     self._note_shapes(t, w.steps, now_ms)
                 if len(writes) == 1:
                     self._remember(writes[0][0], reply.value[0])
+                else:
+                    self._unsure.update((t.entity_id, t.resource) for t, _ in writes)
                 return
             current: Sequence[Item | None] = _refused(self, reply)
             if any(item is None for item in current):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
@@ -19,6 +24,18 @@ __all__ = ["Lease", "Limited", "RateLimiter"]
 T = TypeVar("T")
 R = TypeVar("R")
 P = ParamSpec("P")
+log = logging.getLogger(__name__)
+_HOLDING: weakref.WeakSet[RateLimiter] = weakref.WeakSet()
+"""Limiters of this process that have held refunds: flushed at interpreter exit."""
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for limiter in list(_HOLDING):
+        try:
+            limiter.flush()
+        except Exception as exc:  # the refunds are lost: under-use, never early grants
+            log.warning("held refunds not written at exit: %s", exc)
 
 
 def drive(
@@ -142,6 +159,24 @@ class Limited(Decorator["RateLimiter"]):
         return spec.wrap(fn, call, coroutine=False)
 
 
+def _flush_loop(ref: weakref.ref[RateLimiter], wake: threading.Event) -> None:
+    """The flusher: sleep until the earliest held refund is due, write the due ones;
+    ends when its limiter is gone. A failed flush keeps them and tries again in 1 s."""
+    while (limiter := ref()) is not None:
+        due = limiter.engine.next_due_ms()
+        wait = 1.0 if due is None else (due - limiter.engine.now_ms()) / 1000
+        if wait <= 0:
+            try:
+                limiter._run(limiter.engine.flush(due_only=True))
+                continue
+            except Exception as exc:
+                log.warning("held refunds not written, trying again in 1 s: %s", exc)
+                wait = 1.0
+        del limiter  # no strong reference while asleep
+        wake.wait(min(wait, 1.0))
+        wake.clear()
+
+
 class RateLimiter(Limiting[Limited], LimiterBase):
     """Global token buckets in a DynamoDB table, or any store (sync).
 
@@ -161,6 +196,29 @@ class RateLimiter(Limiting[Limited], LimiterBase):
 
     def _run(self, flow: Flow[T]) -> T:
         return drive(self._guarded(flow), self.store.send, self.sleep)
+
+    def flush(self) -> int:
+        """Write every refund held by ``settle_delay`` now (one write per bucket item);
+        returns the number of items written. Call it before a process ends on its own
+        terms (interpreter exit does it too)."""
+        return self._run(self.engine.flush())
+
+    def _on_hold(self, due_ms: int) -> None:
+        # One daemon thread per limiter and process writes the refunds that fall due;
+        # it sleeps on the wall clock: with an injected clock, flush() is the caller's.
+        if self.engine.clock is not time.time:
+            return
+        flusher = getattr(self, "_flusher", None)
+        if flusher is None or flusher[0] != os.getpid() or not flusher[1].is_alive():
+            wake = threading.Event()
+            thread = threading.Thread(
+                target=_flush_loop, args=(weakref.ref(self), wake), daemon=True,
+                name="zae-settle-flusher",
+            )  # fmt: skip
+            self._flusher = (os.getpid(), thread, wake)
+            _HOLDING.add(self)
+            thread.start()
+        self._flusher[2].set()
 
     def _decorator(self, spec: LimitSpec) -> Limited:
         return Limited(self, spec)

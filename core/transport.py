@@ -161,6 +161,15 @@ class LimiterBase:
             :class:`RateLimiter`, a coroutine function for :class:`AsyncRateLimiter`;
             None for ``time.sleep`` / ``asyncio.sleep``. Injected with ``clock`` so that
             a test's waits move its clock instead of passing (see ``zae_celery.testing``).
+        settle_delay: seconds a refund (usage under the estimate) may wait to ride in a
+            later write of this process to the same bucket item (its next grant, or a
+            settle that adds debt), instead of a write of its own; a background flusher
+            writes it when due, and :meth:`~.RateLimiter.flush` at once. Debt is never
+            held. 0 (the default): every settle writes at once. What a process killed
+            with refunds held loses: those refunds (the fleet under-uses them once);
+            never anything granted early. With an injected ``clock`` nothing is
+            flushed in the background (call ``flush()``). See docs/engine.md, "Settle
+            coalescing".
     """
 
     def __init__(
@@ -181,7 +190,10 @@ class LimiterBase:
         breaker_threshold: int = 5,
         breaker_cooldown: float = 5.0,
         sleep: Callable[[float], Any] | None = None,
+        settle_delay: float = 0.0,
     ) -> None:
+        if not (isinstance(settle_delay, (int, float)) and 0 <= settle_delay <= 3600):
+            raise ValidationError("settle_delay", f"{settle_delay!r}", "seconds, 0 to 3600")
         if store is None:
             if table_name is None:
                 raise ValidationError(
@@ -210,6 +222,11 @@ class LimiterBase:
         self.retry = RetryPolicy(attempts=retry_attempts, budget=retry_budget)
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown, self._monotonic)
         self._sleep = sleep
+        self.engine.settle_delay_ms = round(settle_delay * 1000)
+        self.engine.on_hold = self._on_hold
+
+    def _on_hold(self, due_ms: int) -> None:
+        """A refund is held until ``due_ms``: make sure it gets flushed (per front end)."""
 
     @property
     def breaker_open(self) -> bool:
