@@ -127,7 +127,9 @@ def carry(
         units = bucket.cost(limit, back)
         if units and step.shape is Shape.QUEUE:
             bound = None if step.bound is None else step.bound + units
-            step = replace(step, now=step.now + units, amount=step.amount - units, bound=bound)
+            # TAT >= now + units: the refund leaves it at now or later (no refill given)
+            floor = step.now + units - 1
+            step = replace(step, now=floor, amount=step.amount - units, bound=bound)
         elif units:
             step = replace(step, amount=step.amount - units)
         out.append(step)

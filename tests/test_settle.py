@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import Backend
 from tests.helpers import Clock, Counter
@@ -255,3 +257,57 @@ def test_what_a_process_loses_when_it_dies_holding_refunds(moto: object, end: st
         )
     finally:
         limiter.delete_table()
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("grant"), st.integers(1, 100)),
+        st.tuples(st.just("other"), st.integers(1, 100)),
+        st.tuples(st.just("refund"), st.integers(0, 100)),
+        st.tuples(st.just("debt"), st.integers(1, 50)),
+        st.tuples(st.just("wait"), st.integers(0, 2000)),
+        st.tuples(st.just("flush"), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(deadline=None, max_examples=300)
+@given(OPS)
+# Another client's grant after the held refund's proof ran out: a refused fresh write
+# shows the bucket busy again, but none of that is the refund's to give back.
+@example([("grant", 60), ("refund", 30), ("wait", 1000), ("other", 50), ("grant", 1)])
+def test_held_refunds_never_leave_more_tokens_than_refunding_at_once(
+    ops: list[tuple[str, int]],
+) -> None:
+    # Both grant the same reservations (a horizon long enough for every one), and so
+    # does another client on both entities, so they consume alike; only when refunds
+    # reach the bucket differs. The holding limiter's bucket never has more available
+    # than the twin's, and its counter ends the same.
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    held = RateLimiter(store=store, clock=clock, stored_config=False, settle_delay=1.0)
+    now = RateLimiter(store=store, clock=clock, stored_config=False)
+    other = RateLimiter(store=store, clock=clock, stored_config=False)
+    leases: dict[str, list[Lease]] = {"h": [], "n": []}
+    for op, amount in ops:
+        for limiter, entity in ((held, "h"), (now, "n")):
+            mine = leases[entity]
+            if op == "grant":
+                mine.append(limiter.reserve(entity, "r", {"tps": amount}, LIMITS, horizon=3600))
+            elif op == "other":
+                other.reserve(entity, "r", {"tps": amount}, LIMITS, horizon=3600)
+            elif op in ("refund", "debt") and mine:
+                lease = mine.pop(0)
+                change = -min(amount, lease.consumed["tps"]) if op == "refund" else amount
+                lease.commit(tps=change)
+            elif op == "flush":
+                limiter.flush()
+        if op == "wait":
+            clock.advance(amount / 1000)
+        (h,) = held.buckets("h", "r", LIMITS)
+        (n,) = now.buckets("n", "r", LIMITS)
+        assert h.available is not None and n.available is not None
+        assert h.available <= n.available
+    held.flush()
+    assert held.buckets("h", "r", LIMITS)[0].charged == now.buckets("n", "r", LIMITS)[0].charged
