@@ -226,6 +226,30 @@ def test_reconciliation_debt_delays_later_tasks(fleet: Fleet) -> None:
     assert span <= exactly + 1.5, (span, exactly)  # late messages may add a little
 
 
+def test_refunds_reach_the_buckets_through_the_workers_main_processes(
+    broker: Broker, ddb_local: LocalServer, tmp_path: Path
+) -> None:
+    # Each task estimates 100 tokens and reports 40: refunds alone, which each pool child
+    # hands to its worker's main process (zae_settle_delay, on by default), which holds
+    # them for its next grants or writes them. One task's pool process is killed right
+    # after its run: what it handed over is not lost. Once the workers have stopped
+    # (warm shutdown: the rest is written), the counter shows exactly the usage.
+    n, actual = 12, 40
+    fleet_run = _start_fleet(broker, ddb_local, tmp_path)
+    fleet = next(fleet_run)
+    limiter = fleet.limiter()
+    try:
+        killed = fleet.send("reconciled_then_killed", "limited", actual)
+        fleet.collect([killed])  # its result was stored before the kill
+        fleet.collect([fleet.send("reconciled", "limited", actual) for _ in range(n)])
+    finally:
+        fleet_run.close()  # stops the workers
+    assert "SIGKILL" in log_text(fleet.logs)  # the worker saw its pool process killed
+    tpm = {b.limit_name: b for b in limiter.buckets("default", "reconcile")}["tpm"]
+    assert tpm.charged == actual * (n + 1)
+    assert "hand a refund" not in log_text(fleet.logs)  # none was settled in a child
+
+
 def test_queue_limits_are_shared_by_task_types(fleet: Fleet) -> None:
     # Queue "shared" allows 5/s with a bucket of 5, whatever the task type.
     results = [fleet.send("on_queue_a", "shared") for _ in range(15)]

@@ -448,6 +448,14 @@ SLOT_POLL: Setting[float] = Setting(
     "how often a task that finds an in-flight cap full asks again for a slot while it "
     "waits in place (one refused write each time; a freed slot stays idle about half of it)",
 )
+SETTLE_DELAY: Setting[float] = Setting(
+    "zae_settle_delay",
+    1.0,
+    Seconds(0.0, 60.0),
+    "how long a finished task's refund (usage under its estimate) may wait to ride in a "
+    "later write to its bucket (the worker's next grant) instead of a write of its own "
+    "(0: every settle writes at once; debt never waits)",
+)
 UNAVAILABLE_RETRY: Setting[float] = Setting(
     "zae_unavailable_retry",
     5.0,
@@ -528,6 +536,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     JITTER,
     START_WAIT,
     SLOT_POLL,
+    SETTLE_DELAY,
     UNAVAILABLE_RETRY,
     BREAKER_THRESHOLD,
     BREAKER_COOLDOWN,
@@ -559,6 +568,7 @@ class Settings:
     jitter: float
     start_wait: float
     slot_poll: float
+    settle_delay: float
     unavailable_retry: float
     breaker_threshold: int
     breaker_cooldown: float

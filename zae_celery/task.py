@@ -48,6 +48,7 @@ from zae_celery.core import (
 from zae_celery.core.limits import RATE_SYNTAX, check_tokens, parse_rate
 from zae_celery.decisions import log_decision
 from zae_celery.events import PROVIDER_LIMITED, THROTTLED, from_task
+from zae_celery.handover import can_hand_over, hand_over
 from zae_celery.metrics import ObservedStore, quietly, recorder
 from zae_celery.options import OnError, TaskOptions
 from zae_celery.providers.headers import RateLimitHeaders, read_rate_limits
@@ -108,6 +109,7 @@ def limiter_for(app: Any) -> tuple[Settings, RateLimiter]:
                     "on_unavailable": "open" if settings.on_unavailable == "open" else "closed",
                     "breaker_threshold": settings.breaker_threshold,
                     "breaker_cooldown": settings.breaker_cooldown,
+                    "settle_delay": settings.settle_delay,
                 }
                 if settings.store_url is not None:
                     limiter = RateLimiter.from_url(settings.store_url, **options)
@@ -686,6 +688,12 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             self.request.zae_pending_usage = {**pending, **actual}
             return
         deltas = self._deltas(lease, actual)
+        report = getattr(self.request, "zae_provider_report", None)
+        if report is None and _refunds_only(lease, deltas) and can_hand_over():
+            # Refunds alone: settled as the run ends, by the worker's main process.
+            pending = getattr(self.request, "zae_pending_usage", None) or {}
+            self.request.zae_pending_usage = {**pending, **actual}
+            return
         if not self._pull_down(lease, deltas):
             lease.adjust(**deltas)
 
@@ -854,10 +862,12 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             except Exception:
                 log.exception("zae-celery could not apply the provider's report of %s", task_id)
             try:
-                if success:
-                    lease.commit(**deltas)
-                else:
+                if not success:
                     self._settle_error(lease, deltas)
+                elif _refunds_only(lease, deltas) and hand_over(lease, deltas):
+                    lease.commit()  # the worker's main process settles them (nothing here)
+                else:
+                    lease.commit(**deltas)
             except Exception:
                 log.exception("zae-celery could not settle the lease of task %s", task_id)
         self._settled(status)
@@ -1003,6 +1013,11 @@ def _describe(exc: RateLimitExceeded) -> str:
         f"{v.entity_id}/{v.resource}/{v.limit_name} wait {v.retry_after:.3f}s"
         for v in exc.violations
     )
+
+
+def _refunds_only(lease: Lease, deltas: dict[str, int]) -> bool:
+    """Does ending ``lease`` with ``deltas`` write refunds alone (no debt, no slot)?"""
+    return bool(deltas) and all(d <= 0 for d in deltas.values()) and not lease.caps
 
 
 @task_postrun.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.signals import task_postrun
 from kombu.entity import Exchange, Queue
 
 from harness import fsbroker
@@ -147,6 +149,28 @@ def reconciled(self: RateLimitedTask, actual: int) -> dict[str, Any]:
     info = _run_info(self)
     self.report_usage(tpm=actual)
     return info
+
+
+@app.task(
+    base=RateLimitedTask,
+    bind=True,
+    max_retries=0,
+    rate_limits=[Limit.per_second("rpm", 100), Limit.per_second("tpm", 1000, burst=1000)],
+    rate_resource="reconcile",
+    rate_consume=lambda args, kwargs: {"rpm": 1, "tpm": 100},
+)
+def reconciled_then_killed(self: RateLimitedTask, actual: int) -> dict[str, Any]:
+    """As ``reconciled``; then its pool process is killed (SIGKILL, after the run has
+    ended and settled: see ``_kill_after``)."""
+    info = _run_info(self)
+    self.report_usage(tpm=actual)
+    return info
+
+
+@task_postrun.connect(weak=False)
+def _kill_after(sender: Any = None, **_: Any) -> None:
+    if getattr(sender, "name", "") == "tests.celery.app.reconciled_then_killed":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @app.task(base=RateLimitedTask, bind=True, max_retries=0)
