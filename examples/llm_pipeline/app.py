@@ -89,11 +89,18 @@ def _result(prompt_id: str, started: float, republishes: int, tokens: int) -> di
     rate_entity="demo-tenant",
     rate_consume=lambda args, kwargs: {
         "rpm": 1,
-        "tpm": estimate_tokens(kwargs["prompt"], kwargs["max_tokens"]),
+        # The runner's --exact-estimates passes the bill itself (known in advance from the
+        # local provider's seed): nothing is left to reconcile.
+        "tpm": kwargs.get("estimate") or estimate_tokens(kwargs["prompt"], kwargs["max_tokens"]),
     },
 )
 def complete(
-    self: RateLimitedTask, prompt_id: str, kind: str, prompt: str, max_tokens: int
+    self: RateLimitedTask,
+    prompt_id: str,
+    kind: str,
+    prompt: str,
+    max_tokens: int,
+    estimate: int | None = None,
 ) -> dict[str, Any]:
     """One chat completion under the fleet's shared rpm and tpm buckets."""
     started = self.lease.started_at or time.time()  # the engine's clock: when the start was counted
@@ -107,7 +114,12 @@ def complete(
 
 @app.task(bind=True, rate_limit=f"{RPM}/m", max_retries=BUILTIN_MAX_RETRIES)
 def complete_builtin(
-    self: Task, prompt_id: str, kind: str, prompt: str, max_tokens: int
+    self: Task,
+    prompt_id: str,
+    kind: str,
+    prompt: str,
+    max_tokens: int,
+    estimate: int | None = None,
 ) -> dict[str, Any]:
     """The same call with Celery's per-worker rate_limit; a 429 is retried after Retry-After."""
     started = time.time()

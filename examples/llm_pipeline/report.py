@@ -39,6 +39,8 @@ class Config:
     store: str = "dynamodb"
     """Where the buckets are: ``dynamodb`` (a moto server), or the Redis server given
     (``Redis at HOST:PORT/DB``, no password)."""
+    exact_estimates: bool = False
+    """Each task estimated exactly what it was billed (``--exact-estimates``)."""
 
     @property
     def on_redis(self) -> bool:

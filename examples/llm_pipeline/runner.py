@@ -97,6 +97,11 @@ def _live_rates(provider: LocalProvider, since: float, rpm: int, tpm: int) -> st
     )
 
 
+def _exact(prompt: Prompt) -> int:
+    """The tokens the local provider will bill for ``prompt`` (its bill is seeded)."""
+    return billed_usage(prompt.prompt, prompt.max_tokens, SEED).total_tokens
+
+
 def run_mode(
     mode: str,
     prompts: list[Prompt],
@@ -191,6 +196,7 @@ def run_mode(
                     "kind": p.kind,
                     "prompt": p.prompt,
                     "max_tokens": p.max_tokens,
+                    **({"estimate": _exact(p)} if config.exact_estimates else {}),
                 },
                 queue=queue,
             )
@@ -301,6 +307,12 @@ def _default_run_dir() -> Path:
     help="Run the batch again with Celery's per-worker rate_limit at the same rpm.",
 )
 @click.option(
+    "--exact-estimates",
+    is_flag=True,
+    help="Each task estimates exactly the tokens it will be billed (the local provider's "
+    "bill is known from its seed): no usage to reconcile, the engine's floor of requests.",
+)
+@click.option(
     "--broker",
     default="filesystem",
     show_default=True,
@@ -342,6 +354,7 @@ def main(
     tpm: int,
     window: float,
     compare: bool,
+    exact_estimates: bool,
     broker: str,
     store: str | None,
     run_dir: Path | None,
@@ -375,7 +388,10 @@ def main(
         except ValidationError as exc:
             raise click.BadParameter(exc.problem, param_hint="--store") from None
     prompts = batch(tasks)
-    estimates = [estimate_tokens(p.prompt, p.max_tokens) for p in prompts]
+    if exact_estimates:
+        estimates = [_exact(p) for p in prompts]
+    else:
+        estimates = [estimate_tokens(p.prompt, p.max_tokens) for p in prompts]
     if max(estimates) > bucket_size(tpm, window):
         raise click.BadParameter(
             f"the tpm bucket ({bucket_size(tpm, window)} tokens = --tpm x --window / 60) must "
@@ -392,6 +408,7 @@ def main(
         estimated_tokens=sum(estimates),
         slack_tokens=max(billed_usage(p.prompt, p.max_tokens, SEED).total_tokens for p in prompts),
         store="dynamodb" if store is None else where(store),
+        exact_estimates=exact_estimates,
     )
     use_local_credentials()
     # SIGTERM unwinds like Ctrl-C: every worker and server is stopped on the way out.
