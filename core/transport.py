@@ -14,6 +14,7 @@ from .lease import BucketRef, LeaseState, Reported, Slot
 from .ops import Flow
 from .resilience import CircuitBreaker, RetryPolicy, guard
 from .stores import DynamoDBStore, Store, from_url
+from .validation import check_amounts
 
 __all__ = ["BucketRef", "LeaseView", "LimiterBase", "Slot"]
 
@@ -48,6 +49,17 @@ class LeaseView:
     def consumed(self) -> Mapping[str, int]:
         """Running totals consumed per limit name (acquire plus every adjust)."""
         return dict(self._state.consumed)
+
+    def settled_elsewhere(self, **deltas: int) -> None:
+        """Count ``deltas`` that another process charges for this lease (it resumed the
+        lease's ticket and adjusted it there): ``consumed`` includes them, nothing is
+        written here. Used by Celery's pool processes, which hand refunds to their
+        worker's main process."""
+        for name, delta in check_amounts("settled_elsewhere", deltas, negative=True).items():
+            total = self._state.consumed.get(name, 0) + delta
+            if total < 0:
+                raise ValidationError(f"settled_elsewhere.{name}", f"{delta}", "within consumed")
+            self._state.consumed[name] = total
 
     @property
     def start_at(self) -> float:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import states
 from celery.app.trace import ExceptionInfo, build_tracer
@@ -148,3 +150,16 @@ def run_as_worker(
     if isinstance(retval, ExceptionInfo):
         retval = retval.exception
     return WorkerRun(states.SUCCESS if ret.info is None else ret.info.state, retval)
+
+
+V = TypeVar("V")
+
+
+def eventually(read: Callable[[], V], expected: V, timeout: float = 10.0) -> V:
+    """``read()`` until it returns ``expected``, for at most ``timeout`` seconds; the last
+    value read. For bucket levels that real workers' refunds reach a moment after the
+    tasks' results (a worker holds them for up to ``zae_settle_delay``, 1 s)."""
+    deadline = time.monotonic() + timeout
+    while (value := read()) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling an outcome, with a deadline: not a synchronisation
+    return value

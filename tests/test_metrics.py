@@ -73,7 +73,9 @@ def test_a_worker_serves_what_its_pool_processes_decided(metered: tuple[Fleet, s
     assert refunded == 480
     assert total(samples, "zae_wait_seconds_count", resource="reconcile", path="admission") == 12
     writes = total(samples, "zae_store_requests_total", op="WriteBuckets", outcome="ok")
-    assert writes >= 12 + 12  # a grant and a reconcile each, at least
+    # A grant each, at least; the refunds ride in later grants or a flush of the worker's
+    # main process (zae_settle_delay), not a write each.
+    assert writes >= 12
     assert total(samples, "zae_store_request_seconds_count", op="WriteBuckets") >= writes
     # Labels are bounded and never carry an argument, an entity or a task id.
     keys = {k for (_, labels) in samples for k, _ in labels}

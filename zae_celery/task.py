@@ -48,7 +48,7 @@ from zae_celery.core import (
 from zae_celery.core.limits import RATE_SYNTAX, check_tokens, parse_rate
 from zae_celery.decisions import log_decision
 from zae_celery.events import PROVIDER_LIMITED, THROTTLED, from_task
-from zae_celery.handover import can_hand_over, hand_over
+from zae_celery.handover import hand_over
 from zae_celery.metrics import ObservedStore, quietly, recorder
 from zae_celery.options import OnError, TaskOptions
 from zae_celery.providers.headers import RateLimitHeaders, read_rate_limits
@@ -689,10 +689,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             return
         deltas = self._deltas(lease, actual)
         report = getattr(self.request, "zae_provider_report", None)
-        if report is None and _refunds_only(lease, deltas) and can_hand_over():
-            # Refunds alone: settled as the run ends, by the worker's main process.
-            pending = getattr(self.request, "zae_pending_usage", None) or {}
-            self.request.zae_pending_usage = {**pending, **actual}
+        if report is None and _refunds_only(lease, deltas) and hand_over(lease, deltas):
+            lease.settled_elsewhere(**deltas)  # the worker's main process writes them
             return
         if not self._pull_down(lease, deltas):
             lease.adjust(**deltas)
