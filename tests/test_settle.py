@@ -42,6 +42,7 @@ class Twins:
         assert self.held.create_table() is (backend.memory is None)
         self.counter = Counter(self.held)
         self.clamp = self.held.engine.clamp
+        self.leases: dict[str, list[Lease]] = {}
 
     def both(self, step: Callable[[RateLimiter, str], object]) -> list[str]:
         """Run ``step`` on each (with its entity); the requests the held one sent."""
@@ -50,6 +51,20 @@ class Twins:
         ops = self.counter.take()
         step(self.now, "n")
         return ops
+
+    def grant(self, tokens: int) -> list[str]:
+        """Each acquires ``tokens`` (its leases kept in order); the held one's requests."""
+
+        def step(limiter: RateLimiter, entity: str) -> None:
+            self.leases.setdefault(entity, []).append(
+                limiter.acquire(entity, "r", {"tps": tokens}, LIMITS)
+            )
+
+        return self.both(step)
+
+    def commit(self, tokens: int, lease: int = -1) -> list[str]:
+        """Each commits its ``lease``-th lease with ``tokens`` more (or back)."""
+        return self.both(lambda _, entity: self.leases[entity][lease].commit(tps=tokens))
 
     def assert_same(self, limits: list[Limit] = LIMITS) -> None:
         held = self.held.buckets("h", "r", limits)
@@ -68,19 +83,11 @@ def twins(backend: Backend) -> Twins:
 def test_a_refund_waits_and_rides_in_the_next_grant_of_a_busy_bucket(
     twins: Twins, clock: Clock
 ) -> None:
-    leases = {}
-
-    def grant(tokens: int) -> Callable[[RateLimiter, str], object]:
-        def step(limiter: RateLimiter, entity: str) -> None:
-            leases[entity] = limiter.acquire(entity, "r", {"tps": tokens}, LIMITS)
-
-        return step
-
-    assert twins.both(grant(60)) == ["UpdateItem"]
+    assert twins.grant(60) == ["UpdateItem"]
     clock.advance(0.1)  # 50 left: the bucket is busy (its TAT ahead of now)
-    assert twins.both(lambda _, e: leases[e].commit(tps=-30)) == []  # held: no request
+    assert twins.commit(-30) == []  # held: no request
     assert twins.held.engine.held_refunds() == 1
-    assert twins.both(grant(10)) == ["UpdateItem"]  # the refund rides in the grant
+    assert twins.grant(10) == ["UpdateItem"]  # the refund rides in the grant
     if twins.clamp:  # no floor can be written: it still waits
         assert twins.held.engine.held_refunds() == 1
         twins.held.flush()
@@ -92,19 +99,11 @@ def test_a_refund_waits_and_rides_in_the_next_grant_of_a_busy_bucket(
 def test_a_refund_held_while_the_bucket_refilled_gives_nothing_back(
     twins: Twins, clock: Clock
 ) -> None:
-    leases = {}
-
-    def grant(tokens: int) -> Callable[[RateLimiter, str], object]:
-        def step(limiter: RateLimiter, entity: str) -> None:
-            leases[entity] = limiter.acquire(entity, "r", {"tps": tokens}, LIMITS)
-
-        return step
-
-    twins.both(grant(60))
+    twins.grant(60)
     clock.advance(0.1)
-    assert twins.both(lambda _, e: leases[e].commit(tps=-30)) == []  # 50 surely in use
+    assert twins.commit(-30) == []  # 50 surely in use
     clock.advance(5.0)  # full again: what refunding at once gave back has refilled too
-    assert twins.both(grant(10)) == ["UpdateItem"]
+    assert twins.grant(10) == ["UpdateItem"]
     twins.held.flush()
     twins.assert_same()  # 90 left in both; the counter took the refund in both
 
@@ -113,14 +112,9 @@ def test_a_refund_held_while_the_bucket_refilled_gives_nothing_back(
 def test_a_refund_this_process_cannot_prove_is_in_the_bucket_is_written_at_once(
     twins: Twins, clock: Clock
 ) -> None:
-    leases = {}
-
-    def grant(limiter: RateLimiter, entity: str) -> None:
-        leases[entity] = limiter.acquire(entity, "r", {"tps": 10}, LIMITS)
-
-    twins.both(grant)
+    twins.grant(10)
     clock.advance(5.0)  # refilled, as far as this view knows: another client may not agree
-    assert twins.both(lambda _, e: leases[e].commit(tps=-5)) == ["UpdateItem"]
+    assert twins.commit(-5) == ["UpdateItem"]
     assert twins.held.engine.held_refunds() == 0
     twins.assert_same()
 
@@ -129,15 +123,10 @@ def test_a_refund_this_process_cannot_prove_is_in_the_bucket_is_written_at_once(
 def test_debt_is_written_at_once_with_the_refunds_held_for_the_item(
     twins: Twins, clock: Clock
 ) -> None:
-    leases: dict[str, list[Lease]] = {"h": [], "n": []}
-
-    def grant(limiter: RateLimiter, entity: str) -> None:
-        leases[entity].append(limiter.acquire(entity, "r", {"tps": 30}, LIMITS))
-
-    twins.both(grant)
-    twins.both(grant)
-    assert twins.both(lambda _, e: leases[e][0].commit(tps=-20)) == []
-    assert twins.both(lambda _, e: leases[e][1].commit(tps=15)) == ["UpdateItem"]
+    twins.grant(30)
+    twins.grant(30)
+    assert twins.commit(-20, lease=0) == []
+    assert twins.commit(15, lease=1) == ["UpdateItem"]
     if twins.clamp:  # a clamped add proves nothing: the refund still waits
         assert twins.held.engine.held_refunds() == 1
         twins.held.flush()

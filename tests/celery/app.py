@@ -136,35 +136,34 @@ def limited(self: RateLimitedTask, i: int) -> dict[str, Any]:
     return info
 
 
-@app.task(
-    base=RateLimitedTask,
-    bind=True,
-    max_retries=0,
-    rate_limits=[Limit.per_second("rpm", 100), Limit.per_second("tpm", 1000, burst=1000)],
-    rate_resource="reconcile",
-    rate_consume=lambda args, kwargs: {"rpm": 1, "tpm": 100},
-)
+RECONCILED: dict[str, Any] = {
+    "base": RateLimitedTask,
+    "bind": True,
+    "max_retries": 0,
+    "rate_limits": [Limit.per_second("rpm", 100), Limit.per_second("tpm", 1000, burst=1000)],
+    "rate_resource": "reconcile",
+    "rate_consume": lambda args, kwargs: {"rpm": 1, "tpm": 100},
+}
+"""The options of the tasks that estimate 100 tokens and report what they were given."""
+
+
+def _reconcile(task: RateLimitedTask, actual: int) -> dict[str, Any]:
+    info = _run_info(task)
+    task.report_usage(tpm=actual)
+    return info
+
+
+@app.task(**RECONCILED)
 def reconciled(self: RateLimitedTask, actual: int) -> dict[str, Any]:
     """Estimates 100 tokens, reports ``actual``."""
-    info = _run_info(self)
-    self.report_usage(tpm=actual)
-    return info
+    return _reconcile(self, actual)
 
 
-@app.task(
-    base=RateLimitedTask,
-    bind=True,
-    max_retries=0,
-    rate_limits=[Limit.per_second("rpm", 100), Limit.per_second("tpm", 1000, burst=1000)],
-    rate_resource="reconcile",
-    rate_consume=lambda args, kwargs: {"rpm": 1, "tpm": 100},
-)
+@app.task(**RECONCILED)
 def reconciled_then_killed(self: RateLimitedTask, actual: int) -> dict[str, Any]:
-    """As ``reconciled``; then its pool process is killed (SIGKILL, after the run has
+    """``reconciled``; then its pool process is killed (SIGKILL, after the run has
     ended and settled: see ``_kill_after``)."""
-    info = _run_info(self)
-    self.report_usage(tpm=actual)
-    return info
+    return _reconcile(self, actual)
 
 
 @task_postrun.connect(weak=False)
