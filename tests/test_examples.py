@@ -140,3 +140,14 @@ def test_the_celery_docs_quote_the_inflight_example() -> None:
     start = docs.index("## In-flight caps")
     task = docs[docs.index("@app.task(", start) : docs.index("    ...", start)]
     assert task in source, "docs/celery.md misquotes examples/inflight.py"
+
+
+def test_settle_holds_refunds_for_the_next_grant(moto: LocalServer) -> None:
+    out = run_example("settle", moto.url)
+    at_once, held = out["runs"]["at_once"], out["runs"]["held"]
+    for run in (at_once, held):  # the bills, and one request a call, both ways
+        assert run["charged"] == {"rpm": out["calls"], "tpm": out["billed"]}
+    assert at_once["requests"] >= 2 * out["calls"]  # a grant and a settle each
+    # The refunds rode in the next grants (a flusher may write a few if the calls take
+    # longer than settle_delay): far fewer requests.
+    assert held["requests"] <= at_once["requests"] - out["calls"] // 2
