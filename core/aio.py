@@ -202,8 +202,7 @@ class AsyncRateLimiter(Limiting[AsyncLimited], LimiterBase):
     async def _flush_due(self) -> None:
         """Sleep until the earliest held refund is due, write the due ones; until none
         is held. A failed flush keeps them and tries again in 1 s."""
-        while (due := self.engine.next_due_ms()) is not None:
-            wait = (due - self.engine.now_ms()) / 1000
+        while (wait := self.engine.flush_wait()) is not None:
             if wait > 0:
                 await asyncio.sleep(min(wait, 1.0))
                 continue

@@ -605,9 +605,6 @@ class Engine(Records):
                 carried.append((t, taken, due))
             ttl = self._ttl(now_ms, horizon_ms, None, targets)
             reply = yield WriteBuckets(tuple(writes), ttl, claim)
-            if not reply.ok:
-                for t, taken, due in carried:
-                    self._hold(t, taken, due)  # they wait for the next write again
             if reply.ok:
                 for t, w in zip(targets, writes, strict=False):
                     self._note_shapes(t, w.steps, now_ms)
@@ -617,6 +614,8 @@ class Engine(Records):
                 if align and len(targets) == 1 and lease.start_ms > lease.granted_ms:
                     yield from self._align(targets[0], lease)
                 return lease
+            for t, taken, due in carried:
+                self._hold(t, taken, due)  # refused: they wait for the next write again
             if reply.code == CLAIMED:
                 raise LeaseClaimed("this reservation was already started by another delivery")
             current: Sequence[Item | None] = _refused(self, reply)
@@ -979,10 +978,12 @@ class Engine(Records):
         """How many bucket items have refunds waiting (see :meth:`flush`)."""
         return len(self._waiting)
 
-    def next_due_ms(self) -> int | None:
-        """When the earliest held refund is due (ms), None when none is held."""
+    def flush_wait(self) -> float | None:
+        """Seconds until the earliest held refund is due (0 or less: due now; None when
+        none is held): what a limiter's flusher sleeps before ``flush(due_only=True)``."""
         with self._tats_lock:
-            return min((held.due_ms for held in self._waiting.values()), default=None)
+            due = min((held.due_ms for held in self._waiting.values()), default=None)
+        return None if due is None else (due - self.now_ms()) / 1000
 
     def flush(self, due_only: bool = False) -> Flow[int]:
         """Write the held refunds (only those due with ``due_only``): one write per
@@ -1223,9 +1224,6 @@ class Engine(Records):
             reply = yield WriteBuckets(
                 tuple(w for _, w in writes), self._ttl(now_ms, 0, changes, targets)
             )
-            if not reply.ok:
-                for t, taken, due in carried:
-                    self._hold(t, taken, due)
             if reply.ok:
                 for t, w in writes:
                     self._note_shapes(t, w.steps, now_ms)
@@ -1234,6 +1232,8 @@ class Engine(Records):
                 else:
                     self._unsure.update((t.entity_id, t.resource) for t, _ in writes)
                 return
+            for t, taken, due in carried:
+                self._hold(t, taken, due)  # refused: they wait for the next write again
             current: Sequence[Item | None] = _refused(self, reply)
             if any(item is None for item in current):
                 current = yield from self._read([t for t, _ in writes])

@@ -163,9 +163,8 @@ def _flush_loop(ref: weakref.ref[RateLimiter], wake: threading.Event) -> None:
     """The flusher: sleep until the earliest held refund is due, write the due ones;
     ends when its limiter is gone. A failed flush keeps them and tries again in 1 s."""
     while (limiter := ref()) is not None:
-        due = limiter.engine.next_due_ms()
-        wait = 1.0 if due is None else (due - limiter.engine.now_ms()) / 1000
-        if wait <= 0:
+        wait = limiter.engine.flush_wait()
+        if wait is not None and wait <= 0:
             try:
                 limiter._run(limiter.engine.flush(due_only=True))
                 continue
@@ -173,7 +172,7 @@ def _flush_loop(ref: weakref.ref[RateLimiter], wake: threading.Event) -> None:
                 log.warning("held refunds not written, trying again in 1 s: %s", exc)
                 wait = 1.0
         del limiter  # no strong reference while asleep
-        wake.wait(min(wait, 1.0))
+        wake.wait(1.0 if wait is None else min(wait, 1.0))
         wake.clear()
 
 

@@ -3,9 +3,10 @@
 With admission (the default), a worker's main process writes every grant of its tasks,
 and its pool children write their settles. A refund (usage under the estimate) can ride
 in a grant of the same bucket (``zae_settle_delay``; see docs/engine.md, "Settle
-coalescing") only in the process that writes that grant: the main one. So a child that
-ends a task with refunds alone (no debt, no in-flight slot to free, no provider report
-to apply) hands them over instead of writing them:
+coalescing") only in the process that writes that grant: the main one. So a child whose
+task reports usage that is refunds alone (``report_usage``: no debt, no in-flight slot
+to free, no provider report to apply) hands them over instead of writing them, and
+counts them in its lease (``Lease.settled_elsewhere``):
 
 * ``worker_init`` (in the main process, before the pool forks) opens a pipe and starts
   a thread that reads it;
@@ -46,18 +47,12 @@ _channel: dict[str, Any] = {}
 """The open pipe: ``read`` and ``write`` ends, the main process's ``pid`` and ``app``."""
 
 
-def can_hand_over() -> bool:
-    """Is this a pool child of a worker whose main process takes refunds?"""
-    channel = dict(_channel)
-    return bool(channel) and os.getpid() != channel["pid"]
-
-
 def hand_over(lease: Lease, refunds: dict[str, int]) -> bool:
     """In a pool child: send ``lease``'s ``refunds`` (negative deltas) to the main
     process, which settles them; False (nothing sent) when there is no pipe, this is
     the main process, or the line is longer than one atomic write."""
     channel = dict(_channel)
-    if not can_hand_over():
+    if not channel or os.getpid() == channel["pid"]:
         return False
     line = json.dumps({"lease": lease.ticket(), "refunds": refunds}).encode() + b"\n"
     if len(line) > select.PIPE_BUF:

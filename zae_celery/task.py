@@ -860,12 +860,10 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             except Exception:
                 log.exception("zae-celery could not apply the provider's report of %s", task_id)
             try:
-                if not success:
-                    self._settle_error(lease, deltas)
-                elif _refunds_only(lease, deltas) and hand_over(lease, deltas):
-                    lease.commit()  # the worker's main process settles them (nothing here)
-                else:
+                if success:
                     lease.commit(**deltas)
+                else:
+                    self._settle_error(lease, deltas)
             except Exception:
                 log.exception("zae-celery could not settle the lease of task %s", task_id)
         self._settled(status)
@@ -1014,7 +1012,7 @@ def _describe(exc: RateLimitExceeded) -> str:
 
 
 def _refunds_only(lease: Lease, deltas: dict[str, int]) -> bool:
-    """Does ending ``lease`` with ``deltas`` write refunds alone (no debt, no slot)?"""
+    """Are ``deltas`` refunds alone, on a lease holding no in-flight slot?"""
     return bool(deltas) and all(d <= 0 for d in deltas.values()) and not lease.caps
 
 
