@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from unittest.mock import patch
 
 import pytest
 from hypothesis import example, given, settings
@@ -266,6 +267,7 @@ OPS = st.lists(
 # Another client's grant after the held refund's proof ran out: a refused fresh write
 # shows the bucket busy again, but none of that is the refund's to give back.
 @example([("grant", 60), ("refund", 30), ("wait", 1000), ("other", 50), ("grant", 1)])
+@example([("grant", 1), ("other", 1), ("wait", 20), ("grant", 1), ("refund", 1), ("other", 1)])
 def test_held_refunds_never_leave_more_tokens_than_refunding_at_once(
     ops: list[tuple[str, int]],
 ) -> None:
@@ -273,6 +275,16 @@ def test_held_refunds_never_leave_more_tokens_than_refunding_at_once(
     # does another client on both entities, so they consume alike; only when refunds
     # reach the bucket differs. The holding limiter's bucket never has more available
     # than the twin's, and its counter ends the same.
+    with patch("zae_celery.core.engine.CONTENDED_MS", 0):
+        # (A client that lost an idle-shape race counts its next idle grants a margin
+        # later, "Contended buckets": the two entities' different levels make their
+        # writers' races differ, and the margin would show as a level difference that
+        # has nothing to do with refunds. It is off here; the settle twins above run
+        # with it.)
+        _run_beside_a_twin(ops)
+
+
+def _run_beside_a_twin(ops: list[tuple[str, int]]) -> None:
     clock = Clock()
     store = MemoryStore(clock=clock)
     held = RateLimiter(store=store, clock=clock, stored_config=False, settle_delay=1.0)
