@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
-from . import bucket, inflight, settle
+from . import bucket, inflight, settle, shards
 from .bucket import Step
 from .errors import (
     LeaseClaimed,
@@ -134,6 +134,8 @@ HERD_MAX_MS = 1_000
 """The widest random spread added to a refusal's exact wait (see ``Engine._refusal``)."""
 HERD_HALF_LIFE_MS = 3_000
 """A bucket's spread halves every this many ms without a lost race (see ``_refusal``)."""
+SHARD_TRIES = 3
+"""Most writes one request of a spread bucket makes to find a shard that grants it."""
 OnUnavailable = Literal["closed", "open"]
 Item = Bucket
 
@@ -387,7 +389,7 @@ class Engine(Records):
         targets: tuple[Target, ...] = ()
         try:
             targets = yield from self._targets(entity_id, resource, consume, limits, extra)
-            lease = yield from self._grant(targets, horizon_ms, within_ms, pace, slot)
+            lease = yield from self._grant_sharded(targets, horizon_ms, within_ms, pace, slot)
             if slot.caps_at_start and any(t.caps for t in targets):
                 lease.targets, lease.caps_pending = targets, True  # taken by start()
             return lease
@@ -396,6 +398,70 @@ class Engine(Records):
             # Nothing is consumed; the targets (when they could be resolved) stay with
             # the lease, so that usage reported later is charged if the store answers.
             return LeaseState(targets, {}, now, now, unchecked=True, started_ms=now)
+
+    def _grant_sharded(
+        self,
+        whole: tuple[Target, ...],
+        horizon_ms: int,
+        within_ms: int,
+        pace: bool,
+        slot: Slot,
+    ) -> Flow[LeaseState]:
+        """:meth:`_grant` on one shard of each spread bucket (:mod:`.shards`).
+
+        Each spread target takes the shard this process's view says grants soonest
+        (ties drawn at random, so fresh clients spread out). A refused request tries
+        the best shard it has not tried yet while the view says that one may grant
+        within the horizon, at most ``SHARD_TRIES`` writes in all; then the last
+        refusal stands. The view's waits are lower bounds (other clients only push a
+        bucket further), so a shard it rules out surely cannot grant.
+        """
+        if all(t.shards == 1 for t in whole):
+            return (yield from self._grant(whole, horizon_ms, within_ms, pace, slot))
+        tried: set[tuple[str, str]] = set()
+        chosen = self._shards_for(whole, tried)
+        for attempt in range(SHARD_TRIES):
+            assert chosen is not None
+            tried.update((t.entity_id, t.resource) for t in chosen if t.shard)
+            try:
+                return (yield from self._grant(chosen, horizon_ms, within_ms, pace, slot))
+            except RateLimitExceeded:
+                chosen = self._shards_for(whole, tried)
+                if (
+                    attempt + 1 == SHARD_TRIES
+                    or chosen is None
+                    or not self._may_grant_within(chosen, horizon_ms)
+                ):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _shards_for(
+        self, whole: Sequence[Target], tried: set[tuple[str, str]]
+    ) -> tuple[Target, ...] | None:
+        """Each target, a spread one as the untried shard predicted to grant soonest
+        (None: every shard of some target was tried)."""
+        now_ms = self.now_ms()
+        chosen = []
+        for target in whole:
+            if target.shards == 1:
+                chosen.append(target)
+                continue
+            options = [target.shard_at(i) for i in range(target.shards)]
+            options = [o for o in options if (o.entity_id, o.resource) not in tried]
+            if not options:
+                return None
+            waits = [self._predicted_wait(o, now_ms) for o in options]
+            best = min(waits)
+            best_options = [o for o, w in zip(options, waits, strict=True) if w == best]
+            chosen.append(self.random.choice(best_options))
+        return tuple(chosen)
+
+    def _predicted_wait(self, target: Target, now_ms: int) -> int:
+        """The least wait (ms) this process's view allows the target's request."""
+        return max(
+            bucket.retry_after_ms(lim, self._guess(target, lim), target.consume[lim.name], now_ms)
+            for lim in target.limits
+        )
 
     def _grant(
         self,
@@ -518,7 +584,7 @@ class Engine(Records):
         """Empty the buckets until ``seconds`` from now (a provider said 429 Retry-After).
 
         Every limit is pushed to "no tokens before now + seconds" unless it is already
-        further in debt; never refused, at most two writes.
+        further in debt; never refused, at most two writes (per shard of a spread bucket).
         """
         check_id("entity_id", entity_id)
         check_id("resource", resource)
@@ -527,9 +593,16 @@ class Engine(Records):
         checked = tuple(lim for lim in check_limits(limits) if not lim.inflight)
         if not checked:
             return  # in-flight caps only: a slot is held by a call, not by time
-        checked += tuple(lim.start_track() for lim in checked)
         wait_ms = check_horizon(seconds)
-        target = Target(entity_id, resource, checked, {lim.name: 0 for lim in checked})
+        whole = Target(entity_id, resource, checked, {})
+        items = [whole.shard_at(i) for i in range(whole.shards)] if whole.shards > 1 else [whole]
+        for item in items:  # a spread bucket: every shard, one write each
+            yield from self._block_item(item, wait_ms)
+
+    def _block_item(self, target: Target, wait_ms: int) -> Flow[None]:
+        """:meth:`block` on one item (its limits and their start tracks)."""
+        checked = target.limits + tuple(lim.start_track() for lim in target.limits)
+        target = replace(target, limits=checked, consume={lim.name: 0 for lim in checked})
         pending = list(checked)
         for _ in range(self.max_attempts):
             if not pending:
@@ -812,7 +885,7 @@ class Engine(Records):
                 wait = bucket.retry_after_ms(lim, tat, tokens, now_ms)
                 status = LimitStatus(
                     t.entity_id,
-                    t.resource,
+                    t.whole_resource,
                     f"{lim.name}~{lim.track}" if lim.track else lim.name,
                     tokens,
                     bucket.available(lim, tat, now_ms),
@@ -1260,15 +1333,23 @@ class Engine(Records):
         self, entity_id: str, resource: str, limits: Sequence[Limit]
     ) -> Flow[dict[str, float]]:
         """Tokens available now per limit name (negative: debt), without consuming: the
-        least of the entity's bucket and, with a cascade, its parent's (one read each)."""
+        least of the entity's bucket and, with a cascade, its parent's (one read each; a
+        bucket spread over shards holds what they hold together, one read per shard)."""
         targets = yield from self._targets(entity_id, resource, {}, limits)
-        items = yield from self._read(targets)
+        parts = [[t.shard_at(i) for i in range(t.shards)] if t.shards > 1 else [t] for t in targets]
+        items = yield from self._read([part for spread in parts for part in spread])
         now_ms = self.now_ms()
         result: dict[str, float] = {}
-        for target, item in zip(targets, items, strict=True):
-            for lim in target.limits:
-                tokens = bucket.available(lim, _tat(item, lim), now_ms)
-                result[lim.name] = min(result.get(lim.name, tokens), tokens)
+        found = iter(items)
+        for spread in parts:  # a spread bucket holds what its shards hold together
+            tokens: dict[str, float] = {}
+            for target, item in zip(spread, found, strict=False):
+                for lim in target.limits:
+                    tokens[lim.name] = tokens.get(lim.name, 0) + bucket.available(
+                        lim, _tat(item, lim), now_ms
+                    )
+            for name, amount in tokens.items():
+                result[name] = min(result.get(name, amount), amount)
         return {lim.name: result[lim.name] for lim in targets[0].limits}
 
     def buckets(
@@ -1291,8 +1372,11 @@ class Engine(Records):
         config = yield from self._entity_config(entity_id, fresh=True)
         items: dict[str, Item] = {}
         after = None
+        listed = resource
+        if resource and shards.count(merge(code_limits, config.limits_for(resource))) > 1:
+            listed = None  # a spread bucket's shards are items of their own
         while True:
-            reply = yield ListBuckets(entity_id, resource, after)
+            reply = yield ListBuckets(entity_id, listed, after)
             self._raise_for(reply)
             page, after = reply.value
             items.update(page)
@@ -1305,8 +1389,13 @@ class Engine(Records):
         now_ms = self.now_ms()
         rows: list[BucketStatus] = []
         for res in sorted(resources):
+            merged = merge(code_limits, config.limits_for(shards.resource_of(res)))
+            count = shards.count(merged)
+            if count > 1:
+                if res == shards.resource_of(res):
+                    rows.extend(_spread_status(entity_id, res, merged, config, items, now_ms))
+                continue  # a shard's item: in its resource's rows
             item = items.get(res, {})
-            merged = merge(code_limits, config.limits_for(res))
             blocks = sum(n for key, n in item.items() if key.endswith("~blocks"))
             for lim in merged:
                 amount, period = lim.refill_amount, lim.refill_period_ms
@@ -1438,6 +1527,50 @@ def _status(
         source,
         tat is not None,
     )
+
+
+def _spread_status(
+    entity_id: str,
+    resource: str,
+    limits: Sequence[Limit],
+    config: EntityConfig,
+    items: Mapping[str, Item],
+    now_ms: int,
+) -> list[BucketStatus]:
+    """The rows of a bucket spread over shards: each limit's state summed over them
+    (full when the last shard is)."""
+    count = shards.count(limits)
+    parts = [items.get(shards.item_resource(resource, i), {}) for i in range(count)]
+    blocks = sum(n for item in parts for key, n in item.items() if key.endswith("~blocks"))
+    rows = []
+    for lim in limits:
+        source = _source(config, resource, lim.name)
+        states = []
+        for index, item in enumerate(parts):
+            part = shards.split(lim, count, index)
+            tat = _tat(item, part)
+            amount, period = part.refill_amount, part.refill_period_ms
+            status = _status(entity_id, resource, lim.name, amount, period, tat, now_ms, part)
+            states.append(_counts(status, item, part.key, 0))
+        charged = [s.charged for s in states if s.charged is not None]
+        rows.append(
+            BucketStatus(
+                entity_id,
+                resource,
+                lim.name,
+                lim.refill_amount,
+                lim.refill_period_ms,
+                lim.burst,
+                sum(s.available or 0.0 for s in states),
+                sum(s.in_use for s in states),
+                max(s.full_in for s in states),
+                source,
+                any(s.used for s in states),
+                sum(charged) if charged else None,
+                blocks,
+            )
+        )
+    return rows
 
 
 def _cap_status(

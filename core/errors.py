@@ -45,16 +45,20 @@ class ValidationError(ZaeError, ValueError):
 class RequestExceedsBurst(ValidationError):
     """A request larger than a bucket's burst: it can never succeed, so no retry_after."""
 
-    def __init__(self, field: str, requested: int, burst: int) -> None:
+    def __init__(self, field: str, requested: int, burst: int, shards: int = 1) -> None:
         self.requested = requested
         self.burst = burst
+        self.shards = shards
+        """How many items the bucket is spread over: ``burst`` is one shard's."""
+        where = "the bucket" if shards == 1 else f"each of its {shards} shards"
         super().__init__(
             field,
-            f"requests {requested} tokens but the bucket holds at most {burst}; "
+            f"requests {requested} tokens but {where} holds at most {burst}; "
             "it can never be granted",
-            f"at most {burst}, or raise the limit's burst",
+            f"at most {burst}, or raise the limit's burst"
+            + ("" if shards == 1 else " or use fewer shards"),
         )
-        self.args = (field, requested, burst)
+        self.args = (field, requested, burst) + ((shards,) if shards != 1 else ())
 
 
 class RateLimiterUnavailable(ZaeError):

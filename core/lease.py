@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import bucket
-from .errors import ValidationError
+from . import bucket, shards
+from .errors import RequestExceedsBurst, ValidationError
 from .limits import Limit
 from .ops import BucketKey
+from .shards import Shard
 from .validation import check_amounts, check_id
 
 __all__ = [
@@ -44,11 +45,58 @@ class Target:
     consume: Mapping[str, int]
     caps: tuple[Limit, ...] = ()
     """The in-flight limits the request takes a slot of (``Limit.concurrent``)."""
+    shard: Shard | None = None
+    """Set on one shard of a spread bucket (:mod:`.shards`): ``resource`` and ``limits``
+    are then the shard item's, and this says whose part they are."""
 
     @property
     def key(self) -> BucketKey:
         """The bucket item's key."""
         return BucketKey(self.entity_id, self.resource)
+
+    @property
+    def whole_resource(self) -> str:
+        """The resource as callers name it (a shard's is its item's without the index)."""
+        return self.shard.resource if self.shard else self.resource
+
+    @property
+    def whole_limits(self) -> tuple[Limit, ...]:
+        """The limits as callers gave them (a shard's are its parts of them)."""
+        return self.shard.limits if self.shard else self.limits
+
+    @property
+    def shards(self) -> int:
+        """How many items this target's bucket is spread over (see :mod:`.shards`)."""
+        return shards.count(self.whole_limits)
+
+    def shard_at(self, index: int) -> Target:
+        """Shard ``index`` of this (whole) target: its item and its parts of the limits.
+
+        Raises RequestExceedsBurst when a request is larger than that shard's burst, and
+        ValidationError when the target also takes an in-flight slot (a cap is one item).
+        """
+        count = self.shards
+        if self.shard is not None or count == 1:
+            raise ValueError("shard_at() takes a whole target of a spread bucket")
+        if self.caps:
+            raise ValidationError(
+                "limits",
+                f"{self.resource} is spread over {count} shards and has an in-flight cap",
+                "in-flight caps on a resource of its own",
+            )
+        for lim in self.limits:  # every shard must be able to take it: the least one
+            if self.consume.get(lim.name, 0) > lim.burst // count:
+                raise RequestExceedsBurst(
+                    f"consume.{lim.name}", self.consume[lim.name], lim.burst // count, count
+                )
+        parts = tuple(shards.split(lim, count, index) for lim in self.limits)
+        return Target(
+            self.entity_id,
+            shards.item_resource(self.resource, index),
+            parts,
+            self.consume,
+            shard=Shard(self.resource, self.limits, index, count),
+        )
 
     def limit(self, name: str) -> Limit | None:
         """The limit called ``name``, if this target has one."""
@@ -111,7 +159,7 @@ class LeaseState:
             (
                 bucket.cost(lim, tokens) / lim.refill_amount / 1000
                 for t in self.targets
-                for lim in t.limits
+                for lim in t.whole_limits
                 if (tokens := t.consume.get(lim.name, 0)) > 0
             ),
             default=0.0,
@@ -137,10 +185,11 @@ class LeaseState:
             "targets": [
                 {
                     "entity_id": t.entity_id,
-                    "resource": t.resource,
-                    "limits": [lim.to_dict() for lim in t.limits],
+                    "resource": t.whole_resource,
+                    "limits": [lim.to_dict() for lim in t.whole_limits],
                     "consume": dict(t.consume),
                     **({"caps": [lim.to_dict() for lim in t.caps]} if t.caps else {}),
+                    **({"shard": t.shard.index} if t.shard else {}),
                 }
                 for t in self.targets
             ],
@@ -173,16 +222,7 @@ class LeaseState:
                 "ticket.v", f"version {version!r}", f"{TICKET_VERSION}: upgrade zae-celery"
             )
         try:
-            targets = tuple(
-                Target(
-                    check_id("entity_id", t["entity_id"]),
-                    check_id("resource", t["resource"]),
-                    tuple(Limit.from_dict(d) for d in t["limits"]),
-                    check_amounts("consume", t["consume"], negative=False),
-                    tuple(Limit.from_dict(d) for d in t.get("caps", ())),
-                )
-                for t in data["targets"]
-            )
+            targets = tuple(_ticket_target(t) for t in data["targets"])
             slot = data.get("slot")
             if slot is not None and (not isinstance(slot, str) or not 0 < len(slot) <= 64):
                 raise ValidationError("ticket.slot", "malformed slot", "a string of 1..64")
@@ -211,17 +251,28 @@ class LeaseState:
             raise ValidationError("ticket", f"malformed ticket: {exc}") from exc
 
 
+def _ticket_target(data: Mapping[str, Any]) -> Target:
+    """A target from its form in a ticket (a shard's: its whole and its index)."""
+    target = Target(
+        check_id("entity_id", data["entity_id"]),
+        check_id("resource", data["resource"]),
+        tuple(Limit.from_dict(d) for d in data["limits"]),
+        check_amounts("consume", data["consume"], negative=False),
+        tuple(Limit.from_dict(d) for d in data.get("caps", ())),
+    )
+    index = data.get("shard")
+    if index is None:
+        return target
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < target.shards:
+        raise ValidationError("ticket.shard", f"{index!r}", f"0..{target.shards - 1}")
+    return target.shard_at(index)
+
+
 def start_tracks(targets: tuple[Target, ...], caps: bool = False) -> tuple[Target, ...]:
     """The start-track copies of the targets' limits (same buckets, counting starts),
     with their in-flight caps when ``caps`` (a start that takes its slots)."""
     return tuple(
-        Target(
-            t.entity_id,
-            t.resource,
-            tuple(lim.start_track() for lim in t.limits),
-            t.consume,
-            t.caps if caps else (),
-        )
+        replace(t, limits=tuple(lim.start_track() for lim in t.limits), caps=t.caps if caps else ())
         for t in targets
     )
 
@@ -229,7 +280,7 @@ def start_tracks(targets: tuple[Target, ...], caps: bool = False) -> tuple[Targe
 def with_start_track(targets: tuple[Target, ...]) -> tuple[Target, ...]:
     """Each target with its limits and their start-track copies, for one write."""
     return tuple(
-        Target(t.entity_id, t.resource, t.limits + s.limits, t.consume, t.caps)
+        replace(t, limits=t.limits + s.limits)
         for t, s in zip(targets, start_tracks(targets), strict=True)
     )
 
@@ -278,7 +329,7 @@ class Reported:
 
     def applies_to(self, target: Target) -> bool:
         """True when ``target`` is one of the buckets reported on."""
-        return self.buckets is None or (target.entity_id, target.resource) in self.buckets
+        return self.buckets is None or (target.entity_id, target.whole_resource) in self.buckets
 
 
 @dataclass(frozen=True)

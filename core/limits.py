@@ -3,7 +3,7 @@ and the one text form of a limit that the command line and Celery's ``rate_limit
 
 The grammar (:meth:`Limit.parse`, :meth:`Limit.format`, :func:`parse_rate`)::
 
-    LIMIT  = NAME "=" RATE [":capacity=" WHOLE] [":burst=" WHOLE]
+    LIMIT  = NAME "=" RATE [":capacity=" WHOLE] [":burst=" WHOLE] [":shards=" WHOLE]
     RATE   = AMOUNT "/" PERIOD
     AMOUNT = WHOLE | DECIMAL            500, 90_000, 90k, 2M; 0.5, 1.5k
     WHOLE  = digits with "_" separators, then an optional "k" (1 000) or "M" (1 000 000)
@@ -14,7 +14,8 @@ The grammar (:meth:`Limit.parse`, :meth:`Limit.format`, :func:`parse_rate`)::
 burst to 120 000; ``rpm=600/m:capacity=10`` never holds more than 10. A decimal AMOUNT
 is made whole over a longer period, exactly: ``0.5/s`` is ``1/2s``, ``1.5/s`` is
 ``3/2s`` (and the capacity defaults to that whole amount). Whitespace around the parts
-is ignored.
+is ignored. ``rps=5k/s:shards=8`` spreads one hot bucket over 8 items (see
+:attr:`Limit.shards` and docs/engine.md, "A hot bucket beyond one partition").
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from typing import Any
 
 from .errors import ValidationError
 
-__all__ = ["LIMIT_SYNTAX", "MAX_TOKENS", "RATE_SYNTAX", "Limit", "format_rate", "parse_rate"]
+__all__ = [
+    "LIMIT_SYNTAX",
+    "MAX_SHARDS",
+    "MAX_TOKENS",
+    "RATE_SYNTAX",
+    "Limit",
+    "format_rate",
+    "parse_rate",
+]
 
 MAX_TOKENS = 10**18
 """Largest capacity, burst, refill amount or single consume/adjust, in tokens.
@@ -35,6 +44,8 @@ MAX_TOKENS = 10**18
 It keeps every number the engine stores well inside DynamoDB's 38 significant digits.
 """
 MAX_PERIOD_MS = 10 * 365 * 86_400_000
+MAX_SHARDS = 256
+"""Most items one bucket may be spread over (:attr:`Limit.shards`)."""
 RATE, INFLIGHT = "rate", "inflight"
 """The kinds of limit: a token bucket, and a cap on requests in flight."""
 DEFAULT_SLOT_EXPIRY = 300.0
@@ -44,8 +55,8 @@ TRACKS = ("", "start", "used", "blocks")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 LIMIT_SYNTAX = (
-    "NAME=AMOUNT/PERIOD[:capacity=N][:burst=N] or NAME=N/inflight[:expires=PERIOD], e.g. "
-    "rpm=500/m, tpm=90k/m:burst=120k or calls=8/inflight"
+    "NAME=AMOUNT/PERIOD[:capacity=N][:burst=N][:shards=N] or "
+    "NAME=N/inflight[:expires=PERIOD], e.g. rpm=500/m, tpm=90k/m:burst=120k or calls=8/inflight"
 )
 """The text form of a limit, as error messages and help texts show it."""
 RATE_SYNTAX = "AMOUNT/PERIOD, e.g. 500/m, 90k/m, 10/s, 0.5/s or 7/10s"
@@ -116,6 +127,13 @@ class Limit:
     """``"rate"``: a token bucket. ``"inflight"``: at most ``capacity`` requests in
     flight at once (see :meth:`concurrent`), where ``refill_period_ms`` is how long a slot
     stays held without renewal before another client may take it back."""
+    shards: int = field(default=1, repr=False)
+    """How many bucket items the limit's bucket is spread over (1: one item). A hot
+    bucket past one DynamoDB partition's writes (1,000 a second per item) takes
+    ``shards`` items, each with an exact share of the capacity, burst and rate; a request
+    is granted by one of them. See docs/engine.md, "A hot bucket beyond one partition".
+    The other limits of the same resource are spread the same way (the item holds them
+    all): a resource takes the largest ``shards`` of its limits."""
 
     def __post_init__(self) -> None:
         check_limit_name("name", self.name)
@@ -133,6 +151,7 @@ class Limit:
         check_tokens("capacity", self.capacity)
         check_tokens("burst", self.burst)
         check_tokens("refill_amount", self.refill_amount)
+        self._check_shards()
         if self.burst < self.capacity:
             raise ValidationError(
                 "burst", f"{self.burst} is below capacity {self.capacity}", ">= capacity"
@@ -144,6 +163,31 @@ class Limit:
             raise ValidationError(
                 "refill_period_ms", f"{period} ms is out of range", f"1..{MAX_PERIOD_MS} ms"
             )
+
+    def _check_shards(self) -> None:
+        shards = self.shards
+        if isinstance(shards, bool) or not isinstance(shards, int):
+            raise ValidationError("shards", "must be an integer", f"1..{MAX_SHARDS}")
+        if not 1 <= shards <= MAX_SHARDS:
+            raise ValidationError("shards", f"{shards} is out of range", f"1..{MAX_SHARDS}")
+        if shards == 1:
+            return
+        if self.inflight:
+            raise ValidationError("shards", f"{shards}", "1: an in-flight limit is one item")
+        if self.capacity < shards:
+            raise ValidationError(
+                "shards",
+                f"{shards} shards of a capacity of {self.capacity}",
+                f"at most {self.capacity}: each shard holds at least one token",
+            )
+        if self.refill_period_ms * shards > MAX_PERIOD_MS:
+            raise ValidationError(
+                "shards", f"{shards} shards of a {self.refill_period_ms} ms refill", "fewer"
+            )
+
+    def with_shards(self, shards: int) -> Limit:
+        """The same limit spread over ``shards`` bucket items (see :attr:`shards`)."""
+        return replace(self, shards=shards)
 
     # -- constructors -----------------------------------------------------------------
     @classmethod
@@ -226,16 +270,25 @@ class Limit:
         for part in match.group("options").split(":")[1:]:
             key, sep, value = part.partition("=")
             key = key.strip()
-            if not sep or key not in ("capacity", "burst"):
+            if not sep or key not in ("capacity", "burst", "shards"):
                 raise ValidationError(
-                    field, f"unknown option {part!r} in {text!r}", "capacity=N or burst=N"
+                    field,
+                    f"unknown option {part!r} in {text!r}",
+                    "capacity=N, burst=N or shards=N",
                 )
             if key in options:
                 raise ValidationError(field, f"option {key!r} appears twice in {text!r}")
             options[key] = _whole(field, key, value)
         capacity = options.get("capacity", amount)
         try:
-            return cls(name, capacity, options.get("burst", capacity), amount, period_ms)
+            return cls(
+                name,
+                capacity,
+                options.get("burst", capacity),
+                amount,
+                period_ms,
+                shards=options.get("shards", 1),
+            )
         except ValidationError as exc:
             raise ValidationError(
                 field, f"{text!r}: {exc.field} {exc.problem}", exc.allowed
@@ -282,6 +335,8 @@ class Limit:
             text += f":capacity={self.capacity}"
         if self.burst != self.capacity:
             text += f":burst={self.burst}"
+        if self.shards != 1:
+            text += f":shards={self.shards}"
         return text
 
     def __str__(self) -> str:
@@ -333,6 +388,7 @@ class Limit:
             "refill_amount": self.refill_amount,
             "refill_period_ms": self.refill_period_ms,
             **({"kind": INFLIGHT} if self.inflight else {}),
+            **({"shards": self.shards} if self.shards != 1 else {}),
         }
 
     @classmethod
@@ -346,6 +402,7 @@ class Limit:
                 refill_amount=int(data["refill_amount"]),
                 refill_period_ms=int(data["refill_period_ms"]),
                 kind=str(data.get("kind", RATE)),
+                shards=int(data.get("shards", 1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValidationError("limits", f"malformed stored limit {data!r}") from exc

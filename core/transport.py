@@ -107,7 +107,9 @@ class LeaseView:
     def buckets(self) -> tuple[BucketRef, ...]:
         """The buckets the lease consumed from: its own first, then a cascade parent's
         and any ``extra`` buckets (empty for an unchecked lease)."""
-        return tuple(BucketRef(t.entity_id, t.resource, t.limits) for t in self._state.targets)
+        return tuple(
+            BucketRef(t.entity_id, t.whole_resource, t.whole_limits) for t in self._state.targets
+        )
 
     @property
     def caps(self) -> tuple[BucketRef, ...]:

@@ -145,7 +145,7 @@ def test_rates(text: str, rate: tuple[int, int]) -> None:
         ("rpm=5/m:burst=2", "burst 2 is below capacity 5", ">= capacity"),
         ("rpm=5/m:capacity=0", "capacity '0' is out of range", "1.."),
         ("rpm=5/m:burst=1.5", "burst '1.5' is not a whole number", "90k"),
-        ("rpm=5/m:brust=9", "unknown option", "capacity=N or burst=N"),
+        ("rpm=5/m:brust=9", "unknown option", "capacity=N, burst=N or shards=N"),
         ("rpm=5/m:burst=9:burst=10", "appears twice", ""),
     ],
 )
