@@ -1382,19 +1382,23 @@ class Engine(Records):
             items.update(page)
             if after is None:
                 break
-        if resource is None:
-            resources = set(items) | (set(config.limits) - {ANY_RESOURCE})
+        spread = {
+            base
+            for base in {shards.resource_of(res) for res in items} | {resource or ""}
+            if base and shards.count(merge(code_limits, config.limits_for(base))) > 1
+        }
+        if resource is None:  # a spread bucket's shards show as their resource
+            resources = {res for res in items if shards.resource_of(res) not in spread}
+            resources |= spread | (set(config.limits) - {ANY_RESOURCE})
         else:
             resources = {resource}
         now_ms = self.now_ms()
         rows: list[BucketStatus] = []
         for res in sorted(resources):
-            merged = merge(code_limits, config.limits_for(shards.resource_of(res)))
-            count = shards.count(merged)
-            if count > 1:
-                if res == shards.resource_of(res):
-                    rows.extend(_spread_status(entity_id, res, merged, config, items, now_ms))
-                continue  # a shard's item: in its resource's rows
+            merged = merge(code_limits, config.limits_for(res))
+            if res in spread:
+                rows.extend(_spread_status(entity_id, res, merged, config, items, now_ms))
+                continue
             item = items.get(res, {})
             blocks = sum(n for key, n in item.items() if key.endswith("~blocks"))
             for lim in merged:
