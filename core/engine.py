@@ -47,6 +47,7 @@ from .ops import (
     CLAIMED,
     CONDITION,
     Bucket,
+    BucketKey,
     CreateClaim,
     Flow,
     ItemWrite,
@@ -1362,7 +1363,8 @@ class Engine(Records):
         that one only. Limits are those a request would apply: ``limits`` (a caller's
         code limits), overridden by the entity's stored limits (``source`` says which).
         A bucket attribute of no known limit shows its tokens in use only. One read of
-        the entity and one per page of buckets.
+        the entity, one per page of buckets, and one per shard of a bucket spread over
+        shards (:mod:`.shards`; shards of limits it does not know are not shown).
         """
         check_id("entity_id", entity_id)
         if resource is not None:
@@ -1372,26 +1374,28 @@ class Engine(Records):
         config = yield from self._entity_config(entity_id, fresh=True)
         items: dict[str, Item] = {}
         after = None
-        listed = resource
-        if resource and shards.count(merge(code_limits, config.limits_for(resource))) > 1:
-            listed = None  # a spread bucket's shards are items of their own
         while True:
-            reply = yield ListBuckets(entity_id, listed, after)
+            reply = yield ListBuckets(entity_id, resource, after)
             self._raise_for(reply)
             page, after = reply.value
-            items.update(page)
+            items.update((res, item) for res, item in page.items() if shards.SEPARATOR not in res)
             if after is None:
                 break
-        spread = {
-            base
-            for base in {shards.resource_of(res) for res in items} | {resource or ""}
-            if base and shards.count(merge(code_limits, config.limits_for(base))) > 1
-        }
-        if resource is None:  # a spread bucket's shards show as their resource
-            resources = {res for res in items if shards.resource_of(res) not in spread}
-            resources |= spread | (set(config.limits) - {ANY_RESOURCE})
+        if resource is None:
+            resources = set(items) | (set(config.limits) - {ANY_RESOURCE})
         else:
             resources = {resource}
+        spread = {
+            res for res in resources if shards.count(merge(code_limits, config.limits_for(res))) > 1
+        }
+        for res in sorted(spread):  # a shard is not in its entity's partition: read each
+            count = shards.count(merge(code_limits, config.limits_for(res)))
+            for index in range(count):
+                part = shards.item_resource(res, index)
+                reply = yield ReadBucket(BucketKey(entity_id, part))
+                self._raise_for(reply)
+                if reply.value is not None:
+                    items[part] = reply.value
         now_ms = self.now_ms()
         rows: list[BucketStatus] = []
         for res in sorted(resources):

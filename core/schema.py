@@ -8,7 +8,13 @@ PK                   SK                  item
 ``E#<entity>``       ``#LIMITS#<res>``   stored limits (``*`` = every resource)
 ``E#<entity>``       ``B#<resource>``    one bucket item: every limit of the pair
 ``E#<entity>``       ``C#<hash>``        a started reservation's claim (TTL)
+``E#<e>#<res>#<k>``  ``B#<res>#<k>``     shard ``k`` of a bucket spread over items
 ===================  ==================  ==========================================
+
+A shard (``Limit.shards``, :mod:`.shards`) is the bucket item of the resource
+``<res>#<k>``, under a partition key of its own: DynamoDB keeps all the items of one
+partition key together, so shards sharing their entity's would share its partition's
+writes too.
 
 Identifiers may not contain ``#`` (the separator) or ``*`` (the wildcard), so no id can
 address another entity's items. A claim's sort key is a hash of its claim id (a task id
@@ -81,8 +87,12 @@ def bucket_sk(resource: str) -> str:
 
 
 def bucket_key(entity_id: str, resource: str) -> dict[str, dict[str, str]]:
-    """The key of the bucket item of (entity, resource)."""
-    return {"PK": {"S": entity_pk(entity_id)}, "SK": {"S": bucket_sk(resource)}}
+    """The key of the bucket item of (entity, resource); a shard's (``<res>#<k>``, a
+    resource no caller can name) is under a partition key of its own."""
+    pk = entity_pk(entity_id)
+    if "#" in resource:
+        pk = f"{pk}#{resource}"
+    return {"PK": {"S": pk}, "SK": {"S": bucket_sk(resource)}}
 
 
 def claim_key(entity_id: str, claim: str) -> dict[str, dict[str, str]]:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import Backend
-from tests.helpers import Clock, Counter
+from tests.helpers import Clock, Counter, table_contents
 from zae_celery.core import Limit, RateLimiter, RateLimitExceeded
 from zae_celery.core.errors import RequestExceedsBurst, ValidationError
 from zae_celery.core.limits import MAX_SHARDS
@@ -96,8 +96,14 @@ def test_grants_spread_over_the_shards_and_reads_add_them_up(
     assert limiter.available("e", "api", [HOT]) == {"rps": 0}
     (row,) = limiter.buckets("e", "api", [HOT])
     assert (row.resource, row.burst, row.available, row.charged) == ("api", 8, 0, 8)
-    assert [r.resource for r in limiter.buckets("e", limits=[HOT])] == ["api"]
+    # A whole entity's listing shows a spread resource whose limits are stored, once.
+    assert limiter.buckets("e", limits=[HOT]) == []  # code limits name no resource
+    limiter.set_limits("e", [HOT], "api")
+    assert [(r.resource, r.charged) for r in limiter.buckets("e")] == [("api", 8)]
     assert {ref.resource for lease in leases for ref in lease.buckets} == {"api"}
+    if backend.endpoint is not None and not backend.redis:  # each shard: a partition key
+        keys = {(i["PK"]["S"], i["SK"]["S"]) for i in table_contents(backend.store())}
+        assert {(f"E#e#api#{i}", f"B#api#{i}") for i in range(4)} <= keys
     backend.clock.advance(0.5)  # each shard refills 1 token per 0.5 s
     assert limiter.available("e", "api", [HOT]) == {"rps": 4}
 
