@@ -2,7 +2,7 @@
 
     python -m benchmarks.hot [--endpoint dynamodb-local|moto] [--mode grant|reserve|retry]...
         [--processes 1,2,4,8] [--seconds 10] [--rate 50] [--tpm-pace 2] [--horizon 30]
-        [--refund 0] [--settle-delay 0] [--json FILE]
+        [--refund 0] [--settle-delay 0] [--shards 1] [--json FILE]
 
 N client processes (spawned, each with its own RateLimiter on the same endpoint and a
 fresh table per mode and N) start together and, for ``--seconds``, take grants of
@@ -33,6 +33,9 @@ utilization (grants started over what the rate allows, from when a client first 
 the bucket empty, a refusal or a wait, to the end), and writes per item per second:
 the most UpdateItems sent to one item (key) in any 1 s, summed over every client
 (DynamoDB serves an item from one partition, at most 1000 writes/s).
+
+With ``--shards S`` both limits are spread over S items (``Limit.shards``), each with
+a share of the capacity and rate; writes per item per second then shows the hottest shard.
 
 The endpoint is warmed up first, and each client warms up on an entity of its own.
 """
@@ -79,6 +82,7 @@ class Spec:
     horizon: float
     refund: int
     settle_delay: float
+    shards: int
     index: int
 
 
@@ -87,17 +91,19 @@ def burst_for(rate: int) -> int:
     return rate
 
 
-def limits_for(mode: str, rate: int = 0, tpm_pace: float = 1) -> list[Limit]:
+def limits_for(mode: str, rate: int = 0, tpm_pace: float = 1, shards: int = 1) -> list[Limit]:
     """rpm and tpm: unbounded for ``grant``; otherwise rpm bound to ``rate`` grants/s
-    and tpm to ``tpm_pace`` times that (buckets of 1 s worth)."""
+    and tpm to ``tpm_pace`` times that (buckets of 1 s worth); spread over ``shards``."""
     if mode == "grant":
-        return [Limit.per_minute("rpm", BIG), Limit.per_minute("tpm", BIG)]
-    burst, per_minute = burst_for(rate), rate * 60
-    tpm = CONSUME["tpm"] * tpm_pace
-    return [
-        Limit.custom("rpm", burst, per_minute, 60),
-        Limit.custom("tpm", round(burst * tpm), round(per_minute * tpm), 60),
-    ]
+        limits = [Limit.per_minute("rpm", BIG), Limit.per_minute("tpm", BIG)]
+    else:
+        burst, per_minute = burst_for(rate), rate * 60
+        tpm = CONSUME["tpm"] * tpm_pace
+        limits = [
+            Limit.custom("rpm", burst, per_minute, 60),
+            Limit.custom("tpm", round(burst * tpm), round(per_minute * tpm), 60),
+        ]
+    return [lim.with_shards(shards) for lim in limits]
 
 
 def _item(body: Any) -> str:
@@ -117,7 +123,7 @@ def _client(spec: Spec, barrier: Any, out: Any) -> None:
 
 def _run_client(spec: Spec, barrier: Any) -> dict[str, Any]:
     limiter = RateLimiter(spec.table, endpoint_url=spec.url, settle_delay=spec.settle_delay)
-    limits = limits_for(spec.mode, spec.rate, spec.tpm_pace)
+    limits = limits_for(spec.mode, spec.rate, spec.tpm_pace, spec.shards)
     limiter.warm_up()
     for _ in range(WARMUP):
         with limiter.acquire(f"warm-{spec.index}", RESOURCE, CONSUME, limits_for("grant")):
@@ -354,6 +360,13 @@ def _processes(_: Any, __: Any, value: str) -> list[int]:
     show_default=True,
     help="The clients' settle_delay: how long a refund may wait to ride in a later write.",
 )
+@click.option(
+    "--shards",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Items the bucket is spread over (Limit.shards).",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write figures here.")
 def main(
     endpoint: str,
@@ -365,6 +378,7 @@ def main(
     horizon: float,
     refund: int,
     settle_delay: float,
+    shards: int,
     json_path: str | None,
 ) -> None:
     """Benchmark one hot bucket under N concurrent client processes and print a table."""
@@ -373,7 +387,7 @@ def main(
     if tpm_pace < 1:
         raise click.BadParameter("--tpm-pace below 1 would make tpm bind instead of rpm")
     options = {"seconds": seconds, "rate": rate, "tpm_pace": tpm_pace, "horizon": horizon,
-               "refund": refund, "settle_delay": settle_delay}  # fmt: skip
+               "refund": refund, "settle_delay": settle_delay, "shards": shards}  # fmt: skip
     use_local_credentials()
     console = Console(width=200)
     results: list[dict[str, Any]] = []
@@ -386,7 +400,8 @@ def main(
     title = (
         f"one hot bucket, {endpoint}, {seconds:g} s per case; bound modes: {rate:g} grants/s, "
         f"burst {burst_for(rate)}, tpm pace x{tpm_pace:g}, reserve horizon {horizon:g} s; "
-        f"refund {refund} of {CONSUME['tpm']} tpm per grant, settle_delay {settle_delay:g} s"
+        f"refund {refund} of {CONSUME['tpm']} tpm per grant, settle_delay {settle_delay:g} s, "
+        f"{shards} shard{'s' if shards > 1 else ''}"
     )
     console.print(render(results, title))
     if json_path:

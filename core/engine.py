@@ -135,7 +135,7 @@ HERD_MAX_MS = 1_000
 """The widest random spread added to a refusal's exact wait (see ``Engine._refusal``)."""
 HERD_HALF_LIFE_MS = 3_000
 """A bucket's spread halves every this many ms without a lost race (see ``_refusal``)."""
-SHARD_TRIES = 3
+SHARD_TRIES = 2
 """Most writes one request of a spread bucket makes to find a shard that grants it."""
 OnUnavailable = Literal["closed", "open"]
 Item = Bucket
