@@ -223,7 +223,27 @@ class Engine(Records):
         now = bucket.now_units(limit, now_ms)
         if key in self._busy and tat is not None and now - bucket.tau(limit) < tat <= now:
             return now + 1
+        if (
+            target.shard is not None
+            and (tat is None or tat <= now)
+            and self._siblings_busy(target, limit, now)
+        ):
+            return now + 1
         return tat
+
+    def _siblings_busy(self, target: Target, limit: Limit, now: int) -> bool:
+        """Whether another shard of the same bucket was last seen queued ahead of
+        ``now`` (the shards of a bucket share its load)."""
+        assert target.shard is not None
+        for index in range(target.shard.count):
+            if index == target.shard.index:
+                continue
+            resource = shards.item_resource(target.shard.resource, index)
+            key = (target.entity_id, resource, limit.key)
+            tat = self._tats.get(key)
+            if key in self._busy and tat is not None and tat > now:
+                return True
+        return False
 
     def _note_shapes(self, target: Target, steps: Sequence[Step], now_ms: int) -> None:
         """After a granted write: a QUEUE write found the bucket busy, a FRESH one idle
@@ -411,11 +431,15 @@ class Engine(Records):
         """:meth:`_grant` on one shard of each spread bucket (:mod:`.shards`).
 
         Each spread target takes the shard this process's view says grants soonest
-        (ties drawn at random, so fresh clients spread out). A refused request tries
-        the best shard it has not tried yet while the view says that one may grant
-        within the horizon, at most ``SHARD_TRIES`` writes in all; then the last
-        refusal stands. The view's waits are lower bounds (other clients only push a
-        bucket further), so a shard it rules out surely cannot grant.
+        (ties drawn at random, so fresh clients spread out). A refused request for now
+        (no horizon) tries the best shard it has not tried yet if the view says that
+        one may grant, at most ``SHARD_TRIES`` writes in all; then the refusal stands.
+        The view's waits are lower bounds (other clients only push a bucket further),
+        so a shard it rules out surely cannot grant. A refused reservation does not try
+        another: the shard it took was the soonest this process knew of, and when one
+        shard's line reaches the horizon under overload the others' do too (in
+        ``benchmarks.partition`` a second write there granted nothing more and cost
+        0.10 write units per grant).
         """
         if all(t.shards == 1 for t in whole):
             return (yield from self._grant(whole, horizon_ms, within_ms, pace, slot))
@@ -431,6 +455,7 @@ class Engine(Records):
                 if (
                     attempt + 1 == SHARD_TRIES
                     or chosen is None
+                    or horizon_ms > 0
                     or not self._may_grant_within(chosen, horizon_ms)
                 ):
                     raise

@@ -199,3 +199,34 @@ def test_the_shards_together_never_exceed_the_whole_and_fill_it_under_uneven_loa
         assert 1000 * before - 40 * t - least <= 1000 * whole.burst
     granted = sum(tokens for _, tokens in grants)
     assert granted >= 0.95 * (whole.burst + whole.rate * 60)
+
+
+def test_a_shard_not_seen_yet_is_guessed_queued_like_its_siblings(backend: Backend) -> None:
+    """Shards share their bucket's load: a client that saw one shard with a line ahead
+    writes its first grant on another in the queue form too, and the condition holds
+    (a fresh-bucket guess would fail there and cost a second write)."""
+    two = Limit.per_second("rps", 4).with_shards(2)  # 2 shards of 2 tokens, 2 a second
+    filler = backend.limiter(stored_config=False)
+    for _ in range(8):  # both shards 4 tokens into their lines
+        filler.reserve("e", "api", {"rps": 1}, [two], horizon=10)
+    client = backend.limiter(stored_config=False)
+    client.warm_up()
+    counter = Counter(client)
+    first = client.reserve("e", "api", {"rps": 1}, [two], horizon=10)
+    assert counter.take().count("UpdateItem") == 2  # a guess of nothing: fresh, refused
+    second = client.reserve("e", "api", {"rps": 1}, [two], horizon=10)
+    assert second._state.targets[0].resource != first._state.targets[0].resource
+    assert counter.take() == ["UpdateItem"]  # the other shard: guessed queued, granted
+
+
+def test_a_refused_reservation_does_not_try_another_shard(backend: Backend) -> None:
+    two = Limit.per_second("rps", 4).with_shards(2)
+    filler = backend.limiter(stored_config=False)
+    for _ in range(8):
+        filler.reserve("e", "api", {"rps": 1}, [two], horizon=10)
+    client = backend.limiter(stored_config=False)
+    client.warm_up()
+    counter = Counter(client)
+    with pytest.raises(RateLimitExceeded):  # each line is 2 s long: beyond a 1 s horizon
+        client.reserve("e", "api", {"rps": 1}, [two], horizon=1)
+    assert counter.take() == ["UpdateItem"]
