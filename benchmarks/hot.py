@@ -2,7 +2,8 @@
 
     python -m benchmarks.hot [--endpoint dynamodb-local|moto] [--mode grant|reserve|retry]...
         [--processes 1,2,4,8] [--seconds 10] [--rate 50] [--tpm-pace 2] [--horizon 30]
-        [--refund 0] [--settle-delay 0] [--shards 1] [--json FILE]
+        [--refund 0] [--settle-delay 0] [--shards 1] [--library ours|zae-limiter]
+        [--json FILE]
 
 N client processes (spawned, each with its own RateLimiter on the same endpoint and a
 fresh table per mode and N) start together and, for ``--seconds``, take grants of
@@ -37,6 +38,11 @@ the most UpdateItems sent to one item (key) in any 1 s, summed over every client
 With ``--shards S`` both limits are spread over S items (``Limit.shards``), each with
 a share of the capacity and rate; writes per item per second then shows the hottest shard.
 
+With ``--library zae-limiter`` (grant mode only; ``make benchmark`` installs it) the
+clients run zae-limiter 0.17.0 instead (benchmarks/theirs.py): the same grant and commit
+through its sync API, its bucket pre-sharded to ``--shards`` with its own doubling
+(``bump_shard_count``; alone it doubles only past 1,000 writes a second on an item).
+
 The endpoint is warmed up first, and each client warms up on an entity of its own.
 """
 
@@ -62,6 +68,7 @@ from zae_celery.testing import use_local_credentials
 from zae_celery.testing.counting import RequestCounter
 
 MODES = ("grant", "reserve", "retry")
+OURS, THEIRS = "ours", "zae-limiter"
 HOT, RESOURCE = "hot", "model"
 CONSUME = {"rpm": 1, "tpm": 100}
 BIG = 10**9
@@ -83,6 +90,7 @@ class Spec:
     refund: int
     settle_delay: float
     shards: int
+    library: str
     index: int
 
 
@@ -121,7 +129,38 @@ def _client(spec: Spec, barrier: Any, out: Any) -> None:
         out.put({"error": f"client {spec.index}: {exc!r}"})
 
 
+def _run_theirs(spec: Spec, barrier: Any) -> dict[str, Any]:
+    """A grant-mode client on zae-limiter: the same loop, its requests counted alike."""
+    from benchmarks import theirs
+
+    client = theirs.HotClient(spec.url, spec.table, CONSUME)
+    for _ in range(WARMUP):
+        client.grant()
+    counter = RequestCounter()
+    counter.install(client.client)
+    writes: list[tuple[float, str]] = []
+
+    def on_update(request: Any = None, **_: Any) -> None:
+        writes.append((time.time(), _item(request.body)))
+
+    client.client.meta.events.register("before-send.dynamodb.UpdateItem", on_update)
+    grants: list[tuple[float, float, float, float]] = []
+    barrier.wait(timeout=120)
+    t0 = time.time()
+    deadline = t0 + spec.seconds
+    while time.time() < deadline:
+        first = time.time()
+        client.grant()
+        done = time.time()
+        grants.append((done, done - first, 0.0, first))
+    client.close()
+    return {"t0": t0, "grants": grants, "refused": 0, "bound_at": None,
+            "requests": counter.snapshot(), "writes": writes}  # fmt: skip
+
+
 def _run_client(spec: Spec, barrier: Any) -> dict[str, Any]:
+    if spec.library == THEIRS:
+        return _run_theirs(spec, barrier)
     limiter = RateLimiter(spec.table, endpoint_url=spec.url, settle_delay=spec.settle_delay)
     limits = limits_for(spec.mode, spec.rate, spec.tpm_pace, spec.shards)
     limiter.warm_up()
@@ -250,7 +289,12 @@ def run_case(url: str, mode: str, n: int, options: dict[str, Any]) -> dict[str, 
     table = f"bench-hot-{mode}-{n}-{uuid.uuid4().hex[:8]}"
     seconds = options["seconds"]
     admin = RateLimiter(table, endpoint_url=url)
-    admin.create_table()
+    if options["library"] == THEIRS:
+        from benchmarks import theirs
+
+        theirs.hot_setup(url, table, options["shards"], CONSUME)
+    else:
+        admin.create_table()
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(n), ctx.Queue()
     specs = [Spec(url, table, mode, index=i, **options) for i in range(n)]
@@ -265,7 +309,10 @@ def run_case(url: str, mode: str, n: int, options: dict[str, Any]) -> dict[str, 
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
-        admin.delete_table()
+        if options["library"] == THEIRS:
+            theirs.hot_delete(url, table)
+        else:
+            admin.delete_table()
     errors = [s["error"] for s in samples if "error" in s]
     if errors:
         raise click.ClickException("; ".join(errors))
@@ -367,6 +414,13 @@ def _processes(_: Any, __: Any, value: str) -> list[int]:
     show_default=True,
     help="Items the bucket is spread over (Limit.shards).",
 )
+@click.option(
+    "--library",
+    type=click.Choice((OURS, THEIRS)),
+    default=OURS,
+    show_default=True,
+    help="Whose clients run: ours, or zae-limiter 0.17.0 (grant mode only).",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write figures here.")
 def main(
     endpoint: str,
@@ -379,15 +433,19 @@ def main(
     refund: int,
     settle_delay: float,
     shards: int,
+    library: str,
     json_path: str | None,
 ) -> None:
     """Benchmark one hot bucket under N concurrent client processes and print a table."""
     if seconds <= burst_for(rate) / rate:
         raise click.BadParameter("--seconds must exceed the bucket's length (burst / rate)")
+    if library == THEIRS and set(modes) != {"grant"}:
+        raise click.BadParameter("--library zae-limiter runs grant mode only (--mode grant)")
     if tpm_pace < 1:
         raise click.BadParameter("--tpm-pace below 1 would make tpm bind instead of rpm")
     options = {"seconds": seconds, "rate": rate, "tpm_pace": tpm_pace, "horizon": horizon,
-               "refund": refund, "settle_delay": settle_delay, "shards": shards}  # fmt: skip
+               "refund": refund, "settle_delay": settle_delay, "shards": shards,
+               "library": library}  # fmt: skip
     use_local_credentials()
     console = Console(width=200)
     results: list[dict[str, Any]] = []
@@ -401,7 +459,7 @@ def main(
         f"one hot bucket, {endpoint}, {seconds:g} s per case; bound modes: {rate:g} grants/s, "
         f"burst {burst_for(rate)}, tpm pace x{tpm_pace:g}, reserve horizon {horizon:g} s; "
         f"refund {refund} of {CONSUME['tpm']} tpm per grant, settle_delay {settle_delay:g} s, "
-        f"{shards} shard{'s' if shards > 1 else ''}"
+        f"{shards} shard{'s' if shards > 1 else ''}; {library}"
     )
     console.print(render(results, title))
     if json_path:

@@ -190,3 +190,78 @@ def run_zae_limiter(
         "admitted": admitted,
         "refused": cycles - admitted,
     }
+
+
+# -- one hot bucket (benchmarks.hot --library zae-limiter) ------------------------------
+HOT_ENTITY, HOT_RESOURCE = "bench-entity", "bench-resource"
+
+
+def _open(table_name: str, endpoint_url: str) -> tuple[Any, Any]:
+    """zae-limiter's repository and sync limiter on an existing table (see the module's
+    docstring for the Lambda probe)."""
+    zl: Any = importlib.import_module("zae_limiter")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    builder: Any = (
+        zl.SyncRepository.builder().stack(table_name).region(_REGION).endpoint_url(endpoint_url)
+    )
+    stack_manager: Any = importlib.import_module("zae_limiter.infra.sync_stack_manager")
+    lambda_probe: Any = stack_manager.lambda_function_exists
+    stack_manager.lambda_function_exists = _no_lambda_probe
+    try:
+        repo: Any = builder.build()
+    finally:
+        stack_manager.lambda_function_exists = lambda_probe
+    return repo, zl.SyncRateLimiter(repository=repo)
+
+
+def hot_setup(endpoint_url: str, table_name: str, shards: int, consume: dict[str, int]) -> None:
+    """Create the table and store rpm and tpm limits so large that nothing is refused;
+    with ``shards`` > 1, double the bucket's shard count up to it before the clients
+    start (``bump_shard_count``: zae-limiter doubles by itself only past 1,000 writes a
+    second on one item, which a local endpoint does not reach)."""
+    zl: Any = importlib.import_module("zae_limiter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        creator: Any = zl.SyncRepository(name=table_name, region=_REGION, endpoint_url=endpoint_url)
+    creator.create_table()
+    creator.close()
+    repo, limiter = _open(table_name, endpoint_url)
+    try:
+        big = [zl.Limit.per_minute("rpm", IDLE_CAPACITY), zl.Limit.per_minute("tpm", IDLE_CAPACITY)]
+        limiter.set_limits(HOT_ENTITY, big, resource=HOT_RESOURCE)
+        with limiter.acquire(HOT_ENTITY, HOT_RESOURCE, consume=consume):
+            pass  # creates shard 0, which holds the shard count
+        count = 1
+        while count < shards:
+            count = repo.bump_shard_count(HOT_ENTITY, HOT_RESOURCE, count)
+    finally:
+        limiter.close()
+
+
+def hot_delete(endpoint_url: str, table_name: str) -> None:
+    """Delete the table of :func:`hot_setup`."""
+    repo, limiter = _open(table_name, endpoint_url)
+    try:
+        repo.delete_table()
+    finally:
+        limiter.close()
+
+
+class HotClient:
+    """One client process's zae-limiter limiter on the hot bucket: ``grant()`` acquires
+    rpm(1) + tpm(100) and commits (the ``with`` block's exit)."""
+
+    def __init__(self, endpoint_url: str, table_name: str, consume: dict[str, int]) -> None:
+        self.repo, self.limiter = _open(table_name, endpoint_url)
+        self.consume = consume
+        self.client: Any = self.repo._get_client()
+
+    def grant(self) -> None:
+        """One grant, committed at once."""
+        with self.limiter.acquire(HOT_ENTITY, HOT_RESOURCE, consume=self.consume):
+            pass
+
+    def close(self) -> None:
+        """Close the limiter (and its client)."""
+        self.limiter.close()

@@ -29,6 +29,7 @@ from tests.conftest import Broker
 from tests.helpers import eventually
 from zae_celery.admission import LOOKAHEAD
 from zae_celery.core import Limit, RateLimiter
+from zae_celery.core.schema import bucket_key
 from zae_celery.testing import LocalServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -249,6 +250,35 @@ def test_refunds_reach_the_buckets_through_the_workers_main_processes(
     tpm = {b.limit_name: b for b in limiter.buckets("default", "reconcile")}["tpm"]
     assert tpm.charged == actual * (n + 1)
     assert "hand a refund" not in log_text(fleet.logs)  # none was settled in a child
+
+
+def test_a_bucket_spread_over_shards_holds_the_fleet_to_the_whole(
+    broker: Broker, ddb_local: LocalServer, tmp_path: Path
+) -> None:
+    # rpm: RPS a second over 2 shards; each task estimates 100 tpm and reports 40 (its
+    # refund travels to its worker's main process with the lease's shard). The starts
+    # keep to the whole bucket, and once the workers stopped every shard's counters
+    # add up to exactly the usage.
+    n, actual = 30, 40
+    fleet_run = _start_fleet(broker, ddb_local, tmp_path)
+    fleet = next(fleet_run)
+    limiter = fleet.limiter()
+    try:
+        infos = fleet.collect([fleet.send("spread", "limited", actual) for _ in range(n)])
+    finally:
+        fleet_run.close()
+    starts = sorted(round(info["start"] * 1000) for info in infos)
+    assert max_window_excess(starts, RPS, RPS) <= 0
+    assert starts[-1] - starts[0] >= (n - RPS) * 1000 // RPS - 50  # the whole rate held
+    from tests.celery import app as test_app
+
+    limits = test_app.app.tasks["tests.celery.app.spread"].rate_limits
+    rows = {b.limit_name: b for b in limiter.buckets("default", "spread", limits)}
+    assert (rows["rpm"].charged, rows["tpm"].charged) == (n, actual * n)
+    for index in range(2):  # both shards granted, each under its own partition key
+        key = bucket_key("default", f"spread#{index}")
+        item = limiter.client.get_item(TableName=fleet.table, Key=key, ConsistentRead=True)
+        assert key["PK"]["S"] == f"E#default#spread#{index}" and "Item" in item
 
 
 def test_queue_limits_are_shared_by_task_types(fleet: Fleet) -> None:

@@ -166,6 +166,21 @@ def reconciled_then_killed(self: RateLimitedTask, actual: int) -> dict[str, Any]
     return _reconcile(self, actual)
 
 
+@app.task(
+    **{
+        **RECONCILED,
+        "rate_limits": [
+            Limit.per_second("rpm", RPS).with_shards(2),
+            Limit.per_second("tpm", 1000, burst=1000).with_shards(2),
+        ],
+        "rate_resource": "spread",
+    }
+)
+def spread(self: RateLimitedTask, actual: int) -> dict[str, Any]:
+    """``reconciled`` on a bucket of RPS a second spread over two shards."""
+    return _reconcile(self, actual)
+
+
 @task_postrun.connect(weak=False)
 def _kill_after(sender: Any = None, **_: Any) -> None:
     if getattr(sender, "name", "") == "tests.celery.app.reconciled_then_killed":

@@ -53,9 +53,10 @@ def limits() -> None:
 def limits_set(target: Target, entity: str, resource: str | None, limit_specs: list[Limit]) -> None:
     """Store limits for ENTITY, replacing those stored for the same resource.
 
-    SPEC is NAME=AMOUNT/PERIOD[:capacity=N][:burst=N]: PERIOD is [COUNT]UNIT with UNIT
-    ms, s, m, h or d; numbers take _ separators and the suffixes k (thousand) and M (million);
-    AMOUNT may be a decimal (0.5/s is 1/2s).
+    SPEC is NAME=AMOUNT/PERIOD[:capacity=N][:burst=N][:shards=N]: PERIOD is [COUNT]UNIT
+    with UNIT ms, s, m, h or d; numbers take _ separators and the suffixes k (thousand) and
+    M (million); AMOUNT may be a decimal (0.5/s is 1/2s); shards spreads a bucket over N
+    items (one DynamoDB item takes at most 1,000 writes a second).
 
     \b
     Example:
