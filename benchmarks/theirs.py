@@ -100,41 +100,8 @@ def run_zae_limiter(
         raise ValueError("cycles must be at least 1")
 
     zl: Any = importlib.import_module("zae_limiter")
-
-    # boto3's default credential chain is all zae-limiter uses; a local endpoint accepts
-    # any key, so fill in dummy ones when none are configured.
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
-
-    # The library's only direct CreateTable path is SyncRepository.create_table(), on a
-    # repository built with the (deprecated, warning) constructor.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        creator: Any = zl.SyncRepository(name=table_name, region=_REGION, endpoint_url=endpoint_url)
-    if creator.table_name != table_name:
-        raise ValueError(f"zae-limiter maps {table_name!r} to table {creator.table_name!r}")
-    creator.create_table()
-    creator.close()
-
-    builder: Any = (
-        zl.SyncRepository.builder().stack(table_name).region(_REGION).endpoint_url(endpoint_url)
-    )
-    if not rejection_cache:
-        builder = builder.rejection_cache_ttl(0)
-    # build() writes the stack's version record and, before that, probes the Lambda API
-    # at the same endpoint for the stack's aggregator functions. DynamoDB Local answers
-    # that probe with HTTP 500, which botocore retries with back-off for ~8 s before the
-    # probe gives up with "cannot tell" (None). Answer None at once: the record then says
-    # "Lambda version unknown", which only gates ``reset_after`` limits (none here), and
-    # no timed cycle touches Lambda; only set-up time changes.
-    stack_manager: Any = importlib.import_module("zae_limiter.infra.sync_stack_manager")
-    lambda_probe: Any = stack_manager.lambda_function_exists
-    stack_manager.lambda_function_exists = _no_lambda_probe
-    try:
-        repo: Any = builder.build()
-    finally:
-        stack_manager.lambda_function_exists = lambda_probe
-    limiter: Any = zl.SyncRateLimiter(repository=repo)
+    _create(table_name, endpoint_url)
+    repo, limiter = _open(table_name, endpoint_url, rejection_cache)
     try:
         entity = "bench-entity"
         resource = "bench-resource"
@@ -196,15 +163,39 @@ def run_zae_limiter(
 HOT_ENTITY, HOT_RESOURCE = "bench-entity", "bench-resource"
 
 
-def _open(table_name: str, endpoint_url: str) -> tuple[Any, Any]:
-    """zae-limiter's repository and sync limiter on an existing table (see the module's
-    docstring for the Lambda probe)."""
+def _create(table_name: str, endpoint_url: str) -> None:
+    """Create zae-limiter's table: its only direct CreateTable path is
+    ``SyncRepository.create_table()``, on a repository built with the (deprecated,
+    warning) constructor. boto3's default credential chain is all zae-limiter uses; a
+    local endpoint accepts any key, so dummy ones fill in when none are configured."""
     zl: Any = importlib.import_module("zae_limiter")
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        creator: Any = zl.SyncRepository(name=table_name, region=_REGION, endpoint_url=endpoint_url)
+    if creator.table_name != table_name:
+        raise ValueError(f"zae-limiter maps {table_name!r} to table {creator.table_name!r}")
+    creator.create_table()
+    creator.close()
+
+
+def _open(table_name: str, endpoint_url: str, rejection_cache: bool = True) -> tuple[Any, Any]:
+    """zae-limiter's repository and sync limiter on an existing table. ``rejection_cache``
+    False builds the repository with ``rejection_cache_ttl(0)``.
+
+    build() writes the stack's version record and, before that, probes the Lambda API at
+    the same endpoint for the stack's aggregator functions. DynamoDB Local answers that
+    probe with HTTP 500, which botocore retries with back-off for ~8 s before the probe
+    gives up with "cannot tell" (None). Answer None at once: the record then says
+    "Lambda version unknown", which only gates ``reset_after`` limits (none here), and no
+    timed cycle touches Lambda; only set-up time changes."""
+    zl: Any = importlib.import_module("zae_limiter")
     builder: Any = (
         zl.SyncRepository.builder().stack(table_name).region(_REGION).endpoint_url(endpoint_url)
     )
+    if not rejection_cache:
+        builder = builder.rejection_cache_ttl(0)
     stack_manager: Any = importlib.import_module("zae_limiter.infra.sync_stack_manager")
     lambda_probe: Any = stack_manager.lambda_function_exists
     stack_manager.lambda_function_exists = _no_lambda_probe
@@ -221,11 +212,7 @@ def hot_setup(endpoint_url: str, table_name: str, shards: int, consume: dict[str
     start (``bump_shard_count``: zae-limiter doubles by itself only past 1,000 writes a
     second on one item, which a local endpoint does not reach)."""
     zl: Any = importlib.import_module("zae_limiter")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        creator: Any = zl.SyncRepository(name=table_name, region=_REGION, endpoint_url=endpoint_url)
-    creator.create_table()
-    creator.close()
+    _create(table_name, endpoint_url)
     repo, limiter = _open(table_name, endpoint_url)
     try:
         big = [zl.Limit.per_minute("rpm", IDLE_CAPACITY), zl.Limit.per_minute("tpm", IDLE_CAPACITY)]
