@@ -223,17 +223,16 @@ class Engine(Records):
         now = bucket.now_units(limit, now_ms)
         if key in self._busy and tat is not None and now - bucket.tau(limit) < tat <= now:
             return now + 1
-        if (
-            target.shard is not None
-            and (tat is None or tat <= now)
-            and self._siblings_busy(target, limit, now)
-        ):
+        known_idle = tat is not None and tat <= now
+        if target.shard is not None and known_idle and self._siblings_busy(target, limit, now):
             return now + 1
         return tat
 
     def _siblings_busy(self, target: Target, limit: Limit, now: int) -> bool:
         """Whether another shard of the same bucket was last seen queued ahead of
-        ``now`` (the shards of a bucket share its load)."""
+        ``now`` (the shards of a bucket share its load). Asked only of a shard this
+        process saw before: one it never saw may not exist yet, and a queue add on a
+        missing item fails and costs a read."""
         assert target.shard is not None
         for index in range(target.shard.count):
             if index == target.shard.index:

@@ -14,7 +14,7 @@ from tests.helpers import Clock, Counter, table_contents
 from zae_celery.core import Limit, RateLimiter, RateLimitExceeded
 from zae_celery.core.errors import RequestExceedsBurst, ValidationError
 from zae_celery.core.limits import MAX_SHARDS
-from zae_celery.core.shards import count, item_resource, resource_of, split
+from zae_celery.core.shards import count, item_resource, split
 from zae_celery.core.stores import MemoryStore
 
 HOT = Limit.per_second("rps", 8).with_shards(4)  # 4 shards of 2 tokens, 2 a second each
@@ -109,18 +109,26 @@ def test_grants_spread_over_the_shards_and_reads_add_them_up(
 
 
 def test_a_refused_shard_sends_the_request_to_another(backend: Backend) -> None:
-    first, second = backend.limiter(), backend.limiter(stored_config=False)
-    first.acquire("e", "api", {"rps": 2}, [HOT])  # one shard emptied
-    second.warm_up()
-    counter = Counter(second)
-    for index in range(3):  # whichever shard the second client tries first
-        second.engine.random.seed(index)
-        lease = second.acquire("e", "api", {"rps": 2}, [HOT])
-        assert len(counter.take()) <= 2
-        assert lease._state.targets[0].resource != resource_of(lease._state.targets[0].resource)
-    with pytest.raises(RateLimitExceeded):  # every shard empty now
-        second.acquire("e", "api", {"rps": 2}, [HOT])
-    assert len(counter.take()) <= 3  # SHARD_TRIES
+    first = backend.limiter(stored_config=False)
+    first.engine.random.seed(0)
+    emptied = first.acquire("e", "api", {"rps": 2}, [HOT])._state.targets[0].resource
+    for seed in range(6):  # fresh clients, whichever shard each tries first
+        client = backend.limiter(stored_config=False)
+        client.engine.random.seed(seed)
+        client.warm_up()
+        counter = Counter(client)
+        lease = client.acquire("e", "api", {"rps": 1}, [HOT])
+        assert lease._state.targets[0].resource != emptied
+        assert counter.take().count("UpdateItem") <= 2  # at most: the emptied one, then another
+        lease.rollback()
+    for _ in range(3):  # every other shard emptied too
+        first.acquire("e", "api", {"rps": 2}, [HOT])
+    fresh = backend.limiter(stored_config=False)
+    fresh.warm_up()
+    counter = Counter(fresh)
+    with pytest.raises(RateLimitExceeded):
+        fresh.acquire("e", "api", {"rps": 2}, [HOT])
+    assert counter.take().count("UpdateItem") == 2  # SHARD_TRIES, then the refusal stands
 
 
 def test_a_view_that_rules_every_shard_out_writes_nothing(backend: Backend) -> None:
@@ -201,19 +209,31 @@ def test_the_shards_together_never_exceed_the_whole_and_fill_it_under_uneven_loa
     assert granted >= 0.95 * (whole.burst + whole.rate * 60)
 
 
-def test_a_shard_not_seen_yet_is_guessed_queued_like_its_siblings(backend: Backend) -> None:
-    """Shards share their bucket's load: a client that saw one shard with a line ahead
-    writes its first grant on another in the queue form too, and the condition holds
-    (a fresh-bucket guess would fail there and cost a second write)."""
+def test_a_shard_seen_idle_long_ago_is_guessed_queued_like_its_siblings(
+    backend: Backend, clock: Clock
+) -> None:
+    """Shards share their bucket's load: a client whose view of a shard is old (idle
+    then) but that has just seen another shard with a line ahead writes its grant on the
+    old one in the queue form too, and the condition holds (a fresh-bucket guess would
+    fail there and cost a second write)."""
     two = Limit.per_second("rps", 4).with_shards(2)  # 2 shards of 2 tokens, 2 a second
+    client = backend.limiter(stored_config=False)
+    seen: set[str] = set()
+    for seed in range(20):  # the client sees both shards, idle
+        client.engine.random.seed(seed)
+        lease = client.acquire("e", "api", {"rps": 1}, [two])
+        seen.add(lease._state.targets[0].resource)
+        lease.rollback()
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2
+    clock.advance(5)  # its view is old: both idle as far as it knows
     filler = backend.limiter(stored_config=False)
     for _ in range(8):  # both shards 4 tokens into their lines
         filler.reserve("e", "api", {"rps": 1}, [two], horizon=10)
-    client = backend.limiter(stored_config=False)
-    client.warm_up()
     counter = Counter(client)
     first = client.reserve("e", "api", {"rps": 1}, [two], horizon=10)
-    assert counter.take().count("UpdateItem") == 2  # a guess of nothing: fresh, refused
+    assert counter.take().count("UpdateItem") == 2  # its old view: fresh, refused
     second = client.reserve("e", "api", {"rps": 1}, [two], horizon=10)
     assert second._state.targets[0].resource != first._state.targets[0].resource
     assert counter.take() == ["UpdateItem"]  # the other shard: guessed queued, granted
