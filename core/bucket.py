@@ -220,6 +220,24 @@ def plan(
     return Step(limit, tokens, Shape.FRESH, now, now + cost(limit, tokens))
 
 
+def plan_until(
+    limit: Limit, tokens: int, now_ms: int, horizon_ms: int, guess: int, until_ms: int
+) -> Step:
+    """A queue add for a limit last seen busy but short of ``until_ms`` (a common start
+    plus its margin: see :func:`fold_ms`): the cost plus what the view says is missing to
+    reach ``until_ms``, so that it is counted there or later in the same write.
+
+    Other clients' writes only push the TAT further, which counts it later still (never
+    early); the bound, lowered by the pad, keeps the request's own slot on this limit
+    within the horizon. No other client's write can make the add fail but by that bound.
+    """
+    step = plan(limit, tokens, now_ms, horizon_ms, guess)
+    pad = now_units(limit, until_ms) - guess
+    if step.shape is not Shape.QUEUE or pad <= 0 or step.bound is None:
+        return step
+    return Step(limit, tokens, Shape.QUEUE, step.now, step.amount + pad, bound=step.bound - pad)
+
+
 def plan_adjust(
     limit: Limit, tokens: int, now_ms: int, guess: int | None, clamp: bool = False
 ) -> Step:

@@ -771,6 +771,7 @@ class Engine(Records):
             for lim in target.limits
         ]
         at = [now_ms] * len(guesses)
+        until: list[int | None] = [None] * len(guesses)
         if fold:
             own = [
                 now_ms + bucket.retry_after_ms(lim, tat, target.consume[lim.name], now_ms)
@@ -783,6 +784,20 @@ class Engine(Records):
                 bucket.fold_ms(lim, target.consume[lim.name], tat, slot, start, now_ms)
                 for lim, tat, slot in zip(target.limits, guesses, own, strict=True)
             ]
+            # A limit last seen busy but short of the start gets its queue add padded up
+            # to the start and its margin: counted there in the grant, no alignment.
+            # (Only from a TAT seen, not from a guess that a bucket seen busy lately
+            # still is: padding from that guess could count the limit far too late.)
+            until = [
+                start + bucket.fold_margin_ms(lim, target.consume[lim.name])
+                if ms == now_ms
+                and slot < start
+                and tat is not None
+                and (known is not None or tat == self._guess(target, lim))
+                and bucket.now_units(lim, now_ms) < tat < bucket.now_units(lim, start)
+                else None
+                for lim, tat, slot, ms in zip(target.limits, guesses, own, at, strict=True)
+            ]
         if not exact:  # an idle bucket this process lost races on: count a margin later
             at = [
                 now_ms + bucket.fold_margin_ms(lim, target.consume[lim.name])
@@ -792,18 +807,18 @@ class Engine(Records):
                 else ms
                 for lim, tat, ms in zip(target.limits, guesses, at, strict=True)
             ]
-        return tuple(
-            bucket.plan(
-                lim,
-                target.consume[lim.name],
-                ms,
-                horizon_ms - (ms - now_ms),
-                tat,
-                known=exact,
-                clamp=self.clamp,
-            )
-            for lim, tat, ms in zip(target.limits, guesses, at, strict=True)
-        )
+        steps = []
+        for lim, tat, ms, pad_to in zip(target.limits, guesses, at, until, strict=True):
+            tokens = target.consume[lim.name]
+            if pad_to is not None and tat is not None and not exact:
+                if self.clamp:  # the store takes the later of the TAT and the start
+                    ms = pad_to
+                else:
+                    steps.append(bucket.plan_until(lim, tokens, now_ms, horizon_ms, tat, pad_to))
+                    continue
+            left = horizon_ms - (ms - now_ms)
+            steps.append(bucket.plan(lim, tokens, ms, left, tat, known=exact, clamp=self.clamp))
+        return tuple(steps)
 
     def _seen(self, targets: Sequence[Target]) -> list[Item]:
         """The buckets as this process last saw them (lower bounds of their TATs)."""

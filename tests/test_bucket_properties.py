@@ -494,6 +494,36 @@ def test_a_limit_counted_after_a_common_start_is_charged_never_early(
     # Counted now (a busy view), the grant's reply decides whether an alignment follows.
 
 
+@settings(max_examples=500)
+@given(limits(), st.integers(1, 100), now_ms_values(), st.integers(2, 10**6), st.data())
+def test_a_busy_limit_padded_to_a_common_start_is_charged_never_early(
+    limit: Limit, n_raw: int, now: int, ahead: int, data: st.DataObject
+) -> None:
+    """A non-binding limit last seen busy but short of the common start gets a queue
+    add padded up to the start and its margin (``plan_until``). Whatever other clients
+    wrote since (they only push the TAT further), a write that succeeds leaves the TAT
+    at least GCRA's for consuming at the start (never early), and the request's own slot
+    on this limit within the horizon; with the view exact, it succeeds exactly when that
+    slot is within the horizon."""
+    tokens = min(n_raw, limit.burst)
+    a = limit.refill_amount
+    start = now + ahead
+    until = start + bucket.fold_margin_ms(limit, tokens)
+    guess = data.draw(st.integers(now * a + 1, start * a - 1), label="guess")
+    horizon = data.draw(st.integers(0, ahead + 2 * bucket.tau(limit) // a), label="horizon")
+    step = bucket.plan_until(limit, tokens, now, horizon, guess, until)
+    assert step.shape is Shape.QUEUE
+    actual = data.draw(st.integers(guess, guess + 2 * bucket.tau(limit) + ahead * a))
+    ok, new = apply(step, actual)
+    if ok:
+        assert new is not None
+        assert new >= bucket.next_tat(limit, actual, tokens, start)
+        assert bucket.start_ms(limit, new, now) <= now + horizon
+    if actual == guess:
+        padded = bucket.now_units(limit, until) + bucket.cost(limit, tokens)
+        assert ok is (bucket.start_ms(limit, padded, now) <= now + horizon)
+
+
 @settings(max_examples=300)
 @given(limits(big=False), st.integers(-1000, 1000), now_ms_values(), st.data())
 def test_plan_adjust_is_never_refused_with_a_right_guess(

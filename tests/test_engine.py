@@ -556,6 +556,27 @@ def test_a_reservation_holds_every_limit_until_its_common_start(
     assert limiter.available("e", "r", limits) == {"rps": 0.0, "tokens": 999.0 - margin}
 
 
+@pytest.mark.contract
+def test_a_busy_limit_short_of_the_common_start_is_padded_in_the_grant(
+    limiter: RateLimiter, clock: Clock
+) -> None:
+    # rps binds (its burst is spent); tokens is busy (this client's grants left it 20 ms
+    # ahead of now) but its own slot is now: a plain queue add would count it 80 ms
+    # before the start and cost an alignment. The grant adds what is missing up to the
+    # start and the margin instead: one write, counted there.
+    limits = [Limit.per_second("rps", 10), Limit.per_second("tokens", 1000)]
+    for _ in range(10):
+        limiter.acquire("e", "r", {"rps": 1, "tokens": 2}, limits)
+    counter = Counter(limiter)
+    lease = limiter.reserve("e", "r", {"rps": 1, "tokens": 1}, limits, horizon=1.0)
+    assert lease.wait == pytest.approx(0.1)
+    assert counter.take() == ["UpdateItem"]
+    margin = bucket.fold_margin_ms(limits[1], 1)
+    assert limiter.available("e", "r", limits)["tokens"] == 899.0 - margin
+    clock.advance(0.1)
+    assert limiter.available("e", "r", limits)["tokens"] == 999.0 - margin  # never early
+
+
 @pytest.mark.parametrize(("others", "writes"), [(2, 1), (5, 2)])
 def test_a_reservation_later_than_predicted_is_aligned_beyond_the_margin_only(
     limiter: RateLimiter, backend: Backend, clock: Clock, others: int, writes: int
