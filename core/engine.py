@@ -450,13 +450,10 @@ class Engine(Records):
             try:
                 return (yield from self._grant(chosen, horizon_ms, within_ms, pace, slot))
             except RateLimitExceeded:
+                if horizon_ms > 0 or attempt + 1 == SHARD_TRIES:
+                    raise
                 chosen = self._shards_for(whole, tried)
-                if (
-                    attempt + 1 == SHARD_TRIES
-                    or chosen is None
-                    or horizon_ms > 0
-                    or not self._may_grant_within(chosen, horizon_ms)
-                ):
+                if chosen is None or not self._may_grant_within(chosen, horizon_ms):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -471,8 +468,7 @@ class Engine(Records):
             if target.shards == 1:
                 chosen.append(target)
                 continue
-            options = [target.shard_at(i) for i in range(target.shards)]
-            options = [o for o in options if (o.entity_id, o.resource) not in tried]
+            options = [o for o in target.items() if (o.entity_id, o.resource) not in tried]
             if not options:
                 return None
             waits = [self._predicted_wait(o, now_ms) for o in options]
@@ -619,9 +615,7 @@ class Engine(Records):
         if not checked:
             return  # in-flight caps only: a slot is held by a call, not by time
         wait_ms = check_horizon(seconds)
-        whole = Target(entity_id, resource, checked, {})
-        items = [whole.shard_at(i) for i in range(whole.shards)] if whole.shards > 1 else [whole]
-        for item in items:  # a spread bucket: every shard, one write each
+        for item in Target(entity_id, resource, checked, {}).items():  # every shard
             yield from self._block_item(item, wait_ms)
 
     def _block_item(self, target: Target, wait_ms: int) -> Flow[None]:
@@ -1376,7 +1370,7 @@ class Engine(Records):
         least of the entity's bucket and, with a cascade, its parent's (one read each; a
         bucket spread over shards holds what they hold together, one read per shard)."""
         targets = yield from self._targets(entity_id, resource, {}, limits)
-        parts = [[t.shard_at(i) for i in range(t.shards)] if t.shards > 1 else [t] for t in targets]
+        parts = [t.items() for t in targets]
         items = yield from self._read([part for spread in parts for part in spread])
         now_ms = self.now_ms()
         result: dict[str, float] = {}
@@ -1424,22 +1418,19 @@ class Engine(Records):
             resources = set(items) | (set(config.limits) - {ANY_RESOURCE})
         else:
             resources = {resource}
-        spread = {
-            res for res in resources if shards.count(merge(code_limits, config.limits_for(res))) > 1
-        }
-        for res in sorted(spread):  # a shard is not in its entity's partition: read each
-            count = shards.count(merge(code_limits, config.limits_for(res)))
-            for index in range(count):
-                part = shards.item_resource(res, index)
+        limits_of = {res: merge(code_limits, config.limits_for(res)) for res in resources}
+        for res, merged in sorted(limits_of.items()):
+            count = shards.count(merged)
+            for index in range(count if count > 1 else 0):  # shards are not in the
+                part = shards.item_resource(res, index)  # entity's partition: read each
                 reply = yield ReadBucket(BucketKey(entity_id, part))
                 self._raise_for(reply)
                 if reply.value is not None:
                     items[part] = reply.value
         now_ms = self.now_ms()
         rows: list[BucketStatus] = []
-        for res in sorted(resources):
-            merged = merge(code_limits, config.limits_for(res))
-            if res in spread:
+        for res, merged in sorted(limits_of.items()):
+            if shards.count(merged) > 1:
                 rows.extend(_spread_status(entity_id, res, merged, config, items, now_ms))
                 continue
             item = items.get(res, {})

@@ -69,6 +69,11 @@ class Target:
         """How many items this target's bucket is spread over (see :mod:`.shards`)."""
         return shards.count(self.whole_limits)
 
+    def items(self) -> list[Target]:
+        """The bucket items this (whole) target stands for: its shards, or itself."""
+        count = self.shards
+        return [self.shard_at(i) for i in range(count)] if count > 1 else [self]
+
     def shard_at(self, index: int) -> Target:
         """Shard ``index`` of this (whole) target: its item and its parts of the limits.
 
