@@ -48,11 +48,13 @@ The endpoint is warmed up first, and each client warms up on an entity of its ow
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,20 @@ def _client(spec: Spec, barrier: Any, out: Any) -> None:
         out.put({"error": f"client {spec.index}: {exc!r}"})
 
 
+def _counted(client: Any) -> tuple[RequestCounter, list[tuple[float, str]]]:
+    """Count every request a botocore DynamoDB client sends from now on, and record
+    (time, item) of each UpdateItem (the writes per item per second)."""
+    counter = RequestCounter()
+    counter.install(client)
+    writes: list[tuple[float, str]] = []
+
+    def on_update(request: Any = None, **_: Any) -> None:
+        writes.append((time.time(), _item(request.body)))
+
+    client.meta.events.register("before-send.dynamodb.UpdateItem", on_update)
+    return counter, writes
+
+
 def _run_theirs(spec: Spec, barrier: Any) -> dict[str, Any]:
     """A grant-mode client on zae-limiter: the same loop, its requests counted alike."""
     from benchmarks import theirs
@@ -136,14 +152,7 @@ def _run_theirs(spec: Spec, barrier: Any) -> dict[str, Any]:
     client = theirs.HotClient(spec.url, spec.table, CONSUME)
     for _ in range(WARMUP):
         client.grant()
-    counter = RequestCounter()
-    counter.install(client.client)
-    writes: list[tuple[float, str]] = []
-
-    def on_update(request: Any = None, **_: Any) -> None:
-        writes.append((time.time(), _item(request.body)))
-
-    client.client.meta.events.register("before-send.dynamodb.UpdateItem", on_update)
+    counter, writes = _counted(client.client)
     grants: list[tuple[float, float, float, float]] = []
     barrier.wait(timeout=120)
     t0 = time.time()
@@ -168,14 +177,7 @@ def _run_client(spec: Spec, barrier: Any) -> dict[str, Any]:
         with limiter.acquire(f"warm-{spec.index}", RESOURCE, CONSUME, limits_for("grant")):
             pass
     limiter.available(HOT, RESOURCE, limits)  # the entity's stored limits, looked up once
-    counter = RequestCounter()
-    counter.install(limiter.client)
-    writes: list[tuple[float, str]] = []
-
-    def on_update(request: Any = None, **_: Any) -> None:
-        writes.append((time.time(), _item(request.body)))
-
-    limiter.client.meta.events.register("before-send.dynamodb.UpdateItem", on_update)
+    counter, writes = _counted(limiter.client)
     horizon = spec.horizon if spec.mode == "reserve" else 0.0
     # (started, latency, wait, the start the engine counted: lease.start_at)
     grants: list[tuple[float, float, float, float]] = []
@@ -288,13 +290,15 @@ def run_case(url: str, mode: str, n: int, options: dict[str, Any]) -> dict[str, 
     """N clients on a fresh table; their samples, summarised."""
     table = f"bench-hot-{mode}-{n}-{uuid.uuid4().hex[:8]}"
     seconds = options["seconds"]
-    admin = RateLimiter(table, endpoint_url=url)
     if options["library"] == THEIRS:
         from benchmarks import theirs
 
         theirs.hot_setup(url, table, options["shards"], CONSUME)
+        delete_table: Callable[[], None] = functools.partial(theirs.hot_delete, url, table)
     else:
+        admin = RateLimiter(table, endpoint_url=url)
         admin.create_table()
+        delete_table = admin.delete_table
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(n), ctx.Queue()
     specs = [Spec(url, table, mode, index=i, **options) for i in range(n)]
@@ -309,10 +313,7 @@ def run_case(url: str, mode: str, n: int, options: dict[str, Any]) -> dict[str, 
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
-        if options["library"] == THEIRS:
-            theirs.hot_delete(url, table)
-        else:
-            admin.delete_table()
+        delete_table()
     errors = [s["error"] for s in samples if "error" in s]
     if errors:
         raise click.ClickException("; ".join(errors))
