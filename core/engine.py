@@ -1323,6 +1323,7 @@ class Engine(Records):
                     counted = settle.counted(planned, taken)
                 else:
                     counted = bucket.counted(tuple(steps))
+                counted += _debts(t, changes)
                 carried.append((t, taken, due))
                 if steps or freed:
                     writes.append((t, ItemWrite(t.key, counted + freed)))
@@ -1650,6 +1651,17 @@ def _source(config: EntityConfig, resource: str, name: str) -> str:
 def _backoff(attempt: int) -> Sleep:
     """A short random pause after losing the same item twice to other writers."""
     return Sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
+
+
+def _debts(target: Target, changes: Mapping[str, int]) -> tuple[Step, ...]:
+    """The ``debt`` counters of a change's charges: tokens added after the grant (a
+    reconcile that found more used than estimated, a surcharge), counted beside ``used``
+    in the same write so that a reader of the table's stream tells them apart."""
+    return tuple(
+        Step(lim.counter("debt"), changes[lim.name], bucket.Shape.REFUND, 0, changes[lim.name])
+        for lim in target.limits
+        if changes.get(lim.name, 0) > 0 and not lim.track and not lim.inflight
+    )
 
 
 def _refused(engine: Engine, reply: Reply) -> tuple[Item | None, ...]:

@@ -50,7 +50,7 @@ RATE, INFLIGHT = "rate", "inflight"
 """The kinds of limit: a token bucket, and a cap on requests in flight."""
 DEFAULT_SLOT_EXPIRY = 300.0
 """Seconds an in-flight slot stays held without renewal (:meth:`Limit.concurrent`)."""
-TRACKS = ("", "start", "used", "blocks")
+TRACKS = ("", "start", "used", "debt", "blocks")
 """The attributes a limit has in a bucket item: the bucket, its start track, its counters."""
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
@@ -121,7 +121,7 @@ class Limit:
     refill_period_ms: int
     track: str = field(default="", repr=False)
     """Internal: ``"start"`` is the copy of the bucket that counts actual starts;
-    ``"used"`` and ``"blocks"`` name the bucket's counters (see :meth:`counter`);
+    ``"used"``, ``"debt"`` and ``"blocks"`` name the bucket's counters (see :meth:`counter`);
     ``"slot:<id>"`` one held slot of an in-flight limit."""
     kind: str = field(default=RATE, repr=False)
     """``"rate"``: a token bucket. ``"inflight"``: at most ``capacity`` requests in
@@ -376,7 +376,8 @@ class Limit:
     def counter(self, kind: str = "used") -> Limit:
         """The attribute beside the bucket that counts, without condition and never
         falling but by refunds: ``"used"``, the tokens charged (grants, debt, surcharges,
-        less refunds); ``"blocks"``, the provider blocks written on the item."""
+        less refunds); ``"debt"``, of those, the tokens charged after the grant;
+        ``"blocks"``, the provider blocks written on the item."""
         return replace(self, track=kind)
 
     def to_dict(self) -> dict[str, Any]:
