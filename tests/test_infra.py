@@ -153,10 +153,16 @@ def test_alarms_are_optional_and_notify_the_optional_topic(template: dict[str, A
         for name, r in template["Resources"].items()
         if r["Type"] == "AWS::CloudWatch::Alarm"
     }
-    assert set(alarms) == {"ThrottledRequestsAlarm", "SystemErrorsAlarm", "UserErrorsAlarm"}
+    assert set(alarms) == {
+        "ThrottledRequestsAlarm",
+        "SystemErrorsAlarm",
+        "UserErrorsAlarm",
+        "AggregatorFailuresAlarm",
+    }
     metrics = set()
-    for alarm in alarms.values():
-        assert alarm["Condition"] == "AlarmsEnabled"
+    for name, alarm in alarms.items():
+        aggregator = name.startswith("Aggregator")
+        assert alarm["Condition"] == ("AggregatorAlarmsEnabled" if aggregator else "AlarmsEnabled")
         props = alarm["Properties"]
         for key in ("AlarmActions", "OKActions"):
             assert props[key] == {
@@ -172,7 +178,9 @@ def test_alarms_are_optional_and_notify_the_optional_topic(template: dict[str, A
             metrics |= names
         else:
             metrics.add(props["MetricName"])
-    assert metrics == {"ThrottledRequests", "SystemErrors", "UserErrors"}
+    assert metrics == {"ThrottledRequests", "SystemErrors", "UserErrors", "Errors"}
+    both = template["Conditions"]["AggregatorAlarmsEnabled"]["Fn::And"]
+    assert both == [{"Condition": "AggregatorEnabled"}, {"Condition": "AlarmsEnabled"}]
 
 
 # -- the worker policy grants exactly what the engine uses ---------------------------------------

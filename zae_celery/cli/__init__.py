@@ -30,9 +30,11 @@ decimal; N is a whole number; PERIOD is ``[COUNT]UNIT`` with UNIT one of ms, s, 
 
 The package, by responsibility: :mod:`~zae_celery.cli.options` (where the commands act,
 global options, shared callbacks), :mod:`~zae_celery.cli.errors` (exit codes and
-messages), :mod:`~zae_celery.cli.stack` (deploy, status, delete, template),
+messages), :mod:`~zae_celery.cli.stack` (deploy, status, delete, template,
+lambda-export),
 :mod:`~zae_celery.cli.table` (create-table), :mod:`~zae_celery.cli.limits` (limits,
-entity), :mod:`~zae_celery.cli.buckets` (buckets) and :mod:`~zae_celery.cli.top` (top).
+entity), :mod:`~zae_celery.cli.buckets` (buckets), :mod:`~zae_celery.cli.top` (top) and
+:mod:`~zae_celery.cli.usage` (aggregate, usage).
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ from zae_celery.cli.options import (
     parse_limit,
     problem,
 )
-from zae_celery.cli.stack import delete, deploy, status, template
+from zae_celery.cli.stack import delete, deploy, lambda_export, status, template
 from zae_celery.cli.table import create_table
 from zae_celery.cli.top import top
+from zae_celery.cli.usage import aggregate, usage
 from zae_celery.core import ValidationError
 from zae_celery.infra.stack import DEFAULT_TABLE_NAME
 from zae_celery.settings import STORE_URL, TABLE_NAME
@@ -214,7 +217,20 @@ def celery_command(
         raise _usage(exc) from None
 
 
-for _command in (deploy, status, delete, template, create_table, limits, entity, buckets, top):
+for _command in (
+    deploy,
+    status,
+    delete,
+    template,
+    lambda_export,
+    create_table,
+    limits,
+    entity,
+    buckets,
+    top,
+    aggregate,
+    usage,
+):
     main.add_command(_command)
 # The Celery sub-command shares every command.
 for _name, _command in main.commands.items():

@@ -37,6 +37,7 @@ __all__ = [
     "problem",
     "resource_option",
     "scope",
+    "windows_option",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -350,3 +351,17 @@ resource_option = click.option(
 def scope(entity: str, resource: str | None) -> str:
     """An entity and resource, for messages."""
     return f"{entity} / {resource if resource is not None else '* (every resource)'}"
+
+
+def windows_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[str, ...] | None:
+    """A comma-separated list of usage snapshot windows, checked (None: not given)."""
+    if value is None:
+        return None
+    from zae_celery.accounting.stream import check_windows
+
+    try:
+        return check_windows(value.split(","))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from zae_celery.cli.errors import OperationalError, translate_errors
-from zae_celery.cli.options import CONTEXT, Target, pairs, pass_target
+from zae_celery.cli.options import CONTEXT, Target, pairs, pass_target, windows_option
 from zae_celery.core import SCHEMA_VERSION, RateLimiterUnavailable
 from zae_celery.infra import template_text
+from zae_celery.infra.lambda_package import (
+    HANDLER,
+    build_aggregator_zip,
+    code_sha256,
+    upload_aggregator,
+)
 from zae_celery.infra.stack import (
     PARAMETERS,
     StackEvent,
@@ -20,7 +27,7 @@ from zae_celery.infra.stack import (
     default_stack_name,
 )
 
-__all__ = ["delete", "deploy", "status", "template"]
+__all__ = ["delete", "deploy", "lambda_export", "status", "template"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,6 +64,38 @@ def _flag(value: bool | None) -> str | None:
     return None if value is None else ("true" if value else "false")
 
 
+def _text(value: int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+BOTH_IMAGES = "NEW_AND_OLD_IMAGES"
+LOG_RETENTION_DAYS = (
+    "1",
+    "3",
+    "5",
+    "7",
+    "14",
+    "30",
+    "60",
+    "90",
+    "120",
+    "150",
+    "180",
+    "365",
+    "400",
+    "545",
+    "731",
+    "1096",
+    "1827",
+    "2192",
+    "2557",
+    "2922",
+    "3288",
+    "3653",
+)
+"""The retention periods CloudWatch Logs accepts (the template's allowed values)."""
+
+
 @click.command(context_settings=CONTEXT)
 @_stack_option
 @click.option("--pitr/--no-pitr", default=None, help="Point-in-time recovery (default on).")
@@ -71,6 +110,27 @@ def _flag(value: bool | None) -> str | None:
     help="Protect the table from deletion (default on).",
 )
 @click.option("--environment", help="Value of the table's zae-celery:environment tag.")
+@click.option(
+    "--aggregator/--no-aggregator",
+    default=None,
+    help="The usage aggregator function on the table's stream (default off; implies "
+    "--stream NEW_AND_OLD_IMAGES; uploads its code).",
+)
+@click.option(
+    "--snapshot-windows",
+    callback=windows_option,
+    help="Usage snapshot windows, comma-separated (minutely, hourly, daily; default hourly,daily).",
+)
+@click.option(
+    "--snapshot-retention-days",
+    type=click.IntRange(1, 3650),
+    help="Days a usage snapshot is kept after its window ends (default 90).",
+)
+@click.option(
+    "--log-retention-days",
+    type=click.Choice(LOG_RETENTION_DAYS),
+    help="Days the aggregator's logs are kept (default 30).",
+)
 @click.option("--alarms/--no-alarms", default=None, help="CloudWatch alarms (default off).")
 @click.option("--alarm-topic", help="SNS topic ARN the alarms notify (implies --alarms).")
 @click.option(
@@ -79,7 +139,7 @@ def _flag(value: bool | None) -> str | None:
     multiple=True,
     callback=pairs,
     metavar="KEY=VALUE",
-    help=f"Any template parameter ({', '.join(PARAMETERS[5:])}...).",
+    help=f"Any template parameter ({', '.join(PARAMETERS[9:])}...).",
 )
 @click.option(
     "--tag",
@@ -116,6 +176,10 @@ def deploy(
     stream: str | None,
     deletion_protection: bool | None,
     environment: str | None,
+    aggregator: bool | None,
+    snapshot_windows: tuple[str, ...] | None,
+    snapshot_retention_days: int | None,
+    log_retention_days: str | None,
     alarms: bool | None,
     alarm_topic: str | None,
     parameters: dict[str, str],
@@ -147,12 +211,21 @@ def deploy(
         raise click.UsageError("give the table name with --table, not --parameter TableName")
     if alarm_topic is not None and alarms is False:
         raise click.UsageError("--alarm-topic needs alarms: drop --no-alarms")
+    if aggregator and stream not in (None, BOTH_IMAGES):
+        raise click.UsageError(
+            f"--aggregator reads each write's counters before and after it: it needs "
+            f"--stream {BOTH_IMAGES}, not {stream}"
+        )
     explicit = {
         "TableName": target.table,
         "PointInTimeRecovery": _flag(pitr),
-        "StreamViewType": stream,
+        "StreamViewType": BOTH_IMAGES if aggregator else stream,
         "DeletionProtection": _flag(deletion_protection),
         "Environment": environment,
+        "Aggregator": _flag(aggregator),
+        "SnapshotWindows": ",".join(snapshot_windows) if snapshot_windows else None,
+        "SnapshotRetentionDays": _text(snapshot_retention_days),
+        "AggregatorLogRetentionDays": log_retention_days,
         "Alarms": _flag(True if alarm_topic else alarms),
         "AlarmTopicArn": alarm_topic,
     }
@@ -161,10 +234,15 @@ def deploy(
         manager = target.stack_manager(timeout=timeout, poll_interval=poll, on_event=_print_event)
         click.echo(f"Deploying stack {name} (table {target.table}) to {target.where()}...")
         action, info = manager.deploy(name, values, tags, keep_failed=keep_failed)
+        function = info.outputs.get("AggregatorFunctionName")
+        uploaded = function and upload_aggregator(target.client("lambda"), function)
     if action == "unchanged":
         click.echo(f"Stack {name} is up to date ({info.status}); nothing to change.")
     else:
         click.echo(f"Stack {name} {action} ({info.status}).")
+    if function:
+        state = "uploaded" if uploaded else "already current"
+        click.echo(f"Aggregator {function}: code {state} ({HANDLER}).")
     _print_outputs(info)
     click.echo(
         "Next: attach WorkerPolicyArn to your workers' IAM role and set "
@@ -389,3 +467,37 @@ def template() -> None:
       zae-celery template > zae-celery.yaml
     """
     click.echo(template_text(), nl=False)
+
+
+@click.command("lambda-export", context_settings=CONTEXT)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default="zae-celery-aggregator.zip",
+    show_default=True,
+    help="Where to write the zip.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def lambda_export(output: str, force: bool) -> None:
+    """Write the usage aggregator's Lambda package (a zip) from the installed zae-celery.
+
+    It holds zae_celery.accounting alone, which needs nothing beyond boto3 (the Lambda
+    runtime's). 'deploy --aggregator' uploads the same package itself; this is for your
+    own tooling (aws lambda update-function-code --zip-file fileb://FILE).
+
+    \b
+    Example:
+      zae-celery lambda-export --output aggregator.zip
+    """
+    path = Path(output)
+    if path.exists() and not force:
+        raise OperationalError(f"{output} exists; nothing was written (pass --force to replace it)")
+    package = build_aggregator_zip()
+    try:
+        path.write_bytes(package)
+    except OSError as exc:
+        raise OperationalError(f"cannot write {output}: {exc.strerror}") from None
+    click.echo(
+        f"Wrote {output}: {len(package):,} bytes, handler {HANDLER}, "
+        f"SHA-256 {code_sha256(package)} (base64, as Lambda's CodeSha256)."
+    )

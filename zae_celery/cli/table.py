@@ -19,8 +19,13 @@ __all__ = ["create_table"]
     is_flag=True,
     help="Accept an existing table (its schema is checked and TTL enabled if off).",
 )
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Switch on the table's stream (NEW_AND_OLD_IMAGES), which 'aggregate' reads.",
+)
 @pass_target
-def create_table(target: Target, exist_ok: bool) -> None:
+def create_table(target: Target, exist_ok: bool, stream: bool) -> None:
     """Create the table directly on a local endpoint (moto, DynamoDB Local).
 
     Enables TTL on the 'ttl' attribute with an explicit call (local servers ignore
@@ -30,6 +35,7 @@ def create_table(target: Target, exist_ok: bool) -> None:
     \b
     Example:
       zae-celery --endpoint-url http://127.0.0.1:8000 --table rate_limits create-table
+      zae-celery --endpoint-url http://127.0.0.1:8000 create-table --stream
     """
     target.need_table("create-table")
     if not target.local:
@@ -69,10 +75,30 @@ def create_table(target: Target, exist_ok: bool) -> None:
                 "but the engine writes 'ttl': idle buckets would never expire. Disable TTL "
                 "on the table, then run create-table --exist-ok again."
             )
+        if stream:
+            _stream_on(client, target.table)
     verb = "already existed" if existed else "created"
     click.echo(
         f"Table {target.table} {verb} at {target.where()}; TTL "
-        f"{spec.get('TimeToLiveStatus', '?').lower()} on 'ttl'."
+        f"{spec.get('TimeToLiveStatus', '?').lower()} on 'ttl'"
+        + ("; stream NEW_AND_OLD_IMAGES." if stream else ".")
+    )
+
+
+def _stream_on(client: Any, table: str) -> None:
+    """Switch the table's stream on with both images (already on with them: nothing)."""
+    spec = client.describe_table(TableName=table)["Table"].get("StreamSpecification") or {}
+    if spec.get("StreamEnabled"):
+        if spec.get("StreamViewType") != "NEW_AND_OLD_IMAGES":
+            raise OperationalError(
+                f"table {table!r} streams {spec.get('StreamViewType')}, but usage accounting "
+                "needs NEW_AND_OLD_IMAGES: switch its stream off, then run create-table "
+                "--exist-ok --stream again."
+            )
+        return
+    client.update_table(
+        TableName=table,
+        StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
     )
 
 
