@@ -12,7 +12,7 @@ import sys
 import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,26 @@ from hypothesis import strategies as st
 
 from tests import oprecorder
 from tests.conftest import Endpoint
+from zae_celery import runlog as runlog_module
 from zae_celery.accounting import Aggregator, StreamReader, read_usage, stream_arn
 from zae_celery.accounting import handler as lambda_handler
+from zae_celery.accounting import runs as runs_module
+from zae_celery.accounting.charts import trailing_sums
+from zae_celery.accounting.runs import (
+    LimitTotals,
+    TaskFact,
+    list_runs,
+    marker_key,
+    read_run,
+    summarize,
+)
 from zae_celery.accounting.snapshots import snapshot_key
 from zae_celery.accounting.stream import SnapshotKey, check_windows, fold, window_start
 from zae_celery.cli import main
 from zae_celery.cli.stack import LOG_RETENTION_DAYS
 from zae_celery.core import Limit, RateLimiter
 from zae_celery.infra.lambda_package import HANDLER, build_aggregator_zip, code_sha256
+from zae_celery.runlog import RunLog, run_of
 
 TPM = "tpm@90000/60000"
 RPM = "rpm@500/60000"
@@ -61,6 +73,9 @@ def record(
 
 # -- the fold: pure ------------------------------------------------------------------------
 HOUR = 1_764_885_600  # 2025-12-04T22:00:00Z, an hour's (and a minute's) start
+"""A fixed instant (no wall clock). Snapshots of its windows written to a real endpoint
+must be kept long enough that their TTL has not passed: DynamoDB Local deletes expired
+items, a few seconds after they expire."""
 
 
 def test_a_write_charges_the_difference_of_its_counters() -> None:
@@ -317,7 +332,10 @@ def test_any_redelivery_and_any_crash_leave_exact_totals(
         while True:
             budget = pending.pop(0) if pending else None
             try:
-                Aggregator(Crashing(client, budget), streamed.table_name, ["hourly"]).apply(batch)
+                # The windows are of 2025: kept 10 years, or DynamoDB Local's TTL
+                # would remove them while the test reads.
+                crashing = Crashing(client, budget)
+                Aggregator(crashing, streamed.table_name, ["hourly"], 3650).apply(batch)
                 break
             except ConnectionError:
                 continue
@@ -518,3 +536,145 @@ def test_the_cli_offers_the_log_retentions_the_template_allows() -> None:
     assert [str(d) for d in allowed["AllowedValues"]] == list(LOG_RETENTION_DAYS)
     rule = oprecorder.template_document()["Rules"]["AggregatorNeedsBothImages"]
     assert "NEW_AND_OLD_IMAGES" in json.dumps(rule)
+
+
+# -- runs: the facts, their figures, the run log's writes ---------------------------------
+def fact(task: str, outcome: str = "SUCCESS", started: float | None = 100.0, **kw: Any) -> TaskFact:
+    values: dict[str, Any] = {
+        "waited": 0.0,
+        "deferrals": 0,
+        "limited": False,
+        "bucket": "t1/gpt",
+        "estimated": {"tpm": 100},
+        "charged": {"tpm": 40},
+    }
+    values.update(kw)
+    return TaskFact(task_id=task, name="pipeline.call", outcome=outcome, started=started, **values)
+
+
+def test_a_runs_figures_come_from_every_fact() -> None:
+    facts = [
+        fact("a", "RETRY", None, waited=2.0, limited=True, charged={}),  # a 429, deferred
+        fact("a", "SUCCESS", 105.0, waited=1.0, deferrals=1),
+        fact("b", "FAILURE", 101.0, waited=0.5),
+        fact("c", "SUCCESS", 103.0, waited=3.0, charged={"tpm": 130}),
+        *(fact(f"d{i}", started=102.0 + i / 100, waited=i / 100) for i in range(97)),
+    ]
+    report = summarize("run-1", reversed(facts))
+    assert (report.tasks, report.started, report.succeeded, report.failed) == (100, 100, 99, 1)
+    assert (report.deferrals, report.provider_429s) == (1, 1)
+    assert report.limits["tpm"] == LimitTotals(100 * 101, 40 * 99 + 130)
+    waits = sorted([1.0, 0.5, 3.0, *(i / 100 for i in range(97))])
+    assert report.wait_p50 == waits[49] and report.wait_p99 == waits[98]
+    assert report.wait_total == round(2.0 + sum(waits), 3)
+    assert report.first_start == datetime.fromtimestamp(101.0, timezone.utc)
+    assert report.last_start == datetime.fromtimestamp(105.0, timezone.utc)
+    assert report.to_dict()["limits"] == {"tpm": {"estimated": 10_100, "charged": 4_090}}
+
+
+def test_a_fact_round_trips_through_its_stored_form() -> None:
+    original = fact("x", "RETRY", 1.5, waited=0.25, deferrals=2, limited=True, rates={"tpm": 1.5})
+    assert TaskFact.decode(json.loads(json.dumps(original.encode()))) == original
+    bare = TaskFact("y", "n", "SUCCESS", None, 0.0, 0, False, None)
+    assert TaskFact.decode(bare.encode()) == bare
+
+
+class Flaky:
+    """A real client whose next ``failures`` writes fail (the table unreachable)."""
+
+    def __init__(self, client: Any, failures: int) -> None:
+        self.client, self.failures, self.calls = client, failures, 0
+        self.exceptions = client.exceptions
+
+    def update_item(self, **request: Any) -> Any:
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("endpoint unreachable")
+        return self.client.update_item(**request)
+
+
+def test_the_run_log_writes_once_per_run_and_keeps_what_it_could_not_write(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, region="us-east-1").create_table()
+    client = Flaky(client_for(endpoint), failures=1)
+    at = 4_000_000_000.0  # the clock of the writes: their TTL must lie ahead (DynamoDB Local)
+    runlog = RunLog(client, endpoint.table_name, interval=0, retention_days=3, clock=lambda: at)
+    try:
+        runlog.add("run-a", fact("a1", started=400.0))
+        runlog.add("run-a", fact("a2", started=401.0))
+        runlog.add("run-b", fact("b1", started=86_400.0 * 2))
+        with pytest.raises(ConnectionError):
+            runlog.flush()
+        assert runlog.flush() == 3  # kept, then written: one item and one marker per run
+        assert client.calls == 1 + 4
+        runlog.add("run-a", fact("a3", "FAILURE", started=402.0))
+        monkeypatch.setattr(runs_module, "MAX_FACTS_BYTES", 50)  # one fact an item
+        runlog.add("run-a", fact("a4", started=403.0))
+        assert runlog.flush() == 2 and client.calls == 5 + 2  # two items, no second marker
+        raw = client_for(endpoint)
+        report = read_run(raw, endpoint.table_name, "run-a")
+        assert report is not None and (report.tasks, report.failed) == (4, 1)
+        item = raw.get_item(TableName=endpoint.table_name, Key=marker_key("run-a", 400.0))["Item"]
+        assert float(item["first"]["N"]) == 400.0 and int(item["ttl"]["N"]) == at + 3 * 86_400
+        day0 = datetime.fromtimestamp(0, timezone.utc).date()
+        listed = list_runs(raw, endpoint.table_name, day0, day0 + timedelta(days=2))
+        assert [e.run for e in listed] == ["run-a", "run-b"]
+        assert read_run(raw, endpoint.table_name, "nothing") is None
+    finally:
+        client_for(endpoint).delete_table(TableName=endpoint.table_name)
+
+
+def test_a_run_log_past_its_bound_drops_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runlog_module, "MAX_HELD", 3)
+    runlog = RunLog(None, "t", interval=0, retention_days=1)
+    for i in range(5):
+        runlog.add("r", fact(f"t{i}"))
+    assert [f.task_id for f in runlog._facts["r"]] == ["t2", "t3", "t4"]
+
+
+def test_the_run_is_the_named_one_the_root_or_the_group() -> None:
+    class Request:
+        def __init__(self, **kw: Any) -> None:
+            self.id, self.root_id, self.group, self.zae_run = "me", None, None, None
+            self.__dict__.update(kw)
+
+    named = Request(zae_run=type("R", (), {"run_id": "batch"})(), root_id="root")
+    assert run_of(named) == "batch"
+    assert run_of(Request(root_id="root", group="g")) == "root"  # a task's subtasks
+    assert run_of(Request(root_id="me", group="g")) == "g"  # a group sent from outside
+    assert run_of(Request(root_id="me")) == "me"
+
+
+def test_runs_commands(endpoint: Endpoint, tmp_path: Path) -> None:
+    RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, region="us-east-1").create_table()
+    now = datetime.now(timezone.utc).timestamp()
+    try:
+        runlog = RunLog(client_for(endpoint), endpoint.table_name, 0, 1)
+        for i in range(30):
+            rates = {"tpm": 10.0, "rpm": 1.0}
+            charged = {"tpm": 40, "rpm": 1}
+            runlog.add("r1", fact(f"t{i}", started=now + i, rates=rates, charged=charged))
+        runlog.flush()
+        shown = cli(endpoint, "runs", "show", "r1", "--json")
+        assert shown.exit_code == 0, shown.output
+        data = json.loads(shown.output)
+        assert data["tasks"] == 30 and data["limits"]["tpm"] == {"estimated": 3000, "charged": 1200}
+        png = tmp_path / "run.png"
+        table = cli(endpoint, "runs", "show", "r1", "--chart", str(png))
+        assert table.exit_code == 0 and "1,200" in table.output and "-1,800" in table.output
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        listed = cli(endpoint, "runs", "list", "--json")
+        assert [r["run"] for r in json.loads(listed.output)] == ["r1"]
+        missing = cli(endpoint, "runs", "show", "r2")
+        assert missing.exit_code == 1 and "zae_run_log" in missing.output
+        empty = cli(endpoint, "runs", "list", "--since", "2001-01-01", "--until", "2001-01-02")
+        assert "No runs seen" in empty.output
+    finally:
+        client_for(endpoint).delete_table(TableName=endpoint.table_name)
+
+
+def test_trailing_sums_are_per_window() -> None:
+    times = [0.0, 10.0, 59.0, 60.0, 61.0, 130.0]
+    assert trailing_sums(times, [1, 2, 3, 4, 5, 6]) == [1, 3, 6, 9, 14, 6]

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, group
 
 from benchmarks import max_window_excess
 from harness import fsbroker
 from tests.celery.fleet import log_text, workers
 from tests.conftest import Broker
 from tests.helpers import eventually
+from zae_celery.accounting.runs import LimitTotals, list_runs, read_run
 from zae_celery.admission import LOOKAHEAD
 from zae_celery.core import Limit, RateLimiter
 from zae_celery.core.schema import bucket_key
@@ -250,6 +251,66 @@ def test_refunds_reach_the_buckets_through_the_workers_main_processes(
     tpm = {b.limit_name: b for b in limiter.buckets("default", "reconcile")}["tpm"]
     assert tpm.charged == actual * (n + 1)
     assert "hand a refund" not in log_text(fleet.logs)  # none was settled in a child
+
+
+def test_a_chord_is_one_run_in_the_run_log(
+    broker: Broker, ddb_local: LocalServer, tmp_path: Path
+) -> None:
+    # A pipeline's entry task (a plain task: the test app's task_cls is RateLimitedTask)
+    # starts a chord of n reconciled tasks (each estimates 100
+    # tpm, reports 40) and its body (reports one token per result): all of them carry
+    # the entry task's id as root_id, and once the workers have stopped (each process
+    # writes what it holds) the run's report says exactly what the buckets were
+    # charged. A group sent from outside any task (Celery gives its members no common
+    # root_id) is one run under its group id; a task that names its run (rate_run) and
+    # fails lands in that run.
+    n, actual = 6, 40
+    fleet_run = _start_fleet(broker, ddb_local, tmp_path)
+    fleet = next(fleet_run)
+    limiter = fleet.limiter()
+    queue = fleet.queue("limited")
+    try:
+        entry = fleet.send("orchestrate", "limited", n, actual)
+        (body_id,) = fleet.collect([entry])
+        (info,) = fleet.collect([fleet.client.AsyncResult(body_id)])
+        members = [
+            fleet.client.signature("tests.celery.app.reconciled", args=(actual,), queue=queue)
+            for _ in range(3)
+        ]
+        grouped = group(members).apply_async()
+        fleet.collect(list(grouped.results))
+        named = fleet.client.send_task(
+            "tests.celery.app.in_named_run",
+            args=(actual,),
+            kwargs={"batch": "batch-7", "fail": True},
+            queue=queue,
+        )
+        with pytest.raises(RuntimeError):
+            named.get(timeout=60, propagate=True)
+    finally:
+        fleet_run.close()  # stops the workers: each process writes its run log
+    assert info["root_id"] == entry.id
+    report = read_run(limiter.client, fleet.table, entry.id)
+    assert report is not None, log_text(fleet.logs)[-3000:]
+    # The entry task (no limits of its own), the header and the body; not chord_unlock.
+    assert (report.tasks, report.started, report.succeeded, report.failed) == (n + 2,) * 3 + (0,)
+    assert report.limits["rpm"] == LimitTotals(n + 1, n + 1)
+    assert report.limits["tpm"] == LimitTotals(100 * (n + 1), actual * n + n)
+    assert report.buckets == ["default/reconcile"]
+    assert report.first_start and report.last_start and report.first_start <= report.last_start
+    assert report.wait_p50 <= report.wait_p99 <= report.wait_total
+    in_group = read_run(limiter.client, fleet.table, grouped.id)
+    assert in_group is not None and (in_group.tasks, in_group.succeeded) == (3, 3)
+    other = read_run(limiter.client, fleet.table, "batch-7")
+    assert other is not None
+    assert (other.tasks, other.failed, other.limits["tpm"].charged) == (1, 1, actual)
+    # The buckets agree with the three runs' books.
+    tpm = {b.limit_name: b for b in limiter.buckets("default", "reconcile")}["tpm"]
+    books = (report, in_group, other)
+    assert tpm.charged == sum(r.limits["tpm"].charged for r in books)
+    day = report.first_start.date()
+    listed = {e.run for e in list_runs(limiter.client, fleet.table, day, day)}
+    assert {entry.id, grouped.id, "batch-7"} <= listed
 
 
 def test_a_bucket_spread_over_shards_holds_the_fleet_to_the_whole(

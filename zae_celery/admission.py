@@ -57,6 +57,8 @@ __all__ = ["ADMITTED", "BLOCKED_COMMAND", "LATE_START", "Admission", "admission_
 log = logging.getLogger("zae_celery.admission")
 
 ADMITTED = "zae_admitted"
+ADMISSION_WAIT = "zae_admission_wait"
+"""Seconds a task was held by its worker's consumer for its slot (the run log's wait)."""
 """Request field (not a message header): the lease the consumer took for the task."""
 LATE_START = 0.05
 """Seconds after its counted slot beyond which an admitted task counts a fresh start
@@ -133,6 +135,7 @@ def _arrived(queues: ConsumedQueues, request: Any) -> str | None:
     deferral: a lease from the broker was granted to an earlier run, not this one) and
     is told the queue it came from, which is returned (None: not known here)."""
     request.request_dict.pop(ADMITTED, None)
+    request.request_dict.pop(ADMISSION_WAIT, None)
     return queues.annotate(request)
 
 
@@ -459,10 +462,11 @@ class Admission:
             self._waiting -= 1
             self._leases.pop(id(head.request), None)
             self._unhold(head.queue)
+        waited = time.monotonic() - head.since
+        head.request.request_dict[ADMISSION_WAIT] = round(waited, 3)  # for the run log
         metrics = recorder(self.settings.metrics_port is not None)
         if metrics is not None:
             with quietly():
-                waited = time.monotonic() - head.since
                 metrics.wait.labels(head.spec.resource, "admission").observe(waited)
         self._to_pool(head.request)
         self._tick()

@@ -23,6 +23,10 @@ What is lost at worst: a child killed after handing over loses nothing (the line
 the pipe, the main process holds it); a main process killed (SIGKILL, OOM) loses the
 refunds it held and the lines still in the pipe, at most ``zae_settle_delay`` seconds
 of them: the buckets keep those estimates charged, and the fleet under-uses them once.
+The same pipe carries the run log's facts (:mod:`zae_celery.runlog`): a child hands
+each finished run's fact to the main process, whose run log writes them for all its
+children at once (one write per run per ``zae_run_log`` interval and worker, not per
+child).
 """
 
 from __future__ import annotations
@@ -51,10 +55,20 @@ def hand_over(lease: Lease, refunds: dict[str, int]) -> bool:
     """In a pool child: send ``lease``'s ``refunds`` (negative deltas) to the main
     process, which settles them; False (nothing sent) when there is no pipe, this is
     the main process, or the line is longer than one atomic write."""
+    return _send({"lease": lease.ticket(), "refunds": refunds})
+
+
+def hand_over_fact(run: str, fact: dict[str, Any]) -> bool:
+    """In a pool child: send a run log fact (its stored form) to the main process's run
+    log; False (nothing sent) as for :func:`hand_over`."""
+    return _send({"run": run, "fact": fact})
+
+
+def _send(message: dict[str, Any]) -> bool:
     channel = dict(_channel)
     if not channel or os.getpid() == channel["pid"]:
         return False
-    line = json.dumps({"lease": lease.ticket(), "refunds": refunds}).encode() + b"\n"
+    line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
     if len(line) > select.PIPE_BUF:
         return False
     try:
@@ -69,7 +83,10 @@ def hand_over(lease: Lease, refunds: dict[str, int]) -> bool:
 def _open(sender: Any = None, **_: Any) -> None:
     """In the worker's main process, before the pool starts: the pipe and its reader."""
     app = getattr(sender, "app", None)
-    if app is None or Settings.from_app(app).settle_delay <= 0:
+    if app is None:
+        return
+    settings = Settings.from_app(app)
+    if settings.settle_delay <= 0 and settings.run_log <= 0:
         return
     read, write = os.pipe()
     reader = threading.Thread(target=_receive, args=(app, read), daemon=True, name="zae-handover")
@@ -93,6 +110,7 @@ def _receive(app: Any, fd: int) -> None:
 
 def _settle_lines(app: Any, data: bytes) -> bytes:
     """Settle every whole line of ``data``; returns the incomplete rest."""
+    from .runlog import keep_fact
     from .task import limiter_for  # the task module imports this one
 
     *lines, rest = data.split(b"\n")
@@ -100,24 +118,31 @@ def _settle_lines(app: Any, data: bytes) -> bytes:
     for line in lines:
         try:
             message = json.loads(line)
-            limiter.resume(message["lease"]).commit(**message["refunds"])
+            if "fact" in message:
+                keep_fact(app, message["run"], message["fact"])
+            else:
+                limiter.resume(message["lease"]).commit(**message["refunds"])
         except Exception:  # one bad line must not stop the others; nothing is granted
-            log.exception("zae-celery could not settle a refund handed over by a pool child")
+            log.exception("zae-celery could not take a line handed over by a pool child")
     return rest
 
 
 @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
 def _close(**_: Any) -> None:
     """The pool has stopped: the reader settles what is left in the pipe (it ends when
-    the last write end closes), then every held refund is written."""
+    the last write end closes), then the run log and every held refund are written."""
+    from .runlog import close_run_log
+
     channel = dict(_channel)
     if not channel or os.getpid() != channel["pid"]:
+        close_run_log()  # no pipe (solo, threads): what this process's tasks did
         return
     _channel.clear()
     os.close(channel["write"])
     channel["reader"].join(timeout=SHUTDOWN_WAIT)
     if channel["reader"].is_alive():  # a child outlived the pool: its lines are lost
         log.warning("zae-celery stopped reading refunds from pool children still running")
+    close_run_log()  # the facts the children handed over, all read now
     from .task import limiter_for
 
     try:

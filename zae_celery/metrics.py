@@ -159,6 +159,11 @@ class ObservedStore:
         self._metrics = metrics
         self._breaker_open = breaker_open
 
+    @property
+    def inner(self) -> Any:
+        """The store observed."""
+        return self._store
+
     def send(self, op: Any) -> Any:
         """Answer ``op``, counted."""
         with self._observed(op) as seen:

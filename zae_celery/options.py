@@ -160,6 +160,13 @@ TASK_OPTIONS: tuple[TaskOption, ...] = (
         MAX_DEFERRALS.name,
     ),
     TaskOption(
+        "rate_run",
+        None,
+        _check_entity,
+        "the pipeline run a task belongs to, for 'zae-celery runs' (default: Celery's "
+        "root_id, so a group, chord or chain is one run)",
+    ),
+    TaskOption(
         "rate_horizon",
         None,
         _or_setting(HORIZON.check),

@@ -456,6 +456,19 @@ SETTLE_DELAY: Setting[float] = Setting(
     "later write to its bucket (the worker's next grant) instead of a write of its own "
     "(0: every settle writes at once; debt never waits)",
 )
+RUN_LOG: Setting[float] = Setting(
+    "zae_run_log",
+    5.0,
+    Seconds(0.0, 3600.0),
+    "how often each worker process writes what its tasks did, for 'zae-celery runs' "
+    "(one write per run per interval; 0: no run log)",
+)
+RUN_RETENTION: Setting[int] = Setting(
+    "zae_run_retention",
+    90,
+    Count(),
+    "days the run log is kept (TTL)",
+)
 UNAVAILABLE_RETRY: Setting[float] = Setting(
     "zae_unavailable_retry",
     5.0,
@@ -537,6 +550,8 @@ SETTINGS: tuple[Setting[Any], ...] = (
     START_WAIT,
     SLOT_POLL,
     SETTLE_DELAY,
+    RUN_LOG,
+    RUN_RETENTION,
     UNAVAILABLE_RETRY,
     BREAKER_THRESHOLD,
     BREAKER_COOLDOWN,
@@ -569,6 +584,8 @@ class Settings:
     start_wait: float
     slot_poll: float
     settle_delay: float
+    run_log: float
+    run_retention: int
     unavailable_retry: float
     breaker_threshold: int
     breaker_cooldown: float

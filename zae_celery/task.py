@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import threading
+import time
 import weakref
 from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ from zae_celery.providers.headers import RateLimitHeaders, read_rate_limits
 from zae_celery.providers.profiles import COMPLETION, Profile
 from zae_celery.queues import QUEUE, QUEUE_ENTITY_PREFIX, QUEUE_RESOURCE, queue_of_run
 from zae_celery.renewal import renewer
+from zae_celery.runlog import run_log_for  # noqa: F401  (connects the run log to run_settled)
 from zae_celery.settings import Settings
 from zae_celery.signals import run_settled
 
@@ -176,12 +178,14 @@ def parse_celery_rate(value: Any) -> Limit | None:
 
 @dataclass(frozen=True)
 class _Run:
-    """This run's horizon, outage-deferral limit and on-error policy (callables called
-    once, before the run takes or starts a lease)."""
+    """This run's horizon, outage-deferral limit, on-error policy and pipeline run
+    (callables called once, before the run takes or starts a lease)."""
 
     horizon: float
     max_deferrals: int
     on_error: OnError
+    run_id: str | None = None
+    """The pipeline run it belongs to (``rate_run``; None: Celery's ``root_id``)."""
 
 
 @dataclass(frozen=True)
@@ -317,6 +321,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             horizon=options.horizon(settings, args, kwargs),
             max_deferrals=options.max_deferrals(settings, args, kwargs),
             on_error=options.on_error(args, kwargs),
+            run_id=options.get("rate_run", args, kwargs),
         )
 
     def _spec(
@@ -357,6 +362,11 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     # -- the gate ---------------------------------------------------------------------------
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Acquire (or take up a reserved slot) before the body runs; defer when refused."""
+        self._gate(task_id, args, kwargs)
+        self.request.zae_started = time.time()  # the body starts now (the run log's start)
+
+    def _gate(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """:meth:`before_start`'s work: returns when the body may run."""
         settings, limiter = limiter_for(self.app)
         request = self.request
         # How this run handles a lease (horizon, outage deferrals, rate_on_error) is
@@ -784,6 +794,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         lease: Lease | None = getattr(self.request, "zae_active_lease", None)
         request = self.request
         request.zae_provider_report = None  # the block supersedes what a response said
+        request.zae_provider_limited = True  # for the run log
         if lease is not None and not charged and not lease.closed:
             try:
                 lease.rollback()

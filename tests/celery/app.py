@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, chord
 from celery.signals import task_postrun
 from kombu.entity import Exchange, Queue
 
@@ -150,6 +150,7 @@ RECONCILED: dict[str, Any] = {
 def _reconcile(task: RateLimitedTask, actual: int) -> dict[str, Any]:
     info = _run_info(task)
     task.report_usage(tpm=actual)
+    info["root_id"] = task.request.root_id
     return info
 
 
@@ -179,6 +180,30 @@ def reconciled_then_killed(self: RateLimitedTask, actual: int) -> dict[str, Any]
 def spread(self: RateLimitedTask, actual: int) -> dict[str, Any]:
     """``reconciled`` on a bucket of RPS a second spread over two shards."""
     return _reconcile(self, actual)
+
+
+@app.task(**RECONCILED)
+def chord_body(self: RateLimitedTask, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """A chord's body: estimates 100 tokens, reports one per result it received."""
+    info = _reconcile(self, len(results))
+    info["root_id"] = self.request.root_id
+    return info
+
+
+@app.task(bind=True)
+def orchestrate(self: Any, n: int, actual: int) -> str:
+    """A pipeline's entry task (a plain one): a chord of ``n`` reconciled tasks and
+    chord_body, all under this task's id as their root; returns the body's task id."""
+    return str(chord([reconciled.s(actual) for _ in range(n)])(chord_body.s()).id)
+
+
+@app.task(**{**RECONCILED, "rate_run": lambda args, kwargs: kwargs["batch"]})
+def in_named_run(self: RateLimitedTask, actual: int, batch: str, fail: bool = False) -> None:
+    """``reconciled`` in the run its ``batch`` argument names (``rate_run``); fails when
+    asked to (after reporting)."""
+    _reconcile(self, actual)
+    if fail:
+        raise RuntimeError("provider call failed")
 
 
 @task_postrun.connect(weak=False)

@@ -34,7 +34,7 @@ messages), :mod:`~zae_celery.cli.stack` (deploy, status, delete, template,
 lambda-export),
 :mod:`~zae_celery.cli.table` (create-table), :mod:`~zae_celery.cli.limits` (limits,
 entity), :mod:`~zae_celery.cli.buckets` (buckets), :mod:`~zae_celery.cli.top` (top) and
-:mod:`~zae_celery.cli.usage` (aggregate, usage).
+:mod:`~zae_celery.cli.usage` (aggregate, usage, runs).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from zae_celery.cli.options import (
 from zae_celery.cli.stack import delete, deploy, lambda_export, status, template
 from zae_celery.cli.table import create_table
 from zae_celery.cli.top import top
-from zae_celery.cli.usage import aggregate, usage
+from zae_celery.cli.usage import aggregate, runs, usage
 from zae_celery.core import ValidationError
 from zae_celery.infra.stack import DEFAULT_TABLE_NAME
 from zae_celery.settings import STORE_URL, TABLE_NAME
@@ -230,6 +230,7 @@ for _command in (
     top,
     aggregate,
     usage,
+    runs,
 ):
     main.add_command(_command)
 # The Celery sub-command shares every command.

@@ -1,5 +1,6 @@
 """``aggregate`` (fold the table's stream into usage snapshots, as the Lambda function
-does) and ``usage`` (read the snapshots): see docs/accounting.md."""
+does), ``usage`` (read the snapshots) and ``runs`` (what a pipeline run's tasks did):
+see docs/accounting.md."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import signal
 import threading
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import click
@@ -21,10 +23,12 @@ from zae_celery.accounting import (
     read_usage,
     stream_arn,
 )
+from zae_celery.accounting.charts import run_chart
+from zae_celery.accounting.runs import RunReport, list_runs, read_run
 from zae_celery.cli.errors import OperationalError, translate_errors
 from zae_celery.cli.options import CONTEXT, Target, id_argument, pass_target, windows_option
 
-__all__ = ["aggregate", "usage"]
+__all__ = ["aggregate", "runs", "usage"]
 
 
 def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
@@ -184,3 +188,133 @@ def _table(snaps: list[Any]) -> None:
                 str(snap.records) if i == 0 else "",
             )
     Console(width=120).print(table)
+
+
+@click.group("runs", context_settings=CONTEXT)
+def runs() -> None:
+    """Pipeline runs: what every task under one Celery root_id (a group, a chord, a
+    chain; or a task's rate_run) started, consumed and waited for.
+
+    Workers write what their tasks did every zae_run_log seconds (default 5).
+
+    \b
+    Example:
+      zae-celery runs list --since 2026-12-01
+      zae-celery runs show 7d3c... --chart run.png
+    """
+
+
+@runs.command("list", context_settings=CONTEXT)
+@click.option(
+    "--since",
+    callback=_moment,
+    help="First UTC day to list (ISO 8601; default: today).",
+)
+@click.option("--until", callback=_moment, help="Last UTC day to list (default: today).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_target
+def runs_list(
+    target: Target, since: datetime | None, until: datetime | None, as_json: bool
+) -> None:
+    """List the runs workers wrote for, by the UTC day they were first seen.
+
+    \b
+    Example:
+      zae-celery runs list --since 2026-12-01 --json
+    """
+    target.need_table("runs list")
+    today = datetime.now(timezone.utc).date()
+    first = since.astimezone(timezone.utc).date() if since else today
+    last = until.astimezone(timezone.utc).date() if until else today
+    if (last - first).days > 366:
+        raise click.UsageError("--since and --until span more than a year: narrow them")
+    with translate_errors(target):
+        entries = list_runs(target.client("dynamodb"), target.table, first, last)
+    if as_json:
+        rows = [{"run": e.run, "first_seen": e.first_seen.isoformat()} for e in entries]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not entries:
+        click.echo(f"No runs seen from {first} to {last} (UTC).")
+        return
+    for entry in entries:
+        click.echo(f"{entry.first_seen:%Y-%m-%d %H:%M:%S}  {entry.run}")
+
+
+@runs.command("show", context_settings=CONTEXT)
+@click.argument("run", callback=id_argument("run"))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--chart",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Save a PNG of the run's tokens per minute against each limit (needs matplotlib: "
+    "pip install 'zae-celery[charts]').",
+)
+@pass_target
+def runs_show(target: Target, run: str, as_json: bool, chart: str | None) -> None:
+    """What RUN's tasks did: how many started, succeeded and failed; tokens estimated and
+    charged per limit; the time they waited for slots (total, p50, p99); deferrals and
+    provider 429s; first and last start.
+
+    \b
+    Example:
+      zae-celery runs show 7d3c0f4e-... --json
+    """
+    target.need_table("runs show")
+    with translate_errors(target):
+        report = read_run(target.client("dynamodb"), target.table, run)
+    if report is None:
+        raise OperationalError(
+            f"no run {run!r} in {target.table}: workers write a run's tasks every zae_run_log "
+            "seconds (is it on, and is the run newer than zae_run_retention days?)"
+        )
+    if chart:
+        try:
+            run_chart(report, Path(chart))
+        except RuntimeError as exc:
+            raise OperationalError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    _run_table(report)
+    if chart:
+        click.echo(f"Chart: {chart}")
+
+
+def _run_table(report: RunReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=120)
+    starts = "-"
+    if report.first_start and report.last_start:
+        starts = f"{report.first_start:%Y-%m-%d %H:%M:%S} .. {report.last_start:%H:%M:%S} UTC"
+    summary = Table(title=f"run {report.run}", show_header=False)
+    summary.add_column(justify="left")
+    summary.add_column(justify="right")
+    for label, value in (
+        (
+            "tasks (started / succeeded / failed)",
+            f"{report.tasks} ({report.started} / {report.succeeded} / {report.failed})",
+        ),
+        ("deferrals / provider 429s", f"{report.deferrals} / {report.provider_429s}"),
+        (
+            "waited for slots: total / p50 / p99",
+            f"{report.wait_total:.1f} s / {report.wait_p50:.3f} s / {report.wait_p99:.3f} s",
+        ),
+        ("starts", starts),
+        ("buckets", ", ".join(report.buckets) or "-"),
+    ):
+        summary.add_row(label, value)
+    console.print(summary)
+    limits = Table()
+    for header in ("limit", "estimated", "charged", "charged - estimated"):
+        limits.add_column(header, justify="left" if header == "limit" else "right")
+    for name, totals in sorted(report.limits.items()):
+        limits.add_row(
+            name,
+            f"{totals.estimated:,}",
+            f"{totals.charged:,}",
+            f"{totals.charged - totals.estimated:+,}",
+        )
+    console.print(limits)
