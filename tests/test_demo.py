@@ -64,6 +64,13 @@ def test_small_demo_completes_without_provider_429s(tmp_path: Path, options: lis
     assert report["config"]["store"] == "dynamodb"
     assert run["dynamodb_requests"] > 0
     assert run["redis_scripts"] is None
+    # zae-celery's own books of the batch (its run log, read as 'runs show' reads it)
+    # agree with the provider's, to the request and the token.
+    books = run["books"]
+    assert (books["tasks"], books["succeeded"]) == (run["completed"], run["completed"])
+    assert books["limits"]["rpm"]["charged"] == run["provider_requests"] - run["provider_429s"]
+    assert books["limits"]["tpm"]["charged"] == run["tokens_billed"]
+    assert 0 < books["run_log_writes"] < run["dynamodb_requests"]
 
 
 @pytest.mark.integration

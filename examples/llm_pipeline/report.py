@@ -74,6 +74,9 @@ class ModeRun:
     redis_scripts: int | None = None
     """On a Redis store: the script calls its server answered during the run (one per
     store operation, every process; other clients' scripts on that server too)."""
+    books: dict[str, Any] | None = None
+    """zae-celery's own books of the batch (``zae-celery runs show RUN --json``), and
+    ``run_log_writes``: the requests its run log made (among ``dynamodb``'s)."""
 
 
 def _worst_excess(
@@ -143,6 +146,7 @@ def measure(run: ModeRun, config: Config) -> dict[str, Any]:
         "redis_scripts": run.redis_scripts,
         "redis_scripts_per_task": (run.redis_scripts or 0) / max(1, completed),
         "tokens_billed": int(sum(tokens)),
+        "books": run.books,
         "wall_s": (max(ends) - run.submitted_at) if ends else 0.0,
         "series": {
             "accepted": [[r.at - run.submitted_at, r.total_tokens] for r in accepted],
@@ -202,6 +206,11 @@ def table(figures: Sequence[dict[str, Any]], config: Config) -> Table:
             "{requests_text}",
         ),
         ("tokens: estimated / billed", "", "{tokens_text}"),
+        (
+            "zae-celery's books (runs show): requests / tokens charged",
+            "= the provider's",
+            "{books_text}",
+        ),
         ("wall time from the first send, s", "", "{wall_s:.1f}"),
     ]
     cells = []
@@ -215,8 +224,9 @@ def table(figures: Sequence[dict[str, Any]], config: Config) -> Table:
                 if fig["mode"] != "zae"
                 else f"{fig['redis_scripts_per_task']:.2f}"
                 if config.on_redis
-                else f"{fig['dynamodb_per_task']:.2f}"
+                else _dynamodb_text(fig)
             ),
+            "books_text": _books(fig),
             "tokens_text": (
                 f"{_k(config.estimated_tokens)} / {_k(fig['tokens_billed'])}"
                 if fig["mode"] == "zae"
@@ -227,6 +237,26 @@ def table(figures: Sequence[dict[str, Any]], config: Config) -> Table:
     for k, (label, goal, _) in enumerate(rows):
         grid.add_row(label, goal, *(column[k] for column in cells))
     return grid
+
+
+def _dynamodb_text(fig: dict[str, Any]) -> str:
+    """Requests per task, and the run log's share of them."""
+    writes = (fig.get("books") or {}).get("run_log_writes")
+    share = "" if writes is None else f" (run log {writes / max(1, fig['completed']):.2f})"
+    return f"{fig['dynamodb_per_task']:.2f}{share}"
+
+
+def _books(fig: dict[str, Any]) -> str:
+    """zae-celery's run report beside the provider's books ("-": no run log here)."""
+    books = fig.get("books")
+    if not books:
+        return "-"
+    limits = books["limits"]
+    requests = limits.get("rpm", {}).get("charged", 0)
+    tokens = limits.get("tpm", {}).get("charged", 0)
+    same = requests == fig["provider_requests"] - fig["provider_429s"]
+    same = same and tokens == fig["tokens_billed"]
+    return f"{requests} / {_k(tokens)} ({'the same' if same else 'DIFFERENT'})"
 
 
 def chart(figures: Sequence[dict[str, Any]], config: Config, path: Path) -> Path:

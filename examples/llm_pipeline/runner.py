@@ -25,6 +25,7 @@ from harness.provider import LocalProvider, billed_usage
 from harness.stores import is_redis, where, with_run_prefix
 from harness.workers import FleetError, signals_held, worker_fleet
 from zae_celery import RateLimiter, ValidationError
+from zae_celery.accounting.runs import read_run
 from zae_celery.testing import (
     CountingProxy,
     LocalServer,
@@ -202,7 +203,8 @@ def run_mode(
             )
             for p in prompts
         ]
-        pending = list(group(signatures, app=client).apply_async().results)
+        batch_result = group(signatures, app=client).apply_async()
+        pending = list(batch_result.results)
         try:
             _collect(pending, result, provider, config, label, console)
         except KeyboardInterrupt:
@@ -218,10 +220,29 @@ def run_mode(
             result.records = provider.records
             with contextlib.suppress(Exception):
                 client.close()
+    if mode == "zae" and store is None:  # the workers have stopped: their run logs are in
+        # The batch is a group sent from here: its tasks' run is the group's id.
+        books = read_run(limiter.client, table, batch_result.id)
+        if books is not None:
+            result.books = books.to_dict()
+            result.books["run_log_writes"] = _run_log_writes(limiter, table, batch_result.id)
     if mode == "zae" or store is not None:  # a worker stamps a Redis store's schema
         with contextlib.suppress(Exception):
             limiter.delete_table()  # the table, or every key of the run's prefix
     return result
+
+
+def _run_log_writes(limiter: RateLimiter, table: str, run: str) -> int:
+    """The writes the workers' run logs made for ``run``: one per flush item, and one
+    marker per writing process (the writer is in each flush's sort key)."""
+    keys = limiter.client.query(
+        TableName=table,
+        KeyConditionExpression="PK = :pk",
+        ExpressionAttributeValues={":pk": {"S": f"R#{run}"}},
+        ProjectionExpression="SK",
+    )["Items"]
+    writers = {item["SK"]["S"].split("#")[1] for item in keys}
+    return len(keys) + len(writers)
 
 
 def _collect(
