@@ -164,3 +164,14 @@ def test_shards_spread_a_hot_bucket_over_items(moto: LocalServer) -> None:
     assert out["bucket"]["burst"] == 40 and out["bucket"]["rate"] == "40/s"
     assert out["first_refusal"]["resource"] == "model"
     assert out["items"] == [f"E#fleet#model#{i} B#model#{i}" for i in range(4)]
+
+
+def test_accounting_folds_the_stream_into_exact_snapshots(moto: LocalServer) -> None:
+    out = run_example("accounting", moto.url)
+    assert out["snapshot_writes"] > 0
+    assert (out["written_again"], out["skipped_again"]) == (0, out["snapshot_writes"])
+    for tenant, rows in out["daily"].items():
+        (row,) = rows
+        assert row["limits"]["tpm"]["used"] == out["billed"][tenant]
+    assert out["daily"]["acme"][0]["limits"]["tpm"]["debt"] == 110  # 910 billed of 800
+    assert out["daily"]["acme"][0]["blocks"] == 1 and out["daily"]["globex"][0]["blocks"] == 0
