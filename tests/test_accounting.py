@@ -28,7 +28,7 @@ from zae_celery import runlog as runlog_module
 from zae_celery.accounting import Aggregator, StreamReader, read_usage, stream_arn
 from zae_celery.accounting import handler as lambda_handler
 from zae_celery.accounting import runs as runs_module
-from zae_celery.accounting.charts import trailing_sums
+from zae_celery.accounting.charts import trailing_sums, window_for
 from zae_celery.accounting.runs import (
     LimitTotals,
     TaskFact,
@@ -678,3 +678,7 @@ def test_runs_commands(endpoint: Endpoint, tmp_path: Path) -> None:
 def test_trailing_sums_are_per_window() -> None:
     times = [0.0, 10.0, 59.0, 60.0, 61.0, 130.0]
     assert trailing_sums(times, [1, 2, 3, 4, 5, 6]) == [1, 3, 6, 9, 14, 6]
+
+
+def test_a_short_run_is_charted_over_a_fifth_of_it() -> None:
+    assert window_for(15.0) == 3.0 and window_for(2.0) == 1.0 and window_for(3600) == 60.0

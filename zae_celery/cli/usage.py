@@ -112,7 +112,8 @@ def aggregate(
             reader.catch_up()
     t = reader.totals
     click.echo(
-        f"{t.records} stream records in {t.batches} batches: {t.written} snapshot writes, "
+        f"{t.records} stream records in {t.batches} batch{'' if t.batches == 1 else 'es'}: "
+        f"{t.written} snapshot writes, "
         f"{t.skipped} already applied ({', '.join(windows)} windows of {target.table})."
     )
 
