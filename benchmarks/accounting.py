@@ -17,29 +17,15 @@ import random
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import boto3
 import click
 
-from zae_celery.accounting import Aggregator, read_usage, stream_arn
+from zae_celery.accounting import Aggregator, StreamReader, read_usage, stream_arn
 from zae_celery.core import Limit, RateLimiter
 from zae_celery.testing import dynamodb_local, use_local_credentials
 
 LIMITS = [Limit.per_minute("rpm", 1_000_000), Limit.per_minute("tpm", 100_000_000)]
-
-
-def _records(streams: Any, arn: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
-        iterator = streams.get_shard_iterator(
-            StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
-        )["ShardIterator"]
-        while iterator:
-            page = streams.get_records(ShardIterator=iterator, Limit=1000)
-            out.extend(page["Records"])
-            iterator = page.get("NextShardIterator") if page["Records"] else None
-    return out
 
 
 @click.command()
@@ -71,7 +57,8 @@ def main(tasks: int, tenants: int, batches: tuple[int, ...], seed: int) -> None:
         limiter.flush()
         spent = time.monotonic() - started
         streams = boto3.client("dynamodbstreams", endpoint_url=server.url, region_name="us-east-1")
-        records = _records(streams, stream_arn(client, table))
+        reader = StreamReader(streams, stream_arn(client, table), Aggregator(client, table))
+        records = [record for page in reader.pages() for record in page]
         charged = {
             e: next(b.charged for b in limiter.buckets(e, "llm", LIMITS) if b.limit_name == "tpm")
             for e in names
@@ -82,18 +69,7 @@ def main(tasks: int, tenants: int, batches: tuple[int, ...], seed: int) -> None:
         )
         for size in batches:
             kept = f"zae-bench-{uuid.uuid4().hex[:8]}"  # snapshots of this batch size apart
-            client.create_table(
-                TableName=kept,
-                KeySchema=[
-                    {"AttributeName": "PK", "KeyType": "HASH"},
-                    {"AttributeName": "SK", "KeyType": "RANGE"},
-                ],
-                AttributeDefinitions=[
-                    {"AttributeName": "PK", "AttributeType": "S"},
-                    {"AttributeName": "SK", "AttributeType": "S"},
-                ],
-                BillingMode="PAY_PER_REQUEST",
-            )
+            RateLimiter(kept, endpoint_url=server.url, region="us-east-1").create_table()
             aggregator = Aggregator(client, kept)
             writes = count = 0
             for lo in range(0, len(records), size):

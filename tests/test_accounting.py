@@ -188,18 +188,8 @@ def reader_for(endpoint: Endpoint, aggregator: Aggregator) -> StreamReader:
 
 def raw_records(endpoint: Endpoint) -> list[dict[str, Any]]:
     """Every record of the table's stream, in order (parents first; one shard here)."""
-    streams = boto3.client("dynamodbstreams", endpoint_url=endpoint.url, region_name="us-east-1")
-    arn = stream_arn(client_for(endpoint), endpoint.table_name)
-    out: list[dict[str, Any]] = []
-    for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
-        iterator = streams.get_shard_iterator(
-            StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
-        )["ShardIterator"]
-        while iterator:
-            page = streams.get_records(ShardIterator=iterator)
-            out.extend(page["Records"])
-            iterator = page.get("NextShardIterator") if page["Records"] else None
-    return out
+    reader = reader_for(endpoint, Aggregator(client_for(endpoint), endpoint.table_name))
+    return [record for page in reader.pages() for record in page]
 
 
 def charge(limiter: RateLimiter, entity: str) -> int:

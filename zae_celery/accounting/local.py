@@ -10,7 +10,7 @@ hold. ``follow`` keeps polling the open shards (and looks for new ones) until st
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,9 +81,10 @@ class StreamReader:
             request["ExclusiveStartShardId"] = last
         return _parents_first(shards)
 
-    def catch_up(self) -> Totals:
-        """Apply every record the stream holds now (each shard until it is read to its
-        end, or to the newest record of an open shard)."""
+    def pages(self) -> Iterator[list[dict[str, Any]]]:
+        """Every page of records the stream holds now, shard by shard (parents first),
+        each shard until it is read to its end, or to the newest record of an open
+        shard (where the next call goes on from)."""
         for shard in self._shards():
             shard_id = shard["ShardId"]
             if shard_id not in self._iterators:
@@ -96,13 +97,17 @@ class StreamReader:
                 )
                 self._iterators[shard_id] = page.get("NextShardIterator")
                 records = page.get("Records", [])
-                if records:
-                    applied = self.aggregator.apply(records)
-                    self.totals.add(applied)
-                    if self.on_batch:
-                        self.on_batch(applied)
-                else:
+                if not records:
                     break  # an open shard read to its newest record
+                yield records
+
+    def catch_up(self) -> Totals:
+        """Apply every record the stream holds now, one page as one batch."""
+        for records in self.pages():
+            applied = self.aggregator.apply(records)
+            self.totals.add(applied)
+            if self.on_batch:
+                self.on_batch(applied)
         return self.totals
 
     def follow(self, stop: threading.Event, interval: float = 1.0) -> Totals:

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
+from .snapshots import query_pages
+
 __all__ = [
     "LimitTotals",
     "RunEntry",
@@ -243,15 +245,6 @@ def summarize(run: str, facts: Iterable[TaskFact]) -> RunReport:
     )
 
 
-def _pages(client: Any, request: dict[str, Any]) -> Iterable[Mapping[str, Any]]:
-    while True:
-        page = client.query(**request)
-        yield from page.get("Items", [])
-        if "LastEvaluatedKey" not in page:
-            return
-        request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-
-
 def read_run(client: Any, table: str, run: str) -> RunReport | None:
     """A run's report (None: no worker wrote anything for it)."""
     request = {
@@ -262,7 +255,7 @@ def read_run(client: Any, table: str, run: str) -> RunReport | None:
     }
     facts = [
         TaskFact.decode(entry)
-        for item in _pages(client, request)
+        for item in query_pages(client, request)
         for entry in json.loads(item["facts"]["S"])
     ]
     return summarize(run, facts) if facts else None
@@ -288,7 +281,7 @@ def list_runs(client: Any, table: str, since: date, until: date) -> list[RunEntr
             "KeyConditionExpression": "PK = :pk",
             "ExpressionAttributeValues": {":pk": {"S": day_key(day.isoformat())}},
         }
-        for item in _pages(client, request):
+        for item in query_pages(client, request):
             seen = float(item["first"]["N"])
             run = item["SK"]["S"]
             first[run] = min(seen, first.get(run, seen))

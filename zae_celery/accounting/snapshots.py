@@ -232,19 +232,23 @@ def read_usage(
     low = since.timestamp() if since else float("-inf")
     high = until.timestamp() if until else float("inf")
     out = []
-    for item in _query(client, table, USAGE_PREFIX + entity, prefix):
+    request = {
+        "TableName": table,
+        "KeyConditionExpression": "PK = :pk AND begins_with(SK, :prefix)",
+        "ExpressionAttributeValues": {
+            ":pk": {"S": USAGE_PREFIX + entity},
+            ":prefix": {"S": prefix},
+        },
+    }
+    for item in query_pages(client, request):
         snap = _snapshot(item)
         if snap.end.timestamp() > low and snap.start.timestamp() < high:
             out.append(snap)
     return out
 
 
-def _query(client: Any, table: str, pk: str, prefix: str) -> Iterable[Mapping[str, Any]]:
-    request: dict[str, Any] = {
-        "TableName": table,
-        "KeyConditionExpression": "PK = :pk AND begins_with(SK, :prefix)",
-        "ExpressionAttributeValues": {":pk": {"S": pk}, ":prefix": {"S": prefix}},
-    }
+def query_pages(client: Any, request: dict[str, Any]) -> Iterable[Mapping[str, Any]]:
+    """Every item a Query ``request`` returns, page after page."""
     while True:
         page = client.query(**request)
         yield from page.get("Items", [])
