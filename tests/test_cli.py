@@ -1229,3 +1229,39 @@ def test_the_celery_layer_and_the_cli_import_only_public_names_of_the_core() -> 
                 names = {alias.name for alias in node.names}
                 private = names - set(zae_celery.core.__all__)
                 assert not private, f"{path.name} imports {sorted(private)} from zae_celery.core"
+
+
+# -- version and check -------------------------------------------------------------------------
+@pytest.mark.integration
+def test_version_and_check_compare_the_table_with_this_client(table: Endpoint) -> None:
+    shown = run(local(table, "version", "--json"))
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.output)
+    assert data["client_schema"] == SCHEMA_VERSION == data["table_schema"]
+    assert data["client"] == importlib.metadata.version("zae-celery") and data["compatible"]
+    checked = run(local(table, "check"))
+    assert checked.exit_code == 0 and "compatible" in checked.output
+    # A table stamped by another zae-celery's schema: check exits 3 and says what to do.
+    ddb(table).update_item(
+        TableName=table.table_name,
+        Key={"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}},
+        UpdateExpression="SET version = :v",
+        ExpressionAttributeValues={":v": {"N": str(SCHEMA_VERSION + 1)}},
+    )
+    checked = run(local(table, "check"))
+    assert checked.exit_code == 3, checked.output
+    assert f"version {SCHEMA_VERSION + 1}" in checked.output and "upgrade" in checked.output
+    text = run(local(table, "version"))
+    assert text.exit_code == 0 and f"schema version {SCHEMA_VERSION})" in text.output
+
+
+@pytest.mark.integration
+def test_check_of_an_unstamped_table_and_of_none(endpoint: Endpoint) -> None:
+    missing = run(local(endpoint, "check"))
+    assert missing.exit_code == 1, missing.output
+    plain_table(endpoint, BillingMode="PAY_PER_REQUEST")
+    try:
+        checked = run(local(endpoint, "check"))
+        assert checked.exit_code == 0 and "not stamped yet" in checked.output
+    finally:
+        ddb(endpoint).delete_table(TableName=endpoint.table_name)

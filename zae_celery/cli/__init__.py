@@ -1,7 +1,8 @@
 """``zae-celery``: deploy the stack, inspect it, and manage limits, entities and buckets.
 
 Exit codes: 0 success, 1 operational failure (AWS or the endpoint said no, a conflict,
-nothing reachable), 2 usage error (bad or missing options and arguments). Every error
+nothing reachable), 2 usage error (bad or missing options and arguments); ``check``
+exits 3 when the table speaks another schema version. Every error
 message says what to do next.
 
 The same commands are reachable as ``celery -A proj zae ...`` (:data:`celery_command`,
@@ -34,7 +35,8 @@ messages), :mod:`~zae_celery.cli.stack` (deploy, status, delete, template,
 lambda-export),
 :mod:`~zae_celery.cli.table` (create-table), :mod:`~zae_celery.cli.limits` (limits,
 entity), :mod:`~zae_celery.cli.buckets` (buckets), :mod:`~zae_celery.cli.top` (top) and
-:mod:`~zae_celery.cli.usage` (aggregate, usage, runs).
+:mod:`~zae_celery.cli.usage` (aggregate, usage, runs) and
+:mod:`~zae_celery.cli.schema` (version, check).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from zae_celery.cli.options import (
     parse_limit,
     problem,
 )
+from zae_celery.cli.schema import check, version
 from zae_celery.cli.stack import delete, deploy, lambda_export, status, template
 from zae_celery.cli.table import create_table
 from zae_celery.cli.top import top
@@ -231,6 +234,8 @@ for _command in (
     aggregate,
     usage,
     runs,
+    version,
+    check,
 ):
     main.add_command(_command)
 # The Celery sub-command shares every command.

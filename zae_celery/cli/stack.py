@@ -27,7 +27,7 @@ from zae_celery.infra.stack import (
     default_stack_name,
 )
 
-__all__ = ["delete", "deploy", "lambda_export", "status", "template"]
+__all__ = ["delete", "deploy", "lambda_export", "schema_text", "status", "template"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -308,7 +308,7 @@ def _redis_status(target: Target) -> None:
     with translate_errors(target):
         version = target.limiter().schema_version()
     click.echo(f"Store:   {target.where()}")
-    click.echo(f"Schema:  {_schema(version, 'prefix')}")
+    click.echo(f"Schema:  {schema_text(version, 'prefix')}")
     click.echo(
         "A Redis store has no table and no stack: 'create-table', 'deploy' and 'delete' do "
         "not apply; the prefix is its namespace."
@@ -381,7 +381,7 @@ def _print_table(target: Target, manager: StackManager, name: str, table: dict[s
     click.echo(f"Billing: {_billing(table)}")
     if table.get("TableStatus") == "ACTIVE":
         try:
-            schema = _schema(target.limiter().schema_version())
+            schema = schema_text(target.limiter().schema_version())
         except RateLimiterUnavailable as exc:  # e.g. no dynamodb:GetItem: show the rest
             schema = f"not readable: {exc}"
         click.echo(f"Schema:  {schema}")
@@ -410,7 +410,7 @@ def _billing(table: dict[str, Any]) -> str:
     )
 
 
-def _schema(version: int | None, where: str = "table") -> str:
+def schema_text(version: int | None, where: str = "table") -> str:
     """The stamped schema version, against the one this zae-celery speaks (``where``:
     what to use another of, a table or a Redis prefix)."""
     if version is None:
