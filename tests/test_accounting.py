@@ -672,3 +672,9 @@ def test_trailing_sums_are_per_window() -> None:
 
 def test_a_short_run_is_charted_over_a_fifth_of_it() -> None:
     assert window_for(15.0) == 3.0 and window_for(2.0) == 1.0 and window_for(3600) == 60.0
+
+
+def test_a_run_log_whose_table_is_gone_drops_its_facts(endpoint: Endpoint) -> None:
+    runlog = RunLog(client_for(endpoint), endpoint.table_name, interval=0, retention_days=1)
+    runlog.add("r", fact("t1"))
+    assert runlog.flush() == 0 and runlog._held == 0  # not kept to be retried forever

@@ -96,11 +96,15 @@ class RunLog:
         log.warning("zae-celery's run log holds %d facts it could not write: dropped one", MAX_HELD)
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self.interval):
             try:
                 self.flush()
+                failing = False
             except Exception as exc:  # kept for the next flush
-                log.warning("zae-celery could not write its run log (will retry): %s", exc)
+                if not failing:  # once per outage, not every interval
+                    log.warning("zae-celery could not write its run log (will retry): %s", exc)
+                failing = True
 
     def flush(self) -> int:
         """Write every fact held now; returns how many. On an error the unwritten facts
@@ -113,6 +117,13 @@ class RunLog:
                 for run in list(pending):
                     self._write(run, pending[run])
                     written += len(pending.pop(run))
+            except self.client.exceptions.ResourceNotFoundException:
+                log.warning(
+                    "zae-celery's run log lost %d facts: table %s is gone",
+                    sum(map(len, pending.values())),
+                    self.table,
+                )
+                return written
             except Exception:
                 with self._lock:
                     for run, facts in pending.items():
@@ -157,19 +168,19 @@ class RunLog:
             log.warning("zae-celery could not write its run log at exit: %s", exc)
 
 
-_logs: dict[int, RunLog | None] = {}
-"""This process's run log, by pid (a forked child makes its own)."""
+_logs: dict[tuple[int, int], RunLog | None] = {}
+"""The run logs of this process, by (pid, app): a forked child makes its own."""
 _logs_lock = threading.Lock()
 
 
 def run_log_for(app: Any) -> RunLog | None:
     """This process's run log for ``app`` (None: off, or not a DynamoDB store)."""
-    pid = os.getpid()
-    if pid in _logs:
-        return _logs[pid]
+    key = (os.getpid(), id(app))
+    if key in _logs:
+        return _logs[key]
     with _logs_lock:
-        if pid in _logs:
-            return _logs[pid]
+        if key in _logs:
+            return _logs[key]
         from .task import limiter_for
 
         settings, limiter = limiter_for(app)
@@ -180,8 +191,9 @@ def run_log_for(app: Any) -> RunLog | None:
                 store.client, store.table_name, settings.run_log, settings.run_retention
             )
             atexit.register(runlog.close)
-        _logs.clear()  # a parent's log is not this process's
-        _logs[pid] = runlog
+        for other in [k for k in _logs if k[0] != key[0]]:
+            del _logs[other]  # a parent's logs are not this process's
+        _logs[key] = runlog
         return runlog
 
 
@@ -255,6 +267,7 @@ def close_run_log(**_: Any) -> None:
     """This process stops (a pool child; a worker's main process, called by
     :mod:`zae_celery.handover` once the children's last lines are read): write what its
     run log holds."""
-    runlog = _logs.get(os.getpid())
-    if runlog is not None:
-        runlog.close()
+    pid = os.getpid()
+    for key, runlog in list(_logs.items()):
+        if key[0] == pid and runlog is not None:
+            runlog.close()
