@@ -11,6 +11,11 @@ PK                   SK                  item
 ``E#<e>#<res>#<k>``  ``B#<res>#<k>``     shard ``k`` of a bucket spread over items
 ===================  ==================  ==========================================
 
+One global secondary index, ``parents`` (hash ``parent``, range ``PK``, keys only), lists
+an entity's children: only entity items carry ``parent``, so it holds nothing else (a
+sparse index; a bucket write never touches it). Tables made before it get it from
+``zae-celery upgrade`` (or, for the stack's table, ``zae-celery deploy``).
+
 A shard (``Limit.shards``, :mod:`.shards`) is the bucket item of the resource
 ``<res>#<k>``, under a partition key of its own: DynamoDB keeps all the items of one
 partition key together, so shards sharing their entity's would share its partition's
@@ -31,6 +36,9 @@ from .errors import ValidationError
 
 __all__ = [
     "ANY_RESOURCE",
+    "PARENTS_INDEX",
+    "PARENTS_INDEX_SPEC",
+    "PARENTS_KEY_ATTRIBUTES",
     "SCHEMA_VERSION",
     "TTL_ATTRIBUTE",
     "bucket_key",
@@ -50,6 +58,21 @@ META_KEY = {"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}}
 ENTITY_SK = "#ENTITY"
 LIMITS_PREFIX = "#LIMITS#"
 BUCKET_PREFIX = "B#"
+PARENTS_INDEX = "parents"
+"""The index of entities by parent (``zae-celery entity children``)."""
+PARENTS_KEY_ATTRIBUTES = (
+    {"AttributeName": "parent", "AttributeType": "S"},
+    {"AttributeName": "PK", "AttributeType": "S"},
+)
+PARENTS_INDEX_SPEC: dict[str, Any] = {
+    "IndexName": PARENTS_INDEX,
+    "KeySchema": [
+        {"AttributeName": "parent", "KeyType": "HASH"},
+        {"AttributeName": "PK", "KeyType": "RANGE"},
+    ],
+    "Projection": {"ProjectionType": "KEYS_ONLY"},
+}
+"""The index as DynamoDB's CreateTable and UpdateTable take it (on-demand tables)."""
 MAX_ID_LENGTH = 256
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@/+=,-]*$")
 

@@ -628,13 +628,17 @@ def test_the_run_is_the_named_one_the_root_or_the_group() -> None:
     class Request:
         def __init__(self, **kw: Any) -> None:
             self.id, self.root_id, self.group, self.zae_run = "me", None, None, None
+            self.children: list[Any] = []
             self.__dict__.update(kw)
 
     named = Request(zae_run=type("R", (), {"run_id": "batch"})(), root_id="root")
-    assert run_of(named) == "batch"
-    assert run_of(Request(root_id="root", group="g")) == "root"  # a task's subtasks
-    assert run_of(Request(root_id="me", group="g")) == "g"  # a group sent from outside
-    assert run_of(Request(root_id="me")) == "me"
+    at = 86_400.0 * 3 + 5  # 1970-01-04
+    assert run_of(named, "t", at) == "batch"
+    assert run_of(Request(root_id="root", group="g"), "t", at) == "root"  # a task's subtasks
+    assert run_of(Request(root_id="me", group="g"), "t", at) == "g"  # a group sent from outside
+    assert run_of(Request(root_id="me", children=["a child"]), "t", at) == "me"  # an entry
+    # Tasks sent on their own: one run per task name and UTC day, not one write each.
+    assert run_of(Request(root_id="me"), "app.call", at) == "standalone:app.call:1970-01-04"
 
 
 def test_runs_commands(endpoint: Endpoint, tmp_path: Path) -> None:

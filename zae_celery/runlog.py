@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 from celery.signals import worker_process_shutdown
@@ -39,9 +40,19 @@ from .core.stores import DynamoDBStore
 from .handover import hand_over_fact
 from .signals import run_settled
 
-__all__ = ["MAX_HELD", "RunLog", "close_run_log", "keep_fact", "run_log_for", "run_of"]
+__all__ = [
+    "MAX_HELD",
+    "STANDALONE",
+    "RunLog",
+    "close_run_log",
+    "keep_fact",
+    "run_log_for",
+    "run_of",
+]
 
 log = logging.getLogger(__name__)
+STANDALONE = "standalone:"
+"""The prefix of the run of a task name's standalone tasks on a day (see :func:`run_of`)."""
 MAX_HELD = 100_000
 """Most facts one process holds while its writes fail (the oldest go first)."""
 
@@ -236,7 +247,8 @@ def _record(
         return  # Celery's own tasks (chord_unlock polls, retrying) are not the pipeline's
     if run_log_for(sender.app) is None:
         return
-    run, fact = run_of(sender.request), _fact(sender, task_id, state, lease, deferrals)
+    fact = _fact(sender, task_id, state, lease, deferrals)
+    run = run_of(sender.request, str(sender.name), fact.started or time.time())
     if not hand_over_fact(run, fact.encode()):  # a pool child: its worker's log writes it
         keep_fact(sender.app, run, fact.encode())
 
@@ -248,18 +260,28 @@ def keep_fact(app: Any, run: str, fact: dict[str, Any]) -> None:
         runlog.add(run, TaskFact.decode(fact))
 
 
-def run_of(request: Any) -> str:
+def run_of(request: Any, task_name: str, at: float) -> str:
     """The run a task's request belongs to: its ``rate_run``; else its ``root_id`` when
     another task started it (a canvas sent from a task, a task's subtasks: the whole
     pipeline under its entry task); else its group's id (Celery gives the members of a
-    group or chord header sent from outside any task no common root_id); else its id."""
+    group or chord header sent from outside any task no common root_id); else its own
+    id when it started tasks (a pipeline's entry task). A task sent on its own that
+    started none (``delay()`` in a loop) is a run of one task, which nobody asks about one by
+    one and which would cost a write each: those runs of a task name on a UTC day are
+    one run, ``standalone:<task name>:<day>`` (at ``at``, epoch s)."""
     named = getattr(getattr(request, "zae_run", None), "run_id", None)
     if named:
         return str(named)
     root = getattr(request, "root_id", None)
     if root and root != request.id:
         return str(root)
-    return str(getattr(request, "group", None) or request.id)
+    group = getattr(request, "group", None)
+    if group:
+        return str(group)
+    if getattr(request, "children", None):  # it started tasks: a pipeline's entry task
+        return str(request.id)
+    day = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d")
+    return f"{STANDALONE}{task_name}:{day}"
 
 
 @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -60,6 +60,7 @@ from ..schema import (
     ENTITY_SK,
     LIMITS_PREFIX,
     META_KEY,
+    PARENTS_INDEX_SPEC,
     TTL_ATTRIBUTE,
     bucket_key,
     bucket_sk,
@@ -320,11 +321,13 @@ class Codec:
                 "AttributeDefinitions": [
                     {"AttributeName": "PK", "AttributeType": "S"},
                     {"AttributeName": "SK", "AttributeType": "S"},
+                    {"AttributeName": "parent", "AttributeType": "S"},
                 ],
                 "KeySchema": [
                     {"AttributeName": "PK", "KeyType": "HASH"},
                     {"AttributeName": "SK", "KeyType": "RANGE"},
                 ],
+                "GlobalSecondaryIndexes": [PARENTS_INDEX_SPEC],
                 "BillingMode": "PAY_PER_REQUEST",
             }
         if isinstance(op, TableStatus):

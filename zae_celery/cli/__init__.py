@@ -36,7 +36,7 @@ lambda-export),
 :mod:`~zae_celery.cli.table` (create-table), :mod:`~zae_celery.cli.limits` (limits,
 entity), :mod:`~zae_celery.cli.buckets` (buckets), :mod:`~zae_celery.cli.top` (top) and
 :mod:`~zae_celery.cli.usage` (aggregate, usage, runs) and
-:mod:`~zae_celery.cli.schema` (version, check).
+:mod:`~zae_celery.cli.schema` (version, check, upgrade).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from zae_celery.cli.options import (
     parse_limit,
     problem,
 )
-from zae_celery.cli.schema import check, version
+from zae_celery.cli.schema import check, upgrade, version
 from zae_celery.cli.stack import delete, deploy, lambda_export, status, template
 from zae_celery.cli.table import create_table
 from zae_celery.cli.top import top
@@ -236,6 +236,7 @@ for _command in (
     runs,
     version,
     check,
+    upgrade,
 ):
     main.add_command(_command)
 # The Celery sub-command shares every command.

@@ -4,10 +4,12 @@ commands (create an entity under a parent)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
-from zae_celery.cli.errors import translate_errors
+from zae_celery.accounting.snapshots import query_pages
+from zae_celery.cli.errors import OperationalError, translate_errors
 from zae_celery.cli.options import (
     CONTEXT,
     Target,
@@ -20,6 +22,7 @@ from zae_celery.cli.options import (
 )
 from zae_celery.core import Limit
 from zae_celery.core.limits import LIMIT_SYNTAX
+from zae_celery.infra.migrations import PARENTS_INDEX
 
 __all__ = ["entity", "limits"]
 
@@ -166,3 +169,47 @@ def entity_create(target: Target, entity_id: str, parent: str | None, cascade: b
             " (cascade: acquires also consume the parent)" if cascade else ""
         )
     click.echo(text + ".")
+
+
+@entity.command("children", context_settings=CONTEXT)
+@click.argument("entity_id", metavar="ENTITY", callback=id_argument("entity"))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@pass_target
+def entity_children(target: Target, entity_id: str, as_json: bool) -> None:
+    """List the entities whose parent is ENTITY (from the table's 'parents' index).
+
+    \b
+    Example:
+      zae-celery entity children project-a
+    """
+    if target.redis:
+        raise click.UsageError(
+            f"'entity children' reads the DynamoDB table's index of parents; the store is "
+            f"{target.where()}, which has none"
+        )
+    children = []
+    with translate_errors(target):
+        client = target.client("dynamodb")
+        request: dict[str, Any] = {
+            "TableName": target.table,
+            "IndexName": PARENTS_INDEX,
+            "KeyConditionExpression": "#parent = :parent",
+            "ExpressionAttributeNames": {"#parent": "parent"},
+            "ExpressionAttributeValues": {":parent": {"S": entity_id}},
+        }
+        try:
+            for item in query_pages(client, request):
+                children.append(item["PK"]["S"].removeprefix("E#"))
+        except client.exceptions.ClientError as exc:
+            if "index" not in str(exc).lower():
+                raise
+            raise OperationalError(
+                f"table {target.table!r} has no index of parents yet: run 'zae-celery "
+                "upgrade' (or, for the stack's table, 'zae-celery deploy')"
+            ) from None
+    if as_json:
+        click.echo(json.dumps(sorted(children)))
+    elif children:
+        click.echo("\n".join(sorted(children)))
+    else:
+        click.echo(f"No entity has {entity_id} as its parent.")
