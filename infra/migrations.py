@@ -31,6 +31,8 @@ from zae_celery.core.schema import PARENTS_INDEX, PARENTS_INDEX_SPEC, PARENTS_KE
 __all__ = [
     "MIGRATIONS",
     "PARENTS_INDEX",
+    "PARENTS_INDEX_SPEC",
+    "PARENTS_KEY_ATTRIBUTES",
     "Migration",
     "MigrationError",
     "applied",

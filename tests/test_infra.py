@@ -203,6 +203,7 @@ def _stack_like_table(endpoint: Endpoint) -> Any:
         TableName=endpoint.table_name,
         KeySchema=props["KeySchema"],
         AttributeDefinitions=props["AttributeDefinitions"],
+        GlobalSecondaryIndexes=props["GlobalSecondaryIndexes"],
         BillingMode=props["BillingMode"],
     )
     client.get_waiter("table_exists").wait(
