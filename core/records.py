@@ -175,7 +175,9 @@ class Records:
                 break
             yield Sleep(0.1)
         else:
-            raise RateLimiterUnavailable("the table did not become ACTIVE within a minute")
+            raise RateLimiterUnavailable(
+                "the table (and its index) did not become ACTIVE within a minute"
+            )
         if created:
             self._raise_for((yield EnableExpiry()))
             yield from self._stamp_schema()

@@ -7,7 +7,7 @@ eighth of the capacity and the rate, under partition keys of their own; a reques
 granted by one of them, and reads add them up.
 
 Three clients (each with its own limiter, as separate workers would be) take 60 grants
-on a bucket of 40 a second spread over 4 shards. The output shows which shard granted
+on a bucket of 40 a minute spread over 4 shards. The output shows which shard granted
 how many, what ``available()`` and ``buckets()`` read (the whole bucket), the refusal a
 client sees when the shards are empty (its resource, not a shard's), and the DynamoDB
 items, one per shard.
@@ -28,7 +28,8 @@ from typing import Any
 from examples._local import dynamodb, emit, parse_args, table_name
 from zae_celery import Limit, RateLimiter, RateLimitExceeded
 
-HOT = Limit.parse("rps=40/s:shards=4")  # 4 items of 10 tokens, 10 a second each
+HOT = Limit.parse("rpm=40/m:shards=4")  # 4 items of 10 tokens, 10 a minute each
+# (refilling slowly: the 60 requests meet empty shards however slow the endpoint is)
 CLIENTS, GRANTS = 3, 60
 
 
@@ -48,7 +49,7 @@ def main() -> None:
             began = time.time()
             for i in range(GRANTS):
                 try:
-                    lease = fleet[i % CLIENTS].acquire("fleet", "model", {"rps": 1}, [HOT])
+                    lease = fleet[i % CLIENTS].acquire("fleet", "model", {"rpm": 1}, [HOT])
                 except RateLimitExceeded as exc:
                     if refused is None:
                         refused = {
@@ -81,7 +82,7 @@ def main() -> None:
         f"{result['limit']}: {granted} of {GRANTS} requests granted by {CLIENTS} clients in "
         f"{elapsed:.2f} s (the whole bucket allows {result['allowed']:.1f} in that time)",
         *(f"  {name}: {count}" for name, count in result["by_shard"].items()),
-        f"available() now: {result['available']['rps']:.2f}; buckets(): burst {row.burst}, "
+        f"available() now: {result['available']['rpm']:.2f}; buckets(): burst {row.burst}, "
         f"charged {row.charged}, rate {row.rate}",
         f"first refusal: {refused}",
         "items:",

@@ -39,10 +39,11 @@ ADMIN_FLOWS = frozenset(
         "delete_limits",
         "buckets",
         "schema_version",
+        "ensure_schema",
     }
 )
 """Engine flows of limit and entity management and reading (the CLI's ``limits``,
-``entity``, ``buckets`` and the schema version ``status`` shows)."""
+``entity``, ``buckets``, the schema version ``status`` shows, and ``upgrade``'s stamp)."""
 TABLE_FLOWS = frozenset({"create_table", "delete_table"})
 """Engine flows that create or delete the table (local endpoints and tests only)."""
 OUTSIDE = ""

@@ -155,13 +155,13 @@ def test_settle_holds_refunds_for_the_next_grant(moto: LocalServer) -> None:
 
 def test_shards_spread_a_hot_bucket_over_items(moto: LocalServer) -> None:
     out = run_example("shards", moto.url)
-    assert out["limit"] == "rps=40/s:shards=4"
+    assert out["limit"] == "rpm=40/m:shards=4"
     shards = out["by_shard"]
     assert sorted(shards) == [f"model shard {i}" for i in range(4)]
     assert all(n >= 1 for n in shards.values())  # every shard granted
     assert out["granted"] == sum(shards.values()) == out["bucket"]["charged"]
     assert out["granted"] <= out["allowed"]  # together, never beyond the whole bucket
-    assert out["bucket"]["burst"] == 40 and out["bucket"]["rate"] == "40/s"
+    assert out["bucket"]["burst"] == 40 and out["bucket"]["rate"] == "40/m"
     assert out["first_refusal"]["resource"] == "model"
     assert out["items"] == [f"E#fleet#model#{i} B#model#{i}" for i in range(4)]
 

@@ -18,6 +18,7 @@ import pytest
 
 from tests import oprecorder
 from tests.conftest import Endpoint
+from tests.helpers import eventually
 from zae_celery.core import AsyncRateLimiter, Limit, RateLimiter, RateLimitExceeded, Slot
 from zae_celery.core.engine import Engine
 from zae_celery.core.schema import TTL_ATTRIBUTE
@@ -209,7 +210,15 @@ def _stack_like_table(endpoint: Endpoint) -> Any:
     client.get_waiter("table_exists").wait(
         TableName=endpoint.table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 30}
     )
+    # Its index too: a table deleted while DynamoDB Local still builds an index can
+    # leave that server's index builder stuck for the rest of the session.
+    assert eventually(lambda: _indexes_active(client, endpoint.table_name), True, 60)
     return client
+
+
+def _indexes_active(client: Any, table: str) -> bool:
+    indexes = client.describe_table(TableName=table)["Table"].get("GlobalSecondaryIndexes")
+    return all(g.get("IndexStatus") == "ACTIVE" for g in indexes or [])
 
 
 class Boom(Exception):

@@ -197,7 +197,7 @@ def run_log_for(app: Any) -> RunLog | None:
         settings, limiter = limiter_for(app)
         store = getattr(limiter.store, "inner", limiter.store)  # under the metrics wrapper
         runlog = None
-        if settings.run_log > 0 and isinstance(store, DynamoDBStore):
+        if _enabled(app) and isinstance(store, DynamoDBStore):
             runlog = RunLog(
                 store.client, store.table_name, settings.run_log, settings.run_retention
             )
@@ -245,12 +245,23 @@ def _record(
     """Keep what this run did in the process's run log."""
     if sender is None or sender.request.is_eager or str(sender.name).startswith("celery."):
         return  # Celery's own tasks (chord_unlock polls, retrying) are not the pipeline's
-    if run_log_for(sender.app) is None:
+    if not _enabled(sender.app):
         return
     fact = _fact(sender, task_id, state, lease, deferrals)
     run = run_of(sender.request, str(sender.name), fact.started or time.time())
     if not hand_over_fact(run, fact.encode()):  # a pool child: its worker's log writes it
         keep_fact(sender.app, run, fact.encode())
+
+
+def _enabled(app: Any) -> bool:
+    """Whether ``app`` keeps a run log, decided without making a client: a pool child
+    that hands its facts over never needs one (making it, a moment before the task's
+    result is sent, would delay that result and its late ack)."""
+    from .task import limiter_for
+
+    settings, limiter = limiter_for(app)
+    store = getattr(limiter.store, "inner", limiter.store)  # under the metrics wrapper
+    return settings.run_log > 0 and isinstance(store, DynamoDBStore)
 
 
 def keep_fact(app: Any, run: str, fact: dict[str, Any]) -> None:

@@ -375,8 +375,11 @@ class Codec:
             return Reply(None if version is None or "N" not in version else int(version["N"]))
         if isinstance(op, CreateTable):
             return Reply(True)
-        if isinstance(op, TableStatus):
-            return Reply(response["Table"]["TableStatus"] == "ACTIVE")
+        if isinstance(op, TableStatus):  # the table and its index, both ready
+            described = response["Table"]
+            indexes = described.get("GlobalSecondaryIndexes") or []
+            ready = all(g.get("IndexStatus", "ACTIVE") == "ACTIVE" for g in indexes)
+            return Reply(described["TableStatus"] == "ACTIVE" and ready)
         return Reply()
 
     @staticmethod
