@@ -163,3 +163,21 @@ def eventually(read: Callable[[], V], expected: V, timeout: float = 10.0) -> V:
     while (value := read()) != expected and time.monotonic() < deadline:
         time.sleep(0.05)  # polling an outcome, with a deadline: not a synchronisation
     return value
+
+
+def keys_only_table(client: Any, table: str, **extra: Any) -> None:
+    """A table of the engine's key schema made by hand, not by zae-celery: no index, no
+    TTL, no schema stamp (a table of the layout before the parents index); ``extra``:
+    its BillingMode or ProvisionedThroughput, Tags..."""
+    client.create_table(
+        TableName=table,
+        KeySchema=[
+            {"AttributeName": "PK", "KeyType": "HASH"},
+            {"AttributeName": "SK", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": "PK", "AttributeType": "S"},
+            {"AttributeName": "SK", "AttributeType": "S"},
+        ],
+        **extra,
+    )

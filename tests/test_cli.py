@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 import zae_celery.core
 from tests import oprecorder
 from tests.conftest import Endpoint
+from tests.helpers import keys_only_table
 from zae_celery.cli import celery_command, format_limit, main, parse_limit
 from zae_celery.cli.options import GLOBAL_OPTIONS
 from zae_celery.core import SCHEMA_VERSION, Limit, RateLimiter, RateLimiterUnavailable
@@ -187,18 +188,7 @@ def ddb(endpoint: Endpoint) -> Any:
 def plain_table(endpoint: Endpoint, **billing: Any) -> None:
     """A table of the engine's key schema made by hand, not by zae-celery (no TTL, no
     schema stamp); ``billing``: its BillingMode or ProvisionedThroughput."""
-    ddb(endpoint).create_table(
-        TableName=endpoint.table_name,
-        KeySchema=[
-            {"AttributeName": "PK", "KeyType": "HASH"},
-            {"AttributeName": "SK", "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": "PK", "AttributeType": "S"},
-            {"AttributeName": "SK", "AttributeType": "S"},
-        ],
-        **billing,
-    )
+    keys_only_table(ddb(endpoint), endpoint.table_name, **billing)
 
 
 @pytest.mark.integration

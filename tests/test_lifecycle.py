@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tests.conftest import REPO, Endpoint, unavailable
+from tests.helpers import keys_only_table
 from zae_celery.cli import main
 from zae_celery.core import Limit, RateLimiter
 from zae_celery.infra import migrations
@@ -68,18 +69,7 @@ def old_table(endpoint: Endpoint) -> Iterator[Endpoint]:
     """A table as zae-celery made it before the parents index (keys and TTL only),
     stamped and full of items: entities under parents, stored limits, buckets."""
     client = client_for(endpoint)
-    client.create_table(
-        TableName=endpoint.table_name,
-        KeySchema=[
-            {"AttributeName": "PK", "KeyType": "HASH"},
-            {"AttributeName": "SK", "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": "PK", "AttributeType": "S"},
-            {"AttributeName": "SK", "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    keys_only_table(client, endpoint.table_name, BillingMode="PAY_PER_REQUEST")
     limiter = RateLimiter(endpoint.table_name, endpoint_url=endpoint.url, region="us-east-1")
     limiter.create_entity("project-a")
     for key in ("key-1", "key-2", "key-3"):
@@ -176,20 +166,8 @@ def test_a_stack_table_is_changed_by_its_template_not_by_upgrade(moto: Any) -> N
     table = f"zae-stack-{uuid.uuid4().hex[:8]}"
     endpoint = Endpoint("moto", moto.url, table)
     client = client_for(endpoint)
-    created = client.create_table(
-        TableName=table,
-        KeySchema=[
-            {"AttributeName": "PK", "KeyType": "HASH"},
-            {"AttributeName": "SK", "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": "PK", "AttributeType": "S"},
-            {"AttributeName": "SK", "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-        Tags=[{"Key": "zae-celery:stack", "Value": "limits-prod"}],
-    )
-    assert created["TableDescription"]["TableName"] == table
+    tags = [{"Key": "zae-celery:stack", "Value": "limits-prod"}]
+    keys_only_table(client, table, BillingMode="PAY_PER_REQUEST", Tags=tags)
     try:
         refused = cli(endpoint, "upgrade")
         assert refused.exit_code == 1, refused.output
