@@ -26,7 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from zae_celery.core.schema import PARENTS_INDEX, PARENTS_INDEX_SPEC, PARENTS_KEY_ATTRIBUTES
+from zae_celery.core.schema import (
+    META_KEY,
+    PARENTS_INDEX,
+    PARENTS_INDEX_SPEC,
+    PARENTS_KEY_ATTRIBUTES,
+)
 
 __all__ = [
     "MIGRATIONS",
@@ -40,7 +45,6 @@ __all__ = [
     "record",
 ]
 
-META_KEY = {"PK": {"S": "#META"}, "SK": {"S": "#SCHEMA"}}
 STACK_TAG = "zae-celery:stack"
 WAIT_SECONDS = 1800.0
 """How long a migration waits for DynamoDB (an index's backfill) before giving up; run

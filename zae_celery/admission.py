@@ -57,9 +57,9 @@ __all__ = ["ADMITTED", "BLOCKED_COMMAND", "LATE_START", "Admission", "admission_
 log = logging.getLogger("zae_celery.admission")
 
 ADMITTED = "zae_admitted"
-ADMISSION_WAIT = "zae_admission_wait"
-"""Seconds a task was held by its worker's consumer for its slot (the run log's wait)."""
 """Request field (not a message header): the lease the consumer took for the task."""
+ADMISSION_WAIT = "zae_admission_wait"
+"""Request field: seconds the consumer held the task for its slot (the run log's wait)."""
 LATE_START = 0.05
 """Seconds after its counted slot beyond which an admitted task counts a fresh start
 (or half its own spacing on its tightest limit, when that is longer)."""

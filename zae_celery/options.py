@@ -164,7 +164,7 @@ TASK_OPTIONS: tuple[TaskOption, ...] = (
         None,
         _check_entity,
         "the pipeline run a task belongs to, for 'zae-celery runs' (default: Celery's "
-        "root_id, so a group, chord or chain is one run)",
+        "root_id, else the group id, else ...: see zae_celery.runlog.run_of)",
     ),
     TaskOption(
         "rate_horizon",

@@ -38,6 +38,7 @@ from celery.signals import worker_process_shutdown
 from .accounting.runs import TaskFact, chunks, flush_key, marker_key
 from .core.stores import DynamoDBStore
 from .handover import hand_over_fact
+from .settings import Settings
 from .signals import run_settled
 
 __all__ = [
@@ -192,12 +193,10 @@ def run_log_for(app: Any) -> RunLog | None:
     with _logs_lock:
         if key in _logs:
             return _logs[key]
-        from .task import limiter_for
-
-        settings, limiter = limiter_for(app)
-        store = getattr(limiter.store, "inner", limiter.store)  # under the metrics wrapper
+        found = _log_store(app)
         runlog = None
-        if _enabled(app) and isinstance(store, DynamoDBStore):
+        if found is not None:
+            settings, store = found
             runlog = RunLog(
                 store.client, store.table_name, settings.run_log, settings.run_retention
             )
@@ -245,23 +244,29 @@ def _record(
     """Keep what this run did in the process's run log."""
     if sender is None or sender.request.is_eager or str(sender.name).startswith("celery."):
         return  # Celery's own tasks (chord_unlock polls, retrying) are not the pipeline's
-    if not _enabled(sender.app):
+    if _log_store(sender.app) is None:
         return
     fact = _fact(sender, task_id, state, lease, deferrals)
-    run = run_of(sender.request, str(sender.name), fact.started or time.time())
-    if not hand_over_fact(run, fact.encode()):  # a pool child: its worker's log writes it
-        keep_fact(sender.app, run, fact.encode())
+    run, stored = (
+        run_of(sender.request, str(sender.name), fact.started or time.time()),
+        fact.encode(),
+    )
+    if not hand_over_fact(run, stored):  # a pool child: its worker's log writes it
+        keep_fact(sender.app, run, stored)
 
 
-def _enabled(app: Any) -> bool:
-    """Whether ``app`` keeps a run log, decided without making a client: a pool child
-    that hands its facts over never needs one (making it, a moment before the task's
-    result is sent, would delay that result and its late ack)."""
+def _log_store(app: Any) -> tuple[Settings, DynamoDBStore] | None:
+    """``app``'s settings and DynamoDB store when it keeps a run log (None: off, or not
+    a DynamoDB store), found without making a client: a pool child that hands its facts
+    over never needs one (making it, a moment before the task's result is sent, would
+    delay that result and its late ack)."""
     from .task import limiter_for
 
     settings, limiter = limiter_for(app)
     store = getattr(limiter.store, "inner", limiter.store)  # under the metrics wrapper
-    return settings.run_log > 0 and isinstance(store, DynamoDBStore)
+    if settings.run_log > 0 and isinstance(store, DynamoDBStore):
+        return settings, store
+    return None
 
 
 def keep_fact(app: Any, run: str, fact: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import stream
-from .stream import DEFAULT_WINDOWS, Delta, SnapshotKey
+from .stream import DEFAULT_WINDOWS, Delta, SnapshotKey, number
 
 __all__ = [
     "DEFAULT_RETENTION_DAYS",
@@ -196,23 +196,19 @@ class UsageSnapshot:
 
 
 def _snapshot(item: Mapping[str, Any]) -> UsageSnapshot:
-    def number(name: str) -> int:
-        value = item.get(name, {})
-        return int(value["N"]) if "N" in value else 0
-
     limits: dict[str, LimitUsage] = {}
     names = {a.split("~", 1)[1] for a in item if a.startswith(("used~", "debt~"))}
     for name in sorted(names):
-        limits[name] = LimitUsage(number(f"used~{name}"), number(f"debt~{name}"))
+        limits[name] = LimitUsage(number(item, f"used~{name}"), number(item, f"debt~{name}"))
     return UsageSnapshot(
         entity=item["entity"]["S"],
         resource=item["resource"]["S"],
         window=item["window"]["S"],
-        start=datetime.fromtimestamp(number("start"), timezone.utc),
-        end=datetime.fromtimestamp(number("end"), timezone.utc),
+        start=datetime.fromtimestamp(number(item, "start"), timezone.utc),
+        end=datetime.fromtimestamp(number(item, "end"), timezone.utc),
         limits=limits,
-        blocks=number("blocks"),
-        records=number("records"),
+        blocks=number(item, "blocks"),
+        records=number(item, "records"),
     )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "change_of",
     "check_windows",
     "fold",
+    "number",
     "window_start",
 ]
 
@@ -129,7 +130,8 @@ class Delta:
         self.records += 1
 
 
-def _number(image: Mapping[str, Any], name: str) -> int:
+def number(image: Mapping[str, Any], name: str) -> int:
+    """A number attribute of an item's DynamoDB JSON (0 when absent)."""
     value = image.get(name)
     if not isinstance(value, Mapping) or "N" not in value:
         return 0
@@ -167,7 +169,7 @@ def _counters(new: Mapping[str, Any], old: Mapping[str, Any], suffix: str) -> di
     for attribute in set(new) | set(old):
         if not attribute.endswith(suffix):
             continue
-        delta = _number(new, attribute) - _number(old, attribute)
+        delta = number(new, attribute) - number(old, attribute)
         if delta:
             name = attribute[: -len(suffix)].split("@", 1)[0]
             out[name] = out.get(name, 0) + delta
