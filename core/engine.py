@@ -131,8 +131,9 @@ class BucketStatus:
 T = TypeVar("T")
 CONTENDED_MS = 10_000
 """How long a bucket counts as contended after this process lost an idle-shape race."""
-HERD_MAX_MS = 1_000
-"""The widest random spread added to a refusal's exact wait (see ``Engine._refusal``)."""
+HERD_MAX_MS = 2_000
+"""The widest random spread added to a refusal's exact wait (see ``Engine._refusal``):
+8 clients in a naive retry loop on one bucket need about a second of it."""
 HERD_HALF_LIFE_MS = 3_000
 """A bucket's spread halves every this many ms without a lost race (see ``_refusal``)."""
 SHARD_TRIES = 2
@@ -268,15 +269,68 @@ class Engine(Records):
                 with self._tats_lock:
                     remember(self._contended, key, now_ms + CONTENDED_MS, self.cache_size)
 
+    def _pushed_ms(
+        self, target: Target, item: Item, now_ms: int, steps: Sequence[Step] = ()
+    ) -> int:
+        """How far other clients pushed ``item``'s limits past this process's view of
+        them (ms of refill, the most of any limit): the tokens they took that neither the
+        view nor ``steps`` (this process's own write to the item, when it was granted)
+        account for. A TAT at or below the clock is a full bucket. A limit that this
+        write padded or refunded tells nothing (its own amount is not a grant's cost)."""
+        mine: dict[str, list[Step]] = {}
+        for step in steps:
+            mine.setdefault(step.limit.key, []).append(step)
+        worst = 0
+        for lim in target.limits:
+            new = _tat(item, lim)
+            if new is None or lim.inflight:
+                continue
+            base, cost = bucket.now_units(lim, now_ms), 0
+            for step in mine.get(lim.key, ()):
+                own = bucket.cost(lim, step.tokens)
+                if step.shape is bucket.Shape.REFUND or (
+                    step.shape is bucket.Shape.QUEUE and step.amount != own
+                ):
+                    break
+                base, cost = max(base, step.now), cost + own
+            else:
+                seen = self._guess(target, lim)
+                base = base if seen is None else max(base, seen)
+                worst = max(worst, (new - cost - base) // lim.refill_amount)
+        return worst
+
+    def _note_others(
+        self, targets: tuple[Target, ...], writes: list[ItemWrite], reply: Reply, now_ms: int
+    ) -> None:
+        """A grant whose reply shows other clients' grants since this process's view:
+        the item's spread (see :meth:`_refusal`) is at least how far they pushed it, so
+        that this process's first refusal there is already spread."""
+        for t, w, item in zip(targets, writes, reply.value, strict=False):
+            pushed = 0 if item is None else self._pushed_ms(t, item, now_ms, w.steps)
+            if pushed <= 0:
+                continue
+            key = (t.entity_id, t.whole_resource)
+            with self._tats_lock:
+                if pushed > self._spread_at(key, now_ms):
+                    floor = float(min(HERD_MAX_MS, pushed))
+                    remember(self._spread, key, (floor, now_ms), self.cache_size)
+
     def _refusal(
-        self, violations: list[LimitStatus], passed: list[LimitStatus], lost: bool
+        self,
+        violations: list[LimitStatus],
+        passed: list[LimitStatus],
+        lost: bool,
+        pushed_ms: int = 0,
     ) -> RateLimitExceeded:
         """The refusal to raise, its ``retry_after`` spread against a herd.
 
         ``lost``: this process sent the write because its view predicted a grant, and
         another client's grant got there first. Each such loss on an item doubles the
-        item's spread and adds the exact wait (at most ``HERD_MAX_MS``); the spread halves
-        every ``HERD_HALF_LIFE_MS`` after. The refusal's ``jitter`` is drawn uniformly
+        item's spread and adds the exact wait, or sets it to ``pushed_ms`` (how far other
+        clients pushed the bucket past this process's view: :meth:`_pushed_ms`) when that
+        is more, at most ``HERD_MAX_MS``; a grant whose reply shows such pushes raises it
+        to them as well (:meth:`_note_others`). The spread halves every
+        ``HERD_HALF_LIFE_MS`` after. The refusal's ``jitter`` is drawn uniformly
         below the spread, so the clients a grant beat come back over a window that widens
         until few of them lose again, instead of all at the one instant the bucket named.
         The spread decays with time, not with this process's grants, so a client that
@@ -293,7 +347,8 @@ class Engine(Records):
             spreads = {key: self._spread_at(key, now_ms) for key in keys}
             if lost:
                 for key, spread in spreads.items():
-                    spreads[key] = min(HERD_MAX_MS, 2 * spread + wait_ms)
+                    grown = max(2 * spread + wait_ms, pushed_ms)
+                    spreads[key] = min(HERD_MAX_MS, grown)
                     remember(self._spread, key, (spreads[key], now_ms), self.cache_size)
         spread = max(spreads.values(), default=0.0)
         jitter = self.random.uniform(0, spread) / 1000 if spread else 0.0
@@ -698,6 +753,7 @@ class Engine(Records):
             ttl = self._ttl(now_ms, horizon_ms, None, targets)
             reply = yield WriteBuckets(tuple(writes), ttl, claim)
             if reply.ok:
+                self._note_others(targets, writes, reply, now_ms)
                 for t, w in zip(targets, writes, strict=False):
                     self._note_shapes(t, w.steps, now_ms)
                 lease = self._granted(targets, writes, reply, now_ms)
@@ -719,6 +775,7 @@ class Engine(Records):
             for t, w, item in zip(targets, writes, current, strict=False):
                 if item is not None:
                     self._note_lost(t, w.steps, item, now_ms)
+            pushed_ms = max((self._pushed_ms(t, item, now_ms) for t, item in returned), default=0)
             for t, item in returned:
                 self._remember(t, item)
                 self._note_seen(t, item, now_ms)
@@ -728,7 +785,8 @@ class Engine(Records):
             if violations:
                 held = [t for t, item in zip(targets, current, strict=False) if item is None]
                 passed += self._held(held, now_ms)
-                raise self._refusal(violations, passed, lost=not (foreseen or lagging))
+                lost = not (foreseen or lagging)
+                raise self._refusal(violations, passed, lost, pushed_ms if lost else 0)
             if len(returned) < len(targets):
                 current = yield from self._read(targets)
                 violations, passed = self._statuses(targets, current, now_ms, horizon_ms)

@@ -162,6 +162,68 @@ def test_a_refusal_that_lost_a_race_spreads_its_retry_after(
     assert (refused.value.jitter, refused.value.retry_after) == (0.0, 0.1)
 
 
+@pytest.mark.contract
+def test_a_race_lost_to_many_grants_spreads_by_how_far_they_pushed_the_bucket(
+    limiter: RateLimiter, backend: Backend, clock: Clock
+) -> None:
+    # The spread of a lost race is at least how far other clients pushed the bucket past
+    # this process's view (400 ms of refill here), not only twice the last spread plus
+    # the wait (100 ms): a client that finds many grants ahead of it backs off that far
+    # at its first loss.
+    limits = [Limit.custom("rps", 5, 1, 0.1)]  # a bucket of 5, a token every 100 ms
+    draws = random.Random(3)
+    limiter.engine.random = random.Random(3)
+    other = backend.limiter()
+    limiter.acquire("e", "r", {"rps": 1}, limits)
+    for _ in range(4):
+        other.acquire("e", "r", {"rps": 1}, limits)  # the bucket is empty now
+    counter = Counter(limiter)
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("e", "r", {"rps": 1}, limits)  # its view says 4 tokens: it tries
+    assert counter.take() == ["UpdateItem"]
+    assert [v.retry_after for v in refused.value.violations] == [0.1]
+    assert refused.value.jitter == draws.uniform(0, 400) / 1000
+
+
+@pytest.mark.contract
+def test_a_grant_that_shows_other_clients_grants_spreads_the_next_refusal(
+    limiter: RateLimiter, backend: Backend, clock: Clock
+) -> None:
+    # A grant's reply that shows other clients' grants since this process's view sets
+    # the item's spread to at least how far they pushed it: the first refusal after it,
+    # foreseen by the view (no request), is spread already. Clients that drain one bucket
+    # together then do not all come back at the instant its next token appears.
+    limits = [Limit.custom("rps", 10, 1, 0.1)]  # a bucket of 10, a token every 100 ms
+    draws = random.Random(5)
+    limiter.engine.random = random.Random(5)
+    other = backend.limiter()
+    limiter.acquire("e", "r", {"rps": 1}, limits)
+    for _ in range(4):
+        other.acquire("e", "r", {"rps": 1}, limits)  # 400 ms past this process's view
+    for _ in range(5):  # the rest of the bucket, each reply showing only its own grant
+        limiter.acquire("e", "r", {"rps": 1}, limits)
+    counter = Counter(limiter)
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("e", "r", {"rps": 1}, limits)
+    assert counter.take() == []  # foreseen: no request, no race lost
+    assert [v.retry_after for v in refused.value.violations] == [0.1]
+    assert refused.value.jitter == draws.uniform(0, 400) / 1000
+    # The spread decays with time as before: a half-life later, half of it.
+    clock.advance(HERD_HALF_LIFE_MS / 1000)
+    for _ in range(limits[0].burst):
+        limiter.acquire("e", "r", {"rps": 1}, limits)
+    with pytest.raises(RateLimitExceeded) as refused:
+        limiter.acquire("e", "r", {"rps": 1}, limits)
+    assert refused.value.jitter == draws.uniform(0, 200) / 1000
+    # A client alone on its bucket sees nobody else's grants: its refusals stay exact.
+    alone = backend.limiter()
+    for _ in range(limits[0].burst):
+        alone.acquire("e3", "r", {"rps": 1}, limits)
+    with pytest.raises(RateLimitExceeded) as refused:
+        alone.acquire("e3", "r", {"rps": 1}, limits)
+    assert (refused.value.jitter, refused.value.retry_after) == (0.0, 0.1)
+
+
 def test_reservations_are_one_write_each_and_spaced_by_their_cost(
     limiter: RateLimiter, clock: Clock
 ) -> None:
