@@ -162,6 +162,21 @@ def test_a_refusal_that_lost_a_race_spreads_its_retry_after(
     assert (refused.value.jitter, refused.value.retry_after) == (0.0, 0.1)
 
 
+def _four_grants_behind(
+    limiter: RateLimiter, backend: Backend, burst: int, seed: int
+) -> tuple[list[Limit], random.Random]:
+    """``limiter`` grants once on a bucket of ``burst`` (a token every 100 ms), then
+    another client grants four times: 400 ms of refill past ``limiter``'s view. Returns
+    the limits and a twin of ``limiter``'s seeded random draws."""
+    limits = [Limit.custom("rps", burst, 1, 0.1)]
+    limiter.engine.random = random.Random(seed)
+    other = backend.limiter()
+    limiter.acquire("e", "r", {"rps": 1}, limits)
+    for _ in range(4):
+        other.acquire("e", "r", {"rps": 1}, limits)
+    return limits, random.Random(seed)
+
+
 @pytest.mark.contract
 def test_a_race_lost_to_many_grants_spreads_by_how_far_they_pushed_the_bucket(
     limiter: RateLimiter, backend: Backend, clock: Clock
@@ -170,13 +185,7 @@ def test_a_race_lost_to_many_grants_spreads_by_how_far_they_pushed_the_bucket(
     # this process's view (400 ms of refill here), not only twice the last spread plus
     # the wait (100 ms): a client that finds many grants ahead of it backs off that far
     # at its first loss.
-    limits = [Limit.custom("rps", 5, 1, 0.1)]  # a bucket of 5, a token every 100 ms
-    draws = random.Random(3)
-    limiter.engine.random = random.Random(3)
-    other = backend.limiter()
-    limiter.acquire("e", "r", {"rps": 1}, limits)
-    for _ in range(4):
-        other.acquire("e", "r", {"rps": 1}, limits)  # the bucket is empty now
+    limits, draws = _four_grants_behind(limiter, backend, burst=5, seed=3)  # empty now
     counter = Counter(limiter)
     with pytest.raises(RateLimitExceeded) as refused:
         limiter.acquire("e", "r", {"rps": 1}, limits)  # its view says 4 tokens: it tries
@@ -193,13 +202,7 @@ def test_a_grant_that_shows_other_clients_grants_spreads_the_next_refusal(
     # the item's spread to at least how far they pushed it: the first refusal after it,
     # foreseen by the view (no request), is spread already. Clients that drain one bucket
     # together then do not all come back at the instant its next token appears.
-    limits = [Limit.custom("rps", 10, 1, 0.1)]  # a bucket of 10, a token every 100 ms
-    draws = random.Random(5)
-    limiter.engine.random = random.Random(5)
-    other = backend.limiter()
-    limiter.acquire("e", "r", {"rps": 1}, limits)
-    for _ in range(4):
-        other.acquire("e", "r", {"rps": 1}, limits)  # 400 ms past this process's view
+    limits, draws = _four_grants_behind(limiter, backend, burst=10, seed=5)
     for _ in range(5):  # the rest of the bucket, each reply showing only its own grant
         limiter.acquire("e", "r", {"rps": 1}, limits)
     counter = Counter(limiter)
