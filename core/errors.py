@@ -124,9 +124,10 @@ class RateLimitExceeded(ZaeError):
     many seconds from now it would be granted, if nothing else consumed in between.
 
     ``retry_after`` is the longest of those waits plus ``jitter``: a random spread the
-    engine adds when this process's requests on the bucket keep losing to other
-    clients', so that clients refused together do not all come back in the same
-    millisecond (see "No herd" in docs/engine.md). It is 0 for a lone client.
+    engine adds when other clients share the bucket (their grants beat this process's
+    requests, or show in its replies), so that clients refused together do not all come
+    back in the same millisecond (see "No herd" in docs/engine.md). It is 0 for a lone
+    client.
     """
 
     def __init__(
