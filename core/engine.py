@@ -283,7 +283,7 @@ class Engine(Records):
         worst = 0
         for lim in target.limits:
             new = _tat(item, lim)
-            if new is None or lim.inflight:
+            if new is None:
                 continue
             base, cost = bucket.now_units(lim, now_ms), 0
             for step in mine.get(lim.key, ()):
@@ -725,6 +725,7 @@ class Engine(Records):
         foreseen = bool(violations)  # then a refusal by the store lost no race
         # Nor did one on an item whose view lags this process's own writes.
         lagging = any((t.entity_id, t.resource) in self._unsure for t in targets)
+        lost = not (foreseen or lagging)  # what a refusal by the store below means
         if foreseen and self.local_refusals:
             raise self._refusal(violations, passed, lost=False)
         known: Sequence[Item | None] | None = None
@@ -775,7 +776,12 @@ class Engine(Records):
             for t, w, item in zip(targets, writes, current, strict=False):
                 if item is not None:
                     self._note_lost(t, w.steps, item, now_ms)
-            pushed_ms = max((self._pushed_ms(t, item, now_ms) for t, item in returned), default=0)
+            # How far others pushed the items past the view (read before it takes them in).
+            pushed_ms = (
+                max((self._pushed_ms(t, item, now_ms) for t, item in returned), default=0)
+                if lost
+                else 0
+            )
             for t, item in returned:
                 self._remember(t, item)
                 self._note_seen(t, item, now_ms)
@@ -785,13 +791,12 @@ class Engine(Records):
             if violations:
                 held = [t for t, item in zip(targets, current, strict=False) if item is None]
                 passed += self._held(held, now_ms)
-                lost = not (foreseen or lagging)
-                raise self._refusal(violations, passed, lost, pushed_ms if lost else 0)
+                raise self._refusal(violations, passed, lost, pushed_ms)
             if len(returned) < len(targets):
                 current = yield from self._read(targets)
                 violations, passed = self._statuses(targets, current, now_ms, horizon_ms)
                 if violations:
-                    raise self._refusal(violations, passed, lost=not (foreseen or lagging))
+                    raise self._refusal(violations, passed, lost)
             known = current
         raise RateLimiterUnavailable(
             f"gave up after {self.max_attempts} conditional writes lost to contention"
